@@ -1,0 +1,45 @@
+"""BLOOM tensor names in the HF, TencentPretrain and GGUF schemes (reference:
+shared/reference/tencentpretrain.md and gguf.md). The output head is tied to the embedding."""
+from . import Architecture, Row
+
+H = "transformer.h.{n}."
+T = "encoder.transformer.{n}."
+
+
+def _wb(hf: str, tp: str, gguf: str, kind: str = "plain") -> tuple[Row, Row]:
+    """A weight and its bias (TencentPretrain's LayerNorm calls them gamma/beta)."""
+    tp_w, tp_b = (tp + "gamma", tp + "beta") if tp.endswith("norm.") or tp.endswith("norm_1.") \
+        or tp.endswith("norm_2.") else (tp + "weight", tp + "bias")
+    return Row(hf + "weight", (tp_w,), gguf + "weight", kind), Row(hf + "bias", (tp_b,), gguf + "bias", kind)
+
+
+_QKV = tuple(T + f"self_attn.linear_layers.{i}." for i in range(3))
+ARCH = Architecture("bloom", (
+    Row("transformer.word_embeddings.weight", ("embedding.word.embedding.weight",), "token_embd.weight"),
+    *_wb("transformer.word_embeddings_layernorm.", "embedding.layer_norm.", "token_embd_norm."),
+    *_wb(H + "input_layernorm.", T + "layer_norm_1.", "blk.{n}.attn_norm."),
+    Row(H + "self_attention.query_key_value.weight", tuple(p + "weight" for p in _QKV), "blk.{n}.attn_qkv.weight", "fused_qkv"),
+    Row(H + "self_attention.query_key_value.bias", tuple(p + "bias" for p in _QKV), "blk.{n}.attn_qkv.bias", "fused_qkv"),
+    *_wb(H + "self_attention.dense.", T + "self_attn.final_linear.", "blk.{n}.attn_output."),
+    *_wb(H + "post_attention_layernorm.", T + "layer_norm_2.", "blk.{n}.ffn_norm."),
+    *_wb(H + "mlp.dense_h_to_4h.", T + "feed_forward.linear_1.", "blk.{n}.ffn_up."),
+    *_wb(H + "mlp.dense_4h_to_h.", T + "feed_forward.linear_2.", "blk.{n}.ffn_down."),
+    *_wb("transformer.ln_f.", "encoder.layer_norm.", "output_norm."),
+), hf_prefix="transformer.")
+
+EMBEDDING = "transformer.word_embeddings.weight"
+
+
+def split_qkv(w, heads: int):
+    """HF fused [head][q|k|v][head_dim] -> (q, k, v), each [hidden, ...] (weights or biases)."""
+    hd = w.shape[0] // heads // 3
+    per = w.reshape(heads, 3, hd, *w.shape[1:])
+    return tuple(per[:, i].reshape(heads * hd, *w.shape[1:]) for i in range(3))
+
+
+def fuse_qkv(q, k, v, heads: int):
+    """Inverse of `split_qkv`."""
+    import torch
+    hd = q.shape[0] // heads
+    parts = [t.reshape(heads, hd, *t.shape[1:]) for t in (q, k, v)]
+    return torch.stack(parts, dim=1).reshape(3 * heads * hd, *q.shape[1:])

@@ -1,0 +1,141 @@
+"""A checkpoint = tensors + config + tokenizer files, whatever its on-disk format.
+
+`open_checkpoint` detects the format from the path (directory contents, suffix, GGUF
+magic) and returns lazy references; `save_hf` writes a complete HF directory atomically.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import arch as arch_tables
+from . import progress
+from .errors import WeightopsError
+from .io import gguf as gguf_io
+from .io import hf as hf_io
+from .io import tencentpretrain as tp_io
+from .io.atomic import atomic_dir, check_output
+from .io.index import parse_size
+from .io.safetensors import read_safetensors
+from .io.torchbin import read_torch_bin
+from .stream import TensorRef, require_unique
+
+FORMATS = ("hf-safetensors", "hf-bin", "tencentpretrain", "gguf")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    format: str
+    tensors: list[TensorRef]
+    weight_files: list[Path]
+    aux_files: list[Path] = field(default_factory=list)
+    config: dict[str, Any] | None = None      # HF config.json, TP model config, or GGUF metadata
+    architecture: str | None = None
+
+    def tensor(self, name: str) -> TensorRef:
+        for r in self.tensors:
+            if r.name == name:
+                return r
+        raise WeightopsError(f"{self.path}: no tensor named {name!r}")
+
+    def names(self) -> list[str]:
+        return [r.name for r in self.tensors]
+
+    @property
+    def directory(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise WeightopsError(f"{path}: invalid JSON ({e})") from None
+
+
+def open_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> Checkpoint:
+    """Open any supported checkpoint lazily; nothing but headers is read."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightopsError(f"{path}: no such file or directory")
+    if path.is_file():
+        ckpt = _open_file(path)
+    else:
+        ckpt = _open_dir(path)
+    require_unique(ckpt.tensors)
+    if tp_config is not None:
+        ckpt.config = _read_json(Path(tp_config))
+    if ckpt.architecture is None:
+        scheme = {"tencentpretrain": "tp", "gguf": "gguf"}.get(ckpt.format, "hf")
+        found = arch_tables.detect(set(ckpt.names()), scheme)
+        ckpt.architecture = found.name if found else None
+    return ckpt
+
+
+def _open_file(path: Path) -> Checkpoint:
+    if gguf_io.is_gguf(path):
+        reader = gguf_io.open_reader(path)
+        meta = gguf_io.read_metadata(path, reader)
+        return Checkpoint(path, "gguf", gguf_io.read_gguf(path, reader), [path], config=meta,
+                          architecture=meta.get("general.architecture"))
+    if path.suffix == ".safetensors":
+        return Checkpoint(path, "hf-safetensors", read_safetensors(path), [path], hf_io.aux_files(path.parent),
+                          *_hf_config(path.parent))
+    if path.suffix in (".bin", ".pt", ".pth"):
+        refs = read_torch_bin(path)
+        if tp_io.looks_like_tp(r.name for r in refs):
+            return Checkpoint(path, "tencentpretrain", refs, [path])
+        return Checkpoint(path, "hf-bin", refs, [path], hf_io.aux_files(path.parent), *_hf_config(path.parent))
+    raise WeightopsError(f"{path}: unknown checkpoint format (expected .safetensors, .bin, or a GGUF file)")
+
+
+def _hf_config(directory: Path) -> tuple[dict | None, str | None]:
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        return None, None
+    cfg = _read_json(cfg_path)
+    return cfg, cfg.get("model_type")
+
+
+def _open_dir(path: Path) -> Checkpoint:
+    if (path / tp_io.INDEX).is_file():
+        refs, files = tp_io.read_tp(path)
+        return Checkpoint(path, "tencentpretrain", refs, files, hf_io.aux_files(path))
+    try:
+        fmt, refs, files = hf_io.read_hf_dir(path)
+    except FileNotFoundError:
+        bins = sorted(path.glob("*.bin"))
+        if len(bins) == 1:
+            refs = read_torch_bin(bins[0])
+            if tp_io.looks_like_tp(r.name for r in refs):
+                return Checkpoint(path, "tencentpretrain", refs, bins, hf_io.aux_files(path))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _open_file(ggufs[0])
+        raise WeightopsError(f"{path}: no checkpoint found (looked for *.safetensors, pytorch_model.bin, "
+                             f"their index files, {tp_io.INDEX}, a TencentPretrain .bin, or one .gguf)") from None
+    return Checkpoint(path, fmt, refs, files, hf_io.aux_files(path), *_hf_config(path))
+
+
+def save_hf(refs: Iterable[TensorRef], output: Path, *, aux_files: Iterable[Path] = (), inputs: Iterable[Path] = (),
+            force: bool = False, max_shard_size: str | int = "5GB", config_update: dict | None = None,
+            extra_files: dict[str, str | bytes] | None = None, desc: str = "writing") -> list[Path]:
+    """Stream `refs` into a new HF directory at `output`, atomically.
+
+    Config and tokenizer files are copied from `aux_files` (`config_update` patches
+    config.json); `extra_files` adds generated files by name.
+    """
+    output = Path(output)
+    check_output(output, inputs, force)
+    refs = list(refs)
+    require_unique(refs)
+    limit = parse_size(max_shard_size)
+    with atomic_dir(output) as tmp, progress.bar(sum(r.nbytes for r in refs), desc) as b:
+        hf_io.write_hf_weights(refs, tmp, limit, on_tensor=lambda r, t: b.update(r.nbytes))
+        hf_io.copy_aux(aux_files, tmp, config_update)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
+    return sorted(output.iterdir())

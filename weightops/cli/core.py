@@ -1,0 +1,60 @@
+"""Core commands: inspect, manifest, demo."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .. import demo as demo_lib
+from ..checkpoint import open_checkpoint
+from ..inspection import render, summarize
+from ..verify import manifest as manifest_lib
+from . import main
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--tp-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TencentPretrain model config json, for a TencentPretrain checkpoint.")
+def inspect(path: Path, as_json: bool, tp_config: Path | None) -> None:
+    """Show format, architecture, tensor and parameter counts, dtypes, files and the
+    vocabulary triple (config vocab_size / tokenizer size / embedding rows) of PATH.
+
+    Only headers are read. PATH may be an HF directory or file (safetensors or .bin,
+    sharded or not), a TencentPretrain .bin or sharded directory, or a GGUF file.
+    """
+    summary = summarize(open_checkpoint(path, tp_config))
+    click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+
+
+@main.group()
+def manifest() -> None:
+    """sha256 manifests of every file and every tensor of a checkpoint."""
+
+
+@manifest.command("create")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+def manifest_create(path: Path) -> None:
+    """Write weightops-manifest.json into PATH (or FILE.weightops-manifest.json beside a file)."""
+    out = manifest_lib.create(path)
+    doc = json.loads(out.read_text())
+    click.echo(f"wrote {out}: {len(doc['files'])} files, {len(doc['tensors'])} tensors")
+
+
+@manifest.command("check")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+def manifest_check(path: Path) -> None:
+    """Recompute every hash; exit 3 naming each file and tensor that differs."""
+    doc = manifest_lib.check(path)
+    click.echo(f"ok: {len(doc['files'])} files and {len(doc['tensors'])} tensors match")
+
+
+@main.command()
+@click.argument("workdir", required=False, default="weightops-demo", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace an existing non-empty WORKDIR.")
+def demo(workdir: Path, force: bool) -> None:
+    """Build tiny models from nothing (no downloads) and run the release pipeline on them,
+    printing the report. WORKDIR defaults to ./weightops-demo."""
+    click.echo(demo_lib.run_demo(workdir, force=force))

@@ -1,0 +1,50 @@
+"""`weightops inspect`: what a checkpoint holds, read from headers only."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from .checkpoint import Checkpoint
+from .vocabulary import embedding_name, vocab_triple
+
+
+def _layers(names: list[str]) -> int | None:
+    found = {int(m.group(1)) for n in names if (m := re.search(r"(?:layers|h|transformer|blk)\.(\d+)\.", n))}
+    return max(found) + 1 if found else None
+
+
+def summarize(ckpt: Checkpoint) -> dict:
+    """The `inspect --json` document (keys fixed by design.md, plus `layers`/`hidden_size`)."""
+    dtypes = Counter(r.ggml_type or str(r.dtype).removeprefix("torch.") for r in ckpt.tensors)
+    triple = vocab_triple(ckpt)
+    emb = embedding_name(ckpt)
+    hidden = ckpt.tensor(emb).shape[-1] if emb else None
+    return {
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "architecture": ckpt.architecture,
+        "tensor_count": len(ckpt.tensors),
+        "parameter_count": sum(r.numel for r in ckpt.tensors),
+        "dtypes": dict(sorted(dtypes.items())),
+        "files": [str(f) for f in ckpt.weight_files + ckpt.aux_files],
+        "layers": _layers(ckpt.names()),
+        "hidden_size": hidden,
+        "vocab": triple.as_dict(),
+    }
+
+
+def render(summary: dict) -> str:
+    v = summary["vocab"]
+    lines = [
+        f"path          {summary['path']}",
+        f"format        {summary['format']}",
+        f"architecture  {summary['architecture'] or 'unknown'}",
+        f"layers        {summary['layers']}   hidden size {summary['hidden_size']}",
+        f"tensors       {summary['tensor_count']}",
+        f"parameters    {summary['parameter_count']:,}",
+        "dtypes        " + ", ".join(f"{k} x{n}" for k, n in summary["dtypes"].items()),
+        f"vocabulary    config {v['config']}, tokenizer {v['tokenizer']}, embedding rows {v['embedding_rows']}"
+        + ("" if v["agree"] else "   <-- DISAGREE"),
+        "files         " + ("\n              ".join(summary["files"]) or "-"),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""On-disk formats: one module per format, plus atomic output and sharded-index helpers."""

@@ -1,0 +1,73 @@
+"""Hugging Face checkpoint directories: which files hold weights, which are config and
+tokenizer files, and a writer that shards exactly as `save_pretrained` does."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from ..stream import TensorRef
+from .index import plan_shards, read_sharded, write_index
+from .safetensors import read_safetensors, write_safetensors
+from .torchbin import read_torch_bin
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# Files that travel with the weights (config, generation settings, tokenizer).
+AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+             "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+             "chat_template.json")
+
+
+def aux_files(directory: Path) -> list[Path]:
+    return [directory / n for n in AUX_FILES if (directory / n).is_file()]
+
+
+def read_hf_dir(directory: Path) -> tuple[str, list[TensorRef], list[Path]]:
+    """(format, tensor refs, weight files) of an HF directory, sharded or not."""
+    if (directory / SAFETENSORS_INDEX).is_file():
+        refs, files = read_sharded(directory / SAFETENSORS_INDEX, read_safetensors)
+        return "hf-safetensors", refs, [directory / SAFETENSORS_INDEX, *files]
+    singles = sorted(directory.glob("*.safetensors"))
+    if len(singles) == 1:
+        return "hf-safetensors", read_safetensors(singles[0]), singles
+    if (directory / BIN_INDEX).is_file():
+        refs, files = read_sharded(directory / BIN_INDEX, read_torch_bin)
+        return "hf-bin", refs, [directory / BIN_INDEX, *files]
+    if (directory / "pytorch_model.bin").is_file():
+        return "hf-bin", read_torch_bin(directory / "pytorch_model.bin"), [directory / "pytorch_model.bin"]
+    raise FileNotFoundError(directory)
+
+
+def write_hf_weights(refs: Iterable[TensorRef], directory: Path, max_shard_size: int,
+                     on_tensor: Callable[[TensorRef, torch.Tensor], None] | None = None) -> list[Path]:
+    """Write `model.safetensors` or `model-0000i-of-0000N.safetensors` + index into `directory`."""
+    refs = list(refs)
+    shards = plan_shards(refs, max_shard_size)
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for shard, name in zip(shards, names):
+        write_safetensors(shard, directory / name, metadata={"format": "pt"}, on_tensor=on_tensor)
+    written = [directory / n for n in names]
+    if len(shards) > 1:
+        weight_map = {r.name: name for shard, name in zip(shards, names) for r in shard}
+        meta = {"total_parameters": sum(r.numel for r in refs), "total_size": sum(r.nbytes for r in refs)}
+        write_index(directory / SAFETENSORS_INDEX, weight_map, meta)
+        written.append(directory / SAFETENSORS_INDEX)
+    return written
+
+
+def copy_aux(files: Iterable[Path], directory: Path, config_update: dict | None = None) -> None:
+    """Copy config/tokenizer files; `config_update` patches config.json (e.g. vocab_size)."""
+    for f in files:
+        if f.name == "config.json" and config_update:
+            cfg = json.loads(f.read_text())
+            cfg.update(config_update)
+            (directory / f.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        else:
+            shutil.copyfile(f, directory / f.name)

@@ -1,0 +1,124 @@
+"""safetensors files: a lazy memory-mapped reader and a streaming writer.
+
+The writer lays out the header exactly as `safetensors.torch.save_file` does (tensors
+sorted by dtype, largest first, then by name; compact JSON padded to 8 bytes), so our
+files are byte-identical to the library's, yet it writes one tensor at a time instead of
+needing the whole shard in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+
+from ..errors import WeightopsError
+from ..stream import TensorRef, tensor_bytes
+from .atomic import drop_cache
+
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
+    "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
+    "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# safetensors' Dtype enum order; its serializer sorts by this, descending.
+_DTYPE_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16",
+                "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Parse and validate a safetensors header; returns (header, data start offset).
+
+    A file shorter than its header promises is reported with the tensors it cuts off.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise WeightopsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw_len)
+        if n > size - 8 or n > 100_000_000:
+            raise WeightopsError(f"{path}: header length {n} exceeds the file size {size}; file truncated or not safetensors")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise WeightopsError(f"{path}: unreadable safetensors header: {e}") from None
+    start = 8 + n
+    cut = [name for name, info in header.items()
+           if name != "__metadata__" and start + info["data_offsets"][1] > size]
+    if cut:
+        raise WeightopsError(f"{path}: file is truncated ({size} bytes); its header needs more for tensors: "
+                             + ", ".join(sorted(cut)))
+    for name, info in header.items():
+        if name != "__metadata__" and info["dtype"] not in DTYPES:
+            raise WeightopsError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    return header, start
+
+
+class _Handle:
+    """One open memory-mapped safetensors file, opened on first use."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = None
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._f is None:
+            self._f = safe_open(str(self.path), framework="pt")
+        return self._f.get_tensor(name)
+
+
+def read_safetensors(path: Path) -> list[TensorRef]:
+    """Lazy references to every tensor of one safetensors file, in file order."""
+    path = Path(path)
+    header, _ = read_header(path)
+    handle = _Handle(path)
+    items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+    return [TensorRef(name=name, shape=tuple(info["shape"]), dtype=DTYPES[info["dtype"]], source=str(path),
+                      loader=lambda n=name: handle.get(n)) for name, info in items]
+
+
+def _layout(refs: list[TensorRef], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorRef]]:
+    order = sorted(refs, key=lambda r: (-_DTYPE_ORDER.index(DTYPE_NAMES[r.dtype]), r.name))
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for r in order:
+        header[r.name] = {"dtype": DTYPE_NAMES[r.dtype], "shape": list(r.shape), "data_offsets": [offset, offset + r.nbytes]}
+        offset += r.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, order
+
+
+def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str, str] | None = None,
+                      on_tensor: Callable[[TensorRef, torch.Tensor], None] | None = None) -> None:
+    """Write one safetensors file, loading one tensor at a time.
+
+    `on_tensor` sees every loaded tensor (progress, hashing) before it is released.
+    """
+    refs = list(refs)
+    for r in refs:
+        if r.dtype not in DTYPE_NAMES:
+            raise WeightopsError(f"tensor {r.name!r} from {r.source}: dtype {r.dtype} cannot be stored in safetensors")
+    head, order = _layout(refs, metadata)
+    with open(path, "wb") as f:
+        f.write(head)
+        for r in order:
+            t = r.load()
+            if t.dtype != r.dtype:
+                raise WeightopsError(f"tensor {r.name!r} from {r.source}: produced {t.dtype}, declared {r.dtype}")
+            f.write(memoryview(tensor_bytes(t)))
+            if on_tensor:
+                on_tensor(r, t)
+            del t
+        f.flush()
+        os.fsync(f.fileno())
+        drop_cache(f.fileno())

@@ -1,0 +1,115 @@
+"""PyTorch `.bin` files (HF and TencentPretrain state dicts).
+
+Reading goes through `torch.load(mmap=True, weights_only=True)`: tensors are memory-mapped
+and a pickle that asks to run code is refused, never executed. Writing streams: the
+pickle of the state dict only names its storages, so it is written first and each tensor's
+bytes follow one at a time — the file equals `torch.save(state_dict)` byte for byte without
+the state dict ever being in memory.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import sys
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from ..errors import WeightopsError
+from ..stream import TensorRef
+
+_STORAGE_ALIGNMENT = 64
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Memory-map a torch checkpoint, refusing any pickle that would run code."""
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightopsError(f"{path}: refusing to unpickle: the file asks to run code or build objects that "
+                             f"are not plain tensors ({first}). weightops never executes pickled code; "
+                             "re-save it with safetensors from a trusted environment.") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise WeightopsError(f"{path}: not a readable PyTorch checkpoint: {e}") from None
+    if not isinstance(sd, dict):
+        raise WeightopsError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors")
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightopsError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:10]))}")
+    return sd
+
+
+def read_torch_bin(path: Path) -> list[TensorRef]:
+    """Lazy references to the tensors of one `.bin` file, in its order (the data stays mapped)."""
+    path = Path(path)
+    sd = load_state_dict(path)
+    return [TensorRef(name=k, shape=tuple(v.shape), dtype=v.dtype, source=str(path), loader=lambda t=v: t)
+            for k, v in sd.items()]
+
+
+class _Storage:
+    """Stands for a tensor's storage in the pickle; its bytes are written later."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _Tensor:
+    """Pickles exactly like a contiguous CPU tensor of that shape and dtype."""
+
+    def __init__(self, storage: _Storage, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, shape
+
+    def __reduce_ex__(self, protocol):
+        stride, acc = [], 1
+        for d in reversed(self.shape):
+            stride.append(acc)
+            acc *= d
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, tuple(self.shape), tuple(reversed(stride)), False, collections.OrderedDict()))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[obj.dtype])
+            return ("storage", storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+
+def write_torch_bin(refs: Iterable[TensorRef], path: Path,
+                    on_tensor: Callable[[TensorRef, torch.Tensor], None] | None = None) -> None:
+    """Write a state dict as `torch.save` would, one tensor in memory at a time."""
+    refs = list(refs)
+    storages = [_Storage(str(i), r.dtype, r.numel) for i, r in enumerate(refs)]
+    state = collections.OrderedDict((r.name, _Tensor(s, r.shape)) for r, s in zip(refs, storages))
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(state)
+    data = buf.getvalue()
+    with open(path, "wb") as stream:
+        writer = torch._C.PyTorchFileWriter(stream, True, _STORAGE_ALIGNMENT)
+        writer.write_record("data.pkl", data, len(data))
+        writer.write_record(".format_version", "1", 1)
+        alignment = str(_STORAGE_ALIGNMENT)
+        writer.write_record(".storage_alignment", alignment, len(alignment))
+        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        for ref, storage in zip(refs, storages):
+            t = ref.load()
+            if t.dtype != ref.dtype:
+                raise WeightopsError(f"tensor {ref.name!r} from {ref.source}: produced {t.dtype}, declared {ref.dtype}")
+            t = t.detach().cpu().contiguous()
+            if t.untyped_storage().nbytes() != ref.nbytes or t.storage_offset():
+                t = t.clone()
+            writer.write_record(f"data/{storage.key}", t.untyped_storage(), ref.nbytes)
+            if on_tensor:
+                on_tensor(ref, t)
+            del t
+        writer.write_end_of_file()

@@ -1,0 +1,97 @@
+"""The stream type: lazy tensor references flowing from readers through operators to writers.
+
+A reference knows its name, shape and dtype without reading data, so writers can lay out
+headers (safetensors, GGUF) before a single tensor is loaded, and operators can be chained
+without ever holding more than the tensor being processed.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .errors import WeightopsError
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor that is read only when `load()` is called.
+
+    `source` names the file it comes from (for error messages). `ggml_type` is set for GGUF
+    tensors, whose `load()` dequantizes to float32 and whose `raw()` gives the stored blocks.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    source: str
+    loader: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+    ggml_type: str | None = None
+    raw_loader: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    def load(self) -> torch.Tensor:
+        tensor = self.loader()
+        if tuple(tensor.shape) != self.shape:
+            raise WeightopsError(
+                f"{self.source}: tensor {self.name!r} has shape {tuple(tensor.shape)}, header says {self.shape}")
+        return tensor
+
+    def raw(self) -> np.ndarray:
+        """The tensor's bytes as stored (quantized blocks for GGUF), as uint8."""
+        if self.raw_loader is not None:
+            return self.raw_loader()
+        return tensor_bytes(self.load())
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def derive(self, fn: Callable[[torch.Tensor], torch.Tensor], *, name: str | None = None,
+               shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> "TensorRef":
+        """A new lazy reference whose data is `fn(self.load())`; declare any new shape/dtype."""
+        upstream = self.load
+        return replace(self, name=name or self.name, shape=tuple(shape) if shape is not None else self.shape,
+                       dtype=dtype or self.dtype, loader=lambda: fn(upstream()), ggml_type=None, raw_loader=None)
+
+    def renamed(self, name: str) -> "TensorRef":
+        return replace(self, name=name)
+
+
+Stream = Iterable[TensorRef]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """Raw little-endian bytes of a tensor in its own dtype (bf16 included), without copying twice."""
+    t = tensor.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def cast(stream: Stream, dtype: torch.dtype | None) -> Iterator[TensorRef]:
+    """Cast floating-point tensors to `dtype` (None keeps every dtype as it is)."""
+    for ref in stream:
+        if dtype is None or not ref.dtype.is_floating_point or ref.dtype == dtype:
+            yield ref
+        else:
+            yield ref.derive(lambda t, d=dtype: t.to(d), dtype=dtype)
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def require_unique(refs: list[TensorRef]) -> None:
+    seen: dict[str, str] = {}
+    for r in refs:
+        if r.name in seen:
+            raise WeightopsError(f"tensor {r.name!r} appears twice: in {seen[r.name]} and {r.source}")
+        seen[r.name] = r.source

@@ -1,0 +1,122 @@
+"""Tiny, deterministic models and tokenizers made from nothing (no downloads).
+
+The demo and the test suite share these builders: a LLaMA with GQA and a SentencePiece
+tokenizer shaped like LLaMA's (BPE, byte fallback, <unk>/<s>/</s>), and a BLOOM with a
+byte-level BPE tokenizer. Sizes keep every matrix row a multiple of 32 so that all GGML
+block types apply.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+_WORDS = ("the quick brown fox jumps over lazy dog model weights tensor stream merge delta quantize llama "
+          "bloom release engineer checkpoint vocabulary token embedding layer norm attention head rotary "
+          "shard index safetensors manifest checksum logits verify perplexity divergence").split()
+_HANZI = "我们发布了中文模型的权重和词表扩展以及量化版本今天天气很好大家一起学习语言推理服务数据训练评估"
+
+
+def corpus(lines: int = 400, seed: int = 0) -> list[str]:
+    """A few KB of mixed English and Chinese text, the same on every machine."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        out.append(" ".join(rng.choice(_WORDS) for _ in range(12)) + f" {rng.randint(0, 9999)}.")
+        out.append("".join(rng.choice(_HANZI) for _ in range(16)) + "。")
+    return out
+
+
+def train_spm(path: Path, vocab_size: int = 400, seed: int = 0, lines: list[str] | None = None) -> Path:
+    """A LLaMA-style SentencePiece model (BPE, byte fallback, identity normalisation)."""
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines or corpus(seed=seed)), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        split_digits=True, num_threads=1, minloglevel=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def spm_tokenizer_dir(directory: Path, vocab_size: int = 400) -> Path:
+    """HF tokenizer files (tokenizer.model, tokenizer.json, tokenizer_config.json) for LLaMA."""
+    from transformers import AutoTokenizer
+    directory = Path(directory)
+    model = train_spm(directory / "tokenizer.model", vocab_size)
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+        "eos_token": "</s>", "unk_token": "<unk>", "legacy": False}))
+    tok = AutoTokenizer.from_pretrained(directory)
+    tok.save_pretrained(directory)
+    assert model.is_file()
+    return directory
+
+
+def bpe_tokenizer_dir(directory: Path, vocab_size: int = 400) -> Path:
+    """A BLOOM-style byte-level BPE tokenizer (<unk> 0, <s> 1, </s> 2, <pad> 3)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(directory)
+    return Path(directory)
+
+
+def _save(model, directory: Path, tokenizer_dir: Path, dtype: torch.dtype) -> Path:
+    directory = Path(directory)
+    model.to(dtype).save_pretrained(directory)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.is_file():
+            shutil.copyfile(f, directory / f.name)
+    return directory
+
+
+def tiny_llama(directory: Path, tokenizer_dir: Path, *, layers: int = 2, kv_heads: int = 2, tied: bool = False,
+               dtype: torch.dtype = torch.bfloat16, seed: int = 0, hidden: int = 64,
+               intermediate: int = 128) -> Path:
+    """A LLaMA with GQA (4 query heads, `kv_heads` key/value heads), saved with its tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5,
+                      initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # norms away from exactly 1, so that layout mistakes cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return _save(model, directory, tokenizer_dir, dtype)
+
+
+def tiny_bloom(directory: Path, tokenizer_dir: Path, *, layers: int = 2, dtype: torch.dtype = torch.bfloat16,
+               seed: int = 0, hidden: int = 64) -> Path:
+    """A BLOOM (4 heads, tied output), saved with its tokenizer."""
+    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    cfg = BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=4, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=3, initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = BloomForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "ln_f" in name:
+                p.copy_((1 if name.endswith("weight") else 0) + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    return _save(model, directory, tokenizer_dir, dtype)

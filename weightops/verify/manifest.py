@@ -1,0 +1,118 @@
+"""sha256 manifests: of every file, and of every tensor's stored bytes.
+
+File hashes prove a download or copy; tensor hashes survive re-serialisation (pickles
+embed serializer details, shards may be split differently), so they are the stable proof
+that two checkpoints carry the same weights. No timestamps: the same inputs give the same
+manifest, so it can be published and reproduced.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .. import progress
+from ..checkpoint import open_checkpoint
+from ..errors import MismatchError, WeightopsError
+from ..io.atomic import atomic_file
+
+MANIFEST = "weightops-manifest.json"
+_CHUNK = 8 << 20
+
+
+def manifest_path(path: Path) -> Path:
+    path = Path(path)
+    return path / MANIFEST if path.is_dir() else path.with_name(path.name + "." + MANIFEST)
+
+
+def sha256_file(path: Path, bar=None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST
+                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
+
+
+def _root(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def file_hashes(path: Path) -> dict:
+    files = _files(path)
+    with progress.bar(sum(f.stat().st_size for f in files), "hashing files") as b:
+        return {str(f.relative_to(_root(path))): {"sha256": sha256_file(f, b), "size": f.stat().st_size}
+                for f in files}
+
+
+def tensor_hashes(path: Path) -> dict:
+    root = _root(path)
+    ckpt = open_checkpoint(path)
+    tensors = {}
+    for ref in progress.iterate(ckpt.tensors, len(ckpt.tensors), "hashing tensors"):
+        raw = ref.raw()
+        tensors[ref.name] = {"sha256": hashlib.sha256(memoryview(raw)).hexdigest(), "shape": list(ref.shape),
+                             "dtype": ref.ggml_type or str(ref.dtype).removeprefix("torch."),
+                             "file": str(Path(ref.source).resolve().relative_to(root.resolve()))}
+        del raw
+    return tensors
+
+
+def compute(path: str | Path) -> dict:
+    """The manifest document of a checkpoint directory or file."""
+    path = Path(path)
+    return {"manifest_version": 1, "files": file_hashes(path), "tensors": tensor_hashes(path)}
+
+
+def create(path: str | Path) -> Path:
+    """Write the manifest next to (file) or into (directory) the checkpoint, atomically."""
+    doc = compute(path)
+    out = manifest_path(Path(path))
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def diff(expected: dict, actual: dict) -> list[str]:
+    """Every file and tensor that differs, is missing, or is new."""
+    problems = []
+    for kind in ("files", "tensors"):
+        want, have = expected.get(kind, {}), actual.get(kind, {})
+        for name in sorted(want.keys() | have.keys()):
+            label = "file" if kind == "files" else "tensor"
+            if name not in have:
+                problems.append(f"{label} {name}: missing")
+            elif name not in want:
+                problems.append(f"{label} {name}: not in the manifest")
+            elif want[name]["sha256"] != have[name]["sha256"]:
+                problems.append(f"{label} {name}: sha256 {have[name]['sha256'][:16]}… expected "
+                                f"{want[name]['sha256'][:16]}…")
+    return problems
+
+
+def check(path: str | Path) -> dict:
+    """Recompute and compare; raises MismatchError (exit 3) naming everything that differs."""
+    mpath = manifest_path(Path(path))
+    if not mpath.is_file():
+        raise WeightopsError(f"{mpath}: no manifest; create one with `weightops manifest create {path}`")
+    expected = json.loads(mpath.read_text())
+    path = Path(path)
+    actual = {"files": file_hashes(path)}
+    problems = []
+    try:
+        actual["tensors"] = tensor_hashes(path)
+    except WeightopsError as e:  # a damaged file: report it with the file differences
+        actual["tensors"] = expected.get("tensors", {})
+        problems.append(f"tensors unreadable: {e}")
+    problems = diff(expected, actual) + problems
+    if problems:
+        raise MismatchError(f"{path}: {len(problems)} difference(s) from {mpath.name}:\n  " + "\n  ".join(problems))
+    return actual

@@ -29,13 +29,13 @@ def aux_files(directory: Path) -> list[Path]:
 def read_hf_dir(directory: Path) -> tuple[str, list[TensorRef], list[Path]]:
     """(format, tensor refs, weight files) of an HF directory, sharded or not."""
     if (directory / SAFETENSORS_INDEX).is_file():
-        refs, files = read_sharded(directory / SAFETENSORS_INDEX, read_safetensors)
+        refs, files = read_sharded(directory / SAFETENSORS_INDEX, read_safetensors, "*.safetensors")
         return "hf-safetensors", refs, [directory / SAFETENSORS_INDEX, *files]
     singles = sorted(directory.glob("*.safetensors"))
     if len(singles) == 1:
         return "hf-safetensors", read_safetensors(singles[0]), singles
     if (directory / BIN_INDEX).is_file():
-        refs, files = read_sharded(directory / BIN_INDEX, read_torch_bin)
+        refs, files = read_sharded(directory / BIN_INDEX, read_torch_bin, "pytorch_model*.bin")
         return "hf-bin", refs, [directory / BIN_INDEX, *files]
     if (directory / "pytorch_model.bin").is_file():
         return "hf-bin", read_torch_bin(directory / "pytorch_model.bin"), [directory / "pytorch_model.bin"]
@@ -44,8 +44,12 @@ def read_hf_dir(directory: Path) -> tuple[str, list[TensorRef], list[Path]]:
 
 def write_hf_weights(refs: Iterable[TensorRef], directory: Path, max_shard_size: int,
                      on_tensor: Callable[[TensorRef, torch.Tensor], None] | None = None) -> list[Path]:
-    """Write `model.safetensors` or `model-0000i-of-0000N.safetensors` + index into `directory`."""
-    refs = list(refs)
+    """Write `model.safetensors` or `model-0000i-of-0000N.safetensors` + index into `directory`.
+
+    Tensors are taken in name order, as transformers 5's `save_pretrained` does before
+    sharding, so the shard boundaries (and bytes) match its output for the same tensors.
+    """
+    refs = sorted(refs, key=lambda r: r.name)
     shards = plan_shards(refs, max_shard_size)
     if len(shards) == 1:
         names = ["model.safetensors"]

@@ -50,8 +50,10 @@ def write_index(path: Path, weight_map: dict[str, str], metadata: dict) -> None:
         f.write(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
 
 
-def read_sharded(index_path: Path, read_file: Callable[[Path], list[TensorRef]]) -> tuple[list[TensorRef], list[Path]]:
-    """Read every part an index names and check the parts against the index."""
+def read_sharded(index_path: Path, read_file: Callable[[Path], list[TensorRef]],
+                 part_glob: str) -> tuple[list[TensorRef], list[Path]]:
+    """Read every part an index names and check the parts against the index (a part file
+    matching `part_glob` that the index never names is an error too: its tensors would be lost)."""
     try:
         index = json.loads(index_path.read_text())
         weight_map: dict[str, str] = index["weight_map"]
@@ -62,7 +64,8 @@ def read_sharded(index_path: Path, read_file: Callable[[Path], list[TensorRef]])
     if missing_files:
         raise WeightopsError(f"{index_path}: names shard files that do not exist: {', '.join(missing_files)}")
     refs: list[TensorRef] = []
-    problems: list[str] = []
+    problems = [f"{p.name} is not named by the index" for p in sorted(index_path.parent.glob(part_glob))
+                if p.name not in files]
     for fname in files:
         part = read_file(index_path.parent / fname)
         names = {r.name for r in part}

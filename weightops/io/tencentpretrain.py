@@ -27,7 +27,7 @@ def read_tp(path: Path) -> tuple[list[TensorRef], list[Path]]:
     if path.is_file():
         return read_torch_bin(path), [path]
     if (path / INDEX).is_file():
-        refs, files = read_sharded(path / INDEX, read_torch_bin)
+        refs, files = read_sharded(path / INDEX, read_torch_bin, "tencentpretrain_model*.bin")
         return refs, [path / INDEX, *files]
     bins = sorted(path.glob("*.bin"))
     if len(bins) == 1:

@@ -1,0 +1,98 @@
+"""inspect, manifest and the CLI's error contract."""
+import json
+
+import pytest
+import torch
+
+from weightops.checkpoint import open_checkpoint, save_hf
+from weightops.errors import MismatchError
+from weightops.verify import manifest
+
+
+def test_inspect_parameter_count_matches_transformers(cli, tiny_llama, tiny_bloom):
+    from transformers import AutoModelForCausalLM
+    for path, arch in ((tiny_llama, "llama"), (tiny_bloom, "bloom")):
+        r = cli("inspect", path, "--json")
+        assert r.exit_code == 0, r.stderr
+        doc = json.loads(r.stdout)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert doc["parameter_count"] == sum(p.numel() for p in model.parameters())
+        assert doc["format"] == "hf-safetensors" and doc["architecture"] == arch
+        assert doc["vocab"] == {"config": 400, "tokenizer": 400, "embedding_rows": 400, "agree": True}
+        assert doc["dtypes"] == {"bfloat16": doc["tensor_count"]}
+        assert {"format", "architecture", "tensor_count", "parameter_count", "dtypes", "files", "vocab"} <= doc.keys()
+
+
+def test_inspect_flags_vocab_disagreement(cli, tmp_path, tiny_llama):
+    src = open_checkpoint(tiny_llama)
+    out = tmp_path / "bad"
+    save_hf(src.tensors, out, aux_files=src.aux_files, config_update={"vocab_size": 32000})
+    r = cli("inspect", out)
+    assert r.exit_code == 0
+    assert "config 32000, tokenizer 400, embedding rows 400" in r.stdout and "DISAGREE" in r.stdout
+    assert json.loads(cli("inspect", out, "--json").stdout)["vocab"]["agree"] is False
+
+
+def test_manifest_create_check_and_tamper(cli, tmp_path, tiny_llama):
+    src = open_checkpoint(tiny_llama)
+    out = tmp_path / "m"
+    save_hf(src.tensors, out, aux_files=src.aux_files, max_shard_size="60KB")
+    assert cli("manifest", "create", out).exit_code == 0
+    first = (out / "weightops-manifest.json").read_text()
+    assert cli("manifest", "create", out).exit_code == 0
+    assert (out / "weightops-manifest.json").read_text() == first  # deterministic
+    ok = cli("manifest", "check", out)
+    assert ok.exit_code == 0 and "match" in ok.stdout
+
+    # flip one byte inside a tensor's data (past the header)
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (out / "tokenizer_config.json").unlink()
+    bad = cli("manifest", "check", out)
+    assert bad.exit_code == 3
+    assert shard.name in bad.stderr and "tokenizer_config.json: missing" in bad.stderr
+    changed = [name for name in json.loads(first)["tensors"] if f"tensor {name}:" in bad.stderr]
+    assert len(changed) == 1
+
+
+def test_manifest_is_stable_across_reserialisation(tmp_path, tiny_llama):
+    """Tensor hashes survive re-sharding; file hashes do not."""
+    src = open_checkpoint(tiny_llama)
+    a, b = tmp_path / "a", tmp_path / "b"
+    save_hf(src.tensors, a)
+    save_hf(src.tensors, b, max_shard_size="60KB")
+    ma, mb = manifest.compute(a), manifest.compute(b)
+    assert {k: v["sha256"] for k, v in ma["tensors"].items()} == {k: v["sha256"] for k, v in mb["tensors"].items()}
+    assert ma["files"].keys() != mb["files"].keys()
+
+
+def test_manifest_check_reports_truncation_as_mismatch(tmp_path, tiny_bloom):
+    src = open_checkpoint(tiny_bloom)
+    out = tmp_path / "m"
+    save_hf(src.tensors, out)
+    manifest.create(out)
+    f = out / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(MismatchError, match=r"(?s)file model\.safetensors: sha256.*tensors unreadable.*truncated"):
+        manifest.check(out)
+
+
+def test_errors_are_one_line_and_debug_shows_traceback(cli, tmp_path, tiny_bloom):
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "f").write_text("x")
+    r = cli("manifest", "check", tmp_path / "x")
+    assert r.exit_code == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    missing = cli("inspect", tmp_path / "nothing-here")
+    assert missing.exit_code == 2  # usage: click validates the path
+    r = cli("--debug", "manifest", "check", tmp_path / "x")
+    assert r.exit_code == 1 and r.exception is not None
+
+
+def test_demo_runs(cli, tmp_path):
+    r = cli("demo", tmp_path / "demo")
+    assert r.exit_code == 0, r.stderr
+    assert "stream copy bit-exact: True" in r.stdout and "DISAGREE" not in r.stdout
+    assert cli("demo", tmp_path / "demo").exit_code == 1  # exists, needs --force

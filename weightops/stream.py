@@ -31,6 +31,7 @@ class TensorRef:
     loader: Callable[[], torch.Tensor] = field(repr=False, compare=False)
     ggml_type: str | None = None
     raw_loader: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    releaser: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def load(self) -> torch.Tensor:
         tensor = self.loader()
@@ -38,6 +39,11 @@ class TensorRef:
             raise WeightopsError(
                 f"{self.source}: tensor {self.name!r} has shape {tuple(tensor.shape)}, header says {self.shape}")
         return tensor
+
+    def release(self) -> None:
+        """Tell the source this tensor's data is done with (drops its mapped pages from RSS)."""
+        if self.releaser is not None:
+            self.releaser()
 
     def raw(self) -> np.ndarray:
         """The tensor's bytes as stored (quantized blocks for GGUF), as uint8."""

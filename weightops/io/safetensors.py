@@ -1,5 +1,11 @@
 """safetensors files: a lazy memory-mapped reader and a streaming writer.
 
+The reader maps each file once and hands out zero-copy tensor views of it; once a writer
+has consumed a tensor, `release()` drops its pages from the process (madvise), so mapped
+inputs do not pile up in RSS. (`safetensors.safe_open` copies every tensor out of its map
+and gives no such control, hence our own header parsing — validated against the library
+by the tests.)
+
 The writer lays out the header exactly as `safetensors.torch.save_file` does (tensors
 sorted by dtype, largest first, then by name; compact JSON padded to 8 bytes), so our
 files are byte-identical to the library's, yet it writes one tensor at a time instead of
@@ -8,14 +14,13 @@ needing the whole shard in memory.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors import safe_open
-
 from ..errors import WeightopsError
 from ..stream import TensorRef, tensor_bytes
 from .atomic import drop_cache
@@ -61,27 +66,46 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, start
 
 
-class _Handle:
-    """One open memory-mapped safetensors file, opened on first use."""
+class _Mapping:
+    """One safetensors file, memory-mapped on first use (copy-on-write, so tensors are
+    writable views and torch does not warn; we never write to them)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._f = None
+    def __init__(self, path: Path, data_start: int):
+        self.path, self.start = path, data_start
+        self._map: mmap.mmap | None = None
 
-    def get(self, name: str) -> torch.Tensor:
-        if self._f is None:
-            self._f = safe_open(str(self.path), framework="pt")
-        return self._f.get_tensor(name)
+    def tensor(self, info: dict) -> torch.Tensor:
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        begin, end = info["data_offsets"]
+        dtype = DTYPES[info["dtype"]]
+        if end == begin:
+            return torch.empty(info["shape"], dtype=dtype)
+        flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                offset=self.start + begin)
+        return flat.reshape(info["shape"])
+
+    def release(self, info: dict) -> None:
+        """Drop the tensor's pages from this process; a later access re-reads the file."""
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        begin = (self.start + info["data_offsets"][0]) // page * page
+        end = self.start + info["data_offsets"][1]
+        if end > begin:
+            self._map.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
 
 def read_safetensors(path: Path) -> list[TensorRef]:
     """Lazy references to every tensor of one safetensors file, in file order."""
     path = Path(path)
-    header, _ = read_header(path)
-    handle = _Handle(path)
+    header, start = read_header(path)
+    mapping = _Mapping(path, start)
     items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
     return [TensorRef(name=name, shape=tuple(info["shape"]), dtype=DTYPES[info["dtype"]], source=str(path),
-                      loader=lambda n=name: handle.get(n)) for name, info in items]
+                      loader=lambda i=info: mapping.tensor(i), releaser=lambda i=info: mapping.release(i))
+            for name, info in items]
 
 
 def _layout(refs: list[TensorRef], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorRef]]:
@@ -119,6 +143,7 @@ def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str,
             if on_tensor:
                 on_tensor(r, t)
             del t
+            r.release()
         f.flush()
         os.fsync(f.fileno())
         drop_cache(f.fileno())

@@ -112,4 +112,5 @@ def write_torch_bin(refs: Iterable[TensorRef], path: Path,
             if on_tensor:
                 on_tensor(ref, t)
             del t
+            ref.release()
         writer.write_end_of_file()

@@ -1,6 +1,7 @@
 """Progress bars on stderr, silent when stderr is not a terminal or when asked to be quiet."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Iterable, Iterator, TypeVar
 
@@ -17,7 +18,8 @@ def set_quiet(quiet: bool) -> None:
 
 
 def enabled() -> bool:
-    return not _quiet and sys.stderr.isatty()
+    """Bars on an interactive stderr, or when a parent (the job runner) forwards ours to one."""
+    return not _quiet and (sys.stderr.isatty() or os.environ.get("WEIGHTOPS_PROGRESS") == "1")
 
 
 def bar(total: int | None = None, desc: str = "", unit: str = "B") -> tqdm:

@@ -1,0 +1,36 @@
+"""`weightops run`: release jobs from a TOML file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .. import jobs
+from . import main
+
+
+@main.command()
+@click.argument("job_file", metavar="JOB.toml", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--resume", is_flag=True,
+              help="Skip steps whose output is complete (finished marker, unchanged options, inputs that still "
+                   "hash the same); redo anything partial from scratch.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (steps, inputs, outputs, expected sizes); write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan or report as JSON on stdout.")
+def run(job_file: Path, resume: bool, dry_run: bool, as_json: bool) -> None:
+    """Run the steps of JOB.toml in order and write release-report.md and
+    release-report.json (wall time and peak RSS per step, verification results, sha256 of
+    every artefact) into the job's output directory.
+
+    Each step is a weightops command with the same options as on the command line; `@name`
+    refers to an input or an earlier step's output. A verify step that fails stops the
+    job with exit code 3 and the report says why. See examples/release.toml.
+    """
+    doc = jobs.run_job(job_file, resume=resume, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    elif dry_run:
+        click.echo(jobs.render_plan(doc))
+    else:
+        click.echo(jobs.render_report(doc))
+        click.echo(f"report: {Path(doc['output']) / (jobs.REPORT + '.md')}", err=True)

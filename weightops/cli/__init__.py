@@ -57,6 +57,7 @@ def run() -> None:
 
 
 from . import core  # noqa: E402,F401  (registers commands)
+from . import delta  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(run())

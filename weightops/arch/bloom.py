@@ -43,3 +43,37 @@ def fuse_qkv(q, k, v, heads: int):
     hd = q.shape[0] // heads
     parts = [t.reshape(heads, hd, *t.shape[1:]) for t in (q, k, v)]
     return torch.stack(parts, dim=1).reshape(3 * heads * hd, *q.shape[1:])
+
+
+# --- GGUF (llama.cpp) export: the `bloom.*` keys and tensor values convert_hf_to_gguf.py writes ---
+GGUF_ARCH = "bloom"
+GGUF_VOCABS = ("gpt2",)
+GGUF_DEFAULT_PRE = "bloom"  # an expanded BLOOM vocabulary keeps BLOOM's pre-tokenizer
+GGUF_ADD_SPACE_PREFIX = False
+GGUF_SKIP = ("lm_head.weight",)  # tied to the embedding; llama.cpp's bloom has no output tensor
+
+
+def _n_embed_heads(config: dict) -> tuple[int, int]:
+    return config.get("hidden_size", config.get("n_embed")), config.get("n_head", config.get("num_attention_heads"))
+
+
+def add_gguf_parameters(writer, config: dict, file_type: int) -> None:
+    """Hyper-parameter keys in convert_hf_to_gguf.py's order (its context length falls back to
+    n_embed when the config has no seq_length, and the feed-forward length is always 4 x n_embed)."""
+    n_embed, n_head = _n_embed_heads(config)
+    writer.add_context_length(config.get("seq_length", n_embed))
+    writer.add_embedding_length(n_embed)
+    writer.add_feed_forward_length(4 * n_embed)
+    writer.add_block_count(config["n_layer"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head)
+    writer.add_layer_norm_eps(config["layer_norm_epsilon"])
+    writer.add_file_type(file_type)
+
+
+def gguf_tensor(kind: str, tensor, config: dict):
+    """HF values -> GGUF values: the fused QKV from per-head [q|k|v] to [all q; all k; all v]."""
+    import torch
+    if kind == "fused_qkv":
+        return torch.cat(split_qkv(tensor, _n_embed_heads(config)[1]))
+    return tensor

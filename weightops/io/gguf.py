@@ -1,17 +1,24 @@
-"""GGUF files (llama.cpp): a lazy reader. Tensors are memory-mapped by `gguf.GGUFReader`;
-`load()` dequantizes to float32 with `gguf.quants`, `raw()` gives the stored blocks."""
+"""GGUF files (llama.cpp): a lazy reader and a streaming writer.
+
+Reader: tensors are memory-mapped by `gguf.GGUFReader`; `load()` dequantizes to float32
+with `gguf.quants`, `raw()` gives the stored blocks.
+Writer: every tensor's byte size follows from its shape and type, so header, metadata and
+tensor infos are written first and the data follows one tensor at a time.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize
 
 from ..errors import WeightopsError
 from ..stream import TensorRef
+from .atomic import atomic_file
 
 MAGIC = b"GGUF"
 
@@ -68,3 +75,63 @@ def read_gguf(path: Path, reader: GGUFReader | None = None) -> list[TensorRef]:
         refs.append(TensorRef(name=t.name, shape=shape, dtype=torch.float32, source=str(path), loader=load,
                               ggml_type=t.tensor_type.name, raw_loader=raw))
     return refs
+
+
+def ggml_nbytes(shape: Sequence[int], qtype: GGMLQuantizationType) -> int:
+    """Bytes of a tensor of `shape` (torch order) stored as `qtype`."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    numel = 1
+    for d in shape:
+        numel *= d
+    if shape and shape[-1] % block:
+        raise WeightopsError(f"a row of {shape[-1]} values cannot be stored as {qtype.name} (blocks of {block})")
+    return numel // block * size
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """A tensor planned for a GGUF file; `produce()` gives its stored bytes only when written,
+    and `release()` runs once they are written (to drop the source's mapped pages)."""
+
+    name: str
+    shape: tuple[int, ...]  # torch order; the file stores it reversed
+    ggml_type: GGMLQuantizationType
+    produce: Callable[[], np.ndarray]
+    release: Callable[[], None] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return ggml_nbytes(self.shape, self.ggml_type)
+
+
+def plan_writer(arch: str, tensors: Sequence[GGUFTensor]) -> GGUFWriter:
+    """A `GGUFWriter` that knows every tensor's name, shape and type (so offsets and the
+    parameter count are known) but holds no data; the caller adds the metadata."""
+    writer = GGUFWriter(None, arch)
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
+    return writer
+
+
+def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: Path,
+               on_tensor: Callable[[GGUFTensor], None] | None = None) -> None:
+    """Write header, metadata and tensor infos, then each tensor's bytes in turn (each one
+    aligned to 32 bytes), into a temporary sibling that becomes `output` only at the end."""
+    with atomic_file(Path(output)) as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for t in tensors:
+                data = np.ascontiguousarray(t.produce()).reshape(-1).view(np.uint8)
+                if data.nbytes != t.nbytes:
+                    raise WeightopsError(f"{output}: tensor {t.name!r} {t.shape} as {t.ggml_type.name} produced "
+                                         f"{data.nbytes} bytes, expected {t.nbytes}")
+                writer.write_tensor_data(data)
+                del data
+                if t.release:
+                    t.release()
+                if on_tensor:
+                    on_tensor(t)
+        finally:
+            writer.close()

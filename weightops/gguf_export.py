@@ -1,0 +1,207 @@
+"""Checkpoint -> llama.cpp GGUF in one streaming pass.
+
+Any checkpoint the core reads (HF safetensors or .bin, TencentPretrain through the remap
+view) is renamed with the architecture's table, its values moved to llama.cpp's layout
+(q/k interleaving, BLOOM's QKV order), typed by `quant.policy`, encoded (F32/F16/BF16 or
+GGML blocks quantized from the source values) and written by `io.gguf.write_gguf`, one
+tensor at a time. Metadata keys and tokenizer follow convert_hf_to_gguf.py.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Iterable, Sequence
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from . import arch as arch_tables
+from . import progress
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import WeightopsError
+from .io.atomic import check_output
+from .io.gguf import GGUFTensor, plan_writer, write_gguf
+from .io.gguf_tokenizer import TokenizerSummary, add_tokenizer
+from .quant import policy
+from .stream import TensorRef, matches_any, tensor_bytes
+
+Q = GGMLQuantizationType
+QUALITIES = ("reference",)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class GGUFResult:
+    output: Path
+    architecture: str
+    file_type: str
+    tensor_types: dict[str, str]          # tensor name -> GGML type name, in file order
+    tokenizer: TokenizerSummary
+    bytes_written: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pure: bool = False,
+                tensor_types: Sequence[str] = (), quality: str = "reference", device: str = "auto",
+                tokenizer: str | Path | None = None, pre_tokenizer: str | None = None,
+                tp_config: str | Path | None = None, force: bool = False,
+                warn: Callable[[str], None] | None = None) -> GGUFResult:
+    """Write `model` as a llama.cpp GGUF file at `output` (atomically; refuses to overwrite
+    without `force`). `type` is the GGUF type of the 2-D weights (see `quant.policy`),
+    `tensor_types` are `GLOB=TYPE` overrides, `tokenizer` a directory with the HF tokenizer
+    files (default: the model's own directory). Warnings go to `warn` and into the result."""
+    warnings: list[str] = []
+
+    def note(msg: str) -> None:
+        warnings.append(msg)
+        if warn:
+            warn(msg)
+
+    if quality not in QUALITIES:
+        raise WeightopsError(f"--quality {quality!r}: only 'reference' (llama.cpp's own rounding) is available")
+    qtype_name = type.lower()
+    overrides = policy.parse_overrides(tensor_types)
+    file_type = policy.file_type(qtype_name)
+    dev = resolve_device(device)
+    output = Path(output)
+    ckpt = open_checkpoint(model, tp_config)
+    check_output(output, [ckpt.path], force)
+    hf_refs, config = hf_stream(ckpt, tp_config)
+    mod, refs = gguf_stream(hf_refs, config, ckpt.path)
+    n_vocab = refs[0].shape[0]
+    if config.get("vocab_size") != n_vocab:
+        note(f"config vocab_size is {config.get('vocab_size')} but the embedding has {n_vocab} rows; "
+             f"writing {n_vocab} (llama.cpp needs one token per embedding row)")
+        config["vocab_size"] = n_vocab
+
+    types = policy.assign_types(((r.name, r.shape) for r in refs), qtype_name, pure=pure, overrides=overrides,
+                                warn=note)
+    planned = [GGUFTensor(r.name, r.shape, types[r.name], _producer(r, types[r.name], dev), r.release) for r in refs]
+    writer = plan_writer(mod.GGUF_ARCH, planned)
+    writer.add_type(gguf.GGUFType.MODEL)
+    _add_general(writer, ckpt)
+    mod.add_gguf_parameters(writer, config, int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tok_dir = Path(tokenizer) if tokenizer else ckpt.directory
+    summary = add_tokenizer(writer, tok_dir if tok_dir.is_dir() else tok_dir.parent, n_vocab=n_vocab,
+                            encodings=mod.GGUF_VOCABS, default_pre=mod.GGUF_DEFAULT_PRE,
+                            add_space_prefix=mod.GGUF_ADD_SPACE_PREFIX, pre_tokenizer=pre_tokenizer, warn=note)
+    total = sum(t.nbytes for t in planned)
+    with progress.bar(total, f"gguf {qtype_name}") as bar:
+        write_gguf(writer, planned, output, on_tensor=lambda t: bar.update(t.nbytes))
+    return GGUFResult(output, mod.GGUF_ARCH, file_type.name, {t.name: t.ggml_type.name for t in planned},
+                      summary, output.stat().st_size, warnings)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is CUDA when torch sees a GPU, else CPU; `cuda` without a GPU is an error."""
+    if device not in DEVICES:
+        raise WeightopsError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WeightopsError("--device cuda: torch sees no CUDA device; use --device cpu or auto")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def hf_stream(ckpt: Checkpoint, tp_config: str | Path | None) -> tuple[list[TensorRef], dict]:
+    """HF-named tensors and a transformers config dict (defaults filled in, as convert_hf_to_gguf.py's
+    AutoConfig gives) for any checkpoint; TencentPretrain goes through the remap view."""
+    if ckpt.format == "gguf":
+        raise WeightopsError(f"{ckpt.path} is already a GGUF file; export from the HF or TencentPretrain checkpoint")
+    if ckpt.format == "tencentpretrain":
+        from .ops.remap import hf_view
+        refs, config = hf_view(ckpt, tp_config=tp_config, arch=ckpt.architecture)
+    else:
+        refs, config = ckpt.tensors, ckpt.config
+    if not config:
+        raise WeightopsError(f"{ckpt.path}: no config.json next to the weights; GGUF needs the hyper-parameters")
+    model_type = config.get("model_type") or ckpt.architecture
+    if model_type not in ("llama", "bloom"):
+        raise WeightopsError(f"{ckpt.path}: architecture {model_type!r} cannot be exported to GGUF "
+                             "(supported: llama, bloom)")
+    from transformers import AutoConfig
+    filled = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"}).to_dict()
+    return list(refs), filled
+
+
+def arch_module(name: str) -> ModuleType:
+    """The arch/ module holding `name`'s GGUF keys and value transforms."""
+    return importlib.import_module(f"{__package__}.arch.{name}")
+
+
+def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[ModuleType, list[TensorRef]]:
+    """HF tensors renamed to GGUF names (from the architecture table) with llama.cpp's values,
+    in llama.cpp's model order (embedding, blocks, output norm, output)."""
+    name = config["model_type"]
+    table, mod = arch_tables.get(name), arch_module(name)
+    skip = [p.replace("{n}", "*") for p in mod.GGUF_SKIP]
+    order = {n: i for i, n in enumerate(model_order(table, config.get("num_hidden_layers", config.get("n_layer"))))}
+    out, unknown = [], []
+    for ref in refs:
+        if matches_any(table.normalize_hf(ref.name), skip) or matches_any(ref.name, skip):
+            continue
+        found = table.lookup(ref.name, "hf")
+        if found is None:
+            unknown.append(ref.name)
+            continue
+        row, layer, _ = found
+        gname = row.gguf.format(n=layer)
+        out.append(ref.derive(lambda t, kind=row.kind: mod.gguf_tensor(kind, t, config), name=gname)
+                   if row.kind != "plain" else ref.renamed(gname))
+    if unknown:
+        raise WeightopsError(f"{source}: tensors with no GGUF name in the {name} table: {', '.join(sorted(unknown))}")
+    missing = [n for n in order if n not in {r.name for r in out} and n != "output.weight"]
+    if missing:
+        raise WeightopsError(f"{source}: checkpoint lacks tensors llama.cpp needs: {', '.join(missing[:8])}"
+                             + (" ..." if len(missing) > 8 else ""))
+    out.sort(key=lambda r: order.get(r.name, len(order)))
+    return mod, out
+
+
+def model_order(table: arch_tables.Architecture, layers: int) -> list[str]:
+    """GGUF names layer by layer: rows before the blocks, each block's rows, rows after."""
+    first = next(i for i, r in enumerate(table.rows) if "{n}" in r.gguf)
+    head = [r.gguf for r in table.rows[:first]]
+    body = [r.gguf for r in table.rows if "{n}" in r.gguf]
+    tail = [r.gguf for r in table.rows[first:] if "{n}" not in r.gguf]
+    return head + [g.format(n=i) for i in range(layers) for g in body] + tail
+
+
+def _producer(ref: TensorRef, qtype: GGMLQuantizationType, device: torch.device) -> Callable[[], np.ndarray]:
+    return lambda: encode(ref.load(), qtype, device)
+
+
+def encode(t: torch.Tensor, qtype: GGMLQuantizationType, device: torch.device) -> np.ndarray:
+    """Stored bytes of `t` as `qtype`, computed from its float32 values (quantizing from the
+    source values, as llama.cpp's converter does; never from an F16 intermediate)."""
+    if qtype == Q.F32:
+        return tensor_bytes(t.to(torch.float32))
+    if qtype == Q.F16:
+        return tensor_bytes(t.to(torch.float32).to(torch.float16))
+    if qtype == Q.BF16:
+        return tensor_bytes(t.to(torch.float32).to(torch.bfloat16))
+    from .quant import ggml
+    blocks = ggml.quantize(t.to(device=device, dtype=torch.float32), qtype.name.lower())
+    return blocks.cpu().numpy()
+
+
+def _add_general(writer: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
+    """general.* keys as convert_hf_to_gguf.py derives them (model card, config, directory name)."""
+    directory = ckpt.directory
+    total, shared, expert, experts = writer.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, directory, None, total)
+    if meta.name is None:
+        meta.name = directory.name if ckpt.path.is_dir() else ckpt.path.stem
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, experts)
+    meta.set_gguf_meta_model(writer)
+
+
+def warn_stderr(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)

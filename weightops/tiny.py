@@ -46,11 +46,12 @@ def train_spm(path: Path, vocab_size: int = 400, seed: int = 0, lines: list[str]
     return path
 
 
-def spm_tokenizer_dir(directory: Path, vocab_size: int = 400) -> Path:
-    """HF tokenizer files (tokenizer.model, tokenizer.json, tokenizer_config.json) for LLaMA."""
+def spm_tokenizer_dir(directory: Path, vocab_size: int = 400, lines: list[str] | None = None) -> Path:
+    """HF tokenizer files (tokenizer.model, tokenizer.json, tokenizer_config.json) for LLaMA,
+    trained on `corpus()` or on `lines`."""
     from transformers import AutoTokenizer
     directory = Path(directory)
-    model = train_spm(directory / "tokenizer.model", vocab_size)
+    model = train_spm(directory / "tokenizer.model", vocab_size, lines=lines)
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
         "eos_token": "</s>", "unk_token": "<unk>", "legacy": False}))

@@ -1,0 +1,182 @@
+"""Tokenizer edits for vocabulary expansion, and the token-string maps that say which
+embedding row goes where.
+
+Edits go through sentencepiece's model proto, `tokenizers` and transformers, never by
+rewriting token tables by hand: a SentencePiece merge by Chinese-LLaMA's rule (see
+shared/reference/vocab.md), added normal tokens, and added special tokens (never split,
+marked special) for SentencePiece-based and `tokenizer.json` (BPE) tokenizers alike.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from .errors import WeightopsError
+from .io.hf import AUX_FILES
+
+# Everything in AUX_FILES except the model's own config files belongs to the tokenizer.
+TOKENIZER_FILES = tuple(n for n in AUX_FILES if n not in ("config.json", "generation_config.json"))
+
+
+def _proto(data: bytes, source: str | Path):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as e:  # protobuf raises its own DecodeError
+        raise WeightopsError(f"{source}: not a SentencePiece model ({e})") from None
+    return proto
+
+
+def merge_spm(base: bytes, other: bytes, *, source: str | Path = "other model") -> tuple[bytes, list[str]]:
+    """Append every piece of `other` that `base` lacks, in `other`'s order, with score 0 and
+    type NORMAL; base ids never move and `trainer_spec` stays as it was (Chinese-LLaMA's rule).
+
+    The other model's own unknown/control pieces (`<unk>`, `<s>`, `</s>`) are skipped even
+    if spelled differently from the base's: appended as normal text they would be wrong.
+    Returns the merged model's bytes and the appended pieces.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    merged, extra = _proto(base, "base tokenizer.model"), _proto(other, source)
+    have = {p.piece for p in merged.pieces}
+    skip = (pb.ModelProto.SentencePiece.UNKNOWN, pb.ModelProto.SentencePiece.CONTROL)
+    added = []
+    for p in extra.pieces:
+        if p.piece in have or p.type in skip:
+            continue
+        piece = merged.pieces.add()
+        piece.piece, piece.score = p.piece, 0.0
+        have.add(p.piece)
+        added.append(p.piece)
+    return merged.SerializeToString(), added
+
+
+def load(directory: Path):
+    """The transformers tokenizer in `directory` (a clear error when there is none)."""
+    from transformers import AutoTokenizer
+    directory = Path(directory)
+    if not any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        raise WeightopsError(f"{directory}: no tokenizer (tokenizer.json or tokenizer.model) found")
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as e:
+        raise WeightopsError(f"{directory}: transformers cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+
+def copy_tokenizer_files(src: Path, dest: Path) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copyfile(src / n, dest / n)) for n in TOKENIZER_FILES if (src / n).is_file()]
+
+
+def edit(directory: Path, *, merge: Path | None = None, add_tokens: Iterable[str] = (),
+         special_tokens: Iterable[str] = ()) -> list[str]:
+    """Apply the edits in place to the tokenizer files in `directory`, in this order: merge
+    the SentencePiece model `merge`, add normal tokens, add special tokens. Returns the
+    tokens that got new ids, in id order."""
+    directory = Path(directory)
+    add_tokens, special_tokens = list(add_tokens), list(special_tokens)
+    before = load(directory).get_vocab()
+    if merge is not None:
+        _merge_into(directory, Path(merge))
+    if add_tokens or special_tokens:
+        tok = load(directory)
+        tok.add_tokens(add_tokens)
+        tok.add_special_tokens({"additional_special_tokens": special_tokens}, replace_extra_special_tokens=False)
+        tok.save_pretrained(directory)
+        _write_compat_files(directory, tok)
+    after = load(directory).get_vocab()
+    return [t for t, _ in sorted(after.items(), key=lambda kv: kv[1]) if t not in before]
+
+
+def _merge_into(directory: Path, other: Path) -> None:
+    """Merge `other` into directory/tokenizer.model and regenerate tokenizer.json from it."""
+    model = directory / "tokenizer.model"
+    if not model.is_file():
+        raise WeightopsError(f"--merge-spm needs a SentencePiece tokenizer.model next to the model; "
+                             f"{directory} has none (a tokenizer.json-only BPE tokenizer cannot be merged)")
+    if not other.is_file():
+        raise WeightopsError(f"{other}: no such SentencePiece model")
+    pieces = _proto(model.read_bytes(), model).pieces
+    beyond = {t: i for t, i in load(directory).get_added_vocab().items() if i >= len(pieces)}
+    if beyond:
+        raise WeightopsError(f"{directory}: tokens {sorted(beyond, key=beyond.get)} are added after the "
+                             f"{len(pieces)} pieces of tokenizer.model; merging would move their ids. Merge "
+                             f"into the plain SentencePiece tokenizer and add them afterwards (--special-token)")
+    merged, _ = merge_spm(model.read_bytes(), other.read_bytes(), source=other)
+    model.write_bytes(merged)
+    for stale in ("tokenizer.json", "added_tokens.json"):
+        (directory / stale).unlink(missing_ok=True)
+    tok = load(directory)  # transformers converts tokenizer.model into a fast tokenizer
+    _rank_merges_by_score(tok, _proto(merged, model))
+    tok.save_pretrained(directory)
+
+
+def _rank_merges_by_score(tok, proto) -> None:
+    """Order a converted BPE tokenizer's merges by SentencePiece score, as SentencePiece does.
+
+    transformers 5 ranks the merges by piece id, which would put the appended score-0
+    pieces after every base merge; SentencePiece prefers the highest score, so they win.
+    Ranking by score (as transformers 4's LlamaConverter did) makes tokenizer.json encode
+    as tokenizer.model does, except where equal scores are broken differently
+    (SentencePiece: leftmost pair; tokenizers: lower rank).
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import models
+    from transformers.tokenization_utils_base import generate_merges
+    old = tok.backend_tokenizer.model
+    if proto.trainer_spec.model_type != pb.TrainerSpec.BPE or not isinstance(old, models.BPE):
+        return
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    scores = {p.piece: p.score for p in proto.pieces if p.type == pb.ModelProto.SentencePiece.NORMAL}
+    options = {k: getattr(old, k) for k in ("unk_token", "fuse_unk", "byte_fallback", "dropout", "ignore_merges",
+                                            "continuing_subword_prefix", "end_of_word_suffix")}
+    tok.backend_tokenizer.model = models.BPE(vocab=vocab, merges=generate_merges(vocab, scores),
+                                             **{k: v for k, v in options.items() if v is not None})
+
+
+def _write_compat_files(directory: Path, tok) -> None:
+    """Files that transformers 5 no longer writes but older loaders and GGUF converters read:
+    special_tokens_map.json (with additional_special_tokens) and, for SentencePiece models,
+    added_tokens.json (every token beyond tokenizer.model's pieces, by id)."""
+    special = {**tok.special_tokens_map, "additional_special_tokens": list(tok.extra_special_tokens)}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+    model = directory / "tokenizer.model"
+    if model.is_file():
+        pieces = len(_proto(model.read_bytes(), model).pieces)
+        extra = {t: i for t, i in sorted(tok.get_added_vocab().items(), key=lambda kv: kv[1]) if i >= pieces}
+        (directory / "added_tokens.json").write_text(json.dumps(extra, indent=2, ensure_ascii=False) + "\n")
+
+
+def token_map(old_tok, new_tok) -> dict[int, int]:
+    """new id -> old id for every token string both tokenizers know."""
+    old = old_tok.get_vocab()
+    return {i: old[t] for t, i in new_tok.get_vocab().items() if t in old}
+
+
+def decompose(old_tok, new_tok, tokens: Iterable[str]) -> dict[str, list[int]]:
+    """Ids of each token (strings of `new_tok`) under the old tokenizer, without BOS/EOS.
+
+    An added token is text, so it is encoded as text. A model piece is split by the old
+    tokenizer's model directly when both tokenizers normalise and pre-tokenize alike (exact:
+    a word-internal piece like `们` gets no `▁` that re-encoding as a word would add);
+    otherwise it is decoded to text and re-encoded.
+    """
+    added = new_tok.get_added_vocab()
+    old_backend, new_backend = getattr(old_tok, "backend_tokenizer", None), getattr(new_tok, "backend_tokenizer", None)
+    direct = old_backend is not None and new_backend is not None and _pretok(old_backend) == _pretok(new_backend)
+    out = {}
+    for token in tokens:
+        if token in added:
+            out[token] = old_tok.encode(token, add_special_tokens=False)
+        elif direct:
+            out[token] = [t.id for t in old_backend.model.tokenize(token)]
+        else:
+            out[token] = old_tok.encode(new_tok.convert_tokens_to_string([token]), add_special_tokens=False)
+    return out
+
+
+def _pretok(backend) -> str:
+    state = json.loads(backend.to_str())
+    return json.dumps([state.get("normalizer"), state.get("pre_tokenizer")], sort_keys=True)

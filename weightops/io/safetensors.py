@@ -9,7 +9,9 @@ by the tests.)
 The writer lays out the header exactly as `safetensors.torch.save_file` does (tensors
 sorted by dtype, largest first, then by name; compact JSON padded to 8 bytes), so our
 files are byte-identical to the library's, yet it writes one tensor at a time instead of
-needing the whole shard in memory.
+needing the whole shard in memory. It loads tensors in name order and writes each at its
+offset, so tensors that one computation produces together (a bitsandbytes weight and its
+scales, which differ in dtype) are asked for together, not a dtype section apart.
 """
 from __future__ import annotations
 
@@ -133,9 +135,14 @@ def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str,
         if r.dtype not in DTYPE_NAMES:
             raise WeightopsError(f"tensor {r.name!r} from {r.source}: dtype {r.dtype} cannot be stored in safetensors")
     head, order = _layout(refs, metadata)
+    offsets, position = {}, len(head)
+    for r in order:
+        offsets[r.name] = position
+        position += r.nbytes
     with open(path, "wb") as f:
         f.write(head)
-        for r in order:
+        for r in sorted(order, key=lambda r: r.name):
+            f.seek(offsets[r.name])
             t = r.load()
             if t.dtype != r.dtype:
                 raise WeightopsError(f"tensor {r.name!r} from {r.source}: produced {t.dtype}, declared {r.dtype}")

@@ -66,6 +66,8 @@ def open_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> Ch
     else:
         ckpt = _open_dir(path)
     require_unique(ckpt.tensors)
+    if tp_config is None and ckpt.format == "tencentpretrain" and (ckpt.directory / tp_io.CONFIG).is_file():
+        tp_config = ckpt.directory / tp_io.CONFIG  # written beside it by `weightops convert`
     if tp_config is not None:
         ckpt.config = _read_json(Path(tp_config))
     if ckpt.architecture is None:

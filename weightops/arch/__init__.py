@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Iterable, NamedTuple
 
 from ..errors import WeightopsError
 
@@ -78,6 +79,29 @@ class Architecture:
     def is_recognised(self, names: set[str], scheme: str) -> bool:
         return any(self.lookup(n, scheme) for n in names)
 
+    def rename(self, name: str, src: str, dst: str) -> tuple[str, ...]:
+        """The name(s) in scheme `dst` of tensor `name` of scheme `src` (several for a split row)."""
+        hit = self.lookup(name, src)
+        if hit is None:
+            raise WeightopsError(f"{name!r} is not a {self.name} tensor name in the {src} scheme")
+        row, layer, _ = hit
+        return tuple(n.format(n=layer) for n in row.names(dst))
+
+    def layer_count(self, names: Iterable[str], scheme: str) -> int:
+        """Highest layer index named + 1 (0 when no name belongs to a layer)."""
+        layers = [hit[1] for n in names if (hit := self.lookup(n, scheme)) and hit[1] is not None]
+        return max(layers) + 1 if layers else 0
+
+
+class Hparams(NamedTuple):
+    """What the tensor operators need to know of a model: the sizes its config decides."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
 
 def permute_rotary_to_interleaved(w, heads: int):
     """HF rotate-half row order -> interleaved pairs (TencentPretrain, Meta, GGUF)."""
@@ -91,12 +115,41 @@ def permute_interleaved_to_rotary(w, heads: int):
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def get(name: str) -> Architecture:
+def module(name: str):
+    """The module of architecture `name`: its table, config translations and GGUF keys."""
     from . import bloom, llama
-    table = {"llama": llama.ARCH, "bloom": bloom.ARCH}
-    if name not in table:
-        raise WeightopsError(f"unknown architecture {name!r}; supported: {', '.join(table)}")
-    return table[name]
+    modules = {"llama": llama, "bloom": bloom}
+    if name not in modules:
+        raise WeightopsError(f"unknown architecture {name!r}; supported: {', '.join(modules)}")
+    return modules[name]
+
+
+def get(name: str) -> Architecture:
+    return module(name).ARCH
+
+
+def tp_shape(shapes: dict[str, tuple[int, ...]], name: str) -> tuple[int, ...]:
+    """The shape of a tensor that sizes are read from (a clear error when it is missing)."""
+    if name not in shapes:
+        raise WeightopsError(f"tensor {name!r} is missing: the model's sizes cannot be read without it")
+    return shapes[name]
+
+
+def tp_size(tp: dict, key: str, found: int, tensor: str) -> int:
+    """A size read from `tensor`'s shape, checked against TencentPretrain model config `tp`."""
+    if key in tp and tp[key] != found:
+        raise WeightopsError(f"the TencentPretrain config says {key}={tp[key]}, but tensor {tensor!r} "
+                             f"gives {found}: wrong --tp-config for this checkpoint?")
+    return found
+
+
+def tp_heads(tp: dict) -> int:
+    """The attention head count, which no tensor shape tells."""
+    if "heads_num" not in tp:
+        raise WeightopsError("the number of attention heads cannot be read from tensor shapes: pass --tp-config "
+                             "FILE, the TencentPretrain model config json (heads_num, and local_kv_heads_num for "
+                             "grouped-query attention), e.g. models/llama/7b_config.json")
+    return int(tp["heads_num"])
 
 
 def detect(names: set[str], scheme: str) -> Architecture | None:

@@ -77,3 +77,55 @@ def gguf_tensor(kind: str, tensor, config: dict):
     if kind == "fused_qkv":
         return torch.cat(split_qkv(tensor, _n_embed_heads(config)[1]))
     return tensor
+
+
+# --- TencentPretrain model config <-> HF BloomConfig (weightops convert; reference: tencentpretrain.md) ---
+from ..errors import WeightopsError  # noqa: E402
+from . import Hparams, tp_heads, tp_shape, tp_size  # noqa: E402
+from .llama import TIED_OUTPUT, TP_LAYERNORM_EPS  # noqa: E402,F401  (the same LM head and defaults)
+
+# The fixed part of TencentPretrain's models/bloom/*_config.json. Unlike 7b1_config.json it keeps
+# the embedding LayerNorm: BLOOM has one, and TencentPretrain would silently skip its weights.
+TP_CONFIG = {"hidden_act": "gelu", "dropout": 0.0, "data_processor": "lm", "embedding": ["word"],
+             "remove_transformer_bias": False, "has_lmtarget_bias": False, "remove_embedding_layernorm": False,
+             "encoder": "transformer", "mask": "causal", "layernorm_positioning": "pre", "target": ["lm"],
+             "tie_weights": True, "alibi_position_embedding": True, "layer_number_scale": True}
+
+
+def hf_hparams(config: dict) -> Hparams:
+    """Head count, layers and tying of a complete BloomConfig dict."""
+    hidden, heads = _n_embed_heads(config)
+    return Hparams(config.get("n_layer", config.get("num_hidden_layers")), heads, heads, hidden // heads,
+                   bool(config.get("tie_word_embeddings", True)))
+
+
+def hf_config_from_tp(tp: dict | None, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """BloomConfig fields of a TencentPretrain BLOOM: sizes from the tensor shapes (checked
+    against the TP model config `tp` when given), the head count only from `tp`."""
+    tp = tp or {}
+    emb, up = (ARCH.rename(n, "hf", "tp")[0] for n in (EMBEDDING, H.format(n=0) + "mlp.dense_h_to_4h.weight"))
+    vocab, hidden = tp_shape(shapes, emb)
+    tp_size(tp, "emb_size", hidden, emb)
+    tp_size(tp, "hidden_size", hidden, emb)
+    layers = tp_size(tp, "layers_num", ARCH.layer_count(shapes, "tp"), "encoder.transformer.N.*")
+    feedforward = tp_size(tp, "feedforward_size", tp_shape(shapes, up)[0], up)
+    if feedforward != 4 * hidden:
+        raise WeightopsError(f"tensor {up!r} has {feedforward} rows; Hugging Face BLOOM fixes the feed-forward "
+                             f"size at 4 x hidden = {4 * hidden}")
+    heads = tp_heads(tp)
+    if hidden % heads:
+        raise WeightopsError(f"hidden size {hidden} is not a multiple of heads_num {heads}")
+    return {"architectures": ["BloomForCausalLM"], "model_type": "bloom", "vocab_size": vocab, "hidden_size": hidden,
+            "n_layer": layers, "n_head": heads, "layer_norm_epsilon": tp.get("layernorm_eps", TP_LAYERNORM_EPS),
+            "tie_word_embeddings": True}
+
+
+def tp_config_from_hf(config: dict) -> dict:
+    """The TencentPretrain model config json (its --config_path) of a complete BloomConfig dict."""
+    if config.get("apply_residual_connection_post_layernorm"):
+        raise WeightopsError("apply_residual_connection_post_layernorm is set: TencentPretrain's pre-LayerNorm "
+                             "BLOOM cannot compute this model")
+    hp = hf_hparams(config)
+    hidden = _n_embed_heads(config)[0]
+    return {"emb_size": hidden, "feedforward_size": 4 * hidden, "hidden_size": hidden, "heads_num": hp.heads,
+            "layers_num": hp.layers, **TP_CONFIG, "layernorm_eps": config["layer_norm_epsilon"]}

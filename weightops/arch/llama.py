@@ -80,3 +80,78 @@ def gguf_tensor(kind: str, tensor, config: dict):
     if kind == "rotary_k":
         return permute_rotary_to_interleaved(tensor, kv_heads)
     return tensor
+
+
+# --- TencentPretrain model config <-> HF LlamaConfig (weightops convert; reference: tencentpretrain.md) ---
+from ..errors import WeightopsError  # noqa: E402
+from . import Hparams, tp_heads, tp_shape, tp_size  # noqa: E402
+
+# The fixed part of TencentPretrain's models/llama/*_config.json (sizes are filled in per model).
+TP_CONFIG = {"hidden_act": "silu", "dropout": 0.0, "data_processor": "lm", "embedding": ["word"],
+             "remove_transformer_bias": True, "remove_embedding_layernorm": True, "rotary_position_embedding": True,
+             "encoder": "transformer", "feed_forward": "gated", "mask": "causal", "layernorm_positioning": "pre",
+             "layernorm": "rms", "target": ["lm"]}
+TP_LAYERNORM_EPS = 1e-6   # TencentPretrain's default when its config sets no layernorm_eps
+TP_MAX_SEQ_LENGTH = 2048  # LLaMA's context, for a TP checkpoint converted without a config
+TP_ROPE_THETA = 10000.0   # fixed in TencentPretrain's precompute_freqs_cis; it has no RoPE scaling
+# The output head in both schemes; TencentPretrain's state dict repeats the embedding there when tie_weights.
+TIED_OUTPUT = {"hf": LM_HEAD, "tp": ARCH.rename(LM_HEAD, "hf", "tp")[0]}
+
+
+def hf_hparams(config: dict) -> Hparams:
+    """Head counts, layers and tying of a complete LlamaConfig dict."""
+    heads, kv_heads = _heads(config)
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return Hparams(config["num_hidden_layers"], heads, kv_heads, head_dim, bool(config["tie_word_embeddings"]))
+
+
+def hf_config_from_tp(tp: dict | None, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """LlamaConfig fields of a TencentPretrain LLaMA. Sizes come from the tensor shapes (and
+    must agree with the TP model config `tp` when one is given); head counts only from `tp`."""
+    tp = tp or {}
+    emb, up, k = (ARCH.rename(n, "hf", "tp")[0] for n in
+                  (EMBEDDING, "model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.k_proj.weight"))
+    vocab, hidden = tp_shape(shapes, emb)
+    tp_size(tp, "emb_size", hidden, emb)
+    tp_size(tp, "hidden_size", hidden, emb)
+    layers = tp_size(tp, "layers_num", ARCH.layer_count(shapes, "tp"), "encoder.transformer.N.*")
+    intermediate = tp_size(tp, "feedforward_size", tp_shape(shapes, up)[0], up)
+    heads = tp_heads(tp)
+    kv_heads = int(tp.get("local_kv_heads_num", heads))
+    kv_rows = tp_shape(shapes, k)[0]
+    if hidden % heads or kv_rows != kv_heads * (hidden // heads):
+        raise WeightopsError(f"tensor {k!r} has {kv_rows} rows, but the TencentPretrain config gives {kv_heads} "
+                             f"key/value heads x head size {hidden // heads} (hidden {hidden} / heads_num {heads}); "
+                             "set local_kv_heads_num for grouped-query attention")
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+            "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "hidden_act": tp.get("hidden_act", TP_CONFIG["hidden_act"]),
+            "max_position_embeddings": tp.get("max_seq_length", TP_MAX_SEQ_LENGTH),
+            "rms_norm_eps": tp.get("layernorm_eps", TP_LAYERNORM_EPS),
+            "tie_word_embeddings": TIED_OUTPUT["tp"] not in shapes or bool(tp.get("tie_weights"))}
+
+
+def tp_config_from_hf(config: dict) -> dict:
+    """The TencentPretrain model config json (its --config_path) of a complete LlamaConfig dict."""
+    hp = hf_hparams(config)
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta", config.get("rope_theta", TP_ROPE_THETA)))
+    if rope_type != "default" or theta != TP_ROPE_THETA:
+        raise WeightopsError(f"TencentPretrain computes rotary embeddings with theta {TP_ROPE_THETA:g} and no "
+                             f"scaling; this model has rope_type {rope_type!r}, theta {theta:g}, so it would "
+                             "compute different outputs there")
+    if hp.head_dim * hp.heads != config["hidden_size"]:
+        raise WeightopsError(f"head_dim {hp.head_dim} x {hp.heads} heads != hidden_size {config['hidden_size']}: "
+                             "TencentPretrain derives the head size from hidden_size / heads_num")
+    out = {"emb_size": config["hidden_size"], "feedforward_size": config["intermediate_size"],
+           "hidden_size": config["hidden_size"], "heads_num": hp.heads, "layers_num": hp.layers,
+           "max_seq_length": config["max_position_embeddings"], **TP_CONFIG, "hidden_act": config["hidden_act"],
+           "layernorm_eps": config["rms_norm_eps"]}
+    if hp.kv_heads != hp.heads:
+        out["local_kv_heads_num"] = hp.kv_heads
+    if hp.tied:
+        out["tie_weights"] = True
+    return out
+

@@ -13,6 +13,8 @@ from .torchbin import read_torch_bin, write_torch_bin
 
 INDEX = "tencentpretrain_model.bin.index.json"
 SINGLE = "tencentpretrain_model.bin"
+# The model config json weightops writes beside a converted checkpoint (TencentPretrain's --config_path).
+CONFIG = "tencentpretrain_config.json"
 TP_PREFIXES = ("embedding.", "encoder.", "target.")
 
 

@@ -1,0 +1,211 @@
+"""TencentPretrain <-> Hugging Face tensor streams, driven by the architecture tables.
+
+Only names change, except LLaMA's q/k rows (HF rotate-half <-> TencentPretrain's interleaved
+pairs, per head; k with the key/value head count) and BLOOM's attention input (one fused HF
+`query_key_value` <-> three TencentPretrain linears). Every input must be a known tensor and
+every expected output present: TencentPretrain loads with strict=False, so a misnamed tensor
+would be skipped there without a word and the model would run on random weights.
+
+`hf_view` is the entry point for other commands: any checkpoint as an HF-named stream.
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+import torch
+
+from .. import arch as arch_tables
+from ..arch import Architecture, Hparams, Row, permute_interleaved_to_rotary, permute_rotary_to_interleaved
+from ..arch.bloom import fuse_qkv, split_qkv
+from ..checkpoint import Checkpoint
+from ..errors import WeightopsError
+from ..stream import TensorRef, matches_any
+
+HF_FORMATS = ("hf-safetensors", "hf-bin")
+_LISTED = 12  # names listed in an error before "... and N more"
+
+
+def hf_view(ckpt: Checkpoint, tp_config: dict | None = None,
+            arch: str | None = None) -> tuple[list[TensorRef], dict]:
+    """Any checkpoint as HF-named lazy refs plus its HF config dict.
+
+    HF checkpoints come back as they are (tensors and config.json unchanged). TencentPretrain
+    checkpoints go through `tp_to_hf`, with the config translated from `tp_config` (default:
+    the one `open_checkpoint` was given or found) and the tensor shapes. Nothing is loaded.
+    """
+    if ckpt.format in HF_FORMATS:
+        return list(ckpt.tensors), dict(ckpt.config or {})
+    if ckpt.format != "tencentpretrain":
+        raise WeightopsError(f"{ckpt.path}: a {ckpt.format} checkpoint cannot be read as a Hugging Face model")
+    name = _arch_name(ckpt, arch)
+    shapes = {r.name: r.shape for r in ckpt.tensors}
+    try:
+        fields = arch_tables.module(name).hf_config_from_tp(tp_config if tp_config is not None else ckpt.config,
+                                                            shapes)
+    except WeightopsError as e:
+        raise WeightopsError(f"{ckpt.path}: {e}") from None
+    emb = ckpt.tensor(arch_tables.get(name).rows[0].tp[0])
+    config = complete_hf_config({**fields, "dtype": str(emb.dtype).removeprefix("torch.")})
+    return tp_to_hf(ckpt.tensors, name, config), config
+
+
+def tp_view(ckpt: Checkpoint, arch: str | None = None) -> tuple[list[TensorRef], dict]:
+    """An HF checkpoint as TencentPretrain-named lazy refs plus its TP model config json."""
+    if ckpt.format not in HF_FORMATS:
+        raise WeightopsError(f"{ckpt.path}: is {ckpt.format}, not a Hugging Face checkpoint")
+    if not ckpt.config:
+        raise WeightopsError(f"{ckpt.path}: no config.json; its head counts and sizes are needed")
+    name = _arch_name(ckpt, arch)
+    config = complete_hf_config(ckpt.config)
+    try:
+        tp_config = arch_tables.module(name).tp_config_from_hf(config)
+    except WeightopsError as e:
+        raise WeightopsError(f"{ckpt.path}: {e}") from None
+    return hf_to_tp(ckpt.tensors, name, config), tp_config
+
+
+def complete_hf_config(config: dict) -> dict:
+    """A config dict with transformers' defaults filled in, as `save_pretrained` writes it."""
+    from transformers import AutoConfig
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    if "model_type" not in config:
+        raise WeightopsError("the model config has no model_type")
+    return json.loads(AutoConfig.for_model(config["model_type"], **fields).to_json_string())
+
+
+def hf_to_tp(refs: Iterable[TensorRef], arch: str, hparams: dict) -> list[TensorRef]:
+    """HF-named refs -> TencentPretrain-named refs (lazy), in TencentPretrain's model order.
+
+    `hparams` is the complete HF config dict. Old `rotary_emb.inv_freq` buffers are dropped;
+    a tied output head is left out (the TP config gets tie_weights).
+    """
+    table, mod = arch_tables.get(arch), arch_tables.module(arch)
+    hp = mod.hf_hparams(hparams)
+    drop = [p.replace("{n}", "*") for p in getattr(mod, "DROPPABLE", ())]
+    kept = [r for r in refs if not matches_any(table.normalize_hf(r.name), drop)]
+    got = _validated(kept, table, mod, "hf", hp)
+    out: list[tuple[tuple, TensorRef]] = []
+    for name, ref in got.items():
+        row, layer, _ = table.lookup(name, "hf")
+        names = [n.format(n=layer) for n in row.tp]
+        for part, new in enumerate(_split(row, ref, names, hp)):
+            out.append((_order(table, row, layer, part), new))
+    return [r for _, r in sorted(out, key=lambda x: x[0])]
+
+
+def tp_to_hf(refs: Iterable[TensorRef], arch: str, hparams: dict) -> list[TensorRef]:
+    """TencentPretrain-named refs -> HF-named refs (lazy), in HF's model order.
+
+    `hparams` is the complete HF config dict the output will carry. BLOOM's three attention
+    linears of a layer become one fused tensor whose loading reads just those three.
+    """
+    table, mod = arch_tables.get(arch), arch_tables.module(arch)
+    hp = mod.hf_hparams(hparams)
+    got = _validated(list(refs), table, mod, "tp", hp)
+    groups: dict[tuple[Row, int | None], list[TensorRef]] = {}
+    for name, ref in got.items():
+        row, layer, pos = table.lookup(name, "tp")
+        groups.setdefault((row, layer), [None] * len(row.tp))[pos] = ref
+    out = [(_order(table, row, layer, 0), _join(row, row.hf.format(n=layer), parts, hp))
+           for (row, layer), parts in groups.items()]
+    return [r for _, r in sorted(out, key=lambda x: x[0])]
+
+
+def _arch_name(ckpt: Checkpoint, arch: str | None) -> str:
+    name = arch or ckpt.architecture
+    if name is None:
+        raise WeightopsError(f"{ckpt.path}: cannot tell the architecture from its tensor names; pass --arch")
+    arch_tables.module(name)  # an unknown name is an error naming the supported ones
+    return name
+
+
+def _validated(refs: list[TensorRef], table: Architecture, mod, scheme: str, hp: Hparams) -> dict[str, TensorRef]:
+    """name -> ref, after refusing unknown and missing tensors. A tied output head that the
+    checkpoint repeats (TencentPretrain's tie_weights state dict) is checked equal to the
+    embedding when loaded and then dropped."""
+    got = {(table.normalize_hf(r.name) if scheme == "hf" else r.name): r for r in refs}
+    tied_head = got.pop(mod.TIED_OUTPUT[scheme], None) if hp.tied else None
+    expected = table.expected(scheme, hp.layers, tied=hp.tied)
+    wanted = set(expected)
+    unknown = [f"{n} ({r.source})" for n, r in got.items() if n not in wanted]
+    missing = [n for n in expected if n not in got]
+    if unknown or missing:
+        sources = sorted({r.source for r in refs})
+        parts = [f"{len(unknown)} unknown tensor(s): {_listing(unknown)}"] if unknown else []
+        parts += [f"{len(missing)} missing tensor(s): {_listing(missing)}"] if missing else []
+        raise WeightopsError(f"{', '.join(sources)}: not a complete {table.name} checkpoint with {hp.layers} layers "
+                             f"({scheme} names): " + "; ".join(parts))
+    if tied_head is not None:
+        emb = table.rows[0].names(scheme)[0]
+        got[emb] = _checked_tie(got[emb], tied_head)
+    return got
+
+
+def _listing(names: list[str]) -> str:
+    more = len(names) - _LISTED
+    return ", ".join(names[:_LISTED]) + (f" ... and {more} more" if more > 0 else "")
+
+
+def _checked_tie(emb: TensorRef, head: TensorRef) -> TensorRef:
+    if head.shape != emb.shape:
+        raise WeightopsError(f"{head.source}: tied output head {head.name!r} has shape {head.shape}, the embedding "
+                             f"{emb.name!r} {emb.shape}")
+
+    def check(t: torch.Tensor) -> torch.Tensor:
+        if not torch.equal(t, head.load()):
+            raise WeightopsError(f"{head.source}: the config ties the output head to the embedding, but "
+                                 f"{head.name!r} differs from {emb.name!r}; converting would lose it "
+                                 "(set tie_weights / tie_word_embeddings to false)")
+        return t
+    return emb.derive(check)
+
+
+def _rows(ref: TensorRef, rows: int, what: str) -> None:
+    if not ref.shape or ref.shape[0] != rows:
+        raise WeightopsError(f"{ref.source}: tensor {ref.name!r} has shape {ref.shape}; {what} needs {rows} rows")
+
+
+def _split(row: Row, ref: TensorRef, names: list[str], hp: Hparams) -> list[TensorRef]:
+    """One HF tensor -> its TencentPretrain tensor(s)."""
+    if row.kind in ("rotary_q", "rotary_k"):
+        heads = hp.heads if row.kind == "rotary_q" else hp.kv_heads
+        _rows(ref, heads * hp.head_dim, f"{heads} heads x head size {hp.head_dim}")
+        return [ref.derive(lambda t: permute_rotary_to_interleaved(t, heads), name=names[0])]
+    if row.kind == "fused_qkv":
+        _rows(ref, 3 * hp.heads * hp.head_dim, f"q, k, v x {hp.heads} heads x head size {hp.head_dim}")
+        shape = (ref.shape[0] // 3, *ref.shape[1:])
+        return [ref.derive(lambda t, i=i: split_qkv(t, hp.heads)[i], name=n, shape=shape)
+                for i, n in enumerate(names)]
+    return [ref.renamed(names[0])]
+
+
+def _join(row: Row, name: str, parts: list[TensorRef], hp: Hparams) -> TensorRef:
+    """The TencentPretrain tensor(s) of one row -> its HF tensor."""
+    first = parts[0]
+    if row.kind in ("rotary_q", "rotary_k"):
+        heads = hp.heads if row.kind == "rotary_q" else hp.kv_heads
+        _rows(first, heads * hp.head_dim, f"{heads} heads x head size {hp.head_dim}")
+        return first.derive(lambda t: permute_interleaved_to_rotary(t, heads), name=name)
+    if row.kind == "fused_qkv":
+        for p in parts:
+            _rows(p, hp.heads * hp.head_dim, f"{hp.heads} heads x head size {hp.head_dim}")
+            if (p.shape, p.dtype) != (first.shape, first.dtype):
+                raise WeightopsError(f"{p.source}: {p.name!r} is {p.dtype} {p.shape}, {first.name!r} "
+                                     f"{first.dtype} {first.shape}; q, k and v must match to be fused")
+
+        def release() -> None:
+            for p in parts:
+                p.release()
+        return TensorRef(name, (3 * first.shape[0], *first.shape[1:]), first.dtype, first.source,
+                         loader=lambda: fuse_qkv(*(p.load() for p in parts), hp.heads), releaser=release)
+    return first.renamed(name)
+
+
+def _order(table: Architecture, row: Row, layer: int | None, part: int) -> tuple:
+    """Model order: tensors before the layers, layer by layer in table order, then the rest."""
+    index = table.rows.index(row)
+    if layer is not None:
+        return (1, layer, index, part)
+    first_layer_row = next(i for i, r in enumerate(table.rows) if "{n}" in r.hf)
+    return (0 if index < first_layer_row else 2, 0, index, part)

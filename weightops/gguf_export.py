@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import gguf
 import numpy as np
@@ -33,6 +33,7 @@ from .stream import TensorRef, matches_any, tensor_bytes
 Q = GGMLQuantizationType
 QUALITIES = ("reference",)
 DEVICES = ("auto", "cpu", "cuda")
+CHUNK_ELEMENTS = 1 << 23  # values encoded at once on CPU (32 MiB of float32); 8x that on CUDA
 
 
 @dataclass
@@ -173,22 +174,28 @@ def model_order(table: arch_tables.Architecture, layers: int) -> list[str]:
     return head + [g.format(n=i) for i in range(layers) for g in body] + tail
 
 
-def _producer(ref: TensorRef, qtype: GGMLQuantizationType, device: torch.device) -> Callable[[], np.ndarray]:
+def _producer(ref: TensorRef, qtype: GGMLQuantizationType, device: torch.device) -> Callable[[], Iterator[np.ndarray]]:
     return lambda: encode(ref.load(), qtype, device)
 
 
-def encode(t: torch.Tensor, qtype: GGMLQuantizationType, device: torch.device) -> np.ndarray:
-    """Stored bytes of `t` as `qtype`, computed from its float32 values (quantizing from the
-    source values, as llama.cpp's converter does; never from an F16 intermediate)."""
-    if qtype == Q.F32:
-        return tensor_bytes(t.to(torch.float32))
-    if qtype == Q.F16:
-        return tensor_bytes(t.to(torch.float32).to(torch.float16))
-    if qtype == Q.BF16:
-        return tensor_bytes(t.to(torch.float32).to(torch.bfloat16))
-    from .quant import ggml
-    blocks = ggml.quantize(t.to(device=device, dtype=torch.float32), qtype.name.lower())
-    return blocks.cpu().numpy()
+def encode(t: torch.Tensor, qtype: GGMLQuantizationType, device: torch.device) -> Iterator[np.ndarray]:
+    """Stored bytes of `t` as `qtype`, a slab of rows at a time (blocks never span rows, so the
+    bytes are the same as for the whole tensor, and a huge embedding never exists in float32
+    at once). Values go through float32 first: quantizing from the source values, as
+    llama.cpp's converter does, never from an F16 intermediate."""
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
+    step = max(1, (CHUNK_ELEMENTS if device.type == "cpu" else 8 * CHUNK_ELEMENTS) // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        x = rows[start:start + step].to(dtype=torch.float32)
+        if qtype == Q.F32:
+            yield tensor_bytes(x)
+        elif qtype == Q.F16:
+            yield tensor_bytes(x.to(torch.float16))
+        elif qtype == Q.BF16:
+            yield tensor_bytes(x.to(torch.bfloat16))
+        else:
+            from .quant import ggml
+            yield ggml.quantize(x.to(device), qtype.name.lower()).cpu().numpy()
 
 
 def _add_general(writer: gguf.GGUFWriter, ckpt: Checkpoint) -> None:

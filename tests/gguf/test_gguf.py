@@ -215,6 +215,30 @@ def test_q8_0_blocks_are_llama_cpp_bytes(tiny_llama, tmp_path, load_all):
         assert np.array_equal(data, gguf.quants.quantize(values.numpy(), Q.Q8_0)), name
 
 
+def test_blocks_equal_llama_cpp_quantizer(tiny_llama, tmp_path):
+    """Our one-pass file holds exactly the blocks llama.cpp's own quantizer writes from an F32 file
+    of the same model (llama-quantize --pure on F32 = quantizing from the source values)."""
+    import ctypes
+    llama_cpp = pytest.importorskip("llama_cpp")
+    f32 = tmp_path / "f32.gguf"
+    export(tiny_llama, f32, "f32")
+    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+              "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
+              "q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1}
+    for name, ftype in ftypes.items():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread, params.pure = ftype, 2, True
+        theirs_path, ours_path = tmp_path / f"llama-cpp-{name}.gguf", tmp_path / f"ours-{name}.gguf"
+        assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs_path).encode(), ctypes.byref(params)) == 0
+        export(tiny_llama, ours_path, name, pure=True)
+        theirs, ours = gguf_tensors(theirs_path), gguf_tensors(ours_path)
+        assert set(theirs) == set(ours)
+        for tensor, (qtype, data) in ours.items():
+            assert qtype == theirs[tensor][0], (name, tensor)
+            assert np.array_equal(data, theirs[tensor][1]), (name, tensor)
+        assert sum(q == policy.TYPES[name] for q, _ in ours.values()) == 16  # every 2-D weight
+
+
 def test_type_policy():
     shapes = [("token_embd.weight", (400, 64)), ("blk.0.attn_norm.weight", (64,)), ("blk.0.attn_qkv.bias", (192,)),
               ("blk.0.ffn_down.weight", (64, 128)), ("blk.0.attn_v.weight", (32, 64)), ("output.weight", (400, 64)),
@@ -263,10 +287,13 @@ def test_metadata_keys_as_convert_hf_to_gguf(tiny_llama, tmp_path):
     assert all(t.data_offset % 32 == 0 for t in GGUFReader(out).tensors)
 
 
-def test_deterministic_bytes(tiny_llama, tmp_path):
+@pytest.mark.parametrize("qtype", ["q4_1", "bf16"])
+def test_deterministic_bytes(tiny_llama, tmp_path, monkeypatch, qtype):
+    """Same input, same bytes, also when tensors are encoded a few rows at a time."""
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
-    export(tiny_llama, a, "q4_1")
-    export(tiny_llama, b, "q4_1")
+    export(tiny_llama, a, qtype)
+    monkeypatch.setattr("weightops.gguf_export.CHUNK_ELEMENTS", 100)  # 1 row of 64 values per slab
+    export(tiny_llama, b, qtype)
     assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -90,13 +90,14 @@ def ggml_nbytes(shape: Sequence[int], qtype: GGMLQuantizationType) -> int:
 
 @dataclass(frozen=True)
 class GGUFTensor:
-    """A tensor planned for a GGUF file; `produce()` gives its stored bytes only when written,
-    and `release()` runs once they are written (to drop the source's mapped pages)."""
+    """A tensor planned for a GGUF file. `produce()` yields its stored bytes, in order, in one
+    or more pieces (so a huge embedding never needs a full float32 copy), only when written;
+    `release()` runs once they are written (to drop the source's mapped pages)."""
 
     name: str
     shape: tuple[int, ...]  # torch order; the file stores it reversed
     ggml_type: GGMLQuantizationType
-    produce: Callable[[], np.ndarray]
+    produce: Callable[[], Iterable[np.ndarray]]
     release: Callable[[], None] | None = None
 
     @property
@@ -115,20 +116,27 @@ def plan_writer(arch: str, tensors: Sequence[GGUFTensor]) -> GGUFWriter:
 
 def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: Path,
                on_tensor: Callable[[GGUFTensor], None] | None = None) -> None:
-    """Write header, metadata and tensor infos, then each tensor's bytes in turn (each one
-    aligned to 32 bytes), into a temporary sibling that becomes `output` only at the end."""
+    """Write header, metadata and tensor infos, then each tensor's bytes in turn (each padded
+    to the 32-byte alignment, as GGUFWriter pads), into a temporary sibling that becomes
+    `output` only at the end."""
     with atomic_file(Path(output)) as tmp:
         try:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            fout, align = writer.fout[0], writer.data_alignment
             for t in tensors:
-                data = np.ascontiguousarray(t.produce()).reshape(-1).view(np.uint8)
-                if data.nbytes != t.nbytes:
+                fout.write(bytes(-fout.tell() % align))
+                written = 0
+                for piece in t.produce():
+                    piece = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+                    fout.write(memoryview(piece))
+                    written += piece.nbytes
+                    del piece
+                if written != t.nbytes:
                     raise WeightopsError(f"{output}: tensor {t.name!r} {t.shape} as {t.ggml_type.name} produced "
-                                         f"{data.nbytes} bytes, expected {t.nbytes}")
-                writer.write_tensor_data(data)
-                del data
+                                         f"{written} bytes, expected {t.nbytes}")
+                fout.write(bytes(-written % align))
                 if t.release:
                     t.release()
                 if on_tensor:

@@ -1,0 +1,132 @@
+"""GGUF export: `weightops gguf` against the library path and the two-pass pipeline, on a tiny
+LLaMA and on synthetic LLaMA-shaped checkpoints (random bf16, hidden 2048, GQA 16/4 heads).
+
+    python benchmarks/bench_gguf.py [--workdir DIR] [--layers 8 16] [--skip-library]
+
+Contenders, each a fresh child process (wall time and peak RSS / anonymous RSS sampled from /proc):
+  q8_0  weightops gguf --type q8_0
+        vs the library path: the same streaming writer, but each tensor quantized with
+        gguf.quants.quantize (numpy), as convert_hf_to_gguf.py --outtype q8_0 does;
+  q4_0  weightops gguf --type q4_0 --pure (one pass, from the bf16 source)
+        vs the two-pass pipeline: an F16 GGUF (pass 1, weightops gguf --type f16, what
+        convert_hf_to_gguf.py writes) then llama.cpp's own quantizer
+        (llama_cpp.llama_model_quantize, pure Q4_0, 2 threads) on it (pass 2).
+
+Targets (issue 6): whole HF -> Q4_0 job <= 0.5x the two-pass pipeline; peak (anonymous) RSS
+flat in model size (8 vs 16 layers).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from common import Measured, measure, python, synthetic_llama
+
+LIBRARY_Q8_0 = """
+import sys
+import numpy as np, torch, gguf
+from gguf import GGMLQuantizationType as Q
+from weightops.arch import get, permute_rotary_to_interleaved
+from weightops.checkpoint import open_checkpoint
+from weightops.io.gguf import GGUFTensor, plan_writer, write_gguf
+from weightops.quant.policy import is_always_f32
+ckpt = open_checkpoint(sys.argv[1]); cfg = ckpt.config; table = get("llama")
+heads = {"rotary_q": cfg["num_attention_heads"], "rotary_k": cfg["num_key_value_heads"]}
+planned = []
+for ref in ckpt.tensors:
+    row, layer, _ = table.lookup(ref.name, "hf")
+    name = row.gguf.format(n=layer)
+    qtype = Q.F32 if is_always_f32(name, ref.shape) else Q.Q8_0
+    def produce(ref=ref, kind=row.kind, qtype=qtype):
+        x = ref.load().float()
+        if kind in heads:
+            x = permute_rotary_to_interleaved(x, heads[kind])
+        return [gguf.quants.quantize(x.numpy(), qtype)]
+    planned.append(GGUFTensor(name, ref.shape, qtype, produce, ref.release))
+write_gguf(plan_writer("llama", planned), planned, sys.argv[2])
+"""
+
+LLAMA_CPP_QUANTIZE = """
+import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+p.nthread = 2
+p.pure = True
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
+"""
+
+
+def weightops(*args: str) -> list[str]:
+    return python("from weightops.cli import run; run()") + ["-q", "gguf", *args, "--force"]
+
+
+def fmt(label: str, m: Measured) -> str:
+    return m.row(label)
+
+
+def bench_model(name: str, model: Path, tokenizer: Path, work: Path, library: bool) -> dict[str, Measured]:
+    out = work / "out.gguf"
+    tok = ["--tokenizer", str(tokenizer)]
+    r: dict[str, Measured] = {}
+    r["ours q8_0"] = measure(weightops(str(model), str(out), "--type", "q8_0", *tok))
+    q8_size = out.stat().st_size
+    if library:
+        r["library q8_0"] = measure(python(LIBRARY_Q8_0) + [str(model), str(out)])
+    r["ours q4_0"] = measure(weightops(str(model), str(out), "--type", "q4_0", "--pure", *tok))
+    q4_size = out.stat().st_size
+    f16 = work / "f16.gguf"
+    r["pass 1: f16 GGUF"] = measure(weightops(str(model), str(f16), "--type", "f16", *tok))
+    r["pass 2: llama.cpp quantize"] = measure(python(LLAMA_CPP_QUANTIZE) + [str(f16), str(out)])
+    one, two = r["pass 1: f16 GGUF"], r["pass 2: llama.cpp quantize"]
+    r["two-pass total"] = Measured(one.wall_s + two.wall_s, max(one.peak_rss_mb, two.peak_rss_mb),
+                                   max(one.peak_anon_mb, two.peak_anon_mb), 0)
+    f16.unlink()
+    out.unlink()
+    size = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
+    print(f"\n== {name}: {size:.3f} GB bf16 safetensors; Q8_0 file {q8_size / 1e9:.3f} GB, "
+          f"pure Q4_0 file {q4_size / 1e9:.3f} GB")
+    for label, m in r.items():
+        print(fmt(label, m))
+    if library:
+        print(f"q8_0: weightops / library path wall = {r['ours q8_0'].wall_s / r['library q8_0'].wall_s:.2f}x")
+    print(f"q4_0: weightops one pass / two-pass pipeline wall = "
+          f"{r['ours q4_0'].wall_s / r['two-pass total'].wall_s:.2f}x (target <= 0.5x)")
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--layers", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--skip-library", action="store_true", help="skip the (slow) numpy library path on big models")
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="weightops-bench-gguf-"))
+    work.mkdir(parents=True, exist_ok=True)
+    from weightops import tiny
+    spm = work / "spm"
+    if not (spm / "tokenizer.model").is_file():
+        tiny.spm_tokenizer_dir(spm)
+    small = work / "tiny-llama"
+    if not (small / "config.json").is_file():
+        tiny.tiny_llama(small, spm)
+    bench_model("tiny LLaMA (2 layers, hidden 64)", small, spm, work, library=True)
+    results = {}
+    for layers in args.layers:
+        model = synthetic_llama(work / f"llama-{layers}", layers, kv_heads=4)
+        results[layers] = bench_model(f"synthetic LLaMA, {layers} layers, hidden 2048", model, spm, work,
+                                      library=not args.skip_library)
+    if len(results) >= 2:
+        lo, hi = min(results), max(results)
+        for label in ("ours q8_0", "ours q4_0"):
+            a, b = results[lo][label], results[hi][label]
+            print(f"{label}: peak anon RSS {lo} -> {hi} layers {a.peak_anon_mb:.0f} -> {b.peak_anon_mb:.0f} MB "
+                  f"({(b.peak_anon_mb / a.peak_anon_mb - 1) * 100:+.1f}%), peak RSS {a.peak_rss_mb:.0f} -> "
+                  f"{b.peak_rss_mb:.0f} MB")
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -65,43 +65,42 @@ def load(directory: Path):
         raise WeightopsError(f"{directory}: transformers cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
-def copy_tokenizer_files(src: Path, dest: Path) -> list[Path]:
+def copy_tokenizer_files(src: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    return [Path(shutil.copyfile(src / n, dest / n)) for n in TOKENIZER_FILES if (src / n).is_file()]
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
 
 
 def edit(directory: Path, *, merge: Path | None = None, add_tokens: Iterable[str] = (),
-         special_tokens: Iterable[str] = ()) -> list[str]:
+         special_tokens: Iterable[str] = (), origin: Path | None = None) -> None:
     """Apply the edits in place to the tokenizer files in `directory`, in this order: merge
-    the SentencePiece model `merge`, add normal tokens, add special tokens. Returns the
-    tokens that got new ids, in id order."""
+    the SentencePiece model `merge`, add normal tokens, add special tokens. `origin` is where
+    the files came from, named in error messages (default: `directory`)."""
     directory = Path(directory)
     add_tokens, special_tokens = list(add_tokens), list(special_tokens)
-    before = load(directory).get_vocab()
     if merge is not None:
-        _merge_into(directory, Path(merge))
+        _merge_into(directory, Path(merge), Path(origin or directory))
     if add_tokens or special_tokens:
         tok = load(directory)
         tok.add_tokens(add_tokens)
         tok.add_special_tokens({"additional_special_tokens": special_tokens}, replace_extra_special_tokens=False)
         tok.save_pretrained(directory)
         _write_compat_files(directory, tok)
-    after = load(directory).get_vocab()
-    return [t for t, _ in sorted(after.items(), key=lambda kv: kv[1]) if t not in before]
 
 
-def _merge_into(directory: Path, other: Path) -> None:
+def _merge_into(directory: Path, other: Path, origin: Path) -> None:
     """Merge `other` into directory/tokenizer.model and regenerate tokenizer.json from it."""
     model = directory / "tokenizer.model"
     if not model.is_file():
         raise WeightopsError(f"--merge-spm needs a SentencePiece tokenizer.model next to the model; "
-                             f"{directory} has none (a tokenizer.json-only BPE tokenizer cannot be merged)")
+                             f"{origin} has none (a tokenizer.json-only BPE tokenizer cannot be merged)")
     if not other.is_file():
         raise WeightopsError(f"{other}: no such SentencePiece model")
     pieces = _proto(model.read_bytes(), model).pieces
     beyond = {t: i for t, i in load(directory).get_added_vocab().items() if i >= len(pieces)}
     if beyond:
-        raise WeightopsError(f"{directory}: tokens {sorted(beyond, key=beyond.get)} are added after the "
+        raise WeightopsError(f"{origin}: tokens {sorted(beyond, key=beyond.get)} are added after the "
                              f"{len(pieces)} pieces of tokenizer.model; merging would move their ids. Merge "
                              f"into the plain SentencePiece tokenizer and add them afterwards (--special-token)")
     merged, _ = merge_spm(model.read_bytes(), other.read_bytes(), source=other)

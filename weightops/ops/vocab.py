@@ -1,0 +1,231 @@
+"""Vocabulary expansion and remapping as one streaming step.
+
+`resize_vocab` is the stream operator: it rewrites the input embedding and an untied
+lm_head to a new row count (rows of known tokens carried bit for bit, new rows
+initialised) and passes every other tensor through untouched. `expand_vocab` is the whole
+job: edit the tokenizer, plan the rows from token strings, stream, write atomically with
+config.json `vocab_size` equal to the new row count, so the vocabulary triple agrees.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .. import arch as arch_tables
+from .. import tokenizer_edit
+from ..checkpoint import Checkpoint, open_checkpoint, save_hf
+from ..errors import WeightopsError
+from ..io.atomic import check_output
+from ..stream import Stream, TensorRef
+from ..vocabulary import embedding_name, tokenizer_size
+
+INIT_RULES = ("subtoken-mean", "mean", "normal", "zeros")
+NORMAL_EPSILON = 1e-9  # covariance scale of the `normal` rule, as transformers' mean_resizing
+_CHUNK = 4096          # rows per step when reducing over the old matrix (bounds float copies)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Where each row of the resized matrix comes from.
+
+    `carried`: new row -> old row, copied bit for bit. Rows of new tokens are initialised by
+    the chosen rule; `pieces` gives, for subtoken-mean, the old rows of each new token's
+    pieces (empty: falls back to the mean). `padding` rows have no token and get the mean.
+    """
+
+    old_rows: int
+    rows: int
+    carried: dict[int, int]
+    pieces: dict[int, list[int]]
+    padding: tuple[int, ...]
+
+    @property
+    def new_tokens(self) -> list[int]:
+        skip = set(self.carried) | set(self.padding)
+        return [i for i in range(self.rows) if i not in skip]
+
+
+def plan_rows(old_tok, new_tok, old_rows: int, new_size: int, *, pad_to_multiple: int | None = None,
+              force: bool = False, subtokens: bool = True, what: str = "the embedding") -> RowPlan:
+    """Plan a matrix of `new_size` rows (rounded up to `pad_to_multiple`) for `new_tok`, carrying
+    the old row of every token string `old_tok` also has. Shrinking needs `force`."""
+    rows = -(-new_size // pad_to_multiple) * pad_to_multiple if pad_to_multiple else new_size
+    if rows < old_rows and not force:
+        raise WeightopsError(
+            f"the new tokenizer has {new_size} tokens but {what} has {old_rows} rows: resizing to {rows} would "
+            f"drop rows {rows}..{old_rows - 1} (BLOOM pads its embedding beyond the tokenizer); pass "
+            f"--pad-to-multiple N to keep the row count, or --force to shrink")
+    carried = {new: old for new, old in tokenizer_edit.token_map(old_tok, new_tok).items()
+               if new < rows and old < old_rows}
+    id_to_token = {i: t for t, i in new_tok.get_vocab().items() if i < rows}
+    new_ids = [i for i in sorted(id_to_token) if i not in carried]
+    pieces: dict[int, list[int]] = {}
+    if subtokens and new_ids:
+        found = tokenizer_edit.decompose(old_tok, new_tok, [id_to_token[i] for i in new_ids])
+        pieces = {i: [p for p in found[id_to_token[i]] if p < old_rows] for i in new_ids}
+    padding = tuple(i for i in range(rows) if i not in id_to_token)
+    return RowPlan(old_rows, rows, carried, pieces, padding)
+
+
+def row_mean(old: torch.Tensor) -> torch.Tensor:
+    """Mean of all rows in float64, reduced in chunks (no full float copy of the matrix)."""
+    total = torch.zeros(old.shape[1:], dtype=torch.float64)
+    for start in range(0, old.shape[0], _CHUNK):
+        total += old[start:start + _CHUNK].to(torch.float64).sum(0)
+    return total / old.shape[0]
+
+
+def row_covariance(old: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """(E - mu)^T (E - mu) / V in float64, reduced in chunks."""
+    cov = torch.zeros((old.shape[1], old.shape[1]), dtype=torch.float64)
+    for start in range(0, old.shape[0], _CHUNK):
+        centred = old[start:start + _CHUNK].to(torch.float64) - mean
+        cov += centred.T @ centred
+    return cov / old.shape[0]
+
+
+def normal_rows(old: torch.Tensor, count: int, mean: torch.Tensor, seed: int) -> torch.Tensor:
+    """`count` rows from N(mu, 1e-9 * Sigma) (transformers' mean_resizing), or mu when that
+    covariance is not positive definite; drawn from a generator seeded with `seed`."""
+    scale_tril, info = torch.linalg.cholesky_ex(NORMAL_EPSILON * row_covariance(old, mean))
+    if info.item() != 0:
+        return mean.expand(count, -1)
+    noise = torch.randn((count, old.shape[1]), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return mean + noise @ scale_tril.T
+
+
+def subtoken_rows(old: torch.Tensor, pieces: list[list[int]], mean: torch.Tensor) -> torch.Tensor:
+    """Mean of the old rows of each token's pieces; the overall mean where there are none."""
+    out = mean.expand(len(pieces), -1).clone()
+    for start in range(0, len(pieces), _CHUNK):
+        block = pieces[start:start + _CHUNK]
+        segment = torch.tensor([k for k, ids in enumerate(block) for _ in ids], dtype=torch.long)
+        if not len(segment):
+            continue
+        flat = torch.tensor([p for ids in block for p in ids], dtype=torch.long)
+        sums = torch.zeros((len(block), old.shape[1]), dtype=torch.float64)
+        sums.index_add_(0, segment, old[flat].to(torch.float64))
+        counts = torch.bincount(segment, minlength=len(block))
+        has = counts > 0
+        out[start:start + len(block)][has] = sums[has] / counts[has, None]
+    return out
+
+
+def resize_matrix(old: torch.Tensor, plan: RowPlan, init: str, seed: int) -> torch.Tensor:
+    """The resized matrix: carried rows bit-identical, new-token rows by `init`, padding rows
+    the mean. Initial values are computed in float64 and rounded once to the matrix dtype."""
+    if old.dim() != 2 or old.shape[0] != plan.old_rows:
+        raise WeightopsError(f"expected a matrix of {plan.old_rows} rows, got shape {tuple(old.shape)}")
+    out = torch.empty((plan.rows, old.shape[1]), dtype=old.dtype)
+    if plan.carried:
+        out[torch.tensor(list(plan.carried))] = old[torch.tensor(list(plan.carried.values()))]
+    new = plan.new_tokens
+    mean = row_mean(old) if (plan.padding or (new and init != "zeros")) else None
+    if new:
+        if init == "zeros":
+            values = torch.zeros((len(new), old.shape[1]))
+        elif init == "mean":
+            values = mean.expand(len(new), -1)
+        elif init == "normal":
+            values = normal_rows(old, len(new), mean, seed)
+        else:
+            values = subtoken_rows(old, [plan.pieces.get(i, []) for i in new], mean)
+        out[torch.tensor(new)] = values.to(old.dtype)
+    if plan.padding:
+        out[torch.tensor(plan.padding)] = mean.to(old.dtype)
+    return out
+
+
+def resize_vocab(stream: Stream, names: Iterable[str], plan: RowPlan, init: str = "subtoken-mean",
+                 seed: int = 0) -> Iterator[TensorRef]:
+    """Stream operator: the tensors named in `names` (embedding, untied lm_head) are resized by
+    `plan`; every other reference is yielded as it came (same object, bytes untouched).
+    Each resized tensor draws `normal` rows from its own generator seeded with `seed`."""
+    if init not in INIT_RULES:
+        raise WeightopsError(f"unknown init rule {init!r}; choose one of {', '.join(INIT_RULES)}")
+    names = set(names)
+    for ref in stream:
+        if ref.name not in names:
+            yield ref
+            continue
+        if len(ref.shape) != 2 or ref.shape[0] != plan.old_rows:
+            raise WeightopsError(f"{ref.source}: tensor {ref.name!r} has shape {ref.shape}; "
+                                 f"expected {plan.old_rows} rows like the input embedding")
+        yield ref.derive(lambda t: resize_matrix(t, plan, init, seed), shape=(plan.rows, ref.shape[1]))
+
+
+def vocab_tensor_names(ckpt: Checkpoint) -> list[str]:
+    """The input embedding and, when the checkpoint has one, the (untied) lm_head."""
+    emb = embedding_name(ckpt)
+    if emb is None:
+        raise WeightopsError(f"{ckpt.path}: no input embedding found (architecture "
+                             f"{ckpt.architecture or 'unknown'}; supported: llama, bloom)")
+    table = arch_tables.get(ckpt.architecture)
+    heads = [n for n in ckpt.names() if (hit := table.lookup(n, "hf")) and hit[0].hf == "lm_head.weight"]
+    return [emb, *heads]
+
+
+@dataclass(frozen=True)
+class VocabReport:
+    """What `expand_vocab` did, for the CLI summary and for callers."""
+
+    old_tokens: int
+    new_tokens: int
+    old_rows: int
+    rows: int
+    added: list[str]      # tokens whose rows were initialised, in id order
+    carried: int
+    fallback: int         # subtoken-mean tokens with no pieces (got the mean)
+    padding: int
+    init: str
+    rewritten: list[str]
+    passed_through: int
+
+
+def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path | None = None,
+                 add_tokens: Iterable[str] = (), special_tokens: Iterable[str] = (),
+                 new_tokenizer: str | Path | None = None, init: str = "subtoken-mean", seed: int = 0,
+                 pad_to_multiple: int | None = None, max_shard_size: str | int = "5GB",
+                 force: bool = False) -> VocabReport:
+    """Edit MODEL's tokenizer (or take `new_tokenizer`), resize its embedding and untied
+    lm_head to match, and write the result to `output` (an HF safetensors directory)."""
+    if init not in INIT_RULES:
+        raise WeightopsError(f"unknown init rule {init!r}; choose one of {', '.join(INIT_RULES)}")
+    if pad_to_multiple is not None and pad_to_multiple < 1:
+        raise WeightopsError(f"--pad-to-multiple must be a positive integer, got {pad_to_multiple}")
+    ckpt = open_checkpoint(model)
+    if ckpt.format not in ("hf-safetensors", "hf-bin"):
+        raise WeightopsError(f"{ckpt.path}: expand-vocab works on Hugging Face checkpoints; this is {ckpt.format} "
+                             f"(convert it with `weightops convert --to hf` first)")
+    inputs = [ckpt.path] + ([Path(new_tokenizer)] if new_tokenizer else [])
+    check_output(Path(output), inputs, force)
+    names = vocab_tensor_names(ckpt)
+    old_rows = ckpt.tensor(names[0]).shape[0]
+    old_tok = tokenizer_edit.load(ckpt.directory)
+    if new_tokenizer:
+        tokenizer_edit.load(Path(new_tokenizer))  # a missing tokenizer is named before any work
+    with tempfile.TemporaryDirectory(prefix="weightops-tokenizer-") as tmp:
+        staged = Path(tmp)
+        origin = Path(new_tokenizer) if new_tokenizer else ckpt.directory
+        tokenizer_edit.copy_tokenizer_files(origin, staged)
+        tokenizer_edit.edit(staged, merge=Path(merge_spm) if merge_spm else None, add_tokens=add_tokens,
+                            special_tokens=special_tokens, origin=origin)
+        new_tok = tokenizer_edit.load(staged)
+        new_size = tokenizer_size(staged)
+        plan = plan_rows(old_tok, new_tok, old_rows, new_size, pad_to_multiple=pad_to_multiple, force=force,
+                         subtokens=init == "subtoken-mean", what=f"{names[0]!r} in {ckpt.path}")
+        keep = [f for f in ckpt.aux_files if f.name not in tokenizer_edit.TOKENIZER_FILES]
+        save_hf(resize_vocab(ckpt.tensors, names, plan, init, seed), Path(output),
+                aux_files=keep + sorted(staged.iterdir()), inputs=inputs, force=force,
+                max_shard_size=max_shard_size, config_update={"vocab_size": plan.rows}, desc="expand-vocab")
+    id_to_token = {i: t for t, i in new_tok.get_vocab().items()}
+    new = plan.new_tokens
+    return VocabReport(
+        old_tokens=tokenizer_size(ckpt.directory) or 0, new_tokens=new_size, old_rows=old_rows, rows=plan.rows,
+        added=[id_to_token[i] for i in new], carried=len(plan.carried),
+        fallback=sum(1 for i in new if not plan.pieces.get(i)) if init == "subtoken-mean" else 0,
+        padding=len(plan.padding), init=init, rewritten=names, passed_through=len(ckpt.tensors) - len(names))

@@ -8,7 +8,6 @@ tensor at a time. Metadata keys and tokenizer follow convert_hf_to_gguf.py.
 """
 from __future__ import annotations
 
-import importlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +71,7 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
     output = Path(output)
     ckpt = open_checkpoint(model, tp_config)
     check_output(output, [ckpt.path], force)
-    hf_refs, config = hf_stream(ckpt, tp_config)
+    hf_refs, config = hf_stream(ckpt)
     mod, refs = gguf_stream(hf_refs, config, ckpt.path)
     n_vocab = refs[0].shape[0]
     if config.get("vocab_size") != n_vocab:
@@ -110,16 +109,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def hf_stream(ckpt: Checkpoint, tp_config: str | Path | None) -> tuple[list[TensorRef], dict]:
-    """HF-named tensors and a transformers config dict (defaults filled in, as convert_hf_to_gguf.py's
-    AutoConfig gives) for any checkpoint; TencentPretrain goes through the remap view."""
+def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
+    """HF-named tensors and the full transformers config dict (defaults filled in, what
+    convert_hf_to_gguf.py reads through AutoConfig) of any checkpoint; TencentPretrain goes
+    through the remap view (config from its --tp-config and the tensor shapes)."""
     if ckpt.format == "gguf":
         raise WeightopsError(f"{ckpt.path} is already a GGUF file; export from the HF or TencentPretrain checkpoint")
-    if ckpt.format == "tencentpretrain":
-        from .ops.remap import hf_view
-        refs, config = hf_view(ckpt, tp_config=tp_config, arch=ckpt.architecture)
-    else:
-        refs, config = ckpt.tensors, ckpt.config
+    from .ops.remap import hf_view
+    refs, config = hf_view(ckpt)
     if not config:
         raise WeightopsError(f"{ckpt.path}: no config.json next to the weights; GGUF needs the hyper-parameters")
     model_type = config.get("model_type") or ckpt.architecture
@@ -131,16 +128,11 @@ def hf_stream(ckpt: Checkpoint, tp_config: str | Path | None) -> tuple[list[Tens
     return list(refs), filled
 
 
-def arch_module(name: str) -> ModuleType:
-    """The arch/ module holding `name`'s GGUF keys and value transforms."""
-    return importlib.import_module(f"{__package__}.arch.{name}")
-
-
 def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[ModuleType, list[TensorRef]]:
     """HF tensors renamed to GGUF names (from the architecture table) with llama.cpp's values,
     in llama.cpp's model order (embedding, blocks, output norm, output)."""
     name = config["model_type"]
-    table, mod = arch_tables.get(name), arch_module(name)
+    table, mod = arch_tables.get(name), arch_tables.module(name)
     skip = [p.replace("{n}", "*") for p in mod.GGUF_SKIP]
     order = {n: i for i, n in enumerate(model_order(table, config.get("num_hidden_layers", config.get("n_layer"))))}
     out, unknown = [], []

@@ -297,6 +297,30 @@ def test_deterministic_bytes(tiny_llama, tmp_path, monkeypatch, qtype):
     assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
 
 
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "bloom"])
+def test_tencentpretrain_to_gguf_in_one_pass(model_fixture, request, tmp_path):
+    """A TencentPretrain checkpoint (interleaved q/k, split QKV) gives the same GGUF tensors as
+    its HF original, with no HF checkpoint written in between."""
+    import json
+
+    from weightops.checkpoint import open_checkpoint
+    from weightops.io.tencentpretrain import write_tp
+    from weightops.ops.remap import tp_view
+    model = request.getfixturevalue(model_fixture)
+    refs, tp_config = tp_view(open_checkpoint(model))
+    tp_dir = tmp_path / "tp"
+    tp_dir.mkdir()
+    (tmp_path / "tp_config.json").write_text(json.dumps(tp_config))
+    [tp_file] = write_tp(refs, tp_dir, None)
+    from_hf, from_tp = tmp_path / "hf.gguf", tmp_path / "tp.gguf"
+    export(model, from_hf, "q8_0")
+    result, _ = export(tp_file, from_tp, "q8_0", tp_config=tmp_path / "tp_config.json", tokenizer=model)
+    a, b = gguf_tensors(from_hf), gguf_tensors(from_tp)
+    assert list(a) == list(b) == list(result.tensor_types)
+    for name in a:
+        assert a[name][0] == b[name][0] and np.array_equal(a[name][1], b[name][1]), name
+
+
 # ---------------------------------------------------------------- command line
 
 def test_cli(cli, tiny_llama, tmp_path):

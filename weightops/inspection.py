@@ -13,12 +13,22 @@ def _layers(names: list[str]) -> int | None:
     return max(found) + 1 if found else None
 
 
+def _heads(ckpt: Checkpoint) -> tuple[int | None, int | None]:
+    """(attention heads, key/value heads) from the config (TencentPretrain, HF or GGUF keys)."""
+    cfg = ckpt.config or {}
+    gguf = f"{ckpt.architecture}.attention.head_count"
+    heads = cfg.get("heads_num") or cfg.get("num_attention_heads") or cfg.get("n_head") or cfg.get(gguf)
+    kv = cfg.get("local_kv_heads_num") or cfg.get("num_key_value_heads") or cfg.get(gguf + "_kv")
+    return heads, kv or heads
+
+
 def summarize(ckpt: Checkpoint) -> dict:
-    """The `inspect --json` document (keys fixed by design.md, plus `layers`/`hidden_size`)."""
+    """The `inspect --json` document (keys fixed by design.md, plus `layers`/`hidden_size`/`heads`/`kv_heads`)."""
     dtypes = Counter(r.ggml_type or str(r.dtype).removeprefix("torch.") for r in ckpt.tensors)
     triple = vocab_triple(ckpt)
     emb = embedding_name(ckpt)
     hidden = ckpt.tensor(emb).shape[-1] if emb else None
+    heads, kv_heads = _heads(ckpt)
     return {
         "path": str(ckpt.path),
         "format": ckpt.format,
@@ -29,6 +39,8 @@ def summarize(ckpt: Checkpoint) -> dict:
         "files": [str(f) for f in ckpt.weight_files + ckpt.aux_files],
         "layers": _layers(ckpt.names()),
         "hidden_size": hidden,
+        "heads": heads,
+        "kv_heads": kv_heads,
         "vocab": triple.as_dict(),
     }
 
@@ -39,7 +51,8 @@ def render(summary: dict) -> str:
         f"path          {summary['path']}",
         f"format        {summary['format']}",
         f"architecture  {summary['architecture'] or 'unknown'}",
-        f"layers        {summary['layers']}   hidden size {summary['hidden_size']}",
+        f"layers        {summary['layers']}   hidden size {summary['hidden_size']}   heads "
+        + (f"{summary['heads']} (key/value {summary['kv_heads']})" if summary["heads"] else "unknown (no config)"),
         f"tensors       {summary['tensor_count']}",
         f"parameters    {summary['parameter_count']:,}",
         "dtypes        " + ", ".join(f"{k} x{n}" for k, n in summary["dtypes"].items()),

@@ -8,7 +8,6 @@ block types apply.
 from __future__ import annotations
 
 import io
-import json
 import random
 import shutil
 from pathlib import Path
@@ -49,14 +48,10 @@ def train_spm(path: Path, vocab_size: int = 400, seed: int = 0, lines: list[str]
 def spm_tokenizer_dir(directory: Path, vocab_size: int = 400, lines: list[str] | None = None) -> Path:
     """HF tokenizer files (tokenizer.model, tokenizer.json, tokenizer_config.json) for LLaMA,
     trained on `corpus()` or on `lines`."""
-    from transformers import AutoTokenizer
+    from .ops.convert import write_spm_tokenizer_files
     directory = Path(directory)
     model = train_spm(directory / "tokenizer.model", vocab_size, lines=lines)
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
-        "eos_token": "</s>", "unk_token": "<unk>", "legacy": False}))
-    tok = AutoTokenizer.from_pretrained(directory)
-    tok.save_pretrained(directory)
+    write_spm_tokenizer_files(directory)
     assert model.is_file()
     return directory
 

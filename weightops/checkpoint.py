@@ -124,11 +124,13 @@ def _open_dir(path: Path) -> Checkpoint:
 
 def save_hf(refs: Iterable[TensorRef], output: Path, *, aux_files: Iterable[Path] = (), inputs: Iterable[Path] = (),
             force: bool = False, max_shard_size: str | int = "5GB", config_update: dict | None = None,
-            extra_files: dict[str, str | bytes] | None = None, desc: str = "writing") -> list[Path]:
+            extra_files: dict[str, str | bytes] | None = None, desc: str = "writing",
+            total_parameters: int | None = None) -> list[Path]:
     """Stream `refs` into a new HF directory at `output`, atomically.
 
     Config and tokenizer files are copied from `aux_files` (`config_update` patches
-    config.json); `extra_files` adds generated files by name.
+    config.json); `extra_files` adds generated files by name; `total_parameters` overrides
+    the sharded index's parameter count (default: the tensors' element count).
     """
     output = Path(output)
     check_output(output, inputs, force)
@@ -136,7 +138,8 @@ def save_hf(refs: Iterable[TensorRef], output: Path, *, aux_files: Iterable[Path
     require_unique(refs)
     limit = parse_size(max_shard_size)
     with atomic_dir(output) as tmp, progress.bar(sum(r.nbytes for r in refs), desc) as b:
-        hf_io.write_hf_weights(refs, tmp, limit, on_tensor=lambda r, t: b.update(r.nbytes))
+        hf_io.write_hf_weights(refs, tmp, limit, on_tensor=lambda r, t: b.update(r.nbytes),
+                               total_parameters=total_parameters)
         hf_io.copy_aux(aux_files, tmp, config_update)
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)

@@ -43,11 +43,14 @@ def read_hf_dir(directory: Path) -> tuple[str, list[TensorRef], list[Path]]:
 
 
 def write_hf_weights(refs: Iterable[TensorRef], directory: Path, max_shard_size: int,
-                     on_tensor: Callable[[TensorRef, torch.Tensor], None] | None = None) -> list[Path]:
+                     on_tensor: Callable[[TensorRef, torch.Tensor], None] | None = None,
+                     total_parameters: int | None = None) -> list[Path]:
     """Write `model.safetensors` or `model-0000i-of-0000N.safetensors` + index into `directory`.
 
     Tensors are taken in name order, as transformers 5's `save_pretrained` does before
     sharding, so the shard boundaries (and bytes) match its output for the same tensors.
+    The index's `total_parameters` is the model's parameter count, which is the tensors'
+    element count unless given (quantized tensors store parameters differently).
     """
     refs = sorted(refs, key=lambda r: r.name)
     shards = plan_shards(refs, max_shard_size)
@@ -60,7 +63,8 @@ def write_hf_weights(refs: Iterable[TensorRef], directory: Path, max_shard_size:
     written = [directory / n for n in names]
     if len(shards) > 1:
         weight_map = {r.name: name for shard, name in zip(shards, names) for r in shard}
-        meta = {"total_parameters": sum(r.numel for r in refs), "total_size": sum(r.nbytes for r in refs)}
+        params = sum(r.numel for r in refs) if total_parameters is None else total_parameters
+        meta = {"total_parameters": params, "total_size": sum(r.nbytes for r in refs)}
         write_index(directory / SAFETENSORS_INDEX, weight_map, meta)
         written.append(directory / SAFETENSORS_INDEX)
     return written

@@ -1,0 +1,233 @@
+"""GGML block quantization (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in vectorised torch, CPU or CUDA.
+
+The bytes are exactly llama.cpp's reference quantizers' (`gguf.quants` is the oracle in the
+tests; spec in shared/reference/gguf.md): float32 arithmetic, `id = 1/d` (0 when d == 0),
+values multiplied by `id` (never divided by d), scales rounded to fp16 only when stored.
+
+Two details make that hold on every device:
+- Divisions by a constant divide by a device tensor, because PyTorch turns division by a
+  Python scalar into multiplication by its reciprocal on some devices (not bit-identical).
+- The reference converts floats to its small integers with a C cast, which on x86 goes
+  through a 32-bit integer: the low byte of trunc(v) is kept, and values that are not finite
+  or do not fit 32 bits give 0. Such values only occur in degenerate blocks (a scale in the
+  float32 subnormal range, or max - min overflowing float32); `_low_byte` makes them come out
+  the same on CPU and CUDA, whose own float-to-int conversions differ there.
+
+Tensors are processed in chunks of whole blocks so temporaries stay bounded whatever the shape.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..errors import WeightopsError
+
+Q = GGMLQuantizationType
+QTYPES: dict[str, GGMLQuantizationType] = {
+    "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1,
+}
+CHUNK_VALUES = 1 << 24  # float32 values per chunk (64 MB), whole blocks
+_HALF_DOWN = 0.5 - 2.0 ** -25  # largest float32 below 0.5: trunc(v + copysign(it, v)) rounds half away from zero
+_INT32_LIMIT = 2.0 ** 31
+
+
+def _sizes(qtype: str) -> tuple[int, int]:
+    """(values per block, bytes per block) from gguf's table."""
+    try:
+        return GGML_QUANT_SIZES[QTYPES[qtype]]
+    except KeyError:
+        raise WeightopsError(f"unknown GGML block type {qtype!r}; choose one of {', '.join(QTYPES)}") from None
+
+
+def row_bytes(ncols: int, qtype: str) -> int:
+    """Bytes of one row of `ncols` values stored as `qtype`."""
+    block, size = _sizes(qtype)
+    if ncols % block:
+        raise WeightopsError(f"a row of {ncols} values cannot be stored as {qtype} (blocks of {block})")
+    return ncols // block * size
+
+
+def can_quantize(shape: Sequence[int], qtype: str) -> bool:
+    """True when `shape`'s rows split into whole `qtype` blocks."""
+    return qtype in QTYPES and len(shape) > 0 and shape[-1] > 0 and shape[-1] % _sizes(qtype)[0] == 0
+
+
+def quantize(t: torch.Tensor, qtype: str) -> torch.Tensor:
+    """The bytes llama.cpp stores for float tensor `t` as `qtype`: uint8 of shape
+    (*t.shape[:-1], row_bytes), on t's device, computed from t's values converted to float32."""
+    block, size = _sizes(qtype)
+    if not can_quantize(t.shape, qtype):
+        raise WeightopsError(f"tensor of shape {tuple(t.shape)} cannot be quantized to {qtype}: "
+                             f"the last dimension must be a positive multiple of {block}")
+    if not t.is_floating_point():
+        raise WeightopsError(f"cannot quantize a {t.dtype} tensor to {qtype}: expected a float tensor")
+    blocks = t.reshape(-1, block)
+    out = torch.empty((blocks.shape[0], size), dtype=torch.uint8, device=t.device)
+    step = max(1, CHUNK_VALUES // block)
+    encode = _ENCODERS[qtype]
+    for start in range(0, blocks.shape[0], step):
+        encode(blocks[start:start + step].to(torch.float32), out[start:start + step])
+    return out.reshape(*t.shape[:-1], t.shape[-1] // block * size)
+
+
+def dequantize(blocks: torch.Tensor, qtype: str, shape: Sequence[int]) -> torch.Tensor:
+    """float32 values of `shape` from their `qtype` bytes (as `gguf.quants.dequantize` computes them)."""
+    block, size = _sizes(qtype)
+    shape = tuple(shape)
+    if not can_quantize(shape, qtype) or blocks.dtype != torch.uint8 or blocks.numel() != _numel(shape) // block * size:
+        raise WeightopsError(f"{blocks.numel()} {blocks.dtype} bytes are not a {qtype} tensor of shape {shape}")
+    rows = blocks.reshape(-1, size)
+    out = torch.empty((rows.shape[0], block), dtype=torch.float32, device=blocks.device)
+    step = max(1, CHUNK_VALUES // block)
+    decode = _DECODERS[qtype]
+    for start in range(0, rows.shape[0], step):
+        out[start:start + step] = decode(rows[start:start + step])
+    return out.reshape(shape)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# --- helpers shared by the encoders ----------------------------------------------------------
+
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A float32 0-dim tensor on `like`'s device (so division stays true division)."""
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """1/d in float32, 0 where d == 0 (the reference's `id`)."""
+    return torch.where(d == 0, torch.zeros((), dtype=d.dtype, device=d.device), torch.reciprocal(d))
+
+
+def _low_byte(v: torch.Tensor) -> torch.Tensor:
+    """uint8 low byte of trunc(v), as the reference's C cast gives it on x86 (0 for values
+    that are not finite or do not fit in 32 bits)."""
+    v = torch.where(v.abs() < _INT32_LIMIT, v, torch.zeros((), dtype=v.dtype, device=v.device))
+    return v.to(torch.int32).to(torch.uint8)
+
+
+def _put_f16(out: torch.Tensor, offset: int, value: torch.Tensor) -> None:
+    """Store (n, 1) float32 `value` as fp16 bytes at `out[:, offset:offset + 2]`."""
+    out[:, offset:offset + 2] = value.to(torch.float16).view(torch.uint8)
+
+
+def _put_nibbles(out: torch.Tensor, offset: int, q: torch.Tensor) -> None:
+    """Byte j of the 16 at `offset` holds q[j] (low 4 bits) and q[j + 16] (high 4 bits)."""
+    out[:, offset:offset + 16] = (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
+
+
+_BIT_WEIGHTS = [1 << i for i in range(8)]
+
+
+def _put_high_bits(out: torch.Tensor, offset: int, q: torch.Tensor) -> None:
+    """4 bytes at `offset`: bit j (little-endian) = bit 4 of q[j]."""
+    bits = ((q >> 4) & 1).view(-1, 4, 8)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=q.device)
+    out[:, offset:offset + 4] = (bits * weights).sum(-1, dtype=torch.uint8)
+
+
+def _signed_max(x: torch.Tensor) -> torch.Tensor:
+    """Per block, the value of largest magnitude with its sign (the first one on ties)."""
+    return x.gather(1, x.abs().argmax(1, keepdim=True))
+
+
+# --- encoders: (n, 32) float32 blocks -> (n, bytes) uint8 rows of `out` -----------------------
+
+def _enc_q8_0(x: torch.Tensor, out: torch.Tensor) -> None:
+    d = x.abs().amax(1, keepdim=True) / _const(127.0, x)
+    v = x * _inverse(d)
+    v = v + torch.copysign(_const(_HALF_DOWN, v), v)
+    _put_f16(out, 0, d)
+    out[:, 2:] = _low_byte(v)
+
+
+def _symmetric(x: torch.Tensor, out: torch.Tensor, levels: int) -> torch.Tensor:
+    """Q4_0/Q5_0: d = m / -(levels/2), q = min(levels - 1, trunc(x * id + levels/2 + 0.5))."""
+    half = levels // 2
+    d = _signed_max(x) / _const(-half, x)
+    q = _low_byte(x * _inverse(d) + (half + 0.5)).clamp_(max=levels - 1)
+    _put_f16(out, 0, d)
+    return q
+
+
+def _affine(x: torch.Tensor, out: torch.Tensor, levels: int) -> torch.Tensor:
+    """Q4_1/Q5_1: d = (max - min) / (levels - 1), q = min(levels - 1, trunc((x - min) * id + 0.5))."""
+    lo = x.amin(1, keepdim=True)
+    d = (x.amax(1, keepdim=True) - lo) / _const(levels - 1, x)
+    q = _low_byte((x - lo) * _inverse(d) + 0.5).clamp_(max=levels - 1)
+    _put_f16(out, 0, d)
+    _put_f16(out, 2, lo)
+    return q
+
+
+def _enc_q4_0(x: torch.Tensor, out: torch.Tensor) -> None:
+    _put_nibbles(out, 2, _symmetric(x, out, 16))
+
+
+def _enc_q5_0(x: torch.Tensor, out: torch.Tensor) -> None:
+    q = _symmetric(x, out, 32)
+    _put_high_bits(out, 2, q)
+    _put_nibbles(out, 6, q)
+
+
+def _enc_q4_1(x: torch.Tensor, out: torch.Tensor) -> None:
+    _put_nibbles(out, 4, _affine(x, out, 16))
+
+
+def _enc_q5_1(x: torch.Tensor, out: torch.Tensor) -> None:
+    q = _affine(x, out, 32)
+    _put_high_bits(out, 4, q)
+    _put_nibbles(out, 8, q)
+
+
+_ENCODERS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
+    "q8_0": _enc_q8_0, "q4_0": _enc_q4_0, "q4_1": _enc_q4_1, "q5_0": _enc_q5_0, "q5_1": _enc_q5_1,
+}
+
+
+# --- decoders: (n, bytes) uint8 -> (n, 32) float32 --------------------------------------------
+
+def _f16(rows: torch.Tensor, offset: int) -> torch.Tensor:
+    return rows[:, offset:offset + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _nibbles(rows: torch.Tensor, offset: int) -> torch.Tensor:
+    packed = rows[:, offset:offset + 16]
+    return torch.cat([packed & 0x0F, packed >> 4], dim=1)
+
+
+def _high_bits(rows: torch.Tensor, offset: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=rows.device)
+    return ((rows[:, offset:offset + 4, None] >> shifts) & 1).reshape(-1, 32) << 4
+
+
+def _dec_q8_0(rows: torch.Tensor) -> torch.Tensor:
+    return rows[:, 2:].view(torch.int8).to(torch.float32) * _f16(rows, 0)
+
+
+def _dec_q4_0(rows: torch.Tensor) -> torch.Tensor:
+    return _f16(rows, 0) * (_nibbles(rows, 2).to(torch.float32) - 8)
+
+
+def _dec_q5_0(rows: torch.Tensor) -> torch.Tensor:
+    return _f16(rows, 0) * ((_nibbles(rows, 6) | _high_bits(rows, 2)).to(torch.float32) - 16)
+
+
+def _dec_q4_1(rows: torch.Tensor) -> torch.Tensor:
+    return _f16(rows, 0) * _nibbles(rows, 4).to(torch.float32) + _f16(rows, 2)
+
+
+def _dec_q5_1(rows: torch.Tensor) -> torch.Tensor:
+    return _f16(rows, 0) * (_nibbles(rows, 8) | _high_bits(rows, 4)).to(torch.float32) + _f16(rows, 2)
+
+
+_DECODERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "q8_0": _dec_q8_0, "q4_0": _dec_q4_0, "q4_1": _dec_q4_1, "q5_0": _dec_q5_0, "q5_1": _dec_q5_1,
+}

@@ -60,6 +60,7 @@ from . import core  # noqa: E402,F401  (registers commands)
 from . import delta  # noqa: E402,F401
 from . import vocab  # noqa: E402,F401
 from . import gguf  # noqa: E402,F401
+from . import bnb  # noqa: E402,F401
 from . import convert  # noqa: E402,F401
 
 if __name__ == "__main__":

@@ -136,16 +136,24 @@ def _rank_merges_by_score(tok, proto) -> None:
 
 
 def _write_compat_files(directory: Path, tok) -> None:
-    """Files that transformers 5 no longer writes but older loaders and GGUF converters read:
+    """What transformers 5 no longer writes but older loaders and GGUF converters read:
     special_tokens_map.json (with additional_special_tokens) and, for SentencePiece models,
-    added_tokens.json (every token beyond tokenizer.model's pieces, by id)."""
+    the tokens beyond tokenizer.model's pieces in added_tokens.json (id by text) and in
+    tokenizer_config.json `added_tokens_decoder` (with their `special` flag, which
+    llama.cpp's converter needs to type them CONTROL rather than USER_DEFINED)."""
     special = {**tok.special_tokens_map, "additional_special_tokens": list(tok.extra_special_tokens)}
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
     model = directory / "tokenizer.model"
-    if model.is_file():
-        pieces = len(_proto(model.read_bytes(), model).pieces)
-        extra = {t: i for t, i in sorted(tok.get_added_vocab().items(), key=lambda kv: kv[1]) if i >= pieces}
-        (directory / "added_tokens.json").write_text(json.dumps(extra, indent=2, ensure_ascii=False) + "\n")
+    if not model.is_file():
+        return
+    pieces = len(_proto(model.read_bytes(), model).pieces)
+    extra = {i: t for i, t in sorted(tok.added_tokens_decoder.items()) if i >= pieces}
+    (directory / "added_tokens.json").write_text(
+        json.dumps({t.content: i for i, t in extra.items()}, indent=2, ensure_ascii=False) + "\n")
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["added_tokens_decoder"] = {str(i): t.__getstate__() for i, t in extra.items()}
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def token_map(old_tok, new_tok) -> dict[int, int]:

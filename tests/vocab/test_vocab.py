@@ -125,8 +125,11 @@ def test_special_tokens_are_single_ids_never_split(fixture, request, cli, tmp_pa
     assert not added["weightops"]["special"]
     smap = json.loads((out / "special_tokens_map.json").read_text())
     assert set(specials) <= set(smap["additional_special_tokens"])
-    if (out / "tokenizer.model").is_file():
+    if (out / "tokenizer.model").is_file():  # SentencePiece: also where llama.cpp's converter looks
         assert json.loads((out / "added_tokens.json").read_text())["<|End|>"] == ids["<|End|>"]
+        decoder = json.loads((out / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+        assert all(decoder[str(ids[s])]["special"] and decoder[str(ids[s])]["content"] == s for s in specials)
+        assert not decoder[str(tok.convert_tokens_to_ids("weightops"))]["special"]
     assert open_checkpoint(out).tensor(vocab_tensor_names(open_checkpoint(out))[0]).shape[0] == len(tok)
 
 

@@ -28,6 +28,7 @@ from ..arch import Architecture
 from ..arch import get as get_arch
 from ..checkpoint import open_checkpoint, save_hf
 from ..errors import WeightopsError
+from ..gguf_export import resolve_device  # auto|cpu|cuda, shared with gguf and verify
 from ..stream import Stream, TensorRef, cast, matches_any
 
 BITS = (8, 4)
@@ -73,16 +74,6 @@ def _functional():
         raise WeightopsError(f"writing bitsandbytes checkpoints needs the bitsandbytes package "
                              f"(pip install 'bitsandbytes>=0.45'): {e}") from None
     return functional
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when torch sees a GPU and the CPU otherwise; `cuda` without one is an error."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise WeightopsError(f"--device {name!r}: choose auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise WeightopsError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False); "
-                             "use --device cpu or auto")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def quantize_tensor(weight: torch.Tensor, spec: BnbSpec, nested_offset: float | None = None) -> Parts:

@@ -172,3 +172,38 @@ def test_errors_name_the_problem(tiny_llama, tmp_path, cli):
         r = cli("bnb", tiny_llama, tmp_path / "x", "--bits", "8", "--device", "cuda")
         assert r.exit_code == 1 and "no CUDA device" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (33, 70), (5, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_planned_layout_is_what_bitsandbytes_produces(shape, dtype):
+    """The header is written from the plan (meta kernels + predicted nested offset) before
+    any weight is quantized, so the plan must match the real result, partial blocks included."""
+    w = (0.05 * torch.randn(shape, generator=torch.Generator().manual_seed(1))).to(dtype)
+    for spec in (bnb_lib.BnbSpec(8), bnb_lib.BnbSpec(4, "nf4"), bnb_lib.BnbSpec(4, "fp4", double_quant=True)):
+        offset = bnb_lib.absmax_mean(w) if spec.double_quant else None
+        plan = bnb_lib.plan_tensor(shape, dtype, spec, offset)
+        real = bnb_lib.quantize_tensor(w, spec)
+        assert {k: (tuple(v.shape), v.dtype) for k, v in plan.items()} == \
+            {k: (tuple(v.shape), v.dtype) for k, v in real.items()}
+        if spec.double_quant:
+            state = real[f"weight.quant_state.bitsandbytes__{spec.quant_type}"]
+            assert json.loads(bytes(state.tolist()))["nested_offset"] == offset
+
+
+@pytest.mark.parametrize("label", ["int8", "nf4-dq-bf16"])
+def test_tensors_are_cast_to_the_config_dtype_first(label, spm_tokenizer, tmp_path, cli, load_all):
+    """float32 tensors whose config says float16: from_pretrained(dtype="auto") quantizes (and
+    saves the rest) in float16, so we do too; the 4-bit quant state records float16."""
+    from weightops import tiny
+    src = tiny.tiny_llama(tmp_path / "src", spm_tokenizer, dtype=torch.float32, seed=3)
+    cfg = _config(src)
+    cfg["dtype"] = "float16"
+    (src / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    options, bnb_args = SPECS[label]
+    _transformers(src, tmp_path / "theirs", **bnb_args)
+    assert cli("bnb", src, tmp_path / "ours", *options).exit_code == 0
+    ours = load_all(tmp_path / "ours")
+    _assert_same_tensors(ours, load_all(tmp_path / "theirs"))
+    assert ours["model.embed_tokens.weight"].dtype == torch.float16
+    assert _config(tmp_path / "ours") == _config(tmp_path / "theirs")

@@ -106,11 +106,18 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, torch.zeros((), dtype=d.dtype, device=d.device), torch.reciprocal(d))
 
 
-def _low_byte(v: torch.Tensor) -> torch.Tensor:
-    """uint8 low byte of trunc(v), as the reference's C cast gives it on x86 (0 for values
-    that are not finite or do not fit in 32 bits)."""
+def _to_bytes(v: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """trunc(v) as `dtype` (int8 or uint8), as the reference's C cast gives it on x86.
+
+    With every scale d zero or a normal finite float32, |v| stays within the reference's
+    range and a plain conversion is exact on every device. Otherwise (degenerate blocks) the
+    x86 rule is applied explicitly: the low byte of a 32-bit trunc(v), 0 when v is not finite
+    or does not fit 32 bits."""
+    size = d.abs()
+    if bool(((d == 0) | ((size >= _FLOAT32_MIN_NORMAL) & (size <= _FLOAT32_MAX))).all()):
+        return v.to(dtype)
     v = torch.where(v.abs() < _INT32_LIMIT, v, torch.zeros((), dtype=v.dtype, device=v.device))
-    return v.to(torch.int32).to(torch.uint8)
+    return v.to(torch.int32).to(torch.uint8).view(dtype)
 
 
 def _put_f16(out: torch.Tensor, offset: int, value: torch.Tensor) -> None:
@@ -118,53 +125,90 @@ def _put_f16(out: torch.Tensor, offset: int, value: torch.Tensor) -> None:
     out[:, offset:offset + 2] = value.to(torch.float16).view(torch.uint8)
 
 
-def _put_nibbles(out: torch.Tensor, offset: int, q: torch.Tensor) -> None:
-    """Byte j of the 16 at `offset` holds q[j] (low 4 bits) and q[j + 16] (high 4 bits)."""
-    out[:, offset:offset + 16] = (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
-
-
-_BIT_WEIGHTS = [1 << i for i in range(8)]
+def _put_nibbles(out: torch.Tensor, offset: int, q: torch.Tensor, five_bit: bool = False) -> None:
+    """Byte j of the 16 at `offset` holds q[j] (low 4 bits) and q[j + 16] (high 4 bits).
+    Works on 8 bytes at a time (int64 words of the contiguous (n, 32) uint8 q)."""
+    words = q.view(torch.int64)  # (n, 4): words 0-1 hold q[0:16], words 2-3 hold q[16:32]
+    low, high = words[:, :2], words[:, 2:]
+    if five_bit:  # drop bit 4 of every byte (it goes to qh) so it cannot spill into a neighbour
+        low, high = low & _LOW_NIBBLES, high & _LOW_NIBBLES
+    out[:, offset:offset + 16] = (low | (high << 4)).view(torch.uint8)
 
 
 def _put_high_bits(out: torch.Tensor, offset: int, q: torch.Tensor) -> None:
-    """4 bytes at `offset`: bit j (little-endian) = bit 4 of q[j]."""
-    bits = ((q >> 4) & 1).view(-1, 4, 8)
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=q.device)
-    out[:, offset:offset + 4] = (bits * weights).sum(-1, dtype=torch.uint8)
+    """4 bytes at `offset`: bit j (little-endian) = bit 4 of q[j]. Each int64 word holds 8 of
+    the q bytes; multiplying its bits (one per byte) by _GATHER_BITS moves them into the top byte."""
+    bits = (q.view(torch.int64) >> 4) & _BYTE_LOW_BITS
+    out[:, offset:offset + 4] = ((bits * _GATHER_BITS) >> 56).to(torch.uint8)
 
 
-def _signed_max(x: torch.Tensor) -> torch.Tensor:
-    """Per block, the value of largest magnitude with its sign (the first one on ties)."""
-    return x.gather(1, x.abs().argmax(1, keepdim=True))
+_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
+_BYTE_LOW_BITS = 0x0101010101010101
+_GATHER_BITS = 0x0102040810204080  # bit 8i * 2**(56 - 7i) lands on bit 56 + i; no other product reaches bits 56-63
+_FLOAT32_MIN_NORMAL = 2.0 ** -126
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _signed_max(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Per block, the value of largest magnitude with its sign: the first one when +a and -a
+    both occur, +0.0 when every value is zero (llama.cpp starts from max = 0.0f and replaces
+    it only on a strictly larger magnitude)."""
+    m = torch.where(hi > -lo, hi, lo)
+    tie = (hi == -lo).view(-1)
+    if bool(tie.any()):
+        rows = tie.nonzero().view(-1)
+        sub = x[rows]
+        first = sub.gather(1, sub.abs().argmax(1, keepdim=True))
+        m[rows] = torch.where(first == 0, torch.zeros((), dtype=m.dtype, device=m.device), first)
+    return m
+
+
+def _first_zeros(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    """Where a block's min or max is zero, give it the sign of the block's first zero, as
+    llama.cpp's scan (`if (v < min) min = v`) keeps it; torch's and numpy's reductions pick
+    either of +0.0 and -0.0. Changes lo and hi in place."""
+    zero = ((lo == 0) | (hi == 0)).view(-1)
+    if bool(zero.any()):
+        rows = zero.nonzero().view(-1)
+        sub = x[rows]
+        first = sub.gather(1, (sub == 0).to(torch.uint8).argmax(1, keepdim=True))
+        lo[rows] = torch.where(lo[rows] == 0, first, lo[rows])
+        hi[rows] = torch.where(hi[rows] == 0, first, hi[rows])
 
 
 # --- encoders: (n, 32) float32 blocks -> (n, bytes) uint8 rows of `out` -----------------------
 
 def _enc_q8_0(x: torch.Tensor, out: torch.Tensor) -> None:
-    d = x.abs().amax(1, keepdim=True) / _const(127.0, x)
+    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    d = torch.maximum(hi, lo.neg()).abs_() / _const(127.0, x)  # abs_: max|x| of a zero block is +0.0
     v = x * _inverse(d)
-    v = v + torch.copysign(_const(_HALF_DOWN, v), v)
+    v += torch.copysign(_const(_HALF_DOWN, v), v)
     _put_f16(out, 0, d)
-    out[:, 2:] = _low_byte(v)
+    out[:, 2:] = _to_bytes(v, d, torch.int8).view(torch.uint8)
 
 
 def _symmetric(x: torch.Tensor, out: torch.Tensor, levels: int) -> torch.Tensor:
     """Q4_0/Q5_0: d = m / -(levels/2), q = min(levels - 1, trunc(x * id + levels/2 + 0.5))."""
     half = levels // 2
-    d = _signed_max(x) / _const(-half, x)
-    q = _low_byte(x * _inverse(d) + (half + 0.5)).clamp_(max=levels - 1)
+    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    d = _signed_max(x, lo, hi) / _const(-half, x)
+    v = x * _inverse(d)
+    v += half + 0.5
     _put_f16(out, 0, d)
-    return q
+    return _to_bytes(v, d, torch.uint8).clamp_(max=levels - 1)
 
 
 def _affine(x: torch.Tensor, out: torch.Tensor, levels: int) -> torch.Tensor:
     """Q4_1/Q5_1: d = (max - min) / (levels - 1), q = min(levels - 1, trunc((x - min) * id + 0.5))."""
-    lo = x.amin(1, keepdim=True)
-    d = (x.amax(1, keepdim=True) - lo) / _const(levels - 1, x)
-    q = _low_byte((x - lo) * _inverse(d) + 0.5).clamp_(max=levels - 1)
+    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    _first_zeros(x, lo, hi)
+    d = (hi - lo) / _const(levels - 1, x)
+    v = x - lo
+    v *= _inverse(d)
+    v += 0.5
     _put_f16(out, 0, d)
     _put_f16(out, 2, lo)
-    return q
+    return _to_bytes(v, d, torch.uint8).clamp_(max=levels - 1)
 
 
 def _enc_q4_0(x: torch.Tensor, out: torch.Tensor) -> None:
@@ -174,7 +218,7 @@ def _enc_q4_0(x: torch.Tensor, out: torch.Tensor) -> None:
 def _enc_q5_0(x: torch.Tensor, out: torch.Tensor) -> None:
     q = _symmetric(x, out, 32)
     _put_high_bits(out, 2, q)
-    _put_nibbles(out, 6, q)
+    _put_nibbles(out, 6, q, five_bit=True)
 
 
 def _enc_q4_1(x: torch.Tensor, out: torch.Tensor) -> None:
@@ -184,7 +228,7 @@ def _enc_q4_1(x: torch.Tensor, out: torch.Tensor) -> None:
 def _enc_q5_1(x: torch.Tensor, out: torch.Tensor) -> None:
     q = _affine(x, out, 32)
     _put_high_bits(out, 4, q)
-    _put_nibbles(out, 8, q)
+    _put_nibbles(out, 8, q, five_bit=True)
 
 
 _ENCODERS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {

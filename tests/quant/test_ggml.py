@@ -295,7 +295,7 @@ def test_zero_min_and_max_take_the_first_zeros_sign_whatever_the_reduction_retur
     x = torch.tensor(signed_zero_blocks(), dtype=torch.float32)
     lo, hi = torch.aminmax(x, dim=1, keepdim=True)
     want_lo, want_hi = lo.clone(), hi.clone()
-    lo, hi = lo.abs(), hi.abs()  # +0.0 where the block's first zero is -0.0
+    lo, hi = lo + 0.0, hi + 0.0  # -0.0 + 0.0 is +0.0: zeros lose their sign, other values stay
     ggml._first_zeros(x, lo, hi)
     assert torch.equal(torch.signbit(lo), torch.signbit(want_lo)) and torch.equal(lo, want_lo)
     assert torch.equal(torch.signbit(hi), torch.signbit(want_hi)) and torch.equal(hi, want_hi)

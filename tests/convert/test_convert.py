@@ -431,3 +431,19 @@ def test_inspect_tencentpretrain(cli, tmp_path, tiny_llama, tiny_bloom):
     ok(cli("convert", tiny_bloom, tmp_path / "tpb", "--to", "tencentpretrain"))
     doc = json.loads(cli("inspect", tmp_path / "tpb", "--json").stdout)
     assert (doc["architecture"], doc["layers"], doc["heads"]) == ("bloom", 2, 4)
+
+
+def test_vocab_size_is_embedding_rows_and_tokenizer_must_fit(cli, tmp_path, tiny_llama_mha, spm_tokenizer):
+    state = tp_llama_oracle(hf_state(tiny_llama_mha), 2, 4, 4)
+    for name in ("embedding.word.embedding.weight", "target.lm.output_layer.weight"):  # an expanded vocabulary
+        state[name] = torch.cat([state[name], torch.ones(24, 64, dtype=torch.bfloat16)])
+    tp_file, tp_cfg = save_tp(state, tmp_path / "tp", llama_tp_config())
+    r = cli("convert", tp_file, tmp_path / "hf", "--to", "hf", "--tp-config", tp_cfg, "--tokenizer", spm_tokenizer)
+    ok(r)
+    assert "424 rows for 400 tokens" in r.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 424
+    for name in ("embedding.word.embedding.weight", "target.lm.output_layer.weight"):
+        state[name] = state[name][:300]
+    tp_file, tp_cfg = save_tp(state, tmp_path / "tp-small", llama_tp_config())
+    failed(cli("convert", tp_file, tmp_path / "hf2", "--to", "hf", "--tp-config", tp_cfg, "--tokenizer",
+               spm_tokenizer), "400 tokens", "300 rows")

@@ -1,0 +1,265 @@
+"""`verify(reference, candidate)`: feed both models the same token ids, one model at a time,
+compare their next-token distributions and gate the result.
+
+The result is a plain dict (the `weightops verify --json` document); `raise_if_failed`
+turns a failed gate into a `MismatchError` (exit 3) naming the worst prompts.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .. import progress
+from ..errors import MismatchError, WeightopsError
+from . import gate
+from .logits import LogitStore, Model, describe, load_runner
+from .metrics import TokenMetrics, summarize, token_metrics
+from .prompts import (Prompt, Tokenized, default_prompts, first_difference, hf_encoder, llama_cpp_encoder,
+                      read_prompts, tokenize)
+from .structure import compare_structure, compare_tensors
+
+WORST = 3
+
+
+def verify(reference: str | Path, candidate: str | Path, *, prompts: str | Path | Sequence[str] | None = None,
+           tokenizer: str | Path | None = None, device: str = "auto", dtype: str | None = "auto",
+           max_kld: float | None = None, min_top1: float | None = None, structure_only: bool = False,
+           gguf_runtime: str = "llama.cpp", tp_config: str | Path | None = None, max_tokens: int | None = None,
+           allow_tokenizer_mismatch: bool = False, diagnose: bool = True, ram_bytes: int = 1 << 30,
+           log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Compare CANDIDATE with REFERENCE; returns the result document (`passed`, `failures`,
+    the metrics, what was compared and where; the metric keys are absent when no logits were
+    compared: --structure-only, or a candidate refused before running). Does not raise on a failed gate: see
+    `raise_if_failed`. Raises WeightopsError when the comparison cannot be made.
+
+    prompts: None (built-in set), a prompts file (JSONL or blank-line paragraphs) or texts.
+    tokenizer: HF tokenizer directory used instead of the reference's own.
+    max_kld / min_top1: gate thresholds; None takes the default of the candidate's kind.
+    max_tokens: cut each prompt to this many tokens (besides the models' context).
+    diagnose: when the gate fails and both sides store comparable values, name the tensors
+    whose values differ. ram_bytes: reference logits held in RAM before spilling to disk.
+    """
+    say = log or (lambda _msg: None)
+    start = time.perf_counter()
+    ref, cand = describe(reference, tp_config), describe(candidate, tp_config)
+    kind = gate.candidate_kind(ref.tensor_types, cand.tensor_types, ref.format == "gguf", cand.format == "gguf")
+    limits = gate.thresholds(kind, max_kld, min_top1)
+    result: dict[str, Any] = {"mode": "structure" if structure_only else "logits",
+                              "reference": _side(ref), "candidate": _side(cand), "device": None,
+                              "thresholds": limits.as_dict(), "failures": [], "notes": []}
+    if structure_only:
+        result.update(compare_structure(ref, cand, tokenizer))
+        return _finish(result, start)
+
+    texts = _prompts(prompts)
+    result["prompt_source"] = "built-in" if prompts is None else (str(prompts) if isinstance(prompts, (str, Path))
+                                                                   else "given texts")
+    encode, source = _reference_encoder(ref, tokenizer)
+    cap = min((c for c in (max_tokens, ref.context, cand.context) if c), default=None)
+    kept = [(p, t) for p, t in zip(texts, tokenize(texts, encode, cap)) if len(t.ids) >= 2]
+    texts, tokenized = [p for p, _ in kept], [t for _, t in kept]
+    if not tokenized:
+        raise WeightopsError("no prompt has two tokens or more; nothing to compare")
+    result["prompts"] = len(tokenized)
+    result["tokenizer"] = {"source": source, **_candidate_tokenization(cand, texts, tokenized, cap)}
+    _check_vocab(ref, cand, tokenized, result)
+    if result["tokenizer"]["differences"]:
+        msg = _tokenizer_message(result["tokenizer"])
+        (result["notes"] if allow_tokenizer_mismatch else result["failures"]).append(msg)
+    if any("cannot represent" in f for f in result["failures"]):
+        return _finish(result, start)
+
+    n_ctx = max(len(t.ids) for t in tokenized)
+    with LogitStore(ram_bytes) as store:
+        t0 = time.perf_counter()
+        runner = load_runner(ref, device=device, dtype=dtype, gguf_runtime=gguf_runtime, n_ctx=n_ctx)
+        result["reference"].update(runner.info)
+        say(f"reference: {ref.path} ({runner.info['runtime']}, {runner.info['device']}, {runner.info['dtype']})")
+        for t in progress.iterate(tokenized, len(tokenized), "reference", unit="prompt"):
+            store.add(runner.logits(list(t.ids)))
+        runner.close()
+        t1 = time.perf_counter()
+        runner = load_runner(cand, device=device, dtype=dtype, gguf_runtime=gguf_runtime, n_ctx=n_ctx)
+        result["candidate"].update(runner.info)
+        say(f"candidate: {cand.path} ({runner.info['runtime']}, {runner.info['device']}, {runner.info['dtype']})")
+        per_prompt, parts = [], []
+        for i, t in enumerate(progress.iterate(tokenized, len(tokenized), "candidate", unit="prompt")):
+            m = token_metrics(store.get(i)[:-1], runner.logits(list(t.ids))[:-1], list(t.ids[1:]))
+            parts.append(m)
+            per_prompt.append(_prompt_row(t, m))
+        runner.close()
+        t2 = time.perf_counter()
+        result["reference_logits_spilled_bytes"] = store.spilled
+    result["device"] = result["candidate"]["device"]
+    result["timing"] = {"reference_s": round(t1 - t0, 3), "candidate_s": round(t2 - t1, 3)}
+    result.update(summarize(TokenMetrics.concat(parts)))
+    result["per_prompt"] = per_prompt
+    result["worst_prompts"] = [p["name"] for p in sorted(per_prompt, key=lambda p: -p["kld_mean"])[:WORST]]
+    result["failures"] += gate.failures(result, limits)
+    if result["failures"] and diagnose and ref.format != "gguf" and cand.format != "gguf":
+        differ = compare_tensors(ref, cand)["checksums"]["differ"]
+        result["differing_tensors"] = differ
+    return _finish(result, start)
+
+
+def raise_if_failed(result: dict[str, Any]) -> None:
+    """MismatchError (exit 3) naming what failed and, for a logit comparison, the worst prompts."""
+    if result["passed"]:
+        return
+    msg = "verification failed: " + "; ".join(result["failures"])
+    rows = {p["name"]: p for p in result.get("per_prompt") or []}
+    if rows:
+        msg += "; worst prompts: " + ", ".join(
+            f"{n} (KLD {rows[n]['kld_mean']:.4g}, top-1 {100 * rows[n]['top1_agreement']:.1f}%)"
+            for n in result["worst_prompts"])
+    if result.get("differing_tensors"):
+        d = result["differing_tensors"]
+        msg += f"; tensors whose values differ: {', '.join(d[:10])}" + (f" ... and {len(d) - 10} more"
+                                                                          if len(d) > 10 else "")
+    raise MismatchError(msg)
+
+
+def _finish(result: dict[str, Any], start: float) -> dict[str, Any]:
+    result["passed"] = not result["failures"]
+    result["wall_s"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def _side(m: Model) -> dict[str, Any]:
+    return {"path": str(m.path), "format": m.format, "architecture": m.ckpt.architecture, "vocab": m.vocab,
+            "tensor_types": sorted(m.tensor_types)}
+
+
+def _prompts(prompts: str | Path | Sequence[str] | None) -> list[Prompt]:
+    if prompts is None:
+        return default_prompts()
+    if isinstance(prompts, (str, Path)):
+        return read_prompts(prompts)
+    return [Prompt(f"prompt {i}", t) for i, t in enumerate(prompts, 1)]
+
+
+def _reference_encoder(ref: Model, tokenizer: str | Path | None):
+    if tokenizer is not None:
+        return hf_encoder(Path(tokenizer)), str(tokenizer)
+    if ref.tokenizer is not None:
+        return hf_encoder(ref.tokenizer), str(ref.tokenizer)
+    if ref.format == "gguf":
+        return llama_cpp_encoder(ref.ckpt.path), f"{ref.path} (llama.cpp)"
+    raise WeightopsError(f"{ref.path}: no tokenizer files next to the weights; pass --tokenizer DIR")
+
+
+def _candidate_tokenization(cand: Model, texts: list[Prompt], ref_ids: list[Tokenized],
+                            cap: int | None) -> dict[str, Any]:
+    """Whether the candidate's own tokenizer gives the same ids (llama.cpp's for GGUF)."""
+    try:
+        if cand.format == "gguf":
+            encode, source = llama_cpp_encoder(cand.ckpt.path), f"{cand.path} (llama.cpp)"
+        elif cand.tokenizer is not None:
+            encode, source = hf_encoder(cand.tokenizer), str(cand.tokenizer)
+        else:
+            return {"candidate": "not checked (the candidate carries no tokenizer)", "differences": []}
+    except WeightopsError as e:
+        return {"candidate": f"not checked ({e})", "differences": []}
+    diffs = []
+    for t, other in zip(ref_ids, (o.ids for o in tokenize(texts, encode, cap))):
+        pos = first_difference(t.ids, other)
+        if pos is not None:
+            diffs.append({"prompt": t.name, "position": pos, "reference_id": t.ids[pos] if pos < len(t.ids) else None,
+                          "candidate_id": other[pos] if pos < len(other) else None})
+    return {"candidate": source, "differences": diffs}
+
+
+def _tokenizer_message(tok: dict[str, Any]) -> str:
+    d = tok["differences"]
+    first = d[0]
+    return (f"the candidate's tokenizer ({tok['candidate']}) tokenises {len(d)} prompt(s) differently from "
+            f"{tok['source']}: first {first['prompt']} at token {first['position']} (id {first['reference_id']} vs "
+            f"{first['candidate_id']})")
+
+
+def _check_vocab(ref: Model, cand: Model, tokenized: list[Tokenized], result: dict[str, Any]) -> None:
+    """Ids beyond the reference's rows mean the wrong tokenizer (an error); beyond the
+    candidate's, a candidate that cannot read these prompts (a failed verification)."""
+    top = max(tokenized, key=lambda t: max(t.ids))
+    highest = max(top.ids)
+    if ref.vocab is not None and highest >= ref.vocab:
+        raise WeightopsError(f"{ref.path}: prompt {top.name} has token id {highest} but the reference has only "
+                             f"{ref.vocab} embedding rows: wrong --tokenizer?")
+    if cand.vocab is not None and highest >= cand.vocab:
+        result["failures"].append(f"the candidate's vocabulary ({cand.vocab} rows) cannot represent token id "
+                                  f"{highest} of prompt {top.name}")
+    result["vocab_compared"] = min(v for v in (ref.vocab, cand.vocab) if v is not None) \
+        if (ref.vocab or cand.vocab) else None
+    if ref.vocab and cand.vocab and ref.vocab != cand.vocab:
+        result["notes"].append(f"vocabulary sizes differ ({ref.vocab} vs {cand.vocab}); KL over the first "
+                               f"{result['vocab_compared']} ids")
+
+
+def _prompt_row(t: Tokenized, m: TokenMetrics) -> dict[str, Any]:
+    return {"name": t.name, "tokens": len(m), "kld_mean": float(m.kld.mean()), "kld_max": float(m.kld.max()),
+            "top1_agreement": float(m.top1_same.mean())}
+
+
+def render(result: dict[str, Any]) -> str:
+    """The human-readable table of a result."""
+    r, c = result["reference"], result["candidate"]
+    lines = [f"reference  {r['path']}  [{r['format']}{_run(r)}]", f"candidate  {c['path']}  [{c['format']}{_run(c)}]"]
+    if result["mode"] == "structure":
+        lines += _render_structure(result)
+    else:
+        lines += _render_logits(result)
+    t = result["thresholds"]
+    lines.append("")
+    for note in result["notes"]:
+        lines.append(f"note: {note}")
+    if result["passed"]:
+        gate_text = "" if result["mode"] == "structure" else \
+            f" (mean KLD <= {t['max_kld']:g}, top-1 >= {100 * t['min_top1']:.1f}%, {t['source']})"
+        lines.append("PASSED" + gate_text)
+    else:
+        lines.append("FAILED")
+        lines += [f"  - {f}" for f in result["failures"]]
+    return "\n".join(lines)
+
+
+def _run(side: dict[str, Any]) -> str:
+    return "".join(f", {side[k]}" for k in ("runtime", "device", "dtype") if side.get(k))
+
+
+def _render_logits(result: dict[str, Any]) -> list[str]:
+    lines = [f"prompts {result.get('prompts')} ({result.get('prompt_source')}), tokenizer "
+             f"{result.get('tokenizer', {}).get('source')}, candidate kind {result['thresholds']['candidate_kind']}"]
+    if "tokens" not in result:  # refused before running
+        return lines
+    rows = [("tokens compared", f"{result['tokens']}"), ("mean KLD", f"{result['kld_mean']:.6g}"),
+            ("median KLD", f"{result['kld_median']:.6g}"), ("99% KLD", f"{result['kld_p99']:.6g}"),
+            ("max KLD", f"{result['kld_max']:.6g}"), ("top-1 agreement", f"{100 * result['top1_agreement']:.2f} %"),
+            ("RMS Δp", f"{100 * result['rms_dp']:.3f} %"), ("PPL reference", f"{result['ppl_reference']:.4f}"),
+            ("PPL candidate", f"{result['ppl_candidate']:.4f}"), ("PPL ratio", f"{result['ppl_ratio']:.6f}"),
+            ("max |Δ logit|", f"{result['max_abs_logit_diff']:.6g}")]
+    lines += ["", *(f"  {k:<18}{v:>14}" for k, v in rows), "", "  worst prompts       tokens    mean KLD   top-1"]
+    rows_by_name = {p["name"]: p for p in result["per_prompt"]}
+    for name in result["worst_prompts"]:
+        p = rows_by_name[name]
+        lines.append(f"  {name[:18]:<18}{p['tokens']:>8}{p['kld_mean']:>12.4g}{100 * p['top1_agreement']:>7.1f}%")
+    return lines
+
+
+def _render_structure(result: dict[str, Any]) -> list[str]:
+    t = result["tensors"]
+    ck = t["checksums"]
+    lines = [f"tensors    {t['reference']} vs {t['candidate']} (compared under {t['names']} names): "
+             f"{len(t['missing'])} missing, {len(t['extra'])} extra, {len(t['shape_mismatch'])} shape mismatches",
+             f"values     {ck['compared']} compared by sha256, {len(ck['differ'])} differ, "
+             f"{ck['not_comparable']} not comparable (different storage type or format)"]
+    for side in ("reference", "candidate"):
+        v = result["vocab"][side]
+        lines.append(f"vocab      {side}: config {v['config']}, tokenizer {v['tokenizer']}, "
+                     f"embedding rows {v['embedding_rows']}")
+    for side in ("reference", "candidate"):
+        s = result["special_tokens"][side]
+        lines.append(f"specials   {side}: " + ("no tokenizer" if s is None else
+                                               ", ".join(f"{k}={v}" for k, v in s["roles"].items())
+                                               + f"; {len(s['special'])} special tokens"))
+    return lines

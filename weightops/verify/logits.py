@@ -1,0 +1,267 @@
+"""Run one model at a time on fixed token ids and give back its logits.
+
+A model is whatever `open_checkpoint` reads, run by the runtime users will run it with:
+HF checkpoints by transformers (`from_pretrained`), TencentPretrain checkpoints streamed
+through the remap view into the same transformers model, GGUF files by llama.cpp itself
+(llama-cpp-python) or, as a second independent reader, by transformers' GGUF loader.
+
+The reference's logits are kept per prompt in a `LogitStore` (RAM up to a limit, then a
+temporary file) while its model is freed, so that the candidate runs in the memory the
+reference had: a pair of models fits where one fits.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..errors import WeightopsError
+from ..gguf_export import resolve_device
+from ..vocabulary import embedding_name
+
+GGUF_RUNTIMES = ("llama.cpp", "transformers")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+@dataclass
+class Model:
+    """A checkpoint as the verification sees it, read from headers only."""
+
+    path: Path
+    ckpt: Checkpoint
+    vocab: int | None          # rows of the output distribution (embedding rows)
+    context: int | None        # longest input the model was built for, when it says
+    tokenizer: Path | None     # its own HF tokenizer directory (None for GGUF: llama.cpp's)
+    tensor_types: set[str] = field(default_factory=set)  # dtypes / GGML types of its matrices
+
+    @property
+    def format(self) -> str:
+        return self.ckpt.format
+
+
+def describe(path: str | Path, tp_config: str | Path | None = None) -> Model:
+    ckpt = open_checkpoint(path)
+    if ckpt.format == "tencentpretrain" and tp_config is not None:  # --tp-config is for whichever side is TP
+        ckpt = open_checkpoint(path, tp_config)
+    emb = embedding_name(ckpt)
+    cfg = ckpt.config or {}
+    vocab = ckpt.tensor(emb).shape[0] if emb else cfg.get("vocab_size")
+    if ckpt.format == "gguf":
+        context = cfg.get(f"{ckpt.architecture}.context_length")
+        tokenizer = None
+    else:
+        context = _hf_config(ckpt).get("max_position_embeddings")
+        d = ckpt.directory
+        tokenizer = d if any((d / f).is_file() for f in _TOKENIZER_FILES) else None
+    types = {r.ggml_type or str(r.dtype).removeprefix("torch.") for r in ckpt.tensors if len(r.shape) >= 2}
+    return Model(Path(path), ckpt, vocab, context, tokenizer, types)
+
+
+def _hf_config(ckpt: Checkpoint) -> dict:
+    if ckpt.format == "tencentpretrain":
+        from ..ops.remap import hf_view
+        return hf_view(ckpt)[1]
+    return dict(ckpt.config or {})
+
+
+def compute_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
+    """`auto`: bf16 on a CUDA device that has it (else fp16), fp32 on CPU."""
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise WeightopsError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Runner:
+    """A loaded model: `logits(ids)` is float32 [len(ids), vocab] for the ids fed as one sequence."""
+
+    info: dict[str, Any]
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the model now (before the next one loads)."""
+
+
+class TorchRunner(Runner):
+    def __init__(self, model: torch.nn.Module, device: torch.device, info: dict[str, Any]):
+        self.model, self.device, self.info = model.eval(), device, info
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0]
+            return out.float().cpu().numpy()
+
+    def close(self) -> None:
+        del self.model
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class LlamaCppRunner(Runner):
+    """llama.cpp evaluating exactly the given ids (KV cache cleared per prompt). The KV cache is
+    float32 and flash attention off, so what is measured is the file, not a runtime setting."""
+
+    def __init__(self, path: Path, n_ctx: int, device: torch.device):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise WeightopsError(f"{path}: running a GGUF file needs llama-cpp-python (pip install llama-cpp-python), "
+                                 "or use --gguf-runtime transformers") from None
+        gpu = device.type == "cuda" and llama_cpp.llama_supports_gpu_offload()
+        self.llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
+                                   verbose=False, type_k=0, type_v=0, flash_attn=False,
+                                   n_gpu_layers=-1 if gpu else 0, n_threads=_cpu_threads())
+        self.info = {"runtime": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
+                     "device": "cuda" if gpu else "cpu", "dtype": "as stored (F32 KV cache)"}
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+
+    def close(self) -> None:
+        self.llm.close()
+        del self.llm
+        gc.collect()
+
+
+def _cpu_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_runner(model: Model, *, device: str = "auto", dtype: str | None = "auto", gguf_runtime: str = "llama.cpp",
+                n_ctx: int = 512) -> Runner:
+    """Load `model` for inference; `n_ctx` is the longest sequence it will be fed."""
+    dev = resolve_device(device)
+    if model.format == "gguf":
+        if gguf_runtime not in GGUF_RUNTIMES:
+            raise WeightopsError(f"--gguf-runtime {gguf_runtime!r}: choose one of {', '.join(GGUF_RUNTIMES)}")
+        if gguf_runtime == "llama.cpp":
+            return LlamaCppRunner(model.ckpt.path, n_ctx, dev)
+    dt = compute_dtype(dev, dtype)
+    _quiet_transformers()
+    if model.format == "tencentpretrain":
+        net, runtime = _tp_model(model.ckpt, dev, dt), "transformers (TencentPretrain streamed through the remap)"
+    elif model.format == "gguf":
+        net, runtime = _gguf_transformers(model.ckpt.path, dev, dt), "transformers (GGUF loader)"
+    else:
+        net, runtime = _hf_model(model.ckpt.directory, dev, dt), "transformers"
+    import transformers
+    return TorchRunner(net, dev, {"runtime": f"{runtime} {transformers.__version__}", "device": dev.type,
+                                  "dtype": str(dt).removeprefix("torch.")})
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def _device_map(dev: torch.device) -> dict | None:
+    return {"": dev} if dev.type == "cuda" else None
+
+
+def _hf_model(directory: Path, dev: torch.device, dt: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dt, device_map=_device_map(dev))
+    except Exception as e:  # transformers raises many types for unloadable checkpoints
+        raise WeightopsError(f"{directory}: transformers cannot load it ({type(e).__name__}: {e})") from None
+
+
+def _gguf_transformers(path: Path, dev: torch.device, dt: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dt,
+                                                    device_map=_device_map(dev))
+    except Exception as e:
+        raise WeightopsError(f"{path}: transformers cannot load this GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _tp_model(ckpt: Checkpoint, dev: torch.device, dt: torch.dtype) -> torch.nn.Module:
+    """A transformers model built from the remap view's config, its weights read one tensor at
+    a time (each cast and moved as it is read, so the peak is the model in its compute dtype)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from ..ops.remap import hf_view
+    refs, cfg = hf_view(ckpt)
+    config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    state = {}
+    for ref in refs:
+        state[ref.name] = ref.load().to(device=dev, dtype=dt if ref.dtype.is_floating_point else None)
+        ref.release()
+    model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+        None, config=config, state_dict=state, dtype=dt, output_loading_info=True)
+    del state
+    missing = [k for k in info.get("missing_keys", ()) if not _tied(model, k)]
+    if missing or info.get("unexpected_keys"):
+        raise WeightopsError(f"{ckpt.path}: the remapped tensors do not fit {type(model).__name__}: missing "
+                             f"{sorted(missing)}, unexpected {sorted(info.get('unexpected_keys', ()))}")
+    return model.to(dev)
+
+
+def _tied(model: torch.nn.Module, key: str) -> bool:
+    out = model.get_output_embeddings()
+    return key.startswith("lm_head") and out is not None and out.weight is model.get_input_embeddings().weight
+
+
+class LogitStore:
+    """The reference's logits per prompt: in RAM until `ram_bytes` are held, then appended to a
+    temporary file and read back memory-mapped (so a large vocabulary costs disk, not RAM)."""
+
+    def __init__(self, ram_bytes: int = 1 << 30, spill_dir: str | Path | None = None):
+        self.ram_bytes, self.spill_dir = ram_bytes, spill_dir
+        self._items: list[np.ndarray | tuple[int, tuple[int, ...]]] = []
+        self._held = 0
+        self._file = None
+        self.spilled = 0
+
+    def add(self, logits: np.ndarray) -> int:
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        if self._held + logits.nbytes <= self.ram_bytes:
+            self._items.append(logits)
+            self._held += logits.nbytes
+        else:
+            if self._file is None:
+                self._file = tempfile.NamedTemporaryFile(prefix="weightops-verify-", suffix=".logits",
+                                                         dir=self.spill_dir)
+            self._items.append((self.spilled, logits.shape))
+            logits.tofile(self._file)
+            self._file.flush()
+            self.spilled += logits.nbytes
+        return len(self._items) - 1
+
+    def get(self, index: int) -> np.ndarray:
+        item = self._items[index]
+        if isinstance(item, np.ndarray):
+            return item
+        offset, shape = item
+        # copy-on-write: a writable view (torch wraps it without a warning), the file never changes
+        return np.memmap(self._file.name, dtype=np.float32, mode="c", offset=offset, shape=shape)
+
+    def close(self) -> None:
+        self._items.clear()
+        if self._file is not None:
+            self._file.close()  # deletes it
+            self._file = None
+
+    def __enter__(self) -> "LogitStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -62,6 +62,7 @@ from . import vocab  # noqa: E402,F401
 from . import gguf  # noqa: E402,F401
 from . import bnb  # noqa: E402,F401
 from . import convert  # noqa: E402,F401
+from . import verify  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(run())

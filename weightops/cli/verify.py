@@ -1,0 +1,104 @@
+"""verify: compare a candidate checkpoint's next-token distributions with a reference's."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..io.atomic import atomic_file
+from ..verify.compare import raise_if_failed, render, verify as verify_lib
+from ..verify.gate import KINDS
+from . import main
+
+_DEFAULTS = "; ".join(f"{k} {kld:g}/{100 * top1:g}%" for k, (kld, top1) in KINDS.items())
+
+
+@main.command(help=f"""Prove that CANDIDATE computes what REFERENCE computes.
+
+    Both are run on the same token ids, one model at a time (the reference's logits are kept
+    in RAM, or in a temporary file when large, while it is freed), and their next-token
+    distributions are compared position by position with llama-perplexity's KL-divergence
+    definitions: KL(reference || candidate) mean / median / 99% / max, top-1 agreement,
+    RMS of Δp of the actual next token, perplexity of each side and their ratio, and the
+    largest absolute logit difference. Exit 3 when the gate fails, naming the worst prompts
+    (and, when both store comparable values, the tensors that differ).
+
+    \b
+    REFERENCE / CANDIDATE: any pair of
+      * HF directories (run by transformers),
+      * TencentPretrain checkpoints (streamed through the remap into the same transformers
+        model; --tp-config for the head counts when no tencentpretrain_config.json is beside it),
+      * GGUF files (run by llama.cpp through llama-cpp-python, with an F32 KV cache; or by
+        transformers' GGUF loader with --gguf-runtime transformers).
+
+    \b
+    Token ids: the prompts are tokenised once, by the reference's tokenizer (or --tokenizer;
+    llama.cpp's for a GGUF reference). The verification fails when the candidate's vocabulary
+    cannot represent those ids, or when the candidate's own tokenizer (llama.cpp's for GGUF)
+    would tokenise a prompt differently (--allow-tokenizer-mismatch makes that a note).
+
+    \b
+    Gate: mean KLD <= --max-kld and top-1 agreement >= --min-top1. Defaults depend on what
+    the candidate is (the least precise matrix type of either side), with headroom over
+    llama.cpp's published LLaMA 2/3 measurements (kind: max KLD / min top-1):
+      {_DEFAULTS}.
+    exact = HF/TencentPretrain with the same dtypes as the reference; float = another float
+    dtype or GGUF F32/F16/BF16; q8/q6/q5/q4 = GGUF Q8_0, Q6_K, Q5_*, Q4_*; low = below Q4.
+
+    \b
+    --structure-only runs no model: tensor names (HF names on both sides) and shapes, sha256
+    of values where both store them alike, the vocabulary triple and the special tokens.
+
+    \b
+    Examples:
+      weightops verify chinese-llama-7b chinese-llama-7b-q8_0.gguf
+      weightops verify merged-hf tp-model.bin --tp-config llama_7b_config.json --json report.json
+      weightops verify yayi-7b yayi-7b-q4_0.gguf --prompts chat.jsonl --max-kld 0.1 --min-top1 0.85
+""")
+@click.argument("reference", type=click.Path(exists=True, path_type=Path))
+@click.argument("candidate", type=click.Path(exists=True, path_type=Path))
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Prompts file: JSONL with a \"text\" field (optional \"name\"), or plain text with one prompt "
+                   "per blank-line-separated paragraph. Default: the built-in set (~2k tokens of English and "
+                   "Chinese text and Alpaca/ChatYuan/YaYi/Huozi/BLOOM-style chat turns).")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="HF tokenizer directory to tokenise the prompts with, instead of the reference's own "
+                   "(needed for a TencentPretrain reference, which carries no tokenizer).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto = CUDA when torch sees a GPU, else CPU. GGUF files use the GPU only when "
+                   "llama-cpp-python was built with GPU support.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="Compute dtype of transformers models: auto = bf16 (fp16 without bf16 "
+                                      "support) on CUDA, fp32 on CPU. The same for both sides.")
+@click.option("--max-kld", type=float, help="Highest acceptable mean KL divergence (default: by candidate kind).")
+@click.option("--min-top1", type=float, help="Lowest acceptable top-1 agreement, 0..1 (default: by candidate kind).")
+@click.option("--max-tokens", type=int, help="Cut each prompt to this many tokens (default: the models' context).")
+@click.option("--json", "json_out", metavar="FILE",
+              help="Also write the result as JSON to FILE ('-' for stdout; the table then goes to stderr). "
+                   "Written before the exit code is decided, so a failed gate still leaves its report.")
+@click.option("--structure-only", is_flag=True, help="Compare names, shapes, checksums, vocabulary and special "
+                                                      "tokens without running either model.")
+@click.option("--gguf-runtime", type=click.Choice(["llama.cpp", "transformers"]), default="llama.cpp",
+              show_default=True, help="What runs a GGUF file: llama.cpp (what users ship) or transformers' GGUF "
+                                      "loader (an independent second reader).")
+@click.option("--tp-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TencentPretrain model config json for whichever side is a TencentPretrain checkpoint.")
+@click.option("--allow-tokenizer-mismatch", is_flag=True,
+              help="Report a candidate tokenizer that tokenises differently instead of failing on it.")
+def verify(reference: Path, candidate: Path, prompts: Path | None, tokenizer: Path | None, device: str, dtype: str,
+           max_kld: float | None, min_top1: float | None, max_tokens: int | None, json_out: str | None,
+           structure_only: bool, gguf_runtime: str, tp_config: Path | None, allow_tokenizer_mismatch: bool) -> None:
+    result = verify_lib(reference, candidate, prompts=prompts, tokenizer=tokenizer, device=device, dtype=dtype,
+                        max_kld=max_kld, min_top1=min_top1, structure_only=structure_only,
+                        gguf_runtime=gguf_runtime, tp_config=tp_config, max_tokens=max_tokens,
+                        allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+                        log=lambda msg: click.echo(msg, err=True))
+    doc = json.dumps(result, indent=2, ensure_ascii=False)
+    if json_out == "-":
+        click.echo(doc)
+    elif json_out:
+        with atomic_file(Path(json_out)) as tmp:
+            tmp.write_text(doc + "\n", encoding="utf-8")
+    click.echo(render(result), err=json_out == "-")
+    raise_if_failed(result)

@@ -447,3 +447,12 @@ def test_vocab_size_is_embedding_rows_and_tokenizer_must_fit(cli, tmp_path, tiny
     tp_file, tp_cfg = save_tp(state, tmp_path / "tp-small", llama_tp_config())
     failed(cli("convert", tp_file, tmp_path / "hf2", "--to", "hf", "--tp-config", tp_cfg, "--tokenizer",
                spm_tokenizer), "400 tokens", "300 rows")
+
+
+def test_bloom_names_without_transformer_prefix(tiny_bloom):
+    from weightops.ops.remap import hf_to_tp
+    ckpt = open_checkpoint(tiny_bloom)
+    bare = [r.renamed(r.name.removeprefix("transformer.")) for r in ckpt.tensors]
+    assert all(not r.name.startswith("transformer.") for r in bare)
+    got = {r.name: r.load() for r in hf_to_tp(bare, "bloom", hf_view(ckpt)[1])}
+    assert_same(got, tp_bloom_oracle(hf_state(tiny_bloom), 2, 4))

@@ -150,6 +150,34 @@ def test_expanded_vocab_and_special_tokens(yayi_bloom, tmp_path, llama_cpp_run):
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"]
 
 
+def test_sentencepiece_added_tokens(tiny_llama, tmp_path, llama_cpp_run):
+    """An expanded SentencePiece LLaMA saved by transformers 5 (added tokens only in tokenizer.json):
+    the special token is CONTROL and one token in llama.cpp, the added word USER_DEFINED."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_dir = tmp_path / "model"
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.add_special_tokens({"additional_special_tokens": ["<|End|>"]})
+    tok.add_tokens(["weightops"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.resize_token_embeddings(416, mean_resizing=False)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    shutil.copyfile(tiny_llama / "tokenizer.model", model_dir / "tokenizer.model")
+    out = tmp_path / "spm.gguf"
+    result, _ = export(model_dir, out, "f16")
+    meta = read_metadata(out)
+    end, word = tok.convert_tokens_to_ids("<|End|>"), tok.convert_tokens_to_ids("weightops")
+    assert meta["tokenizer.ggml.token_type"][end] == TokenType.CONTROL
+    assert meta["tokenizer.ggml.token_type"][word] == TokenType.USER_DEFINED
+    assert meta["tokenizer.ggml.scores"][415] == -10000.0 and result.tokenizer.padding == 416 - len(tok)
+    _, llm = llama_cpp_run(out, [1])
+    assert llm.n_vocab() == 416
+    text = "hello weightops<|End|>"
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"]
+
+
 def test_pre_tokenizer_flag_and_too_small_embedding(bloom, tiny_llama, spm_tokenizer, bloom_tokenizer, tmp_path):
     result, warnings = export(bloom, tmp_path / "a.gguf", "f16", pre_tokenizer="gpt-2")
     assert result.tokenizer.pre == "gpt-2" and read_metadata(tmp_path / "a.gguf")["tokenizer.ggml.pre"] == "gpt-2"

@@ -73,7 +73,8 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
     check_output(output, [ckpt.path], force)
     hf_refs, config = hf_stream(ckpt)
     mod, refs = gguf_stream(hf_refs, config, ckpt.path)
-    n_vocab = refs[0].shape[0]
+    embedding = arch_tables.get(config["model_type"]).rows[0].gguf  # present: gguf_stream checks
+    n_vocab = next(r for r in refs if r.name == embedding).shape[0]
     if config.get("vocab_size") != n_vocab:
         note(f"config vocab_size is {config.get('vocab_size')} but the embedding has {n_vocab} rows; "
              f"writing {n_vocab} (llama.cpp needs one token per embedding row)")

@@ -77,11 +77,11 @@ def complete_hf_config(config: dict) -> dict:
 def hf_to_tp(refs: Iterable[TensorRef], arch: str, hparams: dict) -> list[TensorRef]:
     """HF-named refs -> TencentPretrain-named refs (lazy), in TencentPretrain's model order.
 
-    `hparams` is the complete HF config dict. Old `rotary_emb.inv_freq` buffers are dropped;
+    `hparams` is the HF config dict (config.json). Old `rotary_emb.inv_freq` buffers are dropped;
     a tied output head is left out (the TP config gets tie_weights).
     """
     table, mod = arch_tables.get(arch), arch_tables.module(arch)
-    hp = mod.hf_hparams(hparams)
+    hp = mod.hf_hparams(complete_hf_config(hparams))
     drop = [p.replace("{n}", "*") for p in getattr(mod, "DROPPABLE", ())]
     kept = [r for r in refs if not matches_any(table.normalize_hf(r.name), drop)]
     got = _validated(kept, table, mod, "hf", hp)
@@ -97,11 +97,11 @@ def hf_to_tp(refs: Iterable[TensorRef], arch: str, hparams: dict) -> list[Tensor
 def tp_to_hf(refs: Iterable[TensorRef], arch: str, hparams: dict) -> list[TensorRef]:
     """TencentPretrain-named refs -> HF-named refs (lazy), in HF's model order.
 
-    `hparams` is the complete HF config dict the output will carry. BLOOM's three attention
+    `hparams` is the HF config dict the output will carry. BLOOM's three attention
     linears of a layer become one fused tensor whose loading reads just those three.
     """
     table, mod = arch_tables.get(arch), arch_tables.module(arch)
-    hp = mod.hf_hparams(hparams)
+    hp = mod.hf_hparams(complete_hf_config(hparams))
     got = _validated(list(refs), table, mod, "tp", hp)
     groups: dict[tuple[Row, int | None], list[TensorRef]] = {}
     for name, ref in got.items():

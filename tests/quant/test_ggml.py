@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -300,3 +301,16 @@ def test_zero_min_and_max_take_the_first_zeros_sign_whatever_the_reduction_retur
     assert torch.equal(torch.signbit(lo), torch.signbit(want_lo)) and torch.equal(lo, want_lo)
     assert torch.equal(torch.signbit(hi), torch.signbit(want_hi)) and torch.equal(hi, want_hi)
     assert bool(torch.signbit(want_lo).any())  # the case is exercised
+
+
+def test_worker_threads_leave_torch_thread_settings_alone(monkeypatch):
+    before = torch.get_num_threads()
+    a = np.random.default_rng(8).standard_normal((64, 4096)).astype(F32)
+    monkeypatch.setattr(ggml, "CHUNK_VALUES", 2048)  # many chunks: worker threads run them when torch has > 1
+    assert np.array_equal(ggml.quantize(torch.from_numpy(a), "q4_0").numpy(), oracle(a, "q4_0"))
+    assert torch.get_num_threads() == before
+    seen = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [before]  # a thread started afterwards gets the process default, not the workers' 1

@@ -13,10 +13,14 @@ Two details make that hold on every device:
   float32 subnormal range, or max - min overflowing float32); `_low_byte` makes them come out
   the same on CPU and CUDA, whose own float-to-int conversions differ there.
 
-Tensors are processed in chunks of whole blocks so temporaries stay bounded whatever the shape.
+Tensors are processed in chunks of whole blocks so temporaries stay bounded whatever the
+shape. On CPU the chunks go to torch.get_num_threads() worker threads that each run torch
+single-threaded (see `_cpu_pool`).
 """
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import torch
@@ -28,7 +32,7 @@ Q = GGMLQuantizationType
 QTYPES: dict[str, GGMLQuantizationType] = {
     "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1,
 }
-CHUNK_VALUES = 1 << 24  # float32 values per chunk (64 MB), whole blocks
+CHUNK_VALUES = 1 << 19  # float32 values per chunk (2 MB, cache-sized temporaries), whole blocks
 _HALF_DOWN = 0.5 - 2.0 ** -25  # largest float32 below 0.5: trunc(v + copysign(it, v)) rounds half away from zero
 _INT32_LIMIT = 2.0 ** 31
 
@@ -67,9 +71,53 @@ def quantize(t: torch.Tensor, qtype: str) -> torch.Tensor:
     out = torch.empty((blocks.shape[0], size), dtype=torch.uint8, device=t.device)
     step = max(1, CHUNK_VALUES // block)
     encode = _ENCODERS[qtype]
-    for start in range(0, blocks.shape[0], step):
+
+    def run(start: int) -> None:
         encode(blocks[start:start + step].to(torch.float32), out[start:start + step])
+
+    starts = range(0, blocks.shape[0], step)
+    pool = _cpu_pool() if t.device.type == "cpu" and len(starts) > 1 else None
+    if pool is None:
+        for start in starts:
+            run(start)
+    else:
+        list(pool.map(run, starts))
     return out.reshape(*t.shape[:-1], t.shape[-1] // block * size)
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _cpu_pool() -> ThreadPoolExecutor | None:
+    """torch.get_num_threads() worker threads that run torch ops single-threaded, or None for one.
+
+    Why not torch's own intra-op threads: they meet at a barrier after every op, and a chunk
+    takes ~30 small ops, so one descheduled thread on a busy machine stalls every op (measured:
+    ~100x slower under load). Whole chunks per thread, as llama.cpp splits rows, join once per
+    tensor. torch.set_num_threads(1) in a worker sets that thread's own count (OpenMP keeps it
+    per thread) and the process-wide default, which is restored once the workers are set up."""
+    global _pool
+    n = torch.get_num_threads()
+    if n <= 1:
+        return None
+    with _pool_lock:
+        if _pool is None or _pool[0] != n:
+            if _pool is not None:
+                _pool[1].shutdown(wait=False)
+            pool = ThreadPoolExecutor(n, thread_name_prefix="weightops-ggml")
+            ready = threading.Barrier(n + 1)  # holds each setup task on its own thread
+            for _ in range(n):
+                pool.submit(_single_threaded, ready)
+            ready.wait()
+            torch.set_num_threads(n)
+            _pool = (n, pool)
+        return _pool[1]
+
+
+def _single_threaded(ready: threading.Barrier) -> None:
+    torch.set_num_threads(1)
+    ready.wait()
 
 
 def dequantize(blocks: torch.Tensor, qtype: str, shape: Sequence[int]) -> torch.Tensor:
@@ -101,38 +149,40 @@ def _const(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32, device=like.device)
 
 
-def _inverse(d: torch.Tensor) -> torch.Tensor:
-    """1/d in float32, 0 where d == 0 (the reference's `id`)."""
-    return torch.where(d == 0, torch.zeros((), dtype=d.dtype, device=d.device), torch.reciprocal(d))
-
-
-def _to_bytes(v: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """trunc(v) as `dtype` (int8 or uint8), as the reference's C cast gives it on x86.
-
-    With every scale d zero or a normal finite float32, |v| stays within the reference's
-    range and a plain conversion is exact on every device. Otherwise (degenerate blocks) the
-    x86 rule is applied explicitly: the low byte of a 32-bit trunc(v), 0 when v is not finite
-    or does not fit 32 bits."""
+def _inverse(d: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(id, regular): id = 1/d in float32, 0 where d == 0 (the reference's `id`); regular when
+    every d is zero or a normal finite float32, which keeps |x * id| within the reference's range."""
     size = d.abs()
-    if bool(((d == 0) | ((size >= _FLOAT32_MIN_NORMAL) & (size <= _FLOAT32_MAX))).all()):
-        return v.to(dtype)
+    smallest, largest = torch.aminmax(size)
+    if bool((smallest >= _FLOAT32_MIN_NORMAL) & (largest <= _FLOAT32_MAX)):  # the usual case: no zero d
+        return torch.reciprocal(d), True
+    zero = d == 0
+    regular = bool((zero | ((size >= _FLOAT32_MIN_NORMAL) & (size <= _FLOAT32_MAX))).all())
+    return torch.where(zero, torch.zeros((), dtype=d.dtype, device=d.device), torch.reciprocal(d)), regular
+
+
+def _to_int8(v: torch.Tensor, regular: bool) -> torch.Tensor:
+    """trunc(v) as int8, as the reference's C cast gives it on x86.
+
+    In regular blocks every value fits (Q4/Q5 values 0..32 too) and a plain conversion is exact
+    on every device. Otherwise (degenerate blocks) the x86 rule is applied explicitly: the low
+    byte of a 32-bit trunc(v), 0 when v is not finite or does not fit 32 bits."""
+    if regular:
+        return v.to(torch.int8)
     v = torch.where(v.abs() < _INT32_LIMIT, v, torch.zeros((), dtype=v.dtype, device=v.device))
-    return v.to(torch.int32).to(torch.uint8).view(dtype)
+    return v.to(torch.int32).to(torch.uint8).view(torch.int8)
 
 
 def _put_f16(out: torch.Tensor, offset: int, value: torch.Tensor) -> None:
-    """Store (n, 1) float32 `value` as fp16 bytes at `out[:, offset:offset + 2]`."""
-    out[:, offset:offset + 2] = value.to(torch.float16).view(torch.uint8)
+    """Store (n, 1) float32 `value` as fp16 at byte `offset` of each row of `out` (every block
+    size is even, so each row is a run of int16 and one strided column copy does it)."""
+    out.view(torch.int16)[:, offset // 2] = value.to(torch.float16).view(torch.int16).view(-1)
 
 
-def _put_nibbles(out: torch.Tensor, offset: int, q: torch.Tensor, five_bit: bool = False) -> None:
-    """Byte j of the 16 at `offset` holds q[j] (low 4 bits) and q[j + 16] (high 4 bits).
-    Works on 8 bytes at a time (int64 words of the contiguous (n, 32) uint8 q)."""
-    words = q.view(torch.int64)  # (n, 4): words 0-1 hold q[0:16], words 2-3 hold q[16:32]
-    low, high = words[:, :2], words[:, 2:]
-    if five_bit:  # drop bit 4 of every byte (it goes to qh) so it cannot spill into a neighbour
-        low, high = low & _LOW_NIBBLES, high & _LOW_NIBBLES
-    out[:, offset:offset + 16] = (low | (high << 4)).view(torch.uint8)
+def _put_nibbles(out: torch.Tensor, offset: int, q: torch.Tensor) -> None:
+    """Byte j of the 16 at `offset` holds q[j] (low 4 bits) and q[j + 16] (high 4 bits of the
+    byte); q is contiguous (n, 32) uint8 below 16 (shifting all of q at once is the fast way)."""
+    torch.bitwise_or(q[:, :16], (q << 4)[:, 16:], out=out[:, offset:offset + 16])
 
 
 def _put_high_bits(out: torch.Tensor, offset: int, q: torch.Tensor) -> None:
@@ -142,21 +192,25 @@ def _put_high_bits(out: torch.Tensor, offset: int, q: torch.Tensor) -> None:
     out[:, offset:offset + 4] = ((bits * _GATHER_BITS) >> 56).to(torch.uint8)
 
 
-_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
 _BYTE_LOW_BITS = 0x0101010101010101
 _GATHER_BITS = 0x0102040810204080  # bit 8i * 2**(56 - 7i) lands on bit 56 + i; no other product reaches bits 56-63
 _FLOAT32_MIN_NORMAL = 2.0 ** -126
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
+def _range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of each block as (n, 1); two plain reductions beat torch.aminmax on CPU."""
+    return x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+
+
 def _signed_max(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Per block, the value of largest magnitude with its sign: the first one when +a and -a
     both occur, +0.0 when every value is zero (llama.cpp starts from max = 0.0f and replaces
-    it only on a strictly larger magnitude)."""
-    m = torch.where(hi > -lo, hi, lo)
-    tie = (hi == -lo).view(-1)
-    if bool(tie.any()):
-        rows = tie.nonzero().view(-1)
+    it only on a strictly larger magnitude). hi + lo is exactly 0 only when hi == -lo."""
+    balance = hi + lo
+    m = torch.where(balance > 0, hi, lo)
+    if not bool(balance.all()):
+        rows = (balance == 0).view(-1).nonzero().view(-1)
         sub = x[rows]
         first = sub.gather(1, sub.abs().argmax(1, keepdim=True))
         m[rows] = torch.where(first == 0, torch.zeros((), dtype=m.dtype, device=m.device), first)
@@ -179,36 +233,39 @@ def _first_zeros(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
 # --- encoders: (n, 32) float32 blocks -> (n, bytes) uint8 rows of `out` -----------------------
 
 def _enc_q8_0(x: torch.Tensor, out: torch.Tensor) -> None:
-    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    lo, hi = _range(x)
     d = torch.maximum(hi, lo.neg()).abs_() / _const(127.0, x)  # abs_: max|x| of a zero block is +0.0
-    v = x * _inverse(d)
+    inverse, regular = _inverse(d)
+    v = x * inverse
     v += torch.copysign(_const(_HALF_DOWN, v), v)
     _put_f16(out, 0, d)
-    out[:, 2:] = _to_bytes(v, d, torch.int8).view(torch.uint8)
+    out[:, 2:] = _to_int8(v, regular).view(torch.uint8)
 
 
 def _symmetric(x: torch.Tensor, out: torch.Tensor, levels: int) -> torch.Tensor:
     """Q4_0/Q5_0: d = m / -(levels/2), q = min(levels - 1, trunc(x * id + levels/2 + 0.5))."""
     half = levels // 2
-    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    lo, hi = _range(x)
     d = _signed_max(x, lo, hi) / _const(-half, x)
-    v = x * _inverse(d)
+    inverse, regular = _inverse(d)
+    v = x * inverse
     v += half + 0.5
     _put_f16(out, 0, d)
-    return _to_bytes(v, d, torch.uint8).clamp_(max=levels - 1)
+    return _to_int8(v, regular).view(torch.uint8).clamp_(max=levels - 1)
 
 
 def _affine(x: torch.Tensor, out: torch.Tensor, levels: int) -> torch.Tensor:
     """Q4_1/Q5_1: d = (max - min) / (levels - 1), q = min(levels - 1, trunc((x - min) * id + 0.5))."""
-    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    lo, hi = _range(x)
     _first_zeros(x, lo, hi)
     d = (hi - lo) / _const(levels - 1, x)
+    inverse, regular = _inverse(d)
     v = x - lo
-    v *= _inverse(d)
+    v *= inverse
     v += 0.5
     _put_f16(out, 0, d)
     _put_f16(out, 2, lo)
-    return _to_bytes(v, d, torch.uint8).clamp_(max=levels - 1)
+    return _to_int8(v, regular).view(torch.uint8).clamp_(max=levels - 1)
 
 
 def _enc_q4_0(x: torch.Tensor, out: torch.Tensor) -> None:
@@ -218,7 +275,7 @@ def _enc_q4_0(x: torch.Tensor, out: torch.Tensor) -> None:
 def _enc_q5_0(x: torch.Tensor, out: torch.Tensor) -> None:
     q = _symmetric(x, out, 32)
     _put_high_bits(out, 2, q)
-    _put_nibbles(out, 6, q, five_bit=True)
+    _put_nibbles(out, 6, q.bitwise_and_(0x0F))
 
 
 def _enc_q4_1(x: torch.Tensor, out: torch.Tensor) -> None:
@@ -228,7 +285,7 @@ def _enc_q4_1(x: torch.Tensor, out: torch.Tensor) -> None:
 def _enc_q5_1(x: torch.Tensor, out: torch.Tensor) -> None:
     q = _affine(x, out, 32)
     _put_high_bits(out, 4, q)
-    _put_nibbles(out, 8, q, five_bit=True)
+    _put_nibbles(out, 8, q.bitwise_and_(0x0F))
 
 
 _ENCODERS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {

@@ -1,33 +1,41 @@
-"""`weightops demo`: the embedded default job, built from nothing (no downloads)."""
+"""`weightops demo`: the embedded default job, built from nothing (no downloads).
+
+It makes a tiny LLaMA (SentencePiece tokenizer) with a fine-tune of it, extra Chinese
+pieces, and a tiny BLOOM (BPE tokenizer), then runs the release job template
+`examples/release.toml` on them — every operator, with verification in llama.cpp — and
+returns the release report.
+"""
 from __future__ import annotations
 
 import shutil
+from importlib import resources
 from pathlib import Path
 
-from .checkpoint import open_checkpoint, save_hf
+from . import jobs, tiny
 from .errors import WeightopsError
-from .inspection import render, summarize
-from .verify import manifest
-from . import tiny
+
+
+def build_models(models: Path) -> None:
+    """The inputs named in the job template's [inputs]."""
+    spm = tiny.spm_tokenizer_dir(models / "tokenizer-spm")
+    base = tiny.tiny_llama(models / "llama-base", spm)
+    tiny.finetune(base, models / "llama-chat")
+    tiny.train_spm(models / "zh-pieces.model", 400, lines=tiny.chinese_lines())
+    tiny.tiny_bloom(models / "bloom", tiny.bpe_tokenizer_dir(models / "tokenizer-bpe"))
+
+
+def template() -> str:
+    return resources.files("weightops.examples").joinpath("release.toml").read_text()
 
 
 def run_demo(workdir: Path, force: bool = False) -> str:
-    """Make a tiny LLaMA, stream-copy it into sharded safetensors, inspect and manifest it."""
     workdir = Path(workdir)
     if workdir.exists() and any(workdir.iterdir()):
         if not force:
             raise WeightopsError(f"{workdir} exists and is not empty; pass --force to replace it")
         shutil.rmtree(workdir)
-    tok = tiny.spm_tokenizer_dir(workdir / "tokenizer")
-    base = tiny.tiny_llama(workdir / "tiny-llama", tok)
-    src = open_checkpoint(base)
-    copy = workdir / "tiny-llama-sharded"
-    save_hf(src.tensors, copy, aux_files=src.aux_files, inputs=[base], max_shard_size="100KB")
-    manifest.create(copy)
-    checked = manifest.check(copy)
-    same = all(open_checkpoint(copy).tensor(r.name).load().equal(r.load()) for r in src.tensors)
-    if not same:
-        raise WeightopsError("demo: the stream copy differs from its source")
-    return "\n\n".join([render(summarize(open_checkpoint(copy))),
-                        f"stream copy bit-exact: {same}; manifest: {len(checked['files'])} files, "
-                        f"{len(checked['tensors'])} tensors verified"])
+    build_models(workdir / "models")
+    job_file = workdir / "release.toml"
+    job_file.write_text(template())
+    report = jobs.run_job(job_file)
+    return jobs.render_report(report)

@@ -137,9 +137,15 @@ def load_job(path: str | Path) -> Job:
     return Job(path, head.get("name", path.stem), out_dir, inputs, steps)
 
 
+def _key(param: click.Parameter) -> str:
+    longs = [o for o in getattr(param, "opts", []) if o.startswith("--")] if isinstance(param, click.Option) else []
+    return (longs[0][2:] if longs else param.name).replace("-", "_")
+
+
 def _build_step(job_path: Path, where: str, raw: dict, command: click.Command, known: dict[str, Path | None],
                 out_dir: Path) -> Step:
-    params = {p.name: p for p in command.params if p.name not in ("help",)}
+    # a key is an argument's name or an option's long flag (`type` for --type), - or _ alike
+    params = {_key(p): p for p in command.params if p.name != "help"}
     options = {k.replace("-", "_"): v for k, v in raw.items() if k not in _STEP_KEYS}
     for key in options.keys() - params.keys():
         raise _fail(job_path, where, f"unknown option {key.replace('_', '-')!r} for {raw['op']}"
@@ -179,10 +185,10 @@ def _build_step(job_path: Path, where: str, raw: dict, command: click.Command, k
             values = options[p.name] if isinstance(options[p.name], list) else [options[p.name]]
             argv += [resolve(v, p) for v in values]
     for p in command.params:
-        if not isinstance(p, click.Option) or p.name not in options:
+        if not isinstance(p, click.Option) or _key(p) not in options:
             continue
-        flag = max(p.opts, key=len)
-        value = options[p.name]
+        flag = "--" + _key(p).replace("_", "-")
+        value = options[_key(p)]
         if p.is_flag:
             if not isinstance(value, bool):
                 raise _fail(job_path, where, f"{flag} is a flag: write true or false")

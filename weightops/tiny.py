@@ -58,10 +58,13 @@ def spm_tokenizer_dir(directory: Path, vocab_size: int = 400, lines: list[str] |
 
 def bpe_tokenizer_dir(directory: Path, vocab_size: int = 400) -> Path:
     """A BLOOM-style byte-level BPE tokenizer (<unk> 0, <s> 1, </s> 2, <pad> 3)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+    from .io.gguf_tokenizer import BLOOM_SPLIT_REGEX
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([  # as BLOOM's own tokenizer.json
+        pre_tokenizers.Split(Regex(BLOOM_SPLIT_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -116,3 +119,31 @@ def tiny_bloom(directory: Path, tokenizer_dir: Path, *, layers: int = 2, dtype: 
             elif name.endswith("bias"):
                 p.copy_(0.05 * torch.randn_like(p))
     return _save(model, directory, tokenizer_dir, dtype)
+
+
+_MORE_HANZI = "中华人民共和国北京上海广州深圳杭州南京成都重庆西安武汉长沙春夏秋冬山水花鸟风云雷电江河湖海"
+
+
+def chinese_lines(lines: int = 300, seed: int = 1) -> list[str]:
+    """Chinese text with characters the base corpus lacks: pieces for a vocabulary merge."""
+    rng = random.Random(seed)
+    return ["".join(rng.choice(_MORE_HANZI + _HANZI) for _ in range(20)) + "。" for _ in range(lines)]
+
+
+def finetune(src: Path, dst: Path, *, scale: float = 0.02, seed: int = 1) -> Path:
+    """A 'fine-tuned' copy of a tiny model (every weight nudged), streamed with save_hf."""
+    from .checkpoint import open_checkpoint, save_hf
+    ckpt = open_checkpoint(src)
+
+    def nudge(i: int):
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            g = torch.Generator().manual_seed(seed * 10_007 + i)
+            return (t.float() + scale * torch.randn(t.shape, generator=g)).to(t.dtype)
+        return fn
+
+    refs = [r.derive(nudge(i)) for i, r in enumerate(ckpt.tensors)]
+    save_hf(refs, dst, aux_files=ckpt.aux_files, inputs=[src])
+    for f in Path(src).iterdir():  # tokenizer.model and friends that aux_files may not list
+        if f.is_file() and not (Path(dst) / f.name).exists() and not f.suffix == ".safetensors":
+            shutil.copyfile(f, Path(dst) / f.name)
+    return Path(dst)

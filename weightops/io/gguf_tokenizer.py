@@ -82,7 +82,9 @@ PRE_NAMES = sorted(set(KNOWN_PRE.values()) | {"default"})
 _GPT2_REGEX = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
 _LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                  "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
-_SPLIT_PRE = {_GPT2_REGEX: "gpt-2", _LLAMA3_REGEX: "llama-bpe"}
+# BLOOM's tokenizer.json splits with this before a ByteLevel step (llama.cpp's "bloom" pre-tokenizer).
+BLOOM_SPLIT_REGEX = " ?[^(\\s|[.,!?…。，、।۔،])]+"
+_SPLIT_PRE = {_GPT2_REGEX: "gpt-2", _LLAMA3_REGEX: "llama-bpe", BLOOM_SPLIT_REGEX: "bloom"}
 
 
 @dataclass

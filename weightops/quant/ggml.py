@@ -233,11 +233,12 @@ def _first_zeros(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
 # --- encoders: (n, 32) float32 blocks -> (n, bytes) uint8 rows of `out` -----------------------
 
 def _enc_q8_0(x: torch.Tensor, out: torch.Tensor) -> None:
-    lo, hi = _range(x)
-    d = torch.maximum(hi, lo.neg()).abs_() / _const(127.0, x)  # abs_: max|x| of a zero block is +0.0
+    # max|x| as the largest sign-cleared bit pattern: an integer max is twice as fast as a float one on CPU
+    amax = (x.view(torch.int32) & 0x7FFFFFFF).amax(1, keepdim=True).view(torch.float32)
+    d = amax / _const(127.0, x)
     inverse, regular = _inverse(d)
     v = x * inverse
-    v += torch.copysign(_const(_HALF_DOWN, v), v)
+    v += torch.sign(v).mul_(_HALF_DOWN)  # = copysign(_HALF_DOWN, v) but where v is ±0 (q = 0 either way); faster
     _put_f16(out, 0, d)
     out[:, 2:] = _to_int8(v, regular).view(torch.uint8)
 

@@ -195,6 +195,7 @@ def _put_high_bits(out: torch.Tensor, offset: int, q: torch.Tensor) -> None:
 _BYTE_LOW_BITS = 0x0101010101010101
 _GATHER_BITS = 0x0102040810204080  # bit 8i * 2**(56 - 7i) lands on bit 56 + i; no other product reaches bits 56-63
 _FLOAT32_MIN_NORMAL = 2.0 ** -126
+_SIGN_BIT = -(2 ** 31)  # float32 sign bit as an int32
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -203,10 +204,18 @@ def _range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.amin(1, keepdim=True), x.amax(1, keepdim=True)
 
 
-def _signed_max(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def _signed_max(x: torch.Tensor) -> torch.Tensor:
     """Per block, the value of largest magnitude with its sign: the first one when +a and -a
     both occur, +0.0 when every value is zero (llama.cpp starts from max = 0.0f and replaces
-    it only on a strictly larger magnitude). hi + lo is exactly 0 only when hi == -lo."""
+    it only on a strictly larger magnitude).
+
+    Integer maxima of the bit patterns (twice as fast as float reductions on CPU): the largest
+    int32 is the largest value with a clear sign bit, and with the sign bit flipped, the
+    negative value of largest magnitude. A block without one of the two gets the other twice,
+    which still picks the right one below. hi + lo is exactly 0 only when hi == -lo (a tie)."""
+    bits = x.view(torch.int32)
+    hi = bits.amax(1, keepdim=True).view(torch.float32)
+    lo = (bits ^ _SIGN_BIT).amax(1, keepdim=True).bitwise_xor_(_SIGN_BIT).view(torch.float32)
     balance = hi + lo
     m = torch.where(balance > 0, hi, lo)
     if not bool(balance.all()):
@@ -246,8 +255,7 @@ def _enc_q8_0(x: torch.Tensor, out: torch.Tensor) -> None:
 def _symmetric(x: torch.Tensor, out: torch.Tensor, levels: int) -> torch.Tensor:
     """Q4_0/Q5_0: d = m / -(levels/2), q = min(levels - 1, trunc(x * id + levels/2 + 0.5))."""
     half = levels // 2
-    lo, hi = _range(x)
-    d = _signed_max(x, lo, hi) / _const(-half, x)
+    d = _signed_max(x) / _const(-half, x)
     inverse, regular = _inverse(d)
     v = x * inverse
     v += half + 0.5

@@ -70,6 +70,15 @@ def expand_vocab_cmd(model: Path, output: Path, merge_spm: Path | None, add_toke
     tensor streams through untouched. config.json vocab_size is set to the new row count,
     so `weightops inspect OUTPUT` shows an agreeing vocabulary triple (unless padded).
     Shrinking is refused unless --force.
+
+    \b
+    Examples:
+      # Chinese-LLaMA: merge a Chinese SentencePiece model into LLaMA's 32000 pieces
+      weightops expand-vocab llama-7b chinese-llama-7b --merge-spm chinese_sp.model
+      # YaYi on BLOOMZ (250880 rows = 250680 tokens + padding; 512 keeps that count)
+      weightops expand-vocab bloomz-7b1-mt yayi-7b --special-token '<|System|>' \\
+          --special-token '<|Human|>' --special-token '<|YaYi|>' --special-token '<|End|>' \\
+          --pad-to-multiple 512
     """
     report = expand_vocab(model, output, merge_spm=merge_spm, add_tokens=_read_tokens(add_tokens) if add_tokens else (),
                           special_tokens=special_tokens, new_tokenizer=new_tokenizer, init=init, seed=seed,

@@ -80,22 +80,27 @@ def row_mean(old: torch.Tensor) -> torch.Tensor:
 
 
 def row_covariance(old: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """(E - mu)^T (E - mu) / V in float64, reduced in chunks."""
-    cov = torch.zeros((old.shape[1], old.shape[1]), dtype=torch.float64)
+    """(E - mu)^T (E - mu) / V in float32 (as transformers computes it), reduced in chunks."""
+    cov = torch.zeros((old.shape[1], old.shape[1]), dtype=torch.float32)
+    mean = mean.to(torch.float32)
     for start in range(0, old.shape[0], _CHUNK):
-        centred = old[start:start + _CHUNK].to(torch.float64) - mean
-        cov += centred.T @ centred
+        centred = old[start:start + _CHUNK].to(torch.float32) - mean
+        cov.addmm_(centred.T, centred)
     return cov / old.shape[0]
 
 
 def normal_rows(old: torch.Tensor, count: int, mean: torch.Tensor, seed: int) -> torch.Tensor:
     """`count` rows from N(mu, 1e-9 * Sigma) (transformers' mean_resizing), or mu when that
-    covariance is not positive definite; drawn from a generator seeded with `seed`."""
-    scale_tril, info = torch.linalg.cholesky_ex(NORMAL_EPSILON * row_covariance(old, mean))
+    covariance is not positive definite; drawn from a generator seeded with `seed`.
+
+    One (count x d) @ (d x d) product instead of torch.distributions' per-sample
+    matrix-vector products: the same distribution, minutes faster for 20k new tokens.
+    """
+    scale_tril, info = torch.linalg.cholesky_ex(NORMAL_EPSILON * row_covariance(old, mean).to(torch.float64))
     if info.item() != 0:
         return mean.expand(count, -1)
-    noise = torch.randn((count, old.shape[1]), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return mean + noise @ scale_tril.T
+    noise = torch.randn((count, old.shape[1]), generator=torch.Generator().manual_seed(seed))
+    return mean + (noise @ scale_tril.T.to(torch.float32)).to(torch.float64)
 
 
 def subtoken_rows(old: torch.Tensor, pieces: list[list[int]], mean: torch.Tensor) -> torch.Tensor:

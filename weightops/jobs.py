@@ -331,8 +331,10 @@ _BYTES_PER_WEIGHT = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 
 
 
 def _estimate(step: Step, sizes: dict[Path, tuple[int, int]]) -> tuple[int, int] | None:
-    """(parameters, bytes) the step's output will hold, from its first input's size."""
-    source = next((sizes[p] for p in step.inputs if p in sizes), None)
+    """(parameters, bytes) the step's output will hold, from the size of the input it follows
+    (the delta for apply-delta and the target for make-delta, whose dtype `auto` keeps)."""
+    follows = step.inputs[1:2] if step.op in ("apply-delta", "make-delta") else step.inputs[:1]
+    source = sizes.get(follows[0]) if follows else None
     if source is None or step.output is None:
         return None
     params, nbytes = source

@@ -1,5 +1,6 @@
 """inspect, manifest and the CLI's error contract."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,8 +92,17 @@ def test_errors_are_one_line_and_debug_shows_traceback(cli, tmp_path, tiny_bloom
     assert r.exit_code == 1 and r.exception is not None
 
 
-def test_demo_runs(cli, tmp_path):
+def test_demo_runs_the_release_template(cli, tmp_path):
+    """The README's main command: every operator on tiny models, verified, with a report."""
     r = cli("demo", tmp_path / "demo")
     assert r.exit_code == 0, r.stderr
-    assert "stream copy bit-exact: True" in r.stdout and "DISAGREE" not in r.stdout
+    assert "Result: **PASSED**" in r.stdout
+    report = json.loads((tmp_path / "demo" / "release" / "release-report.json").read_text())
+    ops = {s["op"] for s in report["steps"]}
+    assert ops == {"make-delta", "apply-delta", "convert", "expand-vocab", "gguf", "bnb", "verify"}
+    assert all(s["status"] == "ok" for s in report["steps"])
+    exact = {v["step"]: v["kld_max"] for v in report["verifications"]}
+    assert exact["check-merged"] == 0 and exact["check-tencentpretrain"] == 0
+    assert (tmp_path / "demo" / "release.toml").read_text() == (
+        Path(__file__).parents[2] / "examples" / "release.toml").read_text()
     assert cli("demo", tmp_path / "demo").exit_code == 1  # exists, needs --force

@@ -99,7 +99,7 @@ def test_demo_runs_the_release_template(cli, tmp_path):
     assert "Result: **PASSED**" in r.stdout
     report = json.loads((tmp_path / "demo" / "release" / "release-report.json").read_text())
     ops = {s["op"] for s in report["steps"]}
-    assert ops == {"make-delta", "apply-delta", "convert", "expand-vocab", "gguf", "bnb", "verify"}
+    assert ops == {"make-delta", "apply-delta", "convert", "expand-vocab", "gguf", "bnb", "verify", "manifest"}
     assert all(s["status"] == "ok" for s in report["steps"])
     exact = {v["step"]: v["kld_max"] for v in report["verifications"]}
     assert exact["check-merged"] == 0 and exact["check-tencentpretrain"] == 0

@@ -5,7 +5,7 @@
 - llama.cpp's quantizer tool (`llama_cpp.llama_model_quantize`, `pure`, on an F32 and on an
   F16 GGUF holding the same matrices: file read + conversion + quantization + file write).
 
-    python benchmarks/bench_quant_kernels.py [--threads 2] [--matrices 4] [--size 2048] [--repeat 5]
+    python benchmarks/bench_quant_kernels.py [--threads 2] [--matrices 4] [--size 2048] [--repeat 7]
 
 Every contender sees the same 2048x2048 matrices (random normal * 0.02); ours runs with
 torch.set_num_threads(threads). Reported: ms per matrix (best of --repeat; contenders are
@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--matrices", type=int, default=4)
     ap.add_argument("--size", type=int, default=2048)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--types", nargs="+", default=list(ggml.QTYPES), choices=list(ggml.QTYPES))
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
@@ -174,7 +174,7 @@ def main() -> None:
                           else "weightops torch kernels (float32 input)"]
             ratio = "" if name.startswith("weightops") else f"{seconds / ours_s:9.2f}x"
             print(f"{qtype:6} {name:44} {per:10.2f} {mb / seconds:8.0f} {ratio:>10}")
-        print(f"{qtype:6} bytes identical (ours = gguf.quants = libggml = both llama_model_quantize files): {identical}")
+        print(f"{qtype:6} bytes identical (ours = gguf.quants = libggml = llama_model_quantize files): {identical}")
         if not identical:
             raise SystemExit(f"{qtype}: our bytes differ from a reference")
 

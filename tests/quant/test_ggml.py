@@ -89,7 +89,8 @@ def blocks(*rows: list[float]) -> np.ndarray:
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("scale", [1e-3, 0.02, 1.0, 1e3])
 def test_random_normal(qtype, scale):
-    a = np.random.default_rng([TYPES.index(qtype), int(scale * 1000)]).standard_normal((16, 512)).astype(F32) * F32(scale)
+    rng = np.random.default_rng([TYPES.index(qtype), int(scale * 1000)])
+    a = rng.standard_normal((16, 512)).astype(F32) * F32(scale)
     assert_same_bytes(a, qtype)
 
 
@@ -123,7 +124,8 @@ def test_signed_zero_blocks_follow_libggml(qtype):
     sign_bytes = [i + 1 for i in FP16_FIELDS[qtype]]
     other = np.setdiff1d(np.arange(ref.shape[1]), sign_bytes)
     assert_equal_bytes(ours[:, other], ref[:, other], f"{qtype} vs gguf.quants (all but fp16 sign bits)")
-    assert_equal_bytes(ours[:, sign_bytes] & 0x7F, ref[:, sign_bytes] & 0x7F, f"{qtype} vs gguf.quants (fp16 high bytes)")
+    assert_equal_bytes(ours[:, sign_bytes] & 0x7F, ref[:, sign_bytes] & 0x7F,
+                       f"{qtype} vs gguf.quants (fp16 high bytes but the sign)")
     if qtype in ("q4_0", "q5_0"):  # a zero block's d is 0.0 / -8 = -0.0: fp16 0x8000
         assert ours[0, :2].tolist() == ours[1, :2].tolist() == [0, 0x80]
     if QUANTIZE_CHUNK is None:

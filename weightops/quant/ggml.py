@@ -1,8 +1,9 @@
 """GGML block quantization (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in vectorised torch, CPU or CUDA.
 
-The bytes are exactly llama.cpp's reference quantizers' (`gguf.quants` is the oracle in the
-tests; spec in shared/reference/gguf.md): float32 arithmetic, `id = 1/d` (0 when d == 0),
-values multiplied by `id` (never divided by d), scales rounded to fp16 only when stored.
+The bytes are exactly llama.cpp's reference quantizers' (the tests compare with `gguf.quants`
+and with libggml itself; spec in shared/reference/gguf.md): float32 arithmetic, `id = 1/d`
+(0 when d == 0), values multiplied by `id` (never divided by d, no fused multiply-add), scales
+rounded to fp16 only when stored, llama.cpp's scan order for ties and signed zeros.
 
 Two details make that hold on every device:
 - Divisions by a constant divide by a device tensor, because PyTorch turns division by a
@@ -10,7 +11,7 @@ Two details make that hold on every device:
 - The reference converts floats to its small integers with a C cast, which on x86 goes
   through a 32-bit integer: the low byte of trunc(v) is kept, and values that are not finite
   or do not fit 32 bits give 0. Such values only occur in degenerate blocks (a scale in the
-  float32 subnormal range, or max - min overflowing float32); `_low_byte` makes them come out
+  float32 subnormal range, or max - min overflowing float32); `_to_int8` makes them come out
   the same on CPU and CUDA, whose own float-to-int conversions differ there.
 
 Tensors are processed in chunks of whole blocks so temporaries stay bounded whatever the
@@ -19,6 +20,7 @@ single-threaded (see `_cpu_pool`).
 """
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -93,10 +95,11 @@ def _cpu_pool() -> ThreadPoolExecutor | None:
     """torch.get_num_threads() worker threads that run torch ops single-threaded, or None for one.
 
     Why not torch's own intra-op threads: they meet at a barrier after every op, and a chunk
-    takes ~30 small ops, so one descheduled thread on a busy machine stalls every op (measured:
-    ~100x slower under load). Whole chunks per thread, as llama.cpp splits rows, join once per
-    tensor. torch.set_num_threads(1) in a worker sets that thread's own count (OpenMP keeps it
-    per thread) and the process-wide default, which is restored once the workers are set up."""
+    takes ~30 small ops, so one descheduled thread on a busy machine stalls every op (measured
+    on a loaded 2-core machine: 0.8 s instead of 15 ms for a 2048x2048 matrix). Whole chunks per
+    thread, as llama.cpp splits rows, join once per tensor. torch.set_num_threads(1) in a worker
+    sets that thread's own count (OpenMP keeps it per thread) and the process-wide default,
+    which is restored once the workers are set up."""
     global _pool
     n = torch.get_num_threads()
     if n <= 1:
@@ -124,7 +127,8 @@ def dequantize(blocks: torch.Tensor, qtype: str, shape: Sequence[int]) -> torch.
     """float32 values of `shape` from their `qtype` bytes (as `gguf.quants.dequantize` computes them)."""
     block, size = _sizes(qtype)
     shape = tuple(shape)
-    if not can_quantize(shape, qtype) or blocks.dtype != torch.uint8 or blocks.numel() != _numel(shape) // block * size:
+    expected = math.prod(shape) // block * size if can_quantize(shape, qtype) else -1
+    if blocks.dtype != torch.uint8 or blocks.numel() != expected:
         raise WeightopsError(f"{blocks.numel()} {blocks.dtype} bytes are not a {qtype} tensor of shape {shape}")
     rows = blocks.reshape(-1, size)
     out = torch.empty((rows.shape[0], block), dtype=torch.float32, device=blocks.device)
@@ -133,13 +137,6 @@ def dequantize(blocks: torch.Tensor, qtype: str, shape: Sequence[int]) -> torch.
     for start in range(0, rows.shape[0], step):
         out[start:start + step] = decode(rows[start:start + step])
     return out.reshape(shape)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # --- helpers shared by the encoders ----------------------------------------------------------

@@ -62,6 +62,7 @@ def main() -> None:
     tp_config = work / "tp-config.json"
 
     cp = measure(["cp", "-r", str(src), str(work / "cp-out")])
+    startup = measure(python("import weightops.cli, transformers; transformers.AutoConfig"))
     to_tp = measure(python(OURS) + ["convert", str(src), str(tp), "--to", "tencentpretrain"])
     shutil.copyfile(tp / "tencentpretrain_config.json", tp_config)
     to_hf = measure(python(OURS) + ["convert", str(tp / "tencentpretrain_model.bin"), str(hf), "--to", "hf",
@@ -70,6 +71,7 @@ def main() -> None:
 
     print(f"\nsynthetic LLaMA: {args.layers} layers, hidden 2048, {heads}/{kv_heads} heads, bf16, {size:.2f} GB")
     print(cp.row("cp -r (HF directory)"))
+    print(startup.row("startup: import weightops + transformers"))
     print(to_tp.row("weightops convert HF -> TencentPretrain"))
     print(to_hf.row("weightops convert TencentPretrain -> HF"))
     print(peer.row("whole-model HF -> TP (TencentPretrain's way)"))

@@ -57,6 +57,7 @@ def run() -> None:
 
 
 from . import core  # noqa: E402,F401  (registers commands)
+from . import jobs  # noqa: E402,F401
 from . import delta  # noqa: E402,F401
 from . import vocab  # noqa: E402,F401
 from . import gguf  # noqa: E402,F401

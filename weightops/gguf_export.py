@@ -111,9 +111,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
-    """HF-named tensors and the full transformers config dict (defaults filled in, what
-    convert_hf_to_gguf.py reads through AutoConfig) of any checkpoint; TencentPretrain goes
-    through the remap view (config from its --tp-config and the tensor shapes)."""
+    """HF-named tensors and a config dict with every key the GGUF metadata needs (transformers'
+    defaults for missing ones, as convert_hf_to_gguf.py's AutoConfig gives) of any checkpoint;
+    TencentPretrain goes through the remap view (config from its --tp-config and the shapes)."""
     if ckpt.format == "gguf":
         raise WeightopsError(f"{ckpt.path} is already a GGUF file; export from the HF or TencentPretrain checkpoint")
     from .ops.remap import hf_view
@@ -124,6 +124,8 @@ def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
     if model_type not in ("llama", "bloom"):
         raise WeightopsError(f"{ckpt.path}: architecture {model_type!r} cannot be exported to GGUF "
                              "(supported: llama, bloom)")
+    if all(k in config for k in arch_tables.module(model_type).GGUF_CONFIG_KEYS):
+        return list(refs), {**config, "model_type": model_type}  # complete: skip transformers' slow import
     from transformers import AutoConfig
     filled = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"}).to_dict()
     return list(refs), filled
@@ -179,14 +181,14 @@ def encode(t: torch.Tensor, qtype: GGMLQuantizationType, device: torch.device) -
     rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
     step = max(1, (CHUNK_ELEMENTS if device.type == "cpu" else 8 * CHUNK_ELEMENTS) // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], step):
-        x = rows[start:start + step].to(dtype=torch.float32)
+        x = rows[start:start + step]
         if qtype == Q.F32:
-            yield tensor_bytes(x)
+            yield tensor_bytes(x.to(torch.float32))
         elif qtype == Q.F16:
-            yield tensor_bytes(x.to(torch.float16))
+            yield tensor_bytes(x.to(torch.float32).to(torch.float16))
         elif qtype == Q.BF16:
-            yield tensor_bytes(x.to(torch.bfloat16))
-        else:
+            yield tensor_bytes(x.to(torch.float32).to(torch.bfloat16))
+        else:  # the kernels take float32 of the source values themselves, block by block
             from .quant import ggml
             yield ggml.quantize(x.to(device), qtype.name.lower()).cpu().numpy()
 

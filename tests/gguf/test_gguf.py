@@ -315,6 +315,22 @@ def test_metadata_keys_as_convert_hf_to_gguf(tiny_llama, tmp_path):
     assert all(t.data_offset % 32 == 0 for t in GGUFReader(out).tensors)
 
 
+def test_old_config_gets_transformers_defaults(tiny_llama, tmp_path):
+    """A config.json missing keys (older transformers: no head_dim, no rope_parameters) is completed
+    with transformers' defaults, as convert_hf_to_gguf.py's AutoConfig does: same file."""
+    import json
+    import shutil
+    old = tmp_path / "old" / tiny_llama.name  # general.name comes from the directory name
+    shutil.copytree(tiny_llama, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["head_dim"], config["rope_parameters"]
+    (old / "config.json").write_text(json.dumps(config))
+    export(tiny_llama, tmp_path / "a.gguf", "f16")
+    export(old, tmp_path / "b.gguf", "f16")
+    assert read_metadata(tmp_path / "b.gguf")["llama.attention.key_length"] == 16
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
 @pytest.mark.parametrize("qtype", ["q4_1", "bf16"])
 def test_deterministic_bytes(tiny_llama, tmp_path, monkeypatch, qtype):
     """Same input, same bytes, also when tensors are encoded a few rows at a time."""

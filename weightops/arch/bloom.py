@@ -51,6 +51,7 @@ GGUF_VOCABS = ("gpt2",)
 GGUF_DEFAULT_PRE = "bloom"  # an expanded BLOOM vocabulary keeps BLOOM's pre-tokenizer
 GGUF_ADD_SPACE_PREFIX = False
 GGUF_SKIP = ("lm_head.weight",)  # tied to the embedding; llama.cpp's bloom has no output tensor
+GGUF_CONFIG_KEYS = ("hidden_size", "n_head", "n_layer", "layer_norm_epsilon", "vocab_size")  # as in llama.py
 
 
 def _n_embed_heads(config: dict) -> tuple[int, int]:

@@ -31,6 +31,10 @@ GGUF_VOCABS = ("sentencepiece", "llama-hf", "gpt2")  # tokenizer encodings tried
 GGUF_DEFAULT_PRE = "default"  # tokenizer.ggml.pre for a BPE tokenizer llama.cpp does not know
 GGUF_ADD_SPACE_PREFIX = True  # tokenizer_config.json's add_prefix_space -> tokenizer.ggml.add_space_prefix
 GGUF_SKIP = DROPPABLE
+# config.json keys add_gguf_parameters reads; when one is missing, transformers fills its default
+GGUF_CONFIG_KEYS = ("num_hidden_layers", "max_position_embeddings", "hidden_size", "intermediate_size",
+                    "num_attention_heads", "num_key_value_heads", "rope_parameters", "rms_norm_eps", "head_dim",
+                    "vocab_size")
 
 
 def _heads(config: dict) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from weightops import tiny
 # BLOOM's tokenizer.json pre-tokenizer: split words (with a leading space) from whitespace and punctuation.
 BLOOM_SPLIT = " ?[^(\\s|[.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c])]+"
 YAYI_SPECIAL = ["<|System|>", "<|Human|>", "<|YaYi|>", "<|End|>"]
+CHAT_TEMPLATE = "{% for m in messages %}<|Human|>{{ m['content'] }}<|End|>{% endfor %}<|YaYi|>"
 PROMPT = "the quick brown fox jumps over lazy dog 1234. 我们发布了中文模型, tensor stream!"
 
 
@@ -83,13 +84,14 @@ def bloom(tmp_path_factory, bloom_tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def yayi_bloom(tmp_path_factory, bloom, bloom_tokenizer) -> Path:
-    """A YaYi-style BLOOM: 4 added special tokens, one added normal token, and an embedding padded
-    to 416 rows (more rows than the tokenizer has ids)."""
+    """A YaYi-style BLOOM: 4 added special tokens, one added normal token, a chat template, and an
+    embedding padded to 416 rows (more rows than the tokenizer has ids)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path_factory.mktemp("yayi") / "model"
     tok = AutoTokenizer.from_pretrained(bloom_tokenizer)
     tok.add_special_tokens({"additional_special_tokens": YAYI_SPECIAL})
     tok.add_tokens(["weightops"])
+    tok.chat_template = CHAT_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(bloom)
     torch.manual_seed(5)
     model.resize_token_embeddings(416, mean_resizing=False)

@@ -137,6 +137,7 @@ def test_expanded_vocab_and_special_tokens(yayi_bloom, tmp_path, llama_cpp_run):
     meta = read_metadata(out)
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     assert len(tokens) == 416 and meta["tokenizer.ggml.eos_token_id"] == 2
+    assert meta["tokenizer.chat_template"] == tok.chat_template and "<|YaYi|>" in tok.chat_template
     end = tok.convert_tokens_to_ids("<|End|>")
     assert tokens[end] == "<|End|>" and types[end] == TokenType.CONTROL
     added = tok.convert_tokens_to_ids("weightops")

@@ -28,10 +28,10 @@ def verify(reference: str | Path, candidate: str | Path, *, prompts: str | Path 
            gguf_runtime: str = "llama.cpp", tp_config: str | Path | None = None, max_tokens: int | None = None,
            allow_tokenizer_mismatch: bool = False, diagnose: bool = True, ram_bytes: int = 1 << 30,
            log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Compare CANDIDATE with REFERENCE; returns the result document (`passed`, `failures`,
-    the metrics, what was compared and where; the metric keys are absent when no logits were
-    compared: --structure-only, or a candidate refused before running). Does not raise on a failed gate: see
-    `raise_if_failed`. Raises WeightopsError when the comparison cannot be made.
+    """Compare CANDIDATE with REFERENCE; returns the result document: `passed`, `failures`, the
+    metrics (absent when no logits were compared: --structure-only, or a candidate refused
+    before running), what was compared and where. A failed gate does not raise (see
+    `raise_if_failed`); a comparison that cannot be made raises WeightopsError.
 
     prompts: None (built-in set), a prompts file (JSONL or blank-line paragraphs) or texts.
     tokenizer: HF tokenizer directory used instead of the reference's own.
@@ -40,7 +40,6 @@ def verify(reference: str | Path, candidate: str | Path, *, prompts: str | Path 
     diagnose: when the gate fails and both sides store comparable values, name the tensors
     whose values differ. ram_bytes: reference logits held in RAM before spilling to disk.
     """
-    say = log or (lambda _msg: None)
     start = time.perf_counter()
     ref, cand = describe(reference, tp_config), describe(candidate, tp_config)
     kind = gate.candidate_kind(ref.tensor_types, cand.tensor_types, ref.format == "gguf", cand.format == "gguf")
@@ -63,44 +62,52 @@ def verify(reference: str | Path, candidate: str | Path, *, prompts: str | Path 
         raise WeightopsError("no prompt has two tokens or more; nothing to compare")
     result["prompts"] = len(tokenized)
     result["tokenizer"] = {"source": source, **_candidate_tokenization(cand, texts, tokenized, cap)}
-    _check_vocab(ref, cand, tokenized, result)
     if result["tokenizer"]["differences"]:
         msg = _tokenizer_message(result["tokenizer"])
         (result["notes"] if allow_tokenizer_mismatch else result["failures"]).append(msg)
-    if any("cannot represent" in f for f in result["failures"]):
+    if not _vocab_fits(ref, cand, tokenized, result):
         return _finish(result, start)
 
-    n_ctx = max(len(t.ids) for t in tokenized)
-    with LogitStore(ram_bytes) as store:
-        t0 = time.perf_counter()
-        runner = load_runner(ref, device=device, dtype=dtype, gguf_runtime=gguf_runtime, n_ctx=n_ctx)
-        result["reference"].update(runner.info)
-        say(f"reference: {ref.path} ({runner.info['runtime']}, {runner.info['device']}, {runner.info['dtype']})")
-        for t in progress.iterate(tokenized, len(tokenized), "reference", unit="prompt"):
-            store.add(runner.logits(list(t.ids)))
-        runner.close()
-        t1 = time.perf_counter()
-        runner = load_runner(cand, device=device, dtype=dtype, gguf_runtime=gguf_runtime, n_ctx=n_ctx)
-        result["candidate"].update(runner.info)
-        say(f"candidate: {cand.path} ({runner.info['runtime']}, {runner.info['device']}, {runner.info['dtype']})")
-        per_prompt, parts = [], []
-        for i, t in enumerate(progress.iterate(tokenized, len(tokenized), "candidate", unit="prompt")):
-            m = token_metrics(store.get(i)[:-1], runner.logits(list(t.ids))[:-1], list(t.ids[1:]))
-            parts.append(m)
-            per_prompt.append(_prompt_row(t, m))
-        runner.close()
-        t2 = time.perf_counter()
-        result["reference_logits_spilled_bytes"] = store.spilled
-    result["device"] = result["candidate"]["device"]
-    result["timing"] = {"reference_s": round(t1 - t0, 3), "candidate_s": round(t2 - t1, 3)}
-    result.update(summarize(TokenMetrics.concat(parts)))
+    per_prompt, metrics = _run_pair(ref, cand, tokenized, result, log or (lambda _msg: None), ram_bytes=ram_bytes,
+                                    device=device, dtype=dtype, gguf_runtime=gguf_runtime)
+    result.update(summarize(metrics))
     result["per_prompt"] = per_prompt
     result["worst_prompts"] = [p["name"] for p in sorted(per_prompt, key=lambda p: -p["kld_mean"])[:WORST]]
     result["failures"] += gate.failures(result, limits)
     if result["failures"] and diagnose and ref.format != "gguf" and cand.format != "gguf":
-        differ = compare_tensors(ref, cand)["checksums"]["differ"]
-        result["differing_tensors"] = differ
+        result["differing_tensors"] = compare_tensors(ref, cand)["checksums"]["differ"]
     return _finish(result, start)
+
+
+def _run_pair(ref: Model, cand: Model, tokenized: list[Tokenized], result: dict[str, Any],
+              say: Callable[[str], None], *, ram_bytes: int, **run_options) -> tuple[list[dict], TokenMetrics]:
+    """Run the reference over every prompt and keep its logits, free it, then run the candidate
+    and compare prompt by prompt. Fills in runtimes, devices, timings."""
+    n_ctx = max(len(t.ids) for t in tokenized)
+    per_prompt, parts, timing = [], [], {}
+    with LogitStore(ram_bytes) as store:
+        for side, model in (("reference", ref), ("candidate", cand)):
+            t0 = time.perf_counter()
+            runner = load_runner(model, n_ctx=n_ctx, **run_options)
+            try:
+                result[side].update(runner.info)
+                say(f"{side}: {model.path} ({runner.info['runtime']}, {runner.info['device']}, "
+                    f"{runner.info['dtype']})")
+                for i, t in enumerate(progress.iterate(tokenized, len(tokenized), side, unit="prompt")):
+                    logits = runner.logits(list(t.ids))
+                    if side == "reference":
+                        store.add(logits)
+                        continue
+                    m = token_metrics(store.get(i)[:-1], logits[:-1], list(t.ids[1:]))
+                    parts.append(m)
+                    per_prompt.append(_prompt_row(t, m))
+            finally:
+                runner.close()
+            timing[f"{side}_s"] = round(time.perf_counter() - t0, 3)
+        result["reference_logits_spilled_bytes"] = store.spilled
+    result["device"] = result["candidate"]["device"]
+    result["timing"] = timing
+    return per_prompt, TokenMetrics.concat(parts)
 
 
 def raise_if_failed(result: dict[str, Any]) -> None:
@@ -178,9 +185,9 @@ def _tokenizer_message(tok: dict[str, Any]) -> str:
             f"{first['candidate_id']})")
 
 
-def _check_vocab(ref: Model, cand: Model, tokenized: list[Tokenized], result: dict[str, Any]) -> None:
+def _vocab_fits(ref: Model, cand: Model, tokenized: list[Tokenized], result: dict[str, Any]) -> bool:
     """Ids beyond the reference's rows mean the wrong tokenizer (an error); beyond the
-    candidate's, a candidate that cannot read these prompts (a failed verification)."""
+    candidate's, a candidate that cannot read these prompts (a failure: False)."""
     top = max(tokenized, key=lambda t: max(t.ids))
     highest = max(top.ids)
     if ref.vocab is not None and highest >= ref.vocab:
@@ -189,11 +196,13 @@ def _check_vocab(ref: Model, cand: Model, tokenized: list[Tokenized], result: di
     if cand.vocab is not None and highest >= cand.vocab:
         result["failures"].append(f"the candidate's vocabulary ({cand.vocab} rows) cannot represent token id "
                                   f"{highest} of prompt {top.name}")
-    result["vocab_compared"] = min(v for v in (ref.vocab, cand.vocab) if v is not None) \
-        if (ref.vocab or cand.vocab) else None
-    if ref.vocab and cand.vocab and ref.vocab != cand.vocab:
+        return False
+    known = [v for v in (ref.vocab, cand.vocab) if v]
+    result["vocab_compared"] = min(known) if known else None
+    if len(set(known)) == 2:
         result["notes"].append(f"vocabulary sizes differ ({ref.vocab} vs {cand.vocab}); KL over the first "
                                f"{result['vocab_compared']} ids")
+    return True
 
 
 def _prompt_row(t: Tokenized, m: TokenMetrics) -> dict[str, Any]:

@@ -9,7 +9,10 @@ the state dict ever being in memory.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import io
+import mmap
 import pickle
 import sys
 from pathlib import Path
@@ -21,6 +24,7 @@ from ..errors import WeightopsError
 from ..stream import TensorRef
 
 _STORAGE_ALIGNMENT = 64
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else None
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -47,12 +51,27 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _drop_pages(tensor: torch.Tensor) -> None:
+    """madvise(DONTNEED) the whole pages under a memory-mapped tensor: they leave this
+    process's RSS and are read from the file again if touched (the mapping is private and
+    never written, so nothing is lost)."""
+    if _libc is None or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    begin = -(-start // page) * page                       # whole pages only: neighbours stay
+    end = (start + tensor.numel() * tensor.element_size()) // page * page
+    if end > begin:
+        _libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), mmap.MADV_DONTNEED)
+
+
 def read_torch_bin(path: Path) -> list[TensorRef]:
-    """Lazy references to the tensors of one `.bin` file, in its order (the data stays mapped)."""
+    """Lazy references to the tensors of one `.bin` file, in its order (the data stays
+    mapped; `release()` drops a consumed tensor's pages from RSS)."""
     path = Path(path)
     sd = load_state_dict(path)
-    return [TensorRef(name=k, shape=tuple(v.shape), dtype=v.dtype, source=str(path), loader=lambda t=v: t)
-            for k, v in sd.items()]
+    return [TensorRef(name=k, shape=tuple(v.shape), dtype=v.dtype, source=str(path), loader=lambda t=v: t,
+                      releaser=lambda t=v: _drop_pages(t)) for k, v in sd.items()]
 
 
 class _Storage:

@@ -126,8 +126,15 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="weightops-bench-quant-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.workdir is None:
+        with tempfile.TemporaryDirectory(prefix="weightops-bench-quant-") as tmp:
+            run(args, Path(tmp))
+    else:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        run(args, args.workdir)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     rng = np.random.default_rng(0)
     mats = [(rng.standard_normal((args.size, args.size)) * 0.02).astype(np.float32) for _ in range(args.matrices)]
     mats16 = [m.astype(np.float16) for m in mats]

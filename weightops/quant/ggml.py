@@ -71,14 +71,15 @@ def quantize(t: torch.Tensor, qtype: str) -> torch.Tensor:
         raise WeightopsError(f"cannot quantize a {t.dtype} tensor to {qtype}: expected a float tensor")
     blocks = t.reshape(-1, block)
     out = torch.empty((blocks.shape[0], size), dtype=torch.uint8, device=t.device)
-    step = max(1, CHUNK_VALUES // block)
+    workers, pool = _cpu_pool() if t.device.type == "cpu" else (1, None)
+    # chunks of at most CHUNK_VALUES, and at least one per worker
+    step = max(1, min(CHUNK_VALUES // block, -(-blocks.shape[0] // workers)))
     encode = _ENCODERS[qtype]
 
     def run(start: int) -> None:
         encode(blocks[start:start + step].to(torch.float32), out[start:start + step])
 
     starts = range(0, blocks.shape[0], step)
-    pool = _cpu_pool() if t.device.type == "cpu" and len(starts) > 1 else None
     if pool is None:
         for start in starts:
             run(start)
@@ -91,8 +92,9 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 _pool_lock = threading.Lock()
 
 
-def _cpu_pool() -> ThreadPoolExecutor | None:
-    """torch.get_num_threads() worker threads that run torch ops single-threaded, or None for one.
+def _cpu_pool() -> tuple[int, ThreadPoolExecutor | None]:
+    """(n, pool): torch.get_num_threads() = n worker threads that run torch ops single-threaded
+    (no pool when n is 1).
 
     Why not torch's own intra-op threads: they meet at a barrier after every op, and a chunk
     takes ~30 small ops, so one descheduled thread on a busy machine stalls every op (measured
@@ -103,7 +105,7 @@ def _cpu_pool() -> ThreadPoolExecutor | None:
     global _pool
     n = torch.get_num_threads()
     if n <= 1:
-        return None
+        return 1, None
     with _pool_lock:
         if _pool is None or _pool[0] != n:
             if _pool is not None:
@@ -115,7 +117,7 @@ def _cpu_pool() -> ThreadPoolExecutor | None:
             ready.wait()
             torch.set_num_threads(n)
             _pool = (n, pool)
-        return _pool[1]
+        return _pool
 
 
 def _single_threaded(ready: threading.Barrier) -> None:

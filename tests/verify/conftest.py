@@ -81,6 +81,16 @@ def q8_gguf(tmp_path_factory, calm_llama) -> Path:
 
 
 @pytest.fixture(scope="session")
+def int8_llama(tmp_path_factory, calm_llama) -> Path:
+    """`calm_llama` as bitsandbytes int8, written by `weightops bnb`'s library function."""
+    pytest.importorskip("bitsandbytes")
+    from weightops.quant.bnb import bnb_checkpoint
+    out = tmp_path_factory.mktemp("int8") / "model"
+    bnb_checkpoint(calm_llama, out, bits=8)
+    return out
+
+
+@pytest.fixture(scope="session")
 def foreign_tokenizer_llama(tmp_path_factory, tiny_llama) -> Path:
     """The tiny LLaMA's weights shipped with another SentencePiece tokenizer of the same size
     (trained on other text): every id is valid, but the ids mean other pieces."""

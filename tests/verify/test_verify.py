@@ -122,6 +122,8 @@ def test_gate_kinds_and_defaults():
     assert gate.candidate_kind({"bfloat16"}, {"Q5_1"}, False, True) == "q5"
     assert gate.candidate_kind({"bfloat16"}, {"F16"}, False, True) == "float"
     assert gate.candidate_kind({"bfloat16"}, {"Q2_K"}, False, True) == "low"
+    assert gate.candidate_kind({"bfloat16"}, {"bnb-int8"}, False, False) == "q8"
+    assert gate.candidate_kind({"bfloat16"}, {"bnb-nf4"}, False, False) == "q4"
     strictness = [gate.KINDS[k] for k in gate.KINDS]
     assert strictness == sorted(strictness, key=lambda t: (t[0], -t[1]))  # looser kind by kind
     t = gate.thresholds("q8")
@@ -226,6 +228,13 @@ def test_gguf_through_transformers_as_a_second_reader(calm_llama, q8_gguf, promp
     pytest.importorskip("accelerate")
     doc = verify(calm_llama, q8_gguf, prompts=prompts_file, gguf_runtime="transformers")
     assert doc["candidate"]["runtime"].startswith("transformers (GGUF")
+    assert doc["passed"], doc["failures"]
+    assert 1e-6 < doc["kld_mean"] <= gate.KINDS["q8"][0]
+
+
+def test_bitsandbytes_int8_candidate_passes_the_q8_gate(calm_llama, int8_llama, prompts_file):
+    doc = verify(calm_llama, int8_llama, prompts=prompts_file)
+    assert doc["candidate"]["tensor_types"] == ["bnb-int8"] and doc["thresholds"]["candidate_kind"] == "q8"
     assert doc["passed"], doc["failures"]
     assert 1e-6 < doc["kld_mean"] <= gate.KINDS["q8"][0]
 

@@ -44,7 +44,8 @@ _DEFAULTS = "; ".join(f"{k} {kld:g}/{100 * top1:g}%" for k, (kld, top1) in KINDS
     llama.cpp's published LLaMA 2/3 measurements (kind: max KLD / min top-1):
       {_DEFAULTS}.
     exact = HF/TencentPretrain with the same dtypes as the reference; float = another float
-    dtype or GGUF F32/F16/BF16; q8/q6/q5/q4 = GGUF Q8_0, Q6_K, Q5_*, Q4_*; low = below Q4.
+    dtype or GGUF F32/F16/BF16; q8/q6/q5/q4 = GGUF Q8_0, Q6_K, Q5_*, Q4_*, bitsandbytes int8
+    (q8) and nf4/fp4 (q4); low = below Q4.
 
     \b
     --structure-only runs no model: tensor names (HF names on both sides) and shapes, sha256

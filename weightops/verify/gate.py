@@ -6,15 +6,15 @@ measured for LLaMA 2 7B / LLaMA 3 8B on Wikitext-2 (tools/perplexity/README.md),
 ordinary quantization passes and a broken conversion (mean KLD of 0.5 and more, top-1 far
 below) does not:
 
-| kind  | candidate                                   | measured there (KLD, top-1)       | default gate      |
-|-------|---------------------------------------------|-----------------------------------|-------------------|
-| exact | HF/TencentPretrain, same dtypes as reference | 0, 100 % (same arithmetic)        | 1e-6, 0.999       |
-| float | other float dtype; GGUF F32/F16/BF16         | BF16 vs FP16: 2.5e-5, 99.7 %      | 1e-3, 0.98        |
-| q8    | GGUF Q8_0                                    | 0.00037 / 0.00136, 98.8 / 97.7 %  | 5e-3, 0.95        |
-| q6    | GGUF Q6_K                                    | 0.0021 / 0.0055, 97.5 / 96.0 %    | 0.02, 0.92        |
-| q5    | GGUF Q5_0/Q5_1/Q5_K                          | Q5_1 0.018, Q5_0 0.022 (L3 8B)    | 0.06, 0.88        |
-| q4    | GGUF Q4_0/Q4_1/Q4_K/IQ4                      | Q4_0 0.072 (L3 8B), Q4_K_M 91.9 % | 0.2, 0.80         |
-| low   | GGUF Q3/Q2/IQ3 and below                     | 0.1 - 0.45, 71 - 86 %             | 0.6, 0.65         |
+| kind  | candidate                                        | measured there (KLD, top-1)       | default gate |
+|-------|--------------------------------------------------|-----------------------------------|--------------|
+| exact | HF/TencentPretrain, same dtypes as the reference | 0, 100 % (same arithmetic)        | 1e-6, 0.999  |
+| float | another float dtype; GGUF F32/F16/BF16           | BF16 vs FP16: 2.5e-5, 99.7 %      | 1e-3, 0.98   |
+| q8    | GGUF Q8_0; bitsandbytes int8                     | 0.00037 / 0.00136, 98.8 / 97.7 %  | 5e-3, 0.95   |
+| q6    | GGUF Q6_K                                        | 0.0021 / 0.0055, 97.5 / 96.0 %    | 0.02, 0.92   |
+| q5    | GGUF Q5_0/Q5_1/Q5_K                              | Q5_1 0.018, Q5_0 0.022 (L3 8B)    | 0.06, 0.88   |
+| q4    | GGUF Q4_0/Q4_1/Q4_K/IQ4; bitsandbytes nf4/fp4    | Q4_0 0.072 (L3 8B), Q4_K_M 91.9 % | 0.2, 0.80    |
+| low   | GGUF Q3/Q2/IQ3 and below                         | 0.1 - 0.45, 71 - 86 %             | 0.6, 0.65    |
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ KINDS: dict[str, tuple[float, float]] = {
 }
 _ORDER = list(KINDS)
 _FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
+BNB_KINDS = {"bnb-int8": "q8", "bnb-nf4": "q4", "bnb-fp4": "q4"}
 
 
 def ggml_kind(type_name: str) -> str:
@@ -46,13 +47,15 @@ def ggml_kind(type_name: str) -> str:
 
 
 def candidate_kind(ref_types: set[str], cand_types: set[str], ref_gguf: bool, cand_gguf: bool) -> str:
-    """The least precise kind among the matrices of both sides (the types of 2-D tensors:
-    torch dtypes, or GGML types for GGUF files)."""
-    if not ref_gguf and not cand_gguf:
+    """The least precise kind among the matrices of both sides. Types are those of the 2-D
+    tensors: torch dtypes, GGML types for GGUF files, `bnb-*` for bitsandbytes checkpoints.
+    Two float torch checkpoints are `exact` when their dtypes are the same, else `float`."""
+    kinds = []
+    for types, gguf in ((ref_types, ref_gguf), (cand_types, cand_gguf)):
+        kinds += [ggml_kind(t) if gguf else BNB_KINDS[t] for t in types if gguf or t in BNB_KINDS]
+    if not kinds:
         return "exact" if ref_types == cand_types else "float"
-    kinds = [ggml_kind(t) for t in ref_types] if ref_gguf else []
-    kinds += [ggml_kind(t) for t in cand_types] if cand_gguf else []
-    return max(kinds or ["float"], key=_ORDER.index)
+    return max(["float", *kinds], key=_ORDER.index)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ class Model:
     vocab: int | None          # rows of the output distribution (embedding rows)
     context: int | None        # longest input the model was built for, when it says
     tokenizer: Path | None     # its own HF tokenizer directory (None for GGUF: llama.cpp's)
-    tensor_types: set[str] = field(default_factory=set)  # dtypes / GGML types of its matrices
+    tensor_types: set[str] = field(default_factory=set)  # dtypes / GGML types / bnb-* of its matrices
 
     @property
     def format(self) -> str:
@@ -62,7 +62,17 @@ def describe(path: str | Path, tp_config: str | Path | None = None) -> Model:
         d = ckpt.directory
         tokenizer = d if any((d / f).is_file() for f in _TOKENIZER_FILES) else None
     types = {r.ggml_type or str(r.dtype).removeprefix("torch.") for r in ckpt.tensors if len(r.shape) >= 2}
+    if bnb := _bnb_type(cfg if ckpt.format != "gguf" else {}):
+        types = {bnb}  # packed bytes: the quantization says what the weights are
     return Model(Path(path), ckpt, vocab, context, tokenizer, types)
+
+
+def _bnb_type(config: dict) -> str | None:
+    """`bnb-int8`, `bnb-nf4` or `bnb-fp4` for a checkpoint saved by bitsandbytes (`weightops bnb`)."""
+    q = config.get("quantization_config") or {}
+    if q.get("quant_method") != "bitsandbytes":
+        return None
+    return "bnb-int8" if q.get("load_in_8bit") else f"bnb-{q.get('bnb_4bit_quant_type', 'fp4')}"
 
 
 def _hf_config(ckpt: Checkpoint) -> dict:

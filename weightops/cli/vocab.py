@@ -12,8 +12,7 @@ from . import main
 
 
 def _read_tokens(path: Path) -> list[str]:
-    tokens = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines()]
-    tokens = [t for t in tokens if t]
+    tokens = [line for line in path.read_text(encoding="utf-8").splitlines() if line]  # spaces are kept
     if not tokens:
         raise WeightopsError(f"{path}: no tokens (expected one token per line)")
     return tokens

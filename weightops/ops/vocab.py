@@ -25,7 +25,7 @@ from ..vocabulary import embedding_name, tokenizer_size
 
 INIT_RULES = ("subtoken-mean", "mean", "normal", "zeros")
 NORMAL_EPSILON = 1e-9  # covariance scale of the `normal` rule, as transformers' mean_resizing
-_CHUNK = 4096          # rows per step when reducing over the old matrix (bounds float copies)
+_CHUNK = 4096          # rows per step over the old matrix and per batch of new rows (bounds float copies)
 
 
 @dataclass(frozen=True)

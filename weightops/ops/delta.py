@@ -269,12 +269,14 @@ def _output(pair: _Pair, sign: int, dtype: torch.dtype | None, report: DeltaRepo
     o, b = pair.other, pair.base
     out_dtype = dtype if dtype is not None and o.dtype.is_floating_point else o.dtype
     if pair.mode == "replace":
-        fn = _carry(o, out_dtype, report)
-        source = o.source
-    else:
-        fn = _combiner(b, o, sign, out_dtype, report)
-        source = f"{b.source} {'+' if sign > 0 else '-'} {o.source}"
-    return TensorRef(name=o.name, shape=o.shape, dtype=out_dtype, source=source, loader=fn)
+        return TensorRef(name=o.name, shape=o.shape, dtype=out_dtype, source=o.source,
+                         loader=_carry(o, out_dtype, report), releaser=o.release)
+
+    def release() -> None:
+        b.release()
+        o.release()
+    return TensorRef(name=o.name, shape=o.shape, dtype=out_dtype, loader=_combiner(b, o, sign, out_dtype, report),
+                     source=f"{b.source} {'+' if sign > 0 else '-'} {o.source}", releaser=release)
 
 
 def _carry(o: TensorRef, out_dtype: torch.dtype, report: DeltaReport | None) -> Callable[[], torch.Tensor]:
@@ -298,19 +300,33 @@ def _combiner(b: TensorRef, o: TensorRef, sign: int, out_dtype: torch.dtype,
         n = base_t.numel()
         differing = 0
         for i in range(0, n, _CHUNK):
-            j = min(i + _CHUNK, n)
-            acc = flat_o[i:j].to(torch.float32, copy=True)
-            acc.add_(base_t[i:j]) if sign > 0 else acc.sub_(base_t[i:j])
-            flat_out[i:j].copy_(acc)
+            part = slice(i, min(i + _CHUNK, n))
+            _combine_into(flat_out[part], flat_o[part], base_t[part], sign)
             if report is not None:
-                back = base_t[i:j].to(torch.float32, copy=True).add_(flat_out[i:j])
-                differing += _count_different(back.to(other_t.dtype), flat_o[i:j])
+                back = torch.empty(part.stop - i, dtype=other_t.dtype)
+                _combine_into(back, base_t[part], flat_out[part], +1)
+                differing += _count_different(back, flat_o[part])
         flat_out[n:].copy_(flat_o[n:])  # expanded vocabulary rows, stored as they are
         if report is not None:
             differing += _count_different(flat_out[n:].to(other_t.dtype), flat_o[n:])
             report.round_trip[o.name] = (differing, out.numel())
         return out
     return load
+
+
+def _combine_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, sign: int) -> None:
+    """`out = x ± y`, computed in float32 (float64 for float64 inputs), rounded once to out's dtype.
+
+    When all three share a dtype, torch's own kernel gives the same bits in one pass: for
+    16-bit floats it rounds the float32 result once (and float32 carries more than 2p + 2
+    bits, so even a kernel that rounds the exact sum directly agrees).
+    """
+    if x.dtype == y.dtype == out.dtype:
+        (torch.add if sign > 0 else torch.sub)(x, y, out=out)
+        return
+    acc = x.to(torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32), copy=True)
+    acc.add_(y) if sign > 0 else acc.sub_(y)
+    out.copy_(acc)
 
 
 def _count_different(a: torch.Tensor, b: torch.Tensor) -> int:

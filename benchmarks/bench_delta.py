@@ -1,0 +1,184 @@
+"""apply-delta / make-delta against the reference scripts' approach and against the I/O floor.
+
+Synthetic LLaMA-shaped checkpoints (random bf16, hidden 2048, 2 GB shards) at two depths: a
+base, and a "fine-tune" with other random weights; the delta is made by our make-delta
+first (and timed). Each contender runs in a fresh process with the input files evicted from
+the page cache (`--cache cold`, the default) or read once just before (`--cache warm`):
+
+- ours:     `weightops apply-delta` / `make-delta` (streaming, a tensor pair in flight);
+- baseline: load both models whole, add (or subtract) in place in bf16, save one file, fsync
+            (what FastChat's / ChatYuan's apply_delta.py and make_delta.py do, minus
+            building transformers models around the tensors: a lower bound on their cost);
+- floor:    plain file copies: read the first input to /dev/null, `cp -r` the second input to
+            the output (it reads it and writes as many bytes as the output has), fsync.
+
+Each contender runs --repeat times, interleaved with the others; the best wall time and the
+highest memory peaks are reported. Targets (issue 3): peak anonymous RSS flat in model size; wall <= 1.3x the I/O floor.
+
+    python benchmarks/bench_delta.py [--layers 4 8] [--cache cold|warm] [--workdir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import Measured, measure, python, synthetic_llama
+
+# Python contenders write the wall time of the work itself (after interpreter start and
+# imports, a fixed cost of a few seconds on a loaded machine) to the file named by argv[4].
+OURS = """
+import sys, time
+from pathlib import Path
+from weightops.ops.delta import {fn}
+t0 = time.perf_counter()
+{fn}(sys.argv[1], sys.argv[2], sys.argv[3])
+Path(sys.argv[4]).write_text(str(time.perf_counter() - t0))
+"""
+
+BASELINE = """
+import os, sys, time
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+t0 = time.perf_counter()
+
+def load(d):
+    out = {{}}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+first, second = load(sys.argv[1]), load(sys.argv[2])
+if "{job}" == "apply":  # apply_delta.py: base param += delta
+    for name, param in first.items():
+        param += second[name]
+    result = first
+else:  # make_delta.py: target param -= base
+    for name, param in second.items():
+        param -= first[name]
+    result = second
+Path(sys.argv[3]).mkdir()
+save_file(result, Path(sys.argv[3]) / "model.safetensors", metadata={{"format": "pt"}})
+fd = os.open(Path(sys.argv[3]) / "model.safetensors", os.O_RDONLY); os.fsync(fd)
+Path(sys.argv[4]).write_text(str(time.perf_counter() - t0))
+"""
+
+FLOOR = 'cat "$1"/*.safetensors > /dev/null && cp -r "$2" "$3" && sync "$3"/*'
+
+
+def weight_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def set_cache(paths: list[Path], cache: str) -> None:
+    """Evict the inputs from the page cache (cold) or read them into it (warm)."""
+    for p in paths:
+        if cache == "warm":
+            with open(p, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        else:
+            fd = os.open(p, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def run(cmd: list[str], first: Path, second: Path, out: Path, cache: str) -> tuple[Measured, float]:
+    """(process measurement, wall of the work alone: without interpreter start and imports)."""
+    shutil.rmtree(out, ignore_errors=True)
+    set_cache(weight_files(first) + weight_files(second), cache)
+    clock = out.with_name(out.name + ".time")
+    clock.unlink(missing_ok=True)
+    m = measure(cmd + [str(first), str(second), str(out), str(clock)])
+    return m, float(clock.read_text()) if clock.exists() else m.wall_s
+
+
+def contenders(job: str) -> dict[str, list[str]]:
+    fn = {"apply": "apply_delta_checkpoint", "make": "make_delta_checkpoint"}[job]
+    return {"ours": python(OURS.format(fn=fn)), "baseline": python(BASELINE.format(job=job)),
+            "floor": ["sh", "-c", FLOOR, "floor"]}
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Our output against the baseline's: float32 arithmetic rounded once equals in-place bf16."""
+    from weightops.checkpoint import open_checkpoint
+    ours = {r.name: r for r in open_checkpoint(a).tensors}
+    theirs = {r.name: r for r in open_checkpoint(b).tensors}
+    return ours.keys() == theirs.keys() and all(ours[n].raw().tobytes() == theirs[n].raw().tobytes() for n in ours)
+
+
+@dataclass
+class Best:
+    """The fastest of the repeated runs and the highest memory peaks among them."""
+
+    wall: float = float("inf")   # the whole process, interpreter start and imports included
+    work: float = float("inf")   # the work alone
+    rss: float = 0.0             # MB, VmHWM
+    anon: float = 0.0            # MB, RssAnon
+
+    def add(self, m: Measured, work: float) -> None:
+        self.wall, self.work = min(self.wall, m.wall_s), min(self.work, work)
+        self.rss, self.anon = max(self.rss, m.peak_rss_mb), max(self.anon, m.peak_anon_mb)
+
+    def row(self, label: str) -> str:
+        return (f"{label:<22} wall {self.wall:6.2f} s (work {self.work:6.2f} s)   peak RSS {self.rss:7.1f} MB   "
+                f"peak anon {self.anon:7.1f} MB")
+
+
+def run_size(work: Path, layers: int, repeat: int, cache: str) -> dict[tuple[str, str], Best]:
+    base = synthetic_llama(work / f"base-{layers}", layers, seed=0)
+    target = synthetic_llama(work / f"target-{layers}", layers, seed=1)
+    delta = work / f"delta-{layers}"
+    size = sum(f.stat().st_size for f in weight_files(base)) / 1e9
+    print(f"\n{layers} layers, {size:.2f} GB per checkpoint (load average {os.getloadavg()[0]:.1f})")
+    res: dict[tuple[str, str], Best] = {}
+    for job, (first, second) in (("make", (base, target)), ("apply", (base, delta))):
+        for _ in range(repeat):  # interleaved, so that load from other processes hits all alike
+            for name, cmd in contenders(job).items():
+                out = delta if (job, name) == ("make", "ours") else work / f"{job}-{name}"
+                res.setdefault((job, name), Best()).add(*run(cmd, first, second, out, cache))
+        for name in contenders(job):
+            print(res[job, name].row(f"{job}-delta {name}"))
+        ours_out = delta if job == "make" else work / "apply-ours"
+        print(f"{job}-delta: ours == baseline bit for bit: {same_tensors(ours_out, work / f'{job}-baseline')}")
+        o, b, f = res[job, "ours"], res[job, "baseline"], res[job, "floor"]
+        print(f"{job}-delta ratios: ours/floor wall {o.wall / f.wall:.2f}x (work {o.work / f.work:.2f}x), "
+              f"ours/baseline wall {o.wall / b.wall:.2f}x (work {o.work / b.work:.2f}x); baseline/ours peak RSS "
+              f"{b.rss / o.rss:.1f}x, peak anon {b.anon / o.anon:.1f}x")
+    for p in (base, target, delta, *work.glob("apply-*"), *work.glob("make-*")):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--cache", choices=("cold", "warm"), default="cold")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per contender; the fastest wall and the largest "
+                                                          "memory peaks are reported")
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="weightops-bench-delta-"))
+    print(f"inputs {args.cache} in the page cache, {os.cpu_count()} CPUs; peak RSS = VmHWM (mapped input pages "
+          "included), peak anon = RssAnon")
+    try:
+        results = {layers: run_size(work, layers, args.repeat, args.cache) for layers in args.layers}
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    lo, hi = min(results), max(results)
+    print()
+    for job in ("make", "apply"):
+        for name in ("ours", "baseline"):
+            a, b = results[lo][job, name], results[hi][job, name]
+            print(f"{job}-delta {name}: {lo} -> {hi} layers, peak RSS {a.rss:.0f} -> {b.rss:.0f} MB "
+                  f"({(b.rss / a.rss - 1) * 100:+.0f}%), peak anon {a.anon:.0f} -> {b.anon:.0f} MB "
+                  f"({(b.anon / a.anon - 1) * 100:+.0f}%)")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

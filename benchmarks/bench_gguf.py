@@ -1,7 +1,7 @@
 """GGUF export: `weightops gguf` against the library path and the two-pass pipeline, on a tiny
 LLaMA and on synthetic LLaMA-shaped checkpoints (random bf16, hidden 2048, GQA 16/4 heads).
 
-    python benchmarks/bench_gguf.py [--workdir DIR] [--layers 8 16] [--skip-library]
+    python benchmarks/bench_gguf.py [--workdir DIR] [--layers 8 16] [--skip-library] [--repeat N]
 
 Contenders, each a fresh child process (wall time and peak RSS / anonymous RSS sampled from /proc):
   q8_0  weightops gguf --type q8_0
@@ -18,8 +18,11 @@ flat in model size (8 vs 16 layers).
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import Measured, measure, python, synthetic_llama
@@ -64,45 +67,71 @@ def weightops(*args: str) -> list[str]:
     return python("from weightops.cli import run; run()") + ["-q", "gguf", *args, "--force"]
 
 
-def fmt(label: str, m: Measured) -> str:
-    return m.row(label)
+@dataclass
+class Run:
+    """Wall time and peak memory (common.measure) plus the child's CPU time (user + system),
+    which, unlike wall time, barely moves when other jobs share the machine."""
+
+    m: Measured
+    cpu_s: float
+
+    def row(self, label: str) -> str:
+        return f"{self.m.row(label)}   CPU {self.cpu_s:7.2f} s"
 
 
-def bench_model(name: str, model: Path, tokenizer: Path, work: Path, library: bool) -> dict[str, Measured]:
+REPEAT = 1
+
+
+def run(cmd: list[str]) -> Run:
+    """The median-wall run of REPEAT runs of `cmd` (the machine may be shared)."""
+    runs = []
+    for _ in range(REPEAT):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        m = measure(cmd)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        runs.append(Run(m, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime))
+    return sorted(runs, key=lambda r: r.m.wall_s)[len(runs) // 2]
+
+
+def bench_model(name: str, model: Path, tokenizer: Path, work: Path, library: bool) -> dict[str, Run]:
     out = work / "out.gguf"
     tok = ["--tokenizer", str(tokenizer)]
-    r: dict[str, Measured] = {}
-    r["ours q8_0"] = measure(weightops(str(model), str(out), "--type", "q8_0", *tok))
+    r: dict[str, Run] = {}
+    r["ours q8_0"] = run(weightops(str(model), str(out), "--type", "q8_0", *tok))
     q8_size = out.stat().st_size
     if library:
-        r["library q8_0"] = measure(python(LIBRARY_Q8_0) + [str(model), str(out)])
-    r["ours q4_0"] = measure(weightops(str(model), str(out), "--type", "q4_0", "--pure", *tok))
+        r["library q8_0"] = run(python(LIBRARY_Q8_0) + [str(model), str(out)])
+    r["ours q4_0"] = run(weightops(str(model), str(out), "--type", "q4_0", "--pure", *tok))
     q4_size = out.stat().st_size
     f16 = work / "f16.gguf"
-    r["pass 1: f16 GGUF"] = measure(weightops(str(model), str(f16), "--type", "f16", *tok))
-    r["pass 2: llama.cpp quantize"] = measure(python(LLAMA_CPP_QUANTIZE) + [str(f16), str(out)])
+    r["pass 1: f16 GGUF"] = run(weightops(str(model), str(f16), "--type", "f16", *tok))
+    r["pass 2: llama.cpp quantize"] = run(python(LLAMA_CPP_QUANTIZE) + [str(f16), str(out)])
     one, two = r["pass 1: f16 GGUF"], r["pass 2: llama.cpp quantize"]
-    r["two-pass total"] = Measured(one.wall_s + two.wall_s, max(one.peak_rss_mb, two.peak_rss_mb),
-                                   max(one.peak_anon_mb, two.peak_anon_mb), 0)
+    r["two-pass total"] = Run(Measured(one.m.wall_s + two.m.wall_s, max(one.m.peak_rss_mb, two.m.peak_rss_mb),
+                                       max(one.m.peak_anon_mb, two.m.peak_anon_mb), 0), one.cpu_s + two.cpu_s)
     f16.unlink()
     out.unlink()
     size = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
     print(f"\n== {name}: {size:.3f} GB bf16 safetensors; Q8_0 file {q8_size / 1e9:.3f} GB, "
-          f"pure Q4_0 file {q4_size / 1e9:.3f} GB")
+          f"pure Q4_0 file {q4_size / 1e9:.3f} GB; load average {os.getloadavg()[0]:.1f}")
     for label, m in r.items():
-        print(fmt(label, m))
+        print(m.row(label))
+    ours, pipeline = r["ours q4_0"], r["two-pass total"]
     if library:
-        print(f"q8_0: weightops / library path wall = {r['ours q8_0'].wall_s / r['library q8_0'].wall_s:.2f}x")
-    params = sum(r.numel for r in open_checkpoint(model).tensors)
-    print(f"llama.cpp quantizer (pass 2, incl. reading the f16 file): {params / two.wall_s / 1e6:.1f} M values/s; "
-          f"weightops one pass (incl. reading bf16, writing Q4_0): {params / r['ours q4_0'].wall_s / 1e6:.1f} M values/s")
-    print(f"q4_0: weightops one pass / two-pass pipeline wall = "
-          f"{r['ours q4_0'].wall_s / r['two-pass total'].wall_s:.2f}x (target <= 0.5x)")
+        print(f"q8_0: weightops / library path: wall {r['ours q8_0'].m.wall_s / r['library q8_0'].m.wall_s:.2f}x, "
+              f"CPU {r['ours q8_0'].cpu_s / r['library q8_0'].cpu_s:.2f}x")
+    params = sum(t.numel for t in open_checkpoint(model).tensors)
+    print(f"throughput, M values per wall second / per CPU second: llama.cpp quantizer alone (pass 2, reading the "
+          f"f16 file) {params / two.m.wall_s / 1e6:.1f} / {params / two.cpu_s / 1e6:.1f}; weightops whole job "
+          f"(reading bf16, writing Q4_0) {params / ours.m.wall_s / 1e6:.1f} / {params / ours.cpu_s / 1e6:.1f}")
+    print(f"q4_0: weightops one pass / two-pass pipeline: wall {ours.m.wall_s / pipeline.m.wall_s:.2f}x, "
+          f"CPU {ours.cpu_s / pipeline.cpu_s:.2f}x (target <= 0.5x)")
     return r
 
 
 def kernel_throughput() -> None:
-    """Values per second of the block kernels alone on one 5632 x 2048 float32 tensor (in process)."""
+    """Values per second (wall and CPU) of the block kernels alone on one 5632 x 2048 float32
+    tensor, in process: weightops' torch kernels and gguf.quants' numpy ones."""
     import time
 
     import gguf
@@ -111,21 +140,21 @@ def kernel_throughput() -> None:
     from weightops.quant import ggml
     x = torch.randn(5632, 2048, generator=torch.Generator().manual_seed(0)) * 0.02
     print("\n== kernels on one 5632 x 2048 float32 tensor (11.5 M values), CPU, "
-          f"{torch.get_num_threads()} torch threads")
+          f"{torch.get_num_threads()} torch threads; M values per wall second / per CPU second")
     for qtype in ("q8_0", "q4_0"):
-        best = min(_timed(lambda: ggml.quantize(x, qtype)) for _ in range(3))
-        start = time.perf_counter()
-        gguf.quants.quantize(x.numpy(), getattr(gguf.GGMLQuantizationType, qtype.upper()))
-        numpy_s = time.perf_counter() - start
-        print(f"{qtype}: weightops.quant.ggml {x.numel() / best / 1e6:8.1f} M values/s   "
-              f"gguf.quants (numpy) {x.numel() / numpy_s / 1e6:8.1f} M values/s")
+        ours = min((_timed(lambda: ggml.quantize(x, qtype)) for _ in range(3)), key=lambda t: t[1])
+        numpy = _timed(lambda: gguf.quants.quantize(x.numpy(), getattr(gguf.GGMLQuantizationType, qtype.upper())))
+        n = x.numel() / 1e6
+        print(f"{qtype}: weightops.quant.ggml {n / ours[0]:7.1f} / {n / ours[1]:7.1f}   "
+              f"gguf.quants (numpy) {n / numpy[0]:7.1f} / {n / numpy[1]:7.1f}")
 
 
-def _timed(fn) -> float:
+def _timed(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of fn()."""
     import time
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -133,7 +162,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--skip-library", action="store_true", help="skip the (slow) numpy library path on big models")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per contender; the median wall time is reported")
     args = ap.parse_args()
+    global REPEAT
+    REPEAT = args.repeat
     work = args.workdir or Path(tempfile.mkdtemp(prefix="weightops-bench-gguf-"))
     work.mkdir(parents=True, exist_ok=True)
     from weightops import tiny
@@ -153,7 +185,7 @@ def main() -> None:
     if len(results) >= 2:
         lo, hi = min(results), max(results)
         for label in ("ours q8_0", "ours q4_0"):
-            a, b = results[lo][label], results[hi][label]
+            a, b = results[lo][label].m, results[hi][label].m
             print(f"{label}: peak anon RSS {lo} -> {hi} layers {a.peak_anon_mb:.0f} -> {b.peak_anon_mb:.0f} MB "
                   f"({(b.peak_anon_mb / a.peak_anon_mb - 1) * 100:+.1f}%), peak RSS {a.peak_rss_mb:.0f} -> "
                   f"{b.peak_rss_mb:.0f} MB")

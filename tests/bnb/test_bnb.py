@@ -216,3 +216,19 @@ def test_tensors_are_cast_to_the_config_dtype_first(label, spm_tokenizer, tmp_pa
     _assert_same_tensors(ours, load_all(tmp_path / "theirs"))
     assert ours["model.embed_tokens.weight"].dtype == torch.float16
     assert _config(tmp_path / "ours") == _config(tmp_path / "theirs")
+
+
+def test_bloom_without_the_transformer_prefix_gets_the_names_transformers_saves(tiny_bloom, tmp_path, cli, load_all):
+    """Old BLOOM checkpoints omit `transformer.`; the loaded model (and so save_pretrained) has it."""
+    from safetensors.torch import save_file
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in tiny_bloom.iterdir():
+        if f.suffix == ".json":
+            (src / f.name).write_bytes(f.read_bytes())
+    tensors = {k.removeprefix("transformer."): v for k, v in load_all(tiny_bloom).items()}
+    assert "h.0.self_attention.dense.weight" in tensors
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    _transformers(src, tmp_path / "theirs", load_in_8bit=True)
+    assert cli("bnb", src, tmp_path / "ours", "--bits", "8").exit_code == 0
+    _assert_same_tensors(load_all(tmp_path / "ours"), load_all(tmp_path / "theirs"))

@@ -223,26 +223,28 @@ def bnb_checkpoint(model: str | Path, output: str | Path, *, bits: int, quant_ty
     if ckpt.architecture is None:
         raise WeightopsError(f"{ckpt.path}: unknown architecture, so which tensors are linear layers is unknown "
                              "(supported: llama, bloom)")
-    linear = linear_weights(get_arch(ckpt.architecture))
-    skipped = [r.name for r in ckpt.tensors if linear(r) and matches_any(r.name, skip)]
+    table = get_arch(ckpt.architecture)
+    tensors = [r.renamed(table.normalize_hf(r.name)) for r in ckpt.tensors]  # as the loaded model names them
+    linear = linear_weights(table)
+    skipped = [r.name for r in tensors if linear(r) and matches_any(r.name, skip)]
     unused = [g for g in skip if not any(matches_any(n, (g,)) for n in skipped)]
     if unused:
         raise WeightopsError(f"--skip {', '.join(repr(g) for g in unused)} matches no linear weight of {ckpt.path} "
                              "(globs are matched against tensor names, e.g. 'model.layers.*.mlp.down_proj.weight')")
     skip_modules = [OUTPUT_HEAD, *(n.removesuffix(".weight") for n in skipped)] if skipped else None
     dev = resolve_device(device)
-    dtype = model_dtype(ckpt.config, ckpt.tensors)
+    dtype = model_dtype(ckpt.config, tensors)
     kept = set(skipped)
-    report = BnbReport(quantized=[r.name for r in ckpt.tensors if linear(r) and r.name not in kept],
+    report = BnbReport(quantized=[r.name for r in tensors if linear(r) and r.name not in kept],
                        skipped=skipped, quantization_config=spec.quantization_config(skip_modules), device=str(dev),
                        dtype=str(dtype).removeprefix("torch.") if dtype else None)
-    stream: Stream = cast(ckpt.tensors, dtype)
+    stream: Stream = cast(tensors, dtype)
     if spec.bits == 4 and spec.double_quant:
-        stream = progress.iterate(stream, total=len(ckpt.tensors), desc="sizing quant states")
+        stream = progress.iterate(stream, total=len(tensors), desc="sizing quant states")
     refs = quantize_bnb(stream, spec, lambda r: linear(r) and r.name not in kept, dev)
     report.files = save_hf(refs, Path(output), aux_files=ckpt.aux_files, inputs=[ckpt.path], force=force,
                            max_shard_size=max_shard_size,
                            config_update={"quantization_config": report.quantization_config},
-                           total_parameters=sum(r.numel for r in ckpt.tensors),  # as the loaded model counts them
+                           total_parameters=sum(r.numel for r in tensors),  # as the loaded model counts them
                            desc=f"bnb {bits}-bit" + (f" {quant_type}" if bits == 4 else ""))
     return report

@@ -4,9 +4,10 @@ on a synthetic LLaMA-shaped model (random bf16, 16 layers, hidden 1024, vocab 32
     python benchmarks/bench_bnb.py [--workdir DIR] [--layers 16] [--hidden 1024] [--specs int8 nf4 nf4-dq]
                                    [--repeat N]
 
-Each contender runs in a fresh interpreter; wall time and peak memory (VmHWM, and RssAnon
-sampled from /proc) are measured from outside. With --repeat the contenders alternate and
-the best wall time of each is kept (other work on the machine only ever slows a run down).
+Each contender runs in a fresh interpreter; wall time, CPU time (user + system, which barely
+moves when other jobs share the machine) and peak memory (VmHWM, and RssAnon sampled from
+/proc) are measured from outside. With --repeat the contenders alternate and the best wall
+and CPU time of each are kept (other work on the machine only ever slows a run down).
 A baseline row is an interpreter that only imports torch, bitsandbytes and transformers:
 the memory floor both contenders start from. The two outputs are then compared file by
 file: the benchmark fails if they are not byte-identical.
@@ -14,6 +15,7 @@ file: the benchmark fails if they are not byte-identical.
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,9 +46,17 @@ model.save_pretrained(sys.argv[2])
 IMPORTS = "import torch, bitsandbytes.functional, transformers; from transformers import AutoModelForCausalLM"
 
 
-def _best(runs: list[Measured]) -> Measured:
-    return Measured(min(r.wall_s for r in runs), max(r.peak_rss_mb for r in runs),
-                    max(r.peak_anon_mb for r in runs), 0)
+def _run(cmd: list[str]) -> tuple[Measured, float]:
+    """common.measure plus the child's CPU seconds."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m = measure(cmd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return m, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+def _best(runs: list[tuple[Measured, float]]) -> tuple[Measured, float]:
+    return (Measured(min(m.wall_s for m, _ in runs), max(m.peak_rss_mb for m, _ in runs),
+                     max(m.peak_anon_mb for m, _ in runs), 0), min(cpu for _, cpu in runs))
 
 
 def _same_files(a: Path, b: Path) -> bool:
@@ -69,7 +79,8 @@ def main() -> None:
                           intermediate=args.hidden * 11 // 4, heads=args.hidden // 64, kv_heads=args.hidden // 64)
     size = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
     print(f"model: {args.layers} layers, hidden {args.hidden}, {size:.2f} GB bf16 ({src})")
-    print(measure(python(IMPORTS)).row("baseline: imports only"))
+    base, base_cpu = _run(python(IMPORTS))
+    print(f"{base.row('baseline: imports only')}   CPU {base_cpu:6.2f} s")
     for spec in args.specs:
         options, bnb_args = SPECS[spec]
         ours_out, theirs_out = work / f"ours-{spec}", work / f"transformers-{spec}"
@@ -77,16 +88,16 @@ def main() -> None:
         for _ in range(args.repeat):
             for out in (ours_out, theirs_out):
                 shutil.rmtree(out, ignore_errors=True)
-            ours_runs.append(measure(python(OURS) + [str(src), str(ours_out), *options]))
-            theirs_runs.append(measure(python(TRANSFORMERS.format(args=bnb_args)) + [str(src), str(theirs_out)]))
-        ours, theirs = _best(ours_runs), _best(theirs_runs)
+            ours_runs.append(_run(python(OURS) + [str(src), str(ours_out), *options]))
+            theirs_runs.append(_run(python(TRANSFORMERS.format(args=bnb_args)) + [str(src), str(theirs_out)]))
+        (ours, ours_cpu), (theirs, theirs_cpu) = _best(ours_runs), _best(theirs_runs)
         identical = _same_files(ours_out, theirs_out)
         print(f"\n{spec}: outputs byte-identical: {identical}")
-        print(ours.row("weightops bnb"))
-        print(theirs.row("transformers load+quantize+save"))
-        print(f"wall ratio weightops / transformers: {ours.wall_s / theirs.wall_s:.2f}x   "
-              f"peak RSS ratio: {ours.peak_rss_mb / theirs.peak_rss_mb:.2f}x   "
-              f"peak anon ratio: {ours.peak_anon_mb / theirs.peak_anon_mb:.2f}x")
+        print(f"{ours.row('weightops bnb')}   CPU {ours_cpu:6.2f} s")
+        print(f"{theirs.row('transformers load+quantize+save')}   CPU {theirs_cpu:6.2f} s")
+        print(f"weightops / transformers: wall {ours.wall_s / theirs.wall_s:.2f}x   CPU {ours_cpu / theirs_cpu:.2f}x   "
+              f"peak RSS {ours.peak_rss_mb / theirs.peak_rss_mb:.2f}x   "
+              f"peak anon {ours.peak_anon_mb / theirs.peak_anon_mb:.2f}x")
         if not identical:
             raise SystemExit(f"{spec}: weightops and transformers outputs differ")
     if args.workdir is None:

@@ -20,6 +20,7 @@ from weightops.verify.prompts import default_prompts, first_difference, read_pro
 
 DESIGN_KEYS = ("tokens", "kld_mean", "kld_p99", "kld_max", "top1_agreement", "ppl_reference", "ppl_candidate",
                "max_abs_logit_diff", "passed")
+PROMPT_TEXT = "the quick brown fox jumps over the lazy dog 1234."
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -285,9 +286,6 @@ def test_device_auto_falls_back_to_cpu_and_cuda_without_gpu_is_refused(cli, tiny
 def test_max_tokens_and_dtype_override(tiny_llama):
     doc = verify(tiny_llama, tiny_llama, prompts=[PROMPT_TEXT], max_tokens=8, dtype="bfloat16")
     assert doc["tokens"] == 7 and doc["reference"]["dtype"] == "bfloat16" and doc["kld_max"] == 0.0
-
-
-PROMPT_TEXT = "the quick brown fox jumps over the lazy dog 1234."
 
 
 def test_reference_logits_spilled_to_disk_give_the_same_result(tiny_llama, perturbed_llama, prompts_file):

@@ -48,6 +48,8 @@ class Model:
 
 
 def describe(path: str | Path, tp_config: str | Path | None = None) -> Model:
+    """What the verification must know before running anything (vocabulary, context, tokenizer,
+    matrix types), from headers and config files only."""
     ckpt = open_checkpoint(path)
     if ckpt.format == "tencentpretrain" and tp_config is not None:  # --tp-config is for whichever side is TP
         ckpt = open_checkpoint(path, tp_config)

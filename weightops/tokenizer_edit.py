@@ -184,6 +184,6 @@ def decompose(old_tok, new_tok, tokens: Iterable[str]) -> dict[str, list[int]]:
     return out
 
 
-def _pretok(backend) -> str:
-    state = json.loads(backend.to_str())
-    return json.dumps([state.get("normalizer"), state.get("pre_tokenizer")], sort_keys=True)
+def _pretok(backend) -> tuple:
+    """The normaliser and pre-tokenizer settings (serialised; not the whole vocabulary)."""
+    return tuple(None if c is None else c.__getstate__() for c in (backend.normalizer, backend.pre_tokenizer))

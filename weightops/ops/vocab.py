@@ -25,7 +25,8 @@ from ..vocabulary import embedding_name, tokenizer_size
 
 INIT_RULES = ("subtoken-mean", "mean", "normal", "zeros")
 NORMAL_EPSILON = 1e-9  # covariance scale of the `normal` rule, as transformers' mean_resizing
-_CHUNK = 4096          # rows per step over the old matrix and per batch of new rows (bounds float copies)
+_CHUNK = 4096          # rows of the old matrix per step of a reduction (bounds float copies)
+_BATCH = 1024          # new rows made per step (bounds the gathered piece rows of subtoken-mean)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def subtoken_rows(old: torch.Tensor, pieces: list[list[int]], mean: torch.Tensor
 
 def resize_matrix(old: torch.Tensor, plan: RowPlan, init: str, seed: int) -> torch.Tensor:
     """The resized matrix: carried rows bit-identical, new-token rows by `init`, padding rows
-    the mean. New rows are made `_CHUNK` at a time in float32/float64 and rounded once to
+    the mean. New rows are made `_BATCH` at a time in float32/float64 and rounded once to
     the matrix dtype, so temporaries stay small whatever the number of new tokens."""
     if old.dim() != 2 or old.shape[0] != plan.old_rows:
         raise WeightopsError(f"expected a matrix of {plan.old_rows} rows, got shape {tuple(old.shape)}")
@@ -133,8 +134,8 @@ def resize_matrix(old: torch.Tensor, plan: RowPlan, init: str, seed: int) -> tor
     mean = row_mean(old) if (plan.padding or (new and init != "zeros")) else None
     if init == "normal" and new:
         draw = normal_sampler(old, mean, seed)
-    for start in range(0, len(new), _CHUNK):
-        ids = new[start:start + _CHUNK]
+    for start in range(0, len(new), _BATCH):
+        ids = new[start:start + _BATCH]
         if init == "zeros":
             values = torch.zeros((len(ids), old.shape[1]))
         elif init == "mean":

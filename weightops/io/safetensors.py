@@ -19,6 +19,7 @@ import json
 import mmap
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -126,7 +127,8 @@ def _layout(refs: list[TensorRef], metadata: dict[str, str] | None) -> tuple[byt
 
 def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str, str] | None = None,
                       on_tensor: Callable[[TensorRef, torch.Tensor], None] | None = None) -> None:
-    """Write one safetensors file, loading one tensor at a time.
+    """Write one safetensors file, loading one tensor at a time (the next one is loaded while
+    the current one is written, so computing operators overlap with the disk).
 
     `on_tensor` sees every loaded tensor (progress, hashing) before it is released.
     """
@@ -139,11 +141,15 @@ def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str,
     for r in order:
         offsets[r.name] = position
         position += r.nbytes
-    with open(path, "wb") as f:
+    in_name_order = sorted(order, key=lambda r: r.name)
+    # Load (read, compute) the next tensor in a worker while this one is written: two in memory at most.
+    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as worker:
         f.write(head)
-        for r in sorted(order, key=lambda r: r.name):
+        upcoming = worker.submit(in_name_order[0].load) if in_name_order else None
+        for i, r in enumerate(in_name_order):
             f.seek(offsets[r.name])
-            t = r.load()
+            t = upcoming.result()
+            upcoming = worker.submit(in_name_order[i + 1].load) if i + 1 < len(in_name_order) else None
             if t.dtype != r.dtype:
                 raise WeightopsError(f"tensor {r.name!r} from {r.source}: produced {t.dtype}, declared {r.dtype}")
             f.write(memoryview(tensor_bytes(t)))

@@ -316,6 +316,36 @@ def test_metadata_keys_as_convert_hf_to_gguf(tiny_llama, tmp_path):
     assert all(t.data_offset % 32 == 0 for t in GGUFReader(out).tensors)
 
 
+def test_writer_streams_and_fails_cleanly(tmp_path):
+    """The writer asks for each tensor's bytes only while writing (never all at once), and a
+    failing or short tensor leaves no output and no temporary file behind."""
+    from weightops.io.gguf import GGUFTensor, plan_writer, write_gguf
+    live, peak = [0], [0]
+
+    def tensor(name: str, fail: str | None = None) -> GGUFTensor:
+        def produce():
+            if fail == "raise":
+                raise RuntimeError(f"cannot read {name}")
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            yield np.full(64 * 32 if fail != "short" else 10, 7, dtype=np.float32)
+
+        def release():
+            live[0] -= 1
+        return GGUFTensor(name, (64, 32), Q.F32, produce, release)
+
+    good = [tensor(f"t{i}.weight") for i in range(6)]
+    out = tmp_path / "ok.gguf"
+    write_gguf(plan_writer("llama", good), good, out)
+    assert [t.name for t in GGUFReader(out).tensors] == [t.name for t in good]
+    assert peak[0] <= 4  # a bounded look-ahead, not the whole model
+    for fail, match in (("raise", "cannot read t1.weight"), ("short", "produced 40 bytes, expected 8192")):
+        bad = [tensor("t0.weight"), tensor("t1.weight", fail), tensor("t2.weight")]
+        with pytest.raises((RuntimeError, WeightopsError), match=match):
+            write_gguf(plan_writer("llama", bad), bad, tmp_path / "bad.gguf")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.gguf"]
+
+
 def test_old_config_gets_transformers_defaults(tiny_llama, tmp_path):
     """A config.json missing keys (older transformers: no head_dim, no rope_parameters) is completed
     with transformers' defaults, as convert_hf_to_gguf.py's AutoConfig does: same file."""

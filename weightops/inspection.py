@@ -57,6 +57,7 @@ def render(summary: dict) -> str:
         f"parameters    {summary['parameter_count']:,}",
         "dtypes        " + ", ".join(f"{k} x{n}" for k, n in summary["dtypes"].items()),
         f"vocabulary    config {v['config']}, tokenizer {v['tokenizer']}, embedding rows {v['embedding_rows']}"
+        + (f" ({v['padding_rows']} padding rows)" if v.get("padding_rows") else "")
         + ("" if v["agree"] else "   <-- DISAGREE"),
         "files         " + ("\n              ".join(summary["files"]) or "-"),
     ]

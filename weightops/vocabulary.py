@@ -18,12 +18,21 @@ class VocabTriple:
 
     @property
     def agree(self) -> bool:
-        known = {v for v in (self.config, self.tokenizer, self.embedding_rows) if v is not None}
-        return len(known) <= 1
+        """config == embedding rows, and every token id has a row. A tokenizer smaller than
+        the embedding is padding (BLOOM's 250880 rows, --pad-to-multiple), not drift."""
+        if self.config is not None and self.embedding_rows is not None and self.config != self.embedding_rows:
+            return False
+        rows = self.embedding_rows if self.embedding_rows is not None else self.config
+        return self.tokenizer is None or rows is None or self.tokenizer <= rows
+
+    @property
+    def padding_rows(self) -> int:
+        rows = self.embedding_rows if self.embedding_rows is not None else self.config
+        return max(0, rows - self.tokenizer) if rows is not None and self.tokenizer is not None else 0
 
     def as_dict(self) -> dict:
         return {"config": self.config, "tokenizer": self.tokenizer, "embedding_rows": self.embedding_rows,
-                "agree": self.agree}
+                "padding_rows": self.padding_rows, "agree": self.agree}
 
 
 def tokenizer_size(directory: Path) -> int | None:

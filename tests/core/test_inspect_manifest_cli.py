@@ -19,7 +19,8 @@ def test_inspect_parameter_count_matches_transformers(cli, tiny_llama, tiny_bloo
         model = AutoModelForCausalLM.from_pretrained(path)
         assert doc["parameter_count"] == sum(p.numel() for p in model.parameters())
         assert doc["format"] == "hf-safetensors" and doc["architecture"] == arch
-        assert doc["vocab"] == {"config": 400, "tokenizer": 400, "embedding_rows": 400, "agree": True}
+        assert doc["vocab"] == {"config": 400, "tokenizer": 400, "embedding_rows": 400, "padding_rows": 0,
+                                "agree": True}
         assert doc["dtypes"] == {"bfloat16": doc["tensor_count"]}
         assert {"format", "architecture", "tensor_count", "parameter_count", "dtypes", "files", "vocab"} <= doc.keys()
 
@@ -32,6 +33,13 @@ def test_inspect_flags_vocab_disagreement(cli, tmp_path, tiny_llama):
     assert r.exit_code == 0
     assert "config 32000, tokenizer 400, embedding rows 400" in r.stdout and "DISAGREE" in r.stdout
     assert json.loads(cli("inspect", out, "--json").stdout)["vocab"]["agree"] is False
+
+
+def test_vocab_triple_padding_is_not_drift():
+    from weightops.vocabulary import VocabTriple
+    assert VocabTriple(512, 400, 512).agree and VocabTriple(512, 400, 512).padding_rows == 112
+    assert not VocabTriple(512, 513, 512).agree  # a token without a row
+    assert not VocabTriple(400, 400, 512).agree  # config drifted from the embedding
 
 
 def test_manifest_create_check_and_tamper(cli, tmp_path, tiny_llama):

@@ -303,7 +303,7 @@ def test_cli_summary_and_inspect_triple_agree(tiny_llama, cli, tmp_path):
     assert "400 -> 401" in r.stdout and "'<|End|>'" in r.stdout and "vocab_size = 401" in r.stdout
     r = cli("inspect", out, "--json")
     vocab = json.loads(r.stdout)["vocab"]
-    assert vocab == {"config": 401, "tokenizer": 401, "embedding_rows": 401, "agree": True}
+    assert vocab == {"config": 401, "tokenizer": 401, "embedding_rows": 401, "padding_rows": 0, "agree": True}
 
 
 def test_existing_output_refused_before_any_work(tiny_llama, cli, tmp_path):

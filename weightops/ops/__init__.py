@@ -1,0 +1,1 @@
+"""Stream operators: deltas, TencentPretrain remapping, vocabulary resizing."""

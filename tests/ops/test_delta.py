@@ -288,6 +288,17 @@ def test_guard_base_is_itself_a_delta(tmp_path, tiny_llama, llama_ft, load_all):
     assert (tmp_path / "d3" / "model.safetensors").is_file()
 
 
+def test_guard_accepts_a_fine_tune_with_frozen_norms(tmp_path, tiny_llama, load_all):
+    """LoRA merges leave the norm gains untouched: their differences are exactly 0, which is fine."""
+    b = load_all(tiny_llama)
+    target = {k: v if v.dim() == 1 else (v.float() + 0.01).bfloat16() for k, v in b.items()}
+    _save(target, tmp_path / "target", tiny_llama)
+    make_delta_checkpoint(tiny_llama, tmp_path / "target", tmp_path / "delta", dtype=torch.float32)
+    assert all(not v.any() for k, v in load_all(tmp_path / "delta").items() if v.dim() == 1)
+    apply_delta_checkpoint(tiny_llama, tmp_path / "delta", tmp_path / "out", dtype=torch.bfloat16)
+    _assert_bit_equal(load_all(tmp_path / "out"), target)
+
+
 # --- sharding, formats, memory ----------------------------------------------------------------
 
 def _write_bin_shards(tensors: dict, out: Path, like: Path, per_shard: int) -> Path:

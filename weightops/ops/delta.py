@@ -3,8 +3,8 @@
 Models such as Vicuna or ChatYuan-7B are published as `target − base` so that the base's
 licence is respected. The scripts that rebuild them load both models whole and add by
 position; these operators join two lazy streams by tensor name instead (the inputs may be
-sharded differently and stored in different formats), compute each tensor in float32 in
-small chunks, and hold only the pair in flight — never a model.
+sharded differently and stored in different formats), compute each tensor in float32
+rounded once to the output dtype, and hold only the pair in flight — never a model.
 
 Conventions (see the README): embedding / output-head rows beyond the base's vocabulary
 are stored as they are; tensors matched by `replace` are carried whole; everything else
@@ -206,7 +206,8 @@ def _norm_gains(pairs: list[_Pair]) -> list[tuple[str, torch.Tensor, torch.Tenso
 
 
 def _flagged(rows: list[tuple[str, float, float]]) -> list[str]:
-    return [f"{name} ({num / den:.2f})" for name, num, den in rows if den and num / den >= GUARD_RATIO]
+    return [f"{name} ({num / den:.2f})" if den else f"{name} (base all zero)"
+            for name, num, den in rows if num and num >= GUARD_RATIO * den]
 
 
 def _listing(names: list[str]) -> str:
@@ -220,10 +221,10 @@ def _guard_apply(pairs: list[_Pair], labels: tuple[str, str], force: bool) -> No
         return
     sum_b = sum(float(b.abs().sum()) for _, b, _ in gains)
     sum_d = sum(float(d.abs().sum()) for _, _, d in gains)
-    if not sum_b or sum_d / sum_b < GUARD_RATIO:
+    if not sum_d or sum_d < GUARD_RATIO * sum_b:
         return
-    result = sum(float((b + d).abs().sum()) for _, b, d in gains) / sum_b
-    if sum_d / sum_b >= 1 / GUARD_RATIO:
+    result = sum(float((b + d).abs().sum()) for _, b, d in gains) / sum_b if sum_b else float("inf")
+    if sum_d >= sum_b / GUARD_RATIO:
         why = (f"{labels[0]}'s norm weights sit near 0 while {labels[1]}'s do not: {labels[0]} looks like a delta "
                "(were BASE and DELTA swapped?)")
     elif result >= 1 + GUARD_RATIO:
@@ -249,7 +250,7 @@ def _guard_make(pairs: list[_Pair], labels: tuple[str, str], force: bool) -> Non
     sum_b = sum(float(b.abs().sum()) for _, b, _ in gains)
     sum_t = sum(float(t.abs().sum()) for _, _, t in gains)
     sum_d = sum(float((t - b).abs().sum()) for _, b, t in gains)
-    if sum_b and sum_d / sum_b < GUARD_RATIO:
+    if not sum_d or sum_d < GUARD_RATIO * sum_b:
         return
     if not sum_b or sum_t / sum_b >= 1 / GUARD_RATIO:
         why = f"{labels[0]}'s norm weights sit near 0 while {labels[1]}'s do not: {labels[0]} looks like a delta"

@@ -7,11 +7,9 @@ tensor infos are written first and the data follows one tensor at a time.
 """
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -120,18 +118,18 @@ def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: Path,
                on_tensor: Callable[[GGUFTensor], None] | None = None) -> None:
     """Write header, metadata and tensor infos, then each tensor's bytes in turn (each padded
     to the 32-byte alignment, as GGUFWriter pads), into a temporary sibling that becomes
-    `output` only at the end. Pieces are produced one step ahead in a helper thread, so
-    reading and quantizing overlap with writing; at most `_AHEAD` pieces wait in between."""
+    `output` only at the end."""
     with atomic_file(Path(output)) as tmp:
         try:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             fout, align = writer.fout[0], writer.data_alignment
-            for t, pieces in _ahead(tensors):
+            for t in tensors:
                 fout.write(bytes(-fout.tell() % align))
                 written = 0
-                for piece in pieces:
+                for piece in t.produce():
+                    piece = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
                     fout.write(memoryview(piece))
                     written += piece.nbytes
                     del piece
@@ -145,54 +143,3 @@ def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: Path,
                     on_tensor(t)
         finally:
             writer.close()
-
-
-_AHEAD = 2
-_END = object()
-
-
-def _ahead(tensors: Sequence[GGUFTensor]) -> Iterator[tuple[GGUFTensor, Iterator[np.ndarray]]]:
-    """(tensor, its pieces as uint8 arrays), produced by a helper thread through a small queue;
-    an error in the producer is raised here, and stopping early stops the producer."""
-    q: queue.Queue = queue.Queue(maxsize=_AHEAD)
-    stop = threading.Event()
-
-    def put(item: Any) -> None:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def produce() -> None:
-        try:
-            for t in tensors:
-                for piece in t.produce():
-                    put(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
-                    if stop.is_set():
-                        return
-                put(_END)
-        except BaseException as e:  # handed to the writer, which raises it
-            put(e)
-
-    def pieces() -> Iterator[np.ndarray]:
-        while True:
-            item = q.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    worker = threading.Thread(target=produce, name="gguf-producer", daemon=True)
-    worker.start()
-    try:
-        for t in tensors:
-            it = pieces()
-            yield t, it
-            for _ in it:  # a consumer that stopped early leaves nothing behind
-                pass
-    finally:
-        stop.set()
-        worker.join()

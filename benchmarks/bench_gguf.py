@@ -83,29 +83,31 @@ REPEAT = 1
 
 
 def run(cmd: list[str]) -> Run:
-    """The median-wall run of REPEAT runs of `cmd` (the machine may be shared)."""
-    runs = []
-    for _ in range(REPEAT):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        m = measure(cmd)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        runs.append(Run(m, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime))
-    return sorted(runs, key=lambda r: r.m.wall_s)[len(runs) // 2]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m = measure(cmd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return Run(m, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
 
 
 def bench_model(name: str, model: Path, tokenizer: Path, work: Path, library: bool) -> dict[str, Run]:
-    out = work / "out.gguf"
+    """Every contender once per round, REPEAT rounds (interleaved, so that a busy spell on a
+    shared machine hits all of them alike); each contender's median-wall run is reported."""
+    out, f16 = work / "out.gguf", work / "f16.gguf"
     tok = ["--tokenizer", str(tokenizer)]
-    r: dict[str, Run] = {}
-    r["ours q8_0"] = run(weightops(str(model), str(out), "--type", "q8_0", *tok))
-    q8_size = out.stat().st_size
+    commands = {"ours q8_0": weightops(str(model), str(out), "--type", "q8_0", *tok)}
     if library:
-        r["library q8_0"] = run(python(LIBRARY_Q8_0) + [str(model), str(out)])
-    r["ours q4_0"] = run(weightops(str(model), str(out), "--type", "q4_0", "--pure", *tok))
-    q4_size = out.stat().st_size
-    f16 = work / "f16.gguf"
-    r["pass 1: f16 GGUF"] = run(weightops(str(model), str(f16), "--type", "f16", *tok))
-    r["pass 2: llama.cpp quantize"] = run(python(LLAMA_CPP_QUANTIZE) + [str(f16), str(out)])
+        commands["library q8_0"] = python(LIBRARY_Q8_0) + [str(model), str(out)]
+    commands["ours q4_0"] = weightops(str(model), str(out), "--type", "q4_0", "--pure", *tok)
+    commands["pass 1: f16 GGUF"] = weightops(str(model), str(f16), "--type", "f16", *tok)
+    commands["pass 2: llama.cpp quantize"] = python(LLAMA_CPP_QUANTIZE) + [str(f16), str(out)]
+    runs: dict[str, list[Run]] = {label: [] for label in commands}
+    sizes: dict[str, int] = {}
+    for _ in range(REPEAT):
+        for label, cmd in commands.items():
+            runs[label].append(run(cmd))
+            sizes[label] = out.stat().st_size
+    r = {label: sorted(rs, key=lambda x: x.m.wall_s)[len(rs) // 2] for label, rs in runs.items()}
+    q8_size, q4_size = sizes["ours q8_0"], sizes["ours q4_0"]
     one, two = r["pass 1: f16 GGUF"], r["pass 2: llama.cpp quantize"]
     r["two-pass total"] = Run(Measured(one.m.wall_s + two.m.wall_s, max(one.m.peak_rss_mb, two.m.peak_rss_mb),
                                        max(one.m.peak_anon_mb, two.m.peak_anon_mb), 0), one.cpu_s + two.cpu_s)
@@ -162,7 +164,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--skip-library", action="store_true", help="skip the (slow) numpy library path on big models")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per contender; the median wall time is reported")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of runs (contenders interleaved); each contender's median wall time is reported")
     args = ap.parse_args()
     global REPEAT
     REPEAT = args.repeat

@@ -23,10 +23,9 @@ import argparse
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from common import Measured, measure, python, synthetic_llama
+from common import Best, Measured, measure, python, set_cache, synthetic_llama
 
 # Python contenders write the wall time of the work itself (after interpreter start and
 # imports, a fixed cost of a few seconds on a loaded machine) to the file named by argv[4].
@@ -73,19 +72,6 @@ def weight_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
-def set_cache(paths: list[Path], cache: str) -> None:
-    """Evict the inputs from the page cache (cold) or read them into it (warm)."""
-    for p in paths:
-        if cache == "warm":
-            with open(p, "rb") as f:
-                while f.read(1 << 24):
-                    pass
-        else:
-            fd = os.open(p, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-
-
 def run(cmd: list[str], first: Path, second: Path, out: Path, cache: str) -> tuple[Measured, float]:
     """(process measurement, wall of the work alone: without interpreter start and imports)."""
     shutil.rmtree(out, ignore_errors=True)
@@ -108,24 +94,6 @@ def same_tensors(a: Path, b: Path) -> bool:
     ours = {r.name: r for r in open_checkpoint(a).tensors}
     theirs = {r.name: r for r in open_checkpoint(b).tensors}
     return ours.keys() == theirs.keys() and all(ours[n].raw().tobytes() == theirs[n].raw().tobytes() for n in ours)
-
-
-@dataclass
-class Best:
-    """The fastest of the repeated runs and the highest memory peaks among them."""
-
-    wall: float = float("inf")   # the whole process, interpreter start and imports included
-    work: float = float("inf")   # the work alone
-    rss: float = 0.0             # MB, VmHWM
-    anon: float = 0.0            # MB, RssAnon
-
-    def add(self, m: Measured, work: float) -> None:
-        self.wall, self.work = min(self.wall, m.wall_s), min(self.work, work)
-        self.rss, self.anon = max(self.rss, m.peak_rss_mb), max(self.anon, m.peak_anon_mb)
-
-    def row(self, label: str) -> str:
-        return (f"{label:<22} wall {self.wall:6.2f} s (work {self.work:6.2f} s)   peak RSS {self.rss:7.1f} MB   "
-                f"peak anon {self.anon:7.1f} MB")
 
 
 def run_size(work: Path, layers: int, repeat: int, cache: str) -> dict[tuple[str, str], Best]:

@@ -8,6 +8,7 @@ a user's machine cannot give back and what must stay flat as models grow.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -65,6 +66,22 @@ def synthetic_llama(directory: Path, layers: int, hidden: int = 2048, intermedia
     return directory
 
 
+def set_cache(paths: list[Path], cache: str) -> None:
+    """Start every contender alike: flush what earlier runs left to write back (so one
+    contender's dirty pages are not written during the next one's run), then evict the
+    inputs from the page cache (cold) or read them into it (warm)."""
+    os.sync()
+    for p in paths:
+        if cache == "warm":
+            with open(p, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        else:
+            fd = os.open(p, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
 @dataclass
 class Measured:
     wall_s: float
@@ -74,6 +91,24 @@ class Measured:
 
     def row(self, label: str) -> str:
         return f"{label:<44} wall {self.wall_s:7.2f} s   peak RSS {self.peak_rss_mb:8.1f} MB   peak anon {self.peak_anon_mb:8.1f} MB"
+
+
+@dataclass
+class Best:
+    """The fastest of the repeated runs and the highest memory peaks among them."""
+
+    wall: float = float("inf")   # the whole process, interpreter start and imports included
+    work: float = float("inf")   # the work alone
+    rss: float = 0.0             # MB, VmHWM
+    anon: float = 0.0            # MB, RssAnon
+
+    def add(self, m: Measured, work: float) -> None:
+        self.wall, self.work = min(self.wall, m.wall_s), min(self.work, work)
+        self.rss, self.anon = max(self.rss, m.peak_rss_mb), max(self.anon, m.peak_anon_mb)
+
+    def row(self, label: str) -> str:
+        return (f"{label:<22} wall {self.wall:6.2f} s (work {self.work:6.2f} s)   peak RSS {self.rss:7.1f} MB   "
+                f"peak anon {self.anon:7.1f} MB")
 
 
 def _status(pid: int) -> dict[str, int]:

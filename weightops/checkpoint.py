@@ -138,7 +138,7 @@ def save_hf(refs: Iterable[TensorRef], output: Path, *, aux_files: Iterable[Path
     require_unique(refs)
     limit = parse_size(max_shard_size)
     with atomic_dir(output) as tmp, progress.bar(sum(r.nbytes for r in refs), desc) as b:
-        hf_io.write_hf_weights(refs, tmp, limit, on_tensor=lambda r, t: b.update(r.nbytes),
+        hf_io.write_hf_weights(refs, tmp, limit, on_tensor=lambda r: b.update(r.nbytes),
                                total_parameters=total_parameters)
         hf_io.copy_aux(aux_files, tmp, config_update)
         for name, content in (extra_files or {}).items():

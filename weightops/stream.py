@@ -22,6 +22,9 @@ class TensorRef:
 
     `source` names the file it comes from (for error messages). `ggml_type` is set for GGUF
     tensors, whose `load()` dequantizes to float32 and whose `raw()` gives the stored blocks.
+    `span` is (file, byte offset) where the tensor's bytes lie exactly as a writer stores
+    them, so a writer may copy them file to file inside the kernel; any derived tensor
+    loses it.
     """
 
     name: str
@@ -32,6 +35,7 @@ class TensorRef:
     ggml_type: str | None = None
     raw_loader: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
     releaser: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    span: tuple[str, int] | None = field(default=None, repr=False, compare=False)
 
     def load(self) -> torch.Tensor:
         tensor = self.loader()
@@ -67,7 +71,8 @@ class TensorRef:
         """A new lazy reference whose data is `fn(self.load())`; declare any new shape/dtype."""
         upstream = self.load
         return replace(self, name=name or self.name, shape=tuple(shape) if shape is not None else self.shape,
-                       dtype=dtype or self.dtype, loader=lambda: fn(upstream()), ggml_type=None, raw_loader=None)
+                       dtype=dtype or self.dtype, loader=lambda: fn(upstream()), ggml_type=None, raw_loader=None,
+                       span=None)
 
     def renamed(self, name: str) -> "TensorRef":
         return replace(self, name=name)

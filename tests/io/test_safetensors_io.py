@@ -26,6 +26,34 @@ def test_writer_is_byte_identical_to_save_file(tmp_path):
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_unchanged_tensors_are_copied_file_to_file(tmp_path, monkeypatch, kernel_copy):
+    """A stream copy mixes kernel-copied tensors with computed ones and keeps the library's
+    bytes; where copy_file_range fails, the tensors are loaded instead."""
+    import os
+    g = torch.Generator().manual_seed(1)
+    tensors = {"a": torch.randn(300, 7, generator=g).bfloat16(), "b": torch.randn(5, generator=g),
+               "c": torch.arange(11), "d": torch.randn(2, 3, generator=g).half()}
+    save_file(tensors, tmp_path / "src.safetensors")
+    copies, loads = [], []
+    real = os.copy_file_range
+
+    def copy(*args):
+        copies.append(args)
+        if not kernel_copy:
+            raise OSError(18, "Invalid cross-device link")
+        return real(*args)
+    monkeypatch.setattr(os, "copy_file_range", copy)
+    refs = read_safetensors(tmp_path / "src.safetensors")
+    refs = [r.derive(lambda t: t * 2) if r.name == "b" else r for r in refs]
+    refs = [r.derive(lambda t: (loads.append(1), t)[1]) if r.name == "c" else r for r in refs]
+    write_safetensors(refs, tmp_path / "out.safetensors")
+    expected = dict(tensors, b=tensors["b"] * 2)
+    save_file(expected, tmp_path / "ref.safetensors")
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert len(copies) == 2 and loads == [1]  # a and d copied (or tried), b and c computed
+
+
 def test_reader_is_lazy_and_exact(tmp_path):
     t = {"x": torch.randn(4, 4).bfloat16(), "y": torch.arange(3)}
     save_file(t, tmp_path / "m.safetensors")

@@ -43,7 +43,7 @@ def read_hf_dir(directory: Path) -> tuple[str, list[TensorRef], list[Path]]:
 
 
 def write_hf_weights(refs: Iterable[TensorRef], directory: Path, max_shard_size: int,
-                     on_tensor: Callable[[TensorRef, torch.Tensor], None] | None = None,
+                     on_tensor: Callable[[TensorRef], None] | None = None,
                      total_parameters: int | None = None) -> list[Path]:
     """Write `model.safetensors` or `model-0000i-of-0000N.safetensors` + index into `directory`.
 

@@ -19,7 +19,7 @@ import json
 import mmap
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -107,7 +107,8 @@ def read_safetensors(path: Path) -> list[TensorRef]:
     mapping = _Mapping(path, start)
     items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
     return [TensorRef(name=name, shape=tuple(info["shape"]), dtype=DTYPES[info["dtype"]], source=str(path),
-                      loader=lambda i=info: mapping.tensor(i), releaser=lambda i=info: mapping.release(i))
+                      loader=lambda i=info: mapping.tensor(i), releaser=lambda i=info: mapping.release(i),
+                      span=(str(path), start + info["data_offsets"][0]))
             for name, info in items]
 
 
@@ -125,12 +126,34 @@ def _layout(refs: list[TensorRef], metadata: dict[str, str] | None) -> tuple[byt
     return struct.pack("<Q", len(text)) + text, order
 
 
-def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str, str] | None = None,
-                      on_tensor: Callable[[TensorRef, torch.Tensor], None] | None = None) -> None:
-    """Write one safetensors file, loading one tensor at a time (the next one is loaded while
-    the current one is written, so computing operators overlap with the disk).
+def _copy_span(ref: TensorRef, fd: int, offset: int) -> bool:
+    """Copy a tensor's stored bytes from its source file inside the kernel (as `cp` does:
+    no page faults, no copies through Python). False when there is no span or the kernel
+    or file system cannot do it; the caller then loads the tensor instead."""
+    if ref.span is None or not hasattr(os, "copy_file_range"):
+        return False
+    path, src_offset = ref.span
+    remaining = ref.nbytes
+    try:
+        with open(path, "rb") as src:
+            while remaining:
+                n = os.copy_file_range(src.fileno(), fd, remaining, src_offset, offset)
+                if n == 0:
+                    return False
+                remaining, src_offset, offset = remaining - n, src_offset + n, offset + n
+    except OSError:
+        return False
+    return True
 
-    `on_tensor` sees every loaded tensor (progress, hashing) before it is released.
+
+def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str, str] | None = None,
+                      on_tensor: Callable[[TensorRef], None] | None = None) -> None:
+    """Write one safetensors file, one tensor at a time.
+
+    Tensors stored unchanged in a source file are copied file to file in the kernel;
+    others are loaded (the next one while the current one is written, so computing
+    operators overlap with the disk). `on_tensor` is called once per tensor written
+    (progress).
     """
     refs = list(refs)
     for r in refs:
@@ -142,21 +165,31 @@ def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str,
         offsets[r.name] = position
         position += r.nbytes
     in_name_order = sorted(order, key=lambda r: r.name)
-    # Load (read, compute) the next tensor in a worker while this one is written: two in memory at most.
+
+    def fetch(i: int) -> Future | None:
+        """Start loading the next tensor that cannot be copied from its file."""
+        if i < len(in_name_order) and in_name_order[i].span is None:
+            return worker.submit(in_name_order[i].load)
+        return None
+
     with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as worker:
         f.write(head)
-        upcoming = worker.submit(in_name_order[0].load) if in_name_order else None
+        f.flush()
+        upcoming = fetch(0)
         for i, r in enumerate(in_name_order):
-            f.seek(offsets[r.name])
-            t = upcoming.result()
-            upcoming = worker.submit(in_name_order[i + 1].load) if i + 1 < len(in_name_order) else None
-            if t.dtype != r.dtype:
-                raise WeightopsError(f"tensor {r.name!r} from {r.source}: produced {t.dtype}, declared {r.dtype}")
-            f.write(memoryview(tensor_bytes(t)))
+            loading, upcoming = upcoming, fetch(i + 1)
+            if loading is None and _copy_span(r, f.fileno(), offsets[r.name]):
+                t = None
+            else:
+                t = loading.result() if loading is not None else r.load()
+                if t.dtype != r.dtype:
+                    raise WeightopsError(f"tensor {r.name!r} from {r.source}: produced {t.dtype}, declared {r.dtype}")
+                f.seek(offsets[r.name])
+                f.write(memoryview(tensor_bytes(t)))
+                f.flush()
             if on_tensor:
-                on_tensor(r, t)
+                on_tensor(r)
             del t
             r.release()
-        f.flush()
         os.fsync(f.fileno())
         drop_cache(f.fileno())

@@ -38,7 +38,7 @@ def read_tp(path: Path) -> tuple[list[TensorRef], list[Path]]:
 
 
 def write_tp(refs: Iterable[TensorRef], directory: Path, max_shard_size: int | None,
-             on_tensor: Callable[[TensorRef, torch.Tensor], None] | None = None) -> list[Path]:
+             on_tensor: Callable[[TensorRef], None] | None = None) -> list[Path]:
     """`tencentpretrain_model.bin`, or `tencentpretrain_model-N.bin` parts + index when the
     model is larger than `max_shard_size` (None: always one file)."""
     refs = list(refs)

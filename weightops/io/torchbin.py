@@ -105,7 +105,7 @@ class _Pickler(pickle.Pickler):
 
 
 def write_torch_bin(refs: Iterable[TensorRef], path: Path,
-                    on_tensor: Callable[[TensorRef, torch.Tensor], None] | None = None) -> None:
+                    on_tensor: Callable[[TensorRef], None] | None = None) -> None:
     """Write a state dict as `torch.save` would, one tensor in memory at a time."""
     refs = list(refs)
     storages = [_Storage(str(i), r.dtype, r.numel) for i, r in enumerate(refs)]
@@ -129,7 +129,7 @@ def write_torch_bin(refs: Iterable[TensorRef], path: Path,
                 t = t.clone()
             writer.write_record(f"data/{storage.key}", t.untyped_storage(), ref.nbytes)
             if on_tensor:
-                on_tensor(ref, t)
+                on_tensor(ref)
             del t
             ref.release()
         writer.write_end_of_file()

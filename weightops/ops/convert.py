@@ -89,7 +89,7 @@ def _to_tp(ckpt, output: Path, arch: str | None, tok_path: Path, dtype: torch.dt
     check_output(output, [ckpt.path], force)
     limit = parse_size(max_shard_size) if max_shard_size else None
     with atomic_dir(output) as tmp, progress.bar(sum(r.nbytes for r in refs), "converting to TencentPretrain") as b:
-        tp_io.write_tp(refs, tmp, limit, on_tensor=lambda r, t: b.update(r.nbytes))
+        tp_io.write_tp(refs, tmp, limit, on_tensor=lambda r: b.update(r.nbytes))
         (tmp / tp_io.CONFIG).write_text(json.dumps(tp_config, indent=2) + "\n")
         found = _copy_tokenizer(tok_path, tmp)
     warnings = [] if found else [f"no tokenizer files found in {tok_path}; TencentPretrain needs the "

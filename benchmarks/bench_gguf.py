@@ -2,15 +2,21 @@
 LLaMA and on synthetic LLaMA-shaped checkpoints (random bf16, hidden 2048, GQA 16/4 heads).
 
     python benchmarks/bench_gguf.py [--workdir DIR] [--layers 8 16] [--skip-library] [--repeat N]
+                                    [--convert-script PATH/convert_hf_to_gguf.py]
 
 Contenders, each a fresh child process (wall time and peak RSS / anonymous RSS sampled from /proc):
   q8_0  weightops gguf --type q8_0
         vs the library path: the same streaming writer, but each tensor quantized with
         gguf.quants.quantize (numpy), as convert_hf_to_gguf.py --outtype q8_0 does;
   q4_0  weightops gguf --type q4_0 --pure (one pass, from the bf16 source)
-        vs the two-pass pipeline: an F16 GGUF (pass 1, weightops gguf --type f16, what
-        convert_hf_to_gguf.py writes) then llama.cpp's own quantizer
-        (llama_cpp.llama_model_quantize, pure Q4_0, 2 threads) on it (pass 2).
+        vs the two-pass pipeline: an F16 GGUF (pass 1) then llama.cpp's own quantizer
+        (llama_cpp.llama_model_quantize, pure Q4_0, 2 threads) on it (pass 2). Pass 1 is
+        llama.cpp's convert_hf_to_gguf.py --outtype f16 when --convert-script names it (with
+        its gguf-py beside it), else `weightops gguf --type f16` as a stand-in, which is
+        faster than the script, so the ratio is then conservative. The script ships in
+        llama-cpp-python's source package, the same llama.cpp as its quantizer:
+            pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
+            ... --convert-script llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py
 
 Targets (issue 6): whole HF -> Q4_0 job <= 0.5x the two-pass pipeline; peak (anonymous) RSS
 flat in model size (8 vs 16 layers).
@@ -79,9 +85,6 @@ class Run:
         return f"{self.m.row(label)}   CPU {self.cpu_s:7.2f} s"
 
 
-REPEAT = 1
-
-
 def run(cmd: list[str]) -> Run:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     m = measure(cmd)
@@ -89,8 +92,21 @@ def run(cmd: list[str]) -> Run:
     return Run(m, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
 
 
-def bench_model(name: str, model: Path, tokenizer: Path, work: Path, library: bool) -> dict[str, Run]:
-    """Every contender once per round, REPEAT rounds (interleaved, so that a busy spell on a
+def convert_script_command(script: Path, model: Path, tokenizer: Path, f16: Path) -> list[str]:
+    """llama.cpp's converter on `model` with the tokenizer files beside the weights, as it expects."""
+    with_tokenizer = model.with_name(model.name + "-with-tokenizer")
+    with_tokenizer.mkdir(exist_ok=True)
+    for f in [*model.iterdir(), *tokenizer.iterdir()]:
+        link = with_tokenizer / f.name
+        if not link.exists():
+            link.symlink_to(f.resolve())
+    return ["env", f"PYTHONPATH={script.resolve().parent / 'gguf-py'}", sys.executable, str(script),
+            str(with_tokenizer), "--outtype", "f16", "--outfile", str(f16)]
+
+
+def bench_model(name: str, model: Path, tokenizer: Path, work: Path, library: bool, repeat: int,
+                convert_script: Path | None) -> dict[str, Run]:
+    """Every contender once per round, `repeat` rounds (interleaved, so that a busy spell on a
     shared machine hits all of them alike); each contender's median-wall run is reported."""
     out, f16 = work / "out.gguf", work / "f16.gguf"
     tok = ["--tokenizer", str(tokenizer)]
@@ -98,17 +114,20 @@ def bench_model(name: str, model: Path, tokenizer: Path, work: Path, library: bo
     if library:
         commands["library q8_0"] = python(LIBRARY_Q8_0) + [str(model), str(out)]
     commands["ours q4_0"] = weightops(str(model), str(out), "--type", "q4_0", "--pure", *tok)
-    commands["pass 1: f16 GGUF"] = weightops(str(model), str(f16), "--type", "f16", *tok)
+    if convert_script:
+        commands["pass 1: convert_hf_to_gguf.py f16"] = convert_script_command(convert_script, model, tokenizer, f16)
+    else:
+        commands["pass 1: f16 GGUF (weightops stand-in)"] = weightops(str(model), str(f16), "--type", "f16", *tok)
     commands["pass 2: llama.cpp quantize"] = python(LLAMA_CPP_QUANTIZE) + [str(f16), str(out)]
     runs: dict[str, list[Run]] = {label: [] for label in commands}
     sizes: dict[str, int] = {}
-    for _ in range(REPEAT):
+    for _ in range(repeat):
         for label, cmd in commands.items():
             runs[label].append(run(cmd))
             sizes[label] = out.stat().st_size
     r = {label: sorted(rs, key=lambda x: x.m.wall_s)[len(rs) // 2] for label, rs in runs.items()}
     q8_size, q4_size = sizes["ours q8_0"], sizes["ours q4_0"]
-    one, two = r["pass 1: f16 GGUF"], r["pass 2: llama.cpp quantize"]
+    one, two = next(v for k, v in r.items() if k.startswith("pass 1")), r["pass 2: llama.cpp quantize"]
     r["two-pass total"] = Run(Measured(one.m.wall_s + two.m.wall_s, max(one.m.peak_rss_mb, two.m.peak_rss_mb),
                                        max(one.m.peak_anon_mb, two.m.peak_anon_mb), 0), one.cpu_s + two.cpu_s)
     f16.unlink()
@@ -166,9 +185,9 @@ def main() -> None:
     ap.add_argument("--skip-library", action="store_true", help="skip the (slow) numpy library path on big models")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of runs (contenders interleaved); each contender's median wall time is reported")
+    ap.add_argument("--convert-script", type=Path, default=None,
+                    help="llama.cpp's convert_hf_to_gguf.py, for pass 1 of the two-pass pipeline")
     args = ap.parse_args()
-    global REPEAT
-    REPEAT = args.repeat
     work = args.workdir or Path(tempfile.mkdtemp(prefix="weightops-bench-gguf-"))
     work.mkdir(parents=True, exist_ok=True)
     from weightops import tiny
@@ -179,12 +198,12 @@ def main() -> None:
     if not (small / "config.json").is_file():
         tiny.tiny_llama(small, spm)
     kernel_throughput()
-    bench_model("tiny LLaMA (2 layers, hidden 64)", small, spm, work, library=True)
+    bench_model("tiny LLaMA (2 layers, hidden 64)", small, spm, work, True, args.repeat, args.convert_script)
     results = {}
     for layers in args.layers:
         model = synthetic_llama(work / f"llama-{layers}", layers, kv_heads=4)
         results[layers] = bench_model(f"synthetic LLaMA, {layers} layers, hidden 2048", model, spm, work,
-                                      library=not args.skip_library)
+                                      not args.skip_library, args.repeat, args.convert_script)
     if len(results) >= 2:
         lo, hi = min(results), max(results)
         for label in ("ours q8_0", "ours q4_0"):

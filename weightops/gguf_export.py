@@ -124,8 +124,10 @@ def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
     if model_type not in ("llama", "bloom"):
         raise WeightopsError(f"{ckpt.path}: architecture {model_type!r} cannot be exported to GGUF "
                              "(supported: llama, bloom)")
-    if all(k in config for k in arch_tables.module(model_type).GGUF_CONFIG_KEYS):
-        return list(refs), {**config, "model_type": model_type}  # complete: skip transformers' slow import
+    mod = arch_tables.module(model_type)
+    filled = mod.fill_gguf_config(config)
+    if all(k in filled for k in mod.GGUF_CONFIG_KEYS):
+        return list(refs), {**filled, "model_type": model_type}  # complete: skip transformers' slow import
     from transformers import AutoConfig
     filled = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"}).to_dict()
     return list(refs), filled

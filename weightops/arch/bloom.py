@@ -52,6 +52,17 @@ GGUF_DEFAULT_PRE = "bloom"  # an expanded BLOOM vocabulary keeps BLOOM's pre-tok
 GGUF_ADD_SPACE_PREFIX = False
 GGUF_SKIP = ("lm_head.weight",)  # tied to the embedding; llama.cpp's bloom has no output tensor
 GGUF_CONFIG_KEYS = ("hidden_size", "n_head", "n_layer", "layer_norm_epsilon", "vocab_size")  # as in llama.py
+_GGUF_ALIASES = {"n_embed": "hidden_size", "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
+_GGUF_DEFAULTS = {"layer_norm_epsilon": 1e-5}  # transformers' BloomConfig default
+
+
+def fill_gguf_config(config: dict) -> dict:
+    """`config` with BloomConfig's aliases resolved and its epsilon default (see llama.py)."""
+    out = {**_GGUF_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    for alias, key in _GGUF_ALIASES.items():
+        if alias in out:
+            out.setdefault(key, out[alias])
+    return out
 
 
 def _n_embed_heads(config: dict) -> tuple[int, int]:

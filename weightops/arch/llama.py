@@ -31,10 +31,29 @@ GGUF_VOCABS = ("sentencepiece", "llama-hf", "gpt2")  # tokenizer encodings tried
 GGUF_DEFAULT_PRE = "default"  # tokenizer.ggml.pre for a BPE tokenizer llama.cpp does not know
 GGUF_ADD_SPACE_PREFIX = True  # tokenizer_config.json's add_prefix_space -> tokenizer.ggml.add_space_prefix
 GGUF_SKIP = DROPPABLE
-# config.json keys add_gguf_parameters reads; when one is missing, transformers fills its default
+# config.json keys add_gguf_parameters reads; `fill_gguf_config` derives the usual missing ones,
+# and when one is still missing transformers fills its default
 GGUF_CONFIG_KEYS = ("num_hidden_layers", "max_position_embeddings", "hidden_size", "intermediate_size",
                     "num_attention_heads", "num_key_value_heads", "rope_parameters", "rms_norm_eps", "head_dim",
                     "vocab_size")
+# transformers' LlamaConfig defaults for those keys (a test checks them against AutoConfig)
+_GGUF_DEFAULTS = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6}
+_DEFAULT_ROPE_THETA = 10000.0
+
+
+def fill_gguf_config(config: dict) -> dict:
+    """`config` with the GGUF keys an older config.json lacks filled in as transformers'
+    LlamaConfig fills them (GQA heads, head_dim, rope_parameters from rope_theta), so an
+    export needs no transformers import (3 s). Legacy `rope_scaling` is left to transformers."""
+    out = {**_GGUF_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    heads = out.get("num_attention_heads")
+    if heads:
+        out.setdefault("num_key_value_heads", heads)
+        if "hidden_size" in out:
+            out.setdefault("head_dim", out["hidden_size"] // heads)
+    if "rope_parameters" not in out and "rope_scaling" not in out:
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": float(out.get("rope_theta", _DEFAULT_ROPE_THETA))}
+    return out
 
 
 def _heads(config: dict) -> tuple[int, int]:

@@ -27,6 +27,7 @@ import argparse
 import os
 import resource
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import Best, Measured, measure, python, set_cache, synthetic_llama
+from common import Best, Measured, measure, python, rotated, set_cache, synthetic_llama
 
 # Python contenders write the wall time of the work itself (after interpreter start and
 # imports, a fixed cost of a few seconds on a loaded machine) to the file named by argv[4].
@@ -104,8 +104,8 @@ def run_size(work: Path, layers: int, repeat: int, cache: str) -> dict[tuple[str
     print(f"\n{layers} layers, {size:.2f} GB per checkpoint (load average {os.getloadavg()[0]:.1f})")
     res: dict[tuple[str, str], Best] = {}
     for job, (first, second) in (("make", (base, target)), ("apply", (base, delta))):
-        for _ in range(repeat):  # interleaved, so that load from other processes hits all alike
-            for name, cmd in contenders(job).items():
+        for round_ in range(repeat):  # interleaved, so that load from other processes hits all alike
+            for name, cmd in rotated(list(contenders(job).items()), round_):
                 out = delta if (job, name) == ("make", "ours") else work / f"{job}-{name}"
                 res.setdefault((job, name), Best()).add(*run(cmd, first, second, out, cache))
         for name in contenders(job):

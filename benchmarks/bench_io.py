@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import Best, measure, python, set_cache, synthetic_llama
+from common import Best, measure, python, rotated, set_cache, synthetic_llama
 
 COPY = """
 import sys, time
@@ -43,8 +43,8 @@ def run_size(work: Path, layers: int, repeat: int, cache: str) -> dict[str, Best
     size = sum(f.stat().st_size for f in src.iterdir()) / 1e9
     out, clock = work / "out", work / "clock"
     res: dict[str, Best] = {}
-    for _ in range(repeat):
-        for name, cmd in contenders(src, out, clock).items():
+    for round_ in range(repeat):
+        for name, cmd in rotated(list(contenders(src, out, clock).items()), round_):
             shutil.rmtree(out, ignore_errors=True)
             clock.unlink(missing_ok=True)
             set_cache(sorted(src.iterdir()), cache)

@@ -66,6 +66,17 @@ def synthetic_llama(directory: Path, layers: int, hidden: int = 2048, intermedia
     return directory
 
 
+def rotated(items: list, round_: int) -> list:
+    """`items` starting at position `round_` (mod len): each contender goes first in some round.
+
+    Why: on virtual machines whose memory the host backs lazily (this CI-class VM), freed
+    guest pages go back to the host within about a minute, and the next first touch costs a lot
+    (writing 2 GB into the page cache: 3.2-4.2 s on such pages, 0.4-0.7 s on pages just freed by
+    the previous run). Whoever runs first in a round pays that; rotating spreads it."""
+    k = round_ % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
 def set_cache(paths: list[Path], cache: str) -> None:
     """Start every contender alike: flush what earlier runs left to write back (so one
     contender's dirty pages are not written during the next one's run), then evict the

@@ -91,8 +91,8 @@ def _run_pair(ref: Model, cand: Model, tokenized: list[Tokenized], result: dict[
             runner = load_runner(model, n_ctx=n_ctx, **run_options)
             try:
                 result[side].update(runner.info)
-                say(f"{side}: {model.path} ({runner.info['runtime']}, {runner.info['device']}, "
-                    f"{runner.info['dtype']})")
+                say(f"running the {side} on {len(tokenized)} prompts ({runner.info['runtime']}, "
+                    f"{runner.info['device']}, {runner.info['dtype']})")
                 for i, t in enumerate(progress.iterate(tokenized, len(tokenized), side, unit="prompt")):
                     logits = runner.logits(list(t.ids))
                     if side == "reference":

@@ -24,7 +24,7 @@ from .. import arch as arch_tables
 from ..arch import llama
 from ..checkpoint import Checkpoint, open_checkpoint, save_hf
 from ..errors import WeightopsError
-from ..stream import Stream, TensorRef, matches_any, require_unique
+from ..stream import BufferPool, Stream, TensorRef, matches_any, require_unique
 
 # A fine-tune moves norm gains by a few percent; a model's gains are the size of the
 # base's. A delta whose norm gains reach this fraction of the base's is not a difference.
@@ -81,7 +81,8 @@ def apply_delta(base: Stream, delta: Stream, *, dtype: torch.dtype | None = None
     """
     pairs = _join(list(base), list(delta), replace, labels, report)
     _guard_apply([p for p in pairs if p.mode == "combine"], labels, force)
-    return [_output(p, +1, dtype, None) for p in pairs]
+    pool = BufferPool()
+    return [_output(p, +1, dtype, None, pool) for p in pairs]
 
 
 def make_delta(base: Stream, target: Stream, *, dtype: torch.dtype | None = None, replace: Sequence[str] = (),
@@ -95,7 +96,8 @@ def make_delta(base: Stream, target: Stream, *, dtype: torch.dtype | None = None
     """
     pairs = _join(list(base), list(target), replace, labels, report)
     _guard_make([p for p in pairs if p.mode == "combine"], labels, force)
-    return [_output(p, -1, dtype, report) for p in pairs]
+    pool = BufferPool()
+    return [_output(p, -1, dtype, report, pool) for p in pairs]
 
 
 # --- joining by name ---------------------------------------------------------------------------
@@ -266,17 +268,22 @@ def _guard_make(pairs: list[_Pair], labels: tuple[str, str], force: bool) -> Non
 
 # --- arithmetic ------------------------------------------------------------------------------
 
-def _output(pair: _Pair, sign: int, dtype: torch.dtype | None, report: DeltaReport | None) -> TensorRef:
+def _output(pair: _Pair, sign: int, dtype: torch.dtype | None, report: DeltaReport | None,
+            pool: BufferPool) -> TensorRef:
     o, b = pair.other, pair.base
     out_dtype = dtype if dtype is not None and o.dtype.is_floating_point else o.dtype
     if pair.mode == "replace":
         return TensorRef(name=o.name, shape=o.shape, dtype=out_dtype, source=o.source,
                          loader=_carry(o, out_dtype, report), releaser=o.release)
+    lent: list[torch.Tensor] = []  # the pool buffer the loaded tensor lives in, until release
 
     def release() -> None:
         b.release()
         o.release()
-    return TensorRef(name=o.name, shape=o.shape, dtype=out_dtype, loader=_combiner(b, o, sign, out_dtype, report),
+        while lent:
+            pool.give(lent.pop())
+    return TensorRef(name=o.name, shape=o.shape, dtype=out_dtype,
+                     loader=_combiner(b, o, sign, out_dtype, report, pool, lent),
                      source=f"{b.source} {'+' if sign > 0 else '-'} {o.source}", releaser=release)
 
 
@@ -290,13 +297,15 @@ def _carry(o: TensorRef, out_dtype: torch.dtype, report: DeltaReport | None) -> 
     return load
 
 
-def _combiner(b: TensorRef, o: TensorRef, sign: int, out_dtype: torch.dtype,
-              report: DeltaReport | None) -> Callable[[], torch.Tensor]:
-    """`other ± base` for the base's rows, `other` as it is for rows beyond them; with a
-    report (make-delta), also count the elements `base + delta` would not give back."""
+def _combiner(b: TensorRef, o: TensorRef, sign: int, out_dtype: torch.dtype, report: DeltaReport | None,
+              pool: BufferPool, lent: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`other ± base` for the base's rows, `other` as it is for rows beyond them, in a pool
+    buffer (`lent` until released); with a report (make-delta), also count the elements
+    `base + delta` would not give back."""
     def load() -> torch.Tensor:
         base_t, other_t = b.load().reshape(-1), o.load()
-        out = torch.empty(o.shape, dtype=out_dtype)
+        buffer, out = pool.take(o.shape, out_dtype)
+        lent.append(buffer)
         flat_o, flat_out = other_t.reshape(-1), out.view(-1)
         n = base_t.numel()
         differing = 0

@@ -23,7 +23,6 @@ from common import Best, measure, python, rotated, set_cache, synthetic_llama
 
 COPY = """
 import sys, time
-t0 = time.perf_counter()
 from weightops.checkpoint import open_checkpoint, save_hf
 t1 = time.perf_counter()
 src = open_checkpoint(sys.argv[1])

@@ -128,9 +128,9 @@ def _layout(refs: list[TensorRef], metadata: dict[str, str] | None) -> tuple[byt
 
 def _copy_span(ref: TensorRef, fd: int, offset: int) -> bool:
     """Copy a tensor's stored bytes from its source file inside the kernel (as `cp` does:
-    no page faults, no copies through Python). False when there is no span or the kernel
-    or file system cannot do it; the caller then loads the tensor instead."""
-    if ref.span is None or not hasattr(os, "copy_file_range"):
+    no page faults, no copies through Python). False when the kernel or file system cannot
+    do it; the caller then loads the tensor instead."""
+    if not hasattr(os, "copy_file_range"):
         return False
     path, src_offset = ref.span
     remaining = ref.nbytes
@@ -178,7 +178,7 @@ def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str,
         upcoming = fetch(0)
         for i, r in enumerate(in_name_order):
             loading, upcoming = upcoming, fetch(i + 1)
-            if loading is None and _copy_span(r, f.fileno(), offsets[r.name]):
+            if r.span is not None and _copy_span(r, f.fileno(), offsets[r.name]):
                 t = None
             else:
                 t = loading.result() if loading is not None else r.load()

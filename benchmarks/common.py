@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from weightops.checkpoint import save_hf  # noqa: E402
+from weightops.dtypes import name_of  # noqa: E402
 from weightops.stream import TensorRef  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def synthetic_llama(directory: Path, layers: int, hidden: int = 2048, intermedia
             return (0.02 * torch.randn(shape, generator=g)).to(dtype)
         return load
 
-    refs = [TensorRef(n, s, dtype, "synthetic", loader=make(i, s)) for i, (n, s) in enumerate(shapes.items())]
+    refs = [TensorRef(n, s, name_of(dtype), "synthetic", loader=make(i, s)) for i, (n, s) in enumerate(shapes.items())]
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
               "num_key_value_heads": kv_heads, "vocab_size": vocab, "rms_norm_eps": 1e-5,

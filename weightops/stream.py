@@ -10,12 +10,14 @@ import fnmatch
 import math
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-import numpy as np
-import torch
-
+from . import dtypes
 from .errors import WeightopsError
+
+if TYPE_CHECKING:  # torch is imported where tensors are touched: a pass-through copy never needs it
+    import numpy as np
+    import torch
 
 
 @dataclass(frozen=True)
@@ -26,18 +28,24 @@ class TensorRef:
     tensors, whose `load()` dequantizes to float32 and whose `raw()` gives the stored blocks.
     `span` is (file, byte offset) where the tensor's bytes lie exactly as a writer stores
     them, so a writer may copy them file to file inside the kernel; any derived tensor
-    loses it.
+    loses it. `dtype_name` is the dtype in safetensors' spelling (see `dtypes`); `dtype` gives
+    it as a torch dtype.
     """
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_name: str
     source: str
     loader: Callable[[], torch.Tensor] = field(repr=False, compare=False)
     ggml_type: str | None = None
     raw_loader: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
     releaser: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     span: tuple[str, int] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype_name, str):
+            raise TypeError(f"TensorRef {self.name!r}: dtype_name must be a name such as 'BF16' "
+                            f"(weightops.dtypes.name_of), not {self.dtype_name!r}")
 
     def load(self) -> torch.Tensor:
         tensor = self.loader()
@@ -52,6 +60,14 @@ class TensorRef:
         `load()` returned after this)."""
         if self.releaser is not None:
             self.releaser()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtypes.to_torch(self.dtype_name)
+
+    @property
+    def is_float(self) -> bool:
+        return dtypes.is_float(self.dtype_name)
 
     def raw(self) -> np.ndarray:
         """The tensor's bytes as stored (quantized blocks for GGUF), as uint8."""
@@ -68,14 +84,14 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * dtypes.itemsize(self.dtype_name)
 
     def derive(self, fn: Callable[[torch.Tensor], torch.Tensor], *, name: str | None = None,
                shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> "TensorRef":
         """A new lazy reference whose data is `fn(self.load())`; declare any new shape/dtype."""
         upstream = self.load
         return replace(self, name=name or self.name, shape=tuple(shape) if shape is not None else self.shape,
-                       dtype=dtype or self.dtype, loader=lambda: fn(upstream()), ggml_type=None, raw_loader=None,
+                       dtype_name=dtypes.name_of(dtype) if dtype is not None else self.dtype_name, loader=lambda: fn(upstream()), ggml_type=None, raw_loader=None,
                        span=None)
 
     def renamed(self, name: str) -> "TensorRef":
@@ -102,6 +118,8 @@ class BufferPool:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(buffer to give back, uninitialised tensor of `shape` and `dtype` inside it)."""
+        import torch
+
         nbytes = math.prod(shape) * dtype.itemsize
         with self._lock:
             fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
@@ -119,6 +137,8 @@ class BufferPool:
 
 def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
     """Raw little-endian bytes of a tensor in its own dtype (bf16 included), without copying twice."""
+    import torch
+
     t = tensor.detach().cpu().contiguous()
     return t.reshape(-1).view(torch.uint8).numpy()
 
@@ -126,7 +146,7 @@ def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
 def cast(stream: Stream, dtype: torch.dtype | None) -> Iterator[TensorRef]:
     """Cast floating-point tensors to `dtype` (None keeps every dtype as it is)."""
     for ref in stream:
-        if dtype is None or not ref.dtype.is_floating_point or ref.dtype == dtype:
+        if dtype is None or not ref.is_float or ref.dtype == dtype:
             yield ref
         else:
             yield ref.derive(lambda t, d=dtype: t.to(d), dtype=dtype)

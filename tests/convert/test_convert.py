@@ -15,6 +15,7 @@ import torch
 
 from weightops import tiny
 from weightops.checkpoint import open_checkpoint, save_hf
+from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
 from weightops.io.tencentpretrain import write_tp
 from weightops.ops.remap import hf_view, tp_to_hf
@@ -307,7 +308,7 @@ def test_bloom_fuse_is_lazy_and_loads_only_its_three_tensors(tiny_bloom):
     loaded: list[str] = []
 
     def ref(name, t):
-        return TensorRef(name, tuple(t.shape), t.dtype, "mem", loader=lambda: loaded.append(name) or t)
+        return TensorRef(name, tuple(t.shape), name_of(t.dtype), "mem", loader=lambda: loaded.append(name) or t)
 
     refs = [ref(k, v) for k, v in oracle.items()]
     config = hf_view(open_checkpoint(tiny_bloom))[1]
@@ -346,7 +347,7 @@ def test_unknown_and_missing_tensors_are_listed(cli, tmp_path, tiny_llama_mha):
     assert not (tmp_path / "hf").exists()
 
     src = open_checkpoint(tiny_llama_mha)
-    extra = TensorRef("model.layers.0.mlp.extra.weight", (2,), torch.float32, "mem", loader=lambda: torch.zeros(2))
+    extra = TensorRef("model.layers.0.mlp.extra.weight", (2,), "F32", "mem", loader=lambda: torch.zeros(2))
     save_hf([*src.tensors, extra], tmp_path / "hf-extra", aux_files=src.aux_files)
     failed(cli("convert", tmp_path / "hf-extra", tmp_path / "tp-out", "--to", "tencentpretrain"),
            "unknown tensor(s): model.layers.0.mlp.extra.weight")

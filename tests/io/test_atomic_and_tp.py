@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from weightops.checkpoint import open_checkpoint, save_hf
+from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
 from weightops.io.atomic import atomic_dir, check_output
 from weightops.io.tencentpretrain import write_tp
@@ -37,7 +38,7 @@ def test_interrupted_writer_leaves_nothing(tmp_path, tiny_llama):
         raise RuntimeError("disk on fire")
 
     refs = list(src.tensors)
-    refs[5] = TensorRef(refs[5].name, refs[5].shape, refs[5].dtype, "x", loader=boom)
+    refs[5] = TensorRef(refs[5].name, refs[5].shape, refs[5].dtype_name, "x", loader=boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         save_hf(refs, tmp_path / "out", max_shard_size="60KB")
     assert list(tmp_path.iterdir()) == []
@@ -62,7 +63,7 @@ def test_tencentpretrain_layout_round_trip(tmp_path, shard):
              "encoder.transformer.0.self_attn.linear_layers.0.weight", "encoder.layer_norm.weight",
              "target.lm.output_layer.weight"]
     tensors = {n: torch.randn(64, 64, generator=g).half() for n in names}
-    refs = [TensorRef(k, tuple(v.shape), v.dtype, "m", loader=lambda v=v: v) for k, v in tensors.items()]
+    refs = [TensorRef(k, tuple(v.shape), name_of(v.dtype), "m", loader=lambda v=v: v) for k, v in tensors.items()]
     tmp_path.joinpath("tp").mkdir()
     files = write_tp(refs, tmp_path / "tp", shard)
     assert (len(files) > 1) == (shard is not None)

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from weightops.checkpoint import open_checkpoint, save_hf
+from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
 from weightops.io.index import parse_size, plan_shards
 from weightops.io.safetensors import read_safetensors, write_safetensors
@@ -13,7 +14,7 @@ from weightops.stream import TensorRef
 
 
 def _refs(tensors: dict) -> list[TensorRef]:
-    return [TensorRef(k, tuple(v.shape), v.dtype, "memory", loader=lambda v=v: v) for k, v in tensors.items()]
+    return [TensorRef(k, tuple(v.shape), name_of(v.dtype), "memory", loader=lambda v=v: v) for k, v in tensors.items()]
 
 
 def test_writer_is_byte_identical_to_save_file(tmp_path):
@@ -76,7 +77,7 @@ def test_parse_size_is_decimal():
 
 def test_plan_shards_matches_huggingface_hub_rule():
     sizes = [40, 30, 50, 200, 10, 10]
-    refs = [TensorRef(f"t{i}", (s,), torch.uint8, "m", loader=lambda: None) for i, s in enumerate(sizes)]
+    refs = [TensorRef(f"t{i}", (s,), "U8", "m", loader=lambda: None) for i, s in enumerate(sizes)]
     plan = [[r.name for r in shard] for shard in plan_shards(refs, 100)]
     # t3 is larger than the limit: alone, emitted before the shard still being filled
     assert plan == [["t0", "t1"], ["t3"], ["t2", "t4", "t5"]]
@@ -166,3 +167,33 @@ def test_missing_shard_and_index_disagreements(tmp_path, tiny_llama):
     (out / shards[2]).unlink()
     with pytest.raises(WeightopsError, match=rf"shard files that do not exist: {shards[2]}"):
         open_checkpoint(out)
+
+
+def test_dtype_names_match_torch_and_safetensors():
+    from safetensors.torch import _TYPES  # the library's own name -> torch dtype table
+
+    from weightops import dtypes
+    for name, torch_dtype in _TYPES.items():
+        if name not in dtypes.SAFETENSORS_NAMES:
+            continue  # complex and FNUZ float8: no LLM checkpoint of ours holds them
+        assert dtypes.to_torch(name) == torch_dtype and name_of(torch_dtype) == name
+        assert dtypes.itemsize(name) == torch_dtype.itemsize
+        assert dtypes.is_float(name) == torch_dtype.is_floating_point
+    assert name_of(torch.complex64) == "torch.complex64" and dtypes.to_torch("torch.complex64") == torch.complex64
+    with pytest.raises(TypeError, match="dtype_name"):
+        TensorRef("t", (1,), torch.float32, "m", loader=lambda: None)
+
+
+def test_pass_through_copy_never_imports_torch(tmp_path, tiny_llama):
+    """Opening a safetensors checkpoint and copying it needs headers and the kernel's file
+    copy only; importing torch would cost more than `cp` of a 1 GB model (issue 2)."""
+    import subprocess
+    import sys
+    code = ("import sys; from weightops.checkpoint import open_checkpoint, save_hf; c = open_checkpoint(sys.argv[1]); "
+            "save_hf(c.tensors, sys.argv[2], aux_files=c.aux_files, inputs=[c.path]); "
+            "print(sorted(m for m in ('torch', 'numpy', 'gguf', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(tmp_path / "copy")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    for f in tiny_llama.glob("*.safetensors"):
+        assert (tmp_path / "copy" / f.name).read_bytes() == f.read_bytes()

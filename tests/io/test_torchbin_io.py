@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from weightops.checkpoint import open_checkpoint
+from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
 from weightops.io.torchbin import read_torch_bin, write_torch_bin
 from weightops.stream import TensorRef
 
 
 def _refs(sd):
-    return [TensorRef(k, tuple(v.shape), v.dtype, "memory", loader=lambda v=v: v) for k, v in sd.items()]
+    return [TensorRef(k, tuple(v.shape), name_of(v.dtype), "memory", loader=lambda v=v: v) for k, v in sd.items()]
 
 
 def test_writer_equals_torch_save(tmp_path):

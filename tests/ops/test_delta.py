@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from weightops.checkpoint import open_checkpoint, save_hf
+from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
 from weightops.io.index import write_index
 from weightops.io.torchbin import write_torch_bin
@@ -83,7 +84,7 @@ def _assert_bit_equal(got: dict, want: dict) -> None:
 
 
 def _refs(tensors: dict, source: str = "memory") -> list[TensorRef]:
-    return [TensorRef(k, tuple(v.shape), v.dtype, source, loader=lambda v=v: v) for k, v in tensors.items()]
+    return [TensorRef(k, tuple(v.shape), name_of(v.dtype), source, loader=lambda v=v: v) for k, v in tensors.items()]
 
 
 def _save(tensors: dict, out: Path, like: Path, **kw) -> Path:
@@ -240,7 +241,7 @@ def test_tied_vs_untied_embeddings_is_an_error(untied_side, tmp_path, tiny_llama
 
 def test_checkpoints_in_other_naming_schemes_are_refused(tmp_path, tiny_llama):
     tp = tmp_path / "tp.bin"
-    write_torch_bin([TensorRef("embedding.word.embedding.weight", (4, 4), torch.float32, "m",
+    write_torch_bin([TensorRef("embedding.word.embedding.weight", (4, 4), "F32", "m",
                                loader=lambda: torch.zeros(4, 4))], tp)
     with pytest.raises(WeightopsError, match=r"BASE .*tp.bin is a tencentpretrain checkpoint.*convert"):
         apply_delta_checkpoint(tp, tiny_llama, tmp_path / "out")
@@ -354,7 +355,7 @@ def test_each_input_tensor_is_read_once_while_streaming(tmp_path, tiny_llama, ll
             def load():
                 loads[f"{path.name}:{r.name}"] = loads.get(f"{path.name}:{r.name}", 0) + 1
                 return r.load()
-            return TensorRef(r.name, r.shape, r.dtype, r.source, loader=load)
+            return TensorRef(r.name, r.shape, r.dtype_name, r.source, loader=load)
         return [wrap(r) for r in open_checkpoint(path).tensors]
 
     from weightops.ops.delta import DeltaReport

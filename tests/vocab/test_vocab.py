@@ -255,7 +255,7 @@ def test_only_embedding_and_head_are_loaded_others_pass_through(tiny_llama):
     ckpt = open_checkpoint(tiny_llama)
 
     def spy(ref: TensorRef) -> TensorRef:
-        return TensorRef(ref.name, ref.shape, ref.dtype, ref.source, lambda r=ref: loaded.append(r.name) or r.load())
+        return TensorRef(ref.name, ref.shape, ref.dtype_name, ref.source, lambda r=ref: loaded.append(r.name) or r.load())
     refs = [spy(r) for r in ckpt.tensors]
     plan = RowPlan(400, 410, {i: i for i in range(400)}, {}, ())
     out = list(resize_vocab(refs, vocab_tensor_names(ckpt), plan, "mean"))

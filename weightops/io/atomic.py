@@ -91,10 +91,3 @@ def atomic_file(final: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def drop_cache(fd: int) -> None:
-    """Tell the kernel we will not read these pages again (keeps page cache from piling up)."""
-    if hasattr(os, "posix_fadvise"):
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
-
-import numpy as np
-import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
-from gguf.quants import dequantize
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from ..errors import WeightopsError
 from ..stream import TensorRef
 from .atomic import atomic_file
+
+if TYPE_CHECKING:  # gguf (and numpy) take 0.3 s to import, torch 1.4 s: loaded only for GGUF work
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 MAGIC = b"GGUF"
 
@@ -32,6 +32,8 @@ def is_gguf(path: Path) -> bool:
 
 
 def open_reader(path: Path) -> GGUFReader:
+    from gguf import GGUFReader
+
     try:
         return GGUFReader(path, "r")
     except Exception as e:  # the library raises ValueError/IndexError/struct errors on damage
@@ -40,6 +42,8 @@ def open_reader(path: Path) -> GGUFReader:
 
 def field_value(field) -> Any:
     """A GGUF key's value as plain Python (strings decoded, arrays as lists)."""
+    from gguf import GGUFValueType
+
     types = field.types
     if not types:
         return None
@@ -66,19 +70,27 @@ def read_gguf(path: Path, reader: GGUFReader | None = None) -> list[TensorRef]:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
 
         def load(t=t, shape=shape) -> torch.Tensor:
+            import numpy as np
+            import torch
+            from gguf.quants import dequantize
+
             values = dequantize(np.asarray(t.data), t.tensor_type)
             return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
 
         def raw(t=t) -> np.ndarray:
+            import numpy as np
+
             return np.asarray(t.data).reshape(-1).view(np.uint8)
 
-        refs.append(TensorRef(name=t.name, shape=shape, dtype=torch.float32, source=str(path), loader=load,
+        refs.append(TensorRef(name=t.name, shape=shape, dtype_name="F32", source=str(path), loader=load,
                               ggml_type=t.tensor_type.name, raw_loader=raw))
     return refs
 
 
 def ggml_nbytes(shape: Sequence[int], qtype: GGMLQuantizationType) -> int:
     """Bytes of a tensor of `shape` (torch order) stored as `qtype`."""
+    from gguf import GGML_QUANT_SIZES
+
     block, size = GGML_QUANT_SIZES[qtype]
     numel = 1
     for d in shape:
@@ -108,6 +120,9 @@ class GGUFTensor:
 def plan_writer(arch: str, tensors: Sequence[GGUFTensor]) -> GGUFWriter:
     """A `GGUFWriter` that knows every tensor's name, shape and type (so offsets and the
     parameter count are known) but holds no data; the caller adds the metadata."""
+    import numpy as np
+    from gguf import GGUFWriter
+
     writer = GGUFWriter(None, arch)
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
@@ -119,6 +134,8 @@ def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: Path,
     """Write header, metadata and tensor infos, then each tensor's bytes in turn (each padded
     to the 32-byte alignment, as GGUFWriter pads), into a temporary sibling that becomes
     `output` only at the end."""
+    import numpy as np
+
     with atomic_file(Path(output)) as tmp:
         try:
             writer.write_header_to_file(tmp)

@@ -7,8 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
-
 from ..stream import TensorRef
 from .index import plan_shards, read_sharded, write_index
 from .safetensors import read_safetensors, write_safetensors

@@ -21,20 +21,16 @@ import os
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-import torch
+from .. import dtypes
 from ..errors import WeightopsError
 from ..stream import TensorRef, tensor_bytes
-from .atomic import drop_cache
+from .pages import drop_cache
 
-DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-    "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
-    "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
-    "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
 # safetensors' Dtype enum order; its serializer sorts by this, descending.
 _DTYPE_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16",
                 "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
@@ -64,7 +60,7 @@ def read_header(path: Path) -> tuple[dict, int]:
         raise WeightopsError(f"{path}: file is truncated ({size} bytes); its header needs more for tensors: "
                              + ", ".join(sorted(cut)))
     for name, info in header.items():
-        if name != "__metadata__" and info["dtype"] not in DTYPES:
+        if name != "__metadata__" and info["dtype"] not in dtypes.SAFETENSORS_NAMES:
             raise WeightopsError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
     return header, start
 
@@ -78,11 +74,13 @@ class _Mapping:
         self._map: mmap.mmap | None = None
 
     def tensor(self, info: dict) -> torch.Tensor:
+        import torch
+
         if self._map is None:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         begin, end = info["data_offsets"]
-        dtype = DTYPES[info["dtype"]]
+        dtype = dtypes.to_torch(info["dtype"])
         if end == begin:
             return torch.empty(info["shape"], dtype=dtype)
         flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
@@ -106,20 +104,20 @@ def read_safetensors(path: Path) -> list[TensorRef]:
     header, start = read_header(path)
     mapping = _Mapping(path, start)
     items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
-    return [TensorRef(name=name, shape=tuple(info["shape"]), dtype=DTYPES[info["dtype"]], source=str(path),
+    return [TensorRef(name=name, shape=tuple(info["shape"]), dtype_name=info["dtype"], source=str(path),
                       loader=lambda i=info: mapping.tensor(i), releaser=lambda i=info: mapping.release(i),
                       span=(str(path), start + info["data_offsets"][0]))
             for name, info in items]
 
 
 def _layout(refs: list[TensorRef], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorRef]]:
-    order = sorted(refs, key=lambda r: (-_DTYPE_ORDER.index(DTYPE_NAMES[r.dtype]), r.name))
+    order = sorted(refs, key=lambda r: (-_DTYPE_ORDER.index(r.dtype_name), r.name))
     header: dict = {}
     if metadata:
         header["__metadata__"] = metadata
     offset = 0
     for r in order:
-        header[r.name] = {"dtype": DTYPE_NAMES[r.dtype], "shape": list(r.shape), "data_offsets": [offset, offset + r.nbytes]}
+        header[r.name] = {"dtype": r.dtype_name, "shape": list(r.shape), "data_offsets": [offset, offset + r.nbytes]}
         offset += r.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
@@ -157,8 +155,9 @@ def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str,
     """
     refs = list(refs)
     for r in refs:
-        if r.dtype not in DTYPE_NAMES:
-            raise WeightopsError(f"tensor {r.name!r} from {r.source}: dtype {r.dtype} cannot be stored in safetensors")
+        if r.dtype_name not in dtypes.SAFETENSORS_NAMES:
+            raise WeightopsError(f"tensor {r.name!r} from {r.source}: dtype {r.dtype_name.removeprefix('torch.')} "
+                                 "is not one weightops writes to safetensors")
     head, order = _layout(refs, metadata)
     offsets, position = {}, len(head)
     for r in order:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
-
 from ..stream import TensorRef
 from .index import plan_shards, read_sharded, write_index
 from .torchbin import read_torch_bin, write_torch_bin

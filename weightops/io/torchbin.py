@@ -9,26 +9,27 @@ the state dict ever being in memory.
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import io
-import mmap
 import pickle
 import sys
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-import torch
-
+from .. import dtypes
 from ..errors import WeightopsError
 from ..stream import TensorRef
+from .pages import drop_mapped
+
+if TYPE_CHECKING:  # imported where used, so that opening a safetensors checkpoint never loads torch
+    import torch
 
 _STORAGE_ALIGNMENT = 64
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else None
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Memory-map a torch checkpoint, refusing any pickle that would run code."""
+    import torch
+
     try:
         try:
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -51,27 +52,14 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _drop_pages(tensor: torch.Tensor) -> None:
-    """madvise(DONTNEED) the whole pages under a memory-mapped tensor: they leave this
-    process's RSS and are read from the file again if touched (the mapping is private and
-    never written, so nothing is lost)."""
-    if _libc is None or tensor.numel() == 0:
-        return
-    page = mmap.PAGESIZE
-    start = tensor.data_ptr()
-    begin = -(-start // page) * page                       # whole pages only: neighbours stay
-    end = (start + tensor.numel() * tensor.element_size()) // page * page
-    if end > begin:
-        _libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), mmap.MADV_DONTNEED)
-
-
 def read_torch_bin(path: Path) -> list[TensorRef]:
     """Lazy references to the tensors of one `.bin` file, in its order (the data stays
     mapped; `release()` drops a consumed tensor's pages from RSS)."""
     path = Path(path)
     sd = load_state_dict(path)
-    return [TensorRef(name=k, shape=tuple(v.shape), dtype=v.dtype, source=str(path), loader=lambda t=v: t,
-                      releaser=lambda t=v: _drop_pages(t)) for k, v in sd.items()]
+    return [TensorRef(name=k, shape=tuple(v.shape), dtype_name=dtypes.name_of(v.dtype), source=str(path),
+                      loader=lambda t=v: t,
+                      releaser=lambda t=v: drop_mapped(t.data_ptr(), t.numel() * t.element_size())) for k, v in sd.items()]
 
 
 class _Storage:
@@ -88,6 +76,8 @@ class _Tensor:
         self.storage, self.shape = storage, shape
 
     def __reduce_ex__(self, protocol):
+        import torch
+
         stride, acc = [], 1
         for d in reversed(self.shape):
             stride.append(acc)
@@ -98,6 +88,8 @@ class _Tensor:
 
 class _Pickler(pickle.Pickler):
     def persistent_id(self, obj):
+        import torch
+
         if isinstance(obj, _Storage):
             storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[obj.dtype])
             return ("storage", storage_type, obj.key, "cpu", obj.numel)
@@ -107,6 +99,8 @@ class _Pickler(pickle.Pickler):
 def write_torch_bin(refs: Iterable[TensorRef], path: Path,
                     on_tensor: Callable[[TensorRef], None] | None = None) -> None:
     """Write a state dict as `torch.save` would, one tensor in memory at a time."""
+    import torch
+
     refs = list(refs)
     storages = [_Storage(str(i), r.dtype, r.numel) for i, r in enumerate(refs)]
     state = collections.OrderedDict((r.name, _Tensor(s, r.shape)) for r, s in zip(refs, storages))

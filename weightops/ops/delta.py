@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import arch as arch_tables
+from .. import dtypes
 from ..arch import llama
 from ..checkpoint import Checkpoint, open_checkpoint, save_hf
 from ..errors import WeightopsError
@@ -273,7 +274,7 @@ def _output(pair: _Pair, sign: int, dtype: torch.dtype | None, report: DeltaRepo
     o, b = pair.other, pair.base
     out_dtype = dtype if dtype is not None and o.dtype.is_floating_point else o.dtype
     if pair.mode == "replace":
-        return TensorRef(name=o.name, shape=o.shape, dtype=out_dtype, source=o.source,
+        return TensorRef(name=o.name, shape=o.shape, dtype_name=dtypes.name_of(out_dtype), source=o.source,
                          loader=_carry(o, out_dtype, report), releaser=o.release)
     lent: list[torch.Tensor] = []  # the pool buffer the loaded tensor lives in, until release
 
@@ -282,7 +283,7 @@ def _output(pair: _Pair, sign: int, dtype: torch.dtype | None, report: DeltaRepo
         o.release()
         while lent:
             pool.give(lent.pop())
-    return TensorRef(name=o.name, shape=o.shape, dtype=out_dtype,
+    return TensorRef(name=o.name, shape=o.shape, dtype_name=dtypes.name_of(out_dtype),
                      loader=_combiner(b, o, sign, out_dtype, report, pool, lent),
                      source=f"{b.source} {'+' if sign > 0 else '-'} {o.source}", releaser=release)
 

@@ -197,7 +197,7 @@ def _join(row: Row, name: str, parts: list[TensorRef], hp: Hparams) -> TensorRef
         def release() -> None:
             for p in parts:
                 p.release()
-        return TensorRef(name, (3 * first.shape[0], *first.shape[1:]), first.dtype, first.source,
+        return TensorRef(name, (3 * first.shape[0], *first.shape[1:]), first.dtype_name, first.source,
                          loader=lambda: fuse_qkv(*(p.load() for p in parts), hp.heads), releaser=release)
     return first.renamed(name)
 

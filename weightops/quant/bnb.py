@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .. import progress
+from .. import dtypes, progress
 from ..arch import Architecture
 from ..arch import get as get_arch
 from ..checkpoint import open_checkpoint, save_hf
@@ -168,7 +168,7 @@ def quantize_bnb(stream: Stream, spec: BnbSpec, select: Callable[[TensorRef], bo
         shared = _Quantized(ref, spec, device, layout, offset)
         module = ref.name.removesuffix(".weight")
         for suffix, t in layout.items():
-            yield TensorRef(f"{module}.{suffix}", tuple(t.shape), t.dtype, ref.source,
+            yield TensorRef(f"{module}.{suffix}", tuple(t.shape), dtypes.name_of(t.dtype), ref.source,
                             loader=lambda s=suffix, q=shared: q.take(s))
 
 

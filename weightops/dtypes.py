@@ -39,6 +39,12 @@ def name_of(dtype: "torch.dtype") -> str:
     return _TORCH_PREFIX + text
 
 
+def torch_name(name: str) -> str:
+    """torch's spelling without the module ("bfloat16"), as reports and manifests print it."""
+    entry = _TABLE.get(name)
+    return entry[0] if entry else name.removeprefix(_TORCH_PREFIX)
+
+
 def itemsize(name: str) -> int:
     entry = _TABLE.get(name)
     return entry[1] if entry else to_torch(name).itemsize

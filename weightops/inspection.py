@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from . import dtypes
 from .checkpoint import Checkpoint
 from .vocabulary import embedding_name, vocab_triple
 
@@ -24,7 +25,7 @@ def _heads(ckpt: Checkpoint) -> tuple[int | None, int | None]:
 
 def summarize(ckpt: Checkpoint) -> dict:
     """The `inspect --json` document (keys fixed by design.md, plus `layers`/`hidden_size`/`heads`/`kv_heads`)."""
-    dtypes = Counter(r.ggml_type or str(r.dtype).removeprefix("torch.") for r in ckpt.tensors)
+    kinds = Counter(r.ggml_type or dtypes.torch_name(r.dtype_name) for r in ckpt.tensors)
     triple = vocab_triple(ckpt)
     emb = embedding_name(ckpt)
     hidden = ckpt.tensor(emb).shape[-1] if emb else None
@@ -35,7 +36,7 @@ def summarize(ckpt: Checkpoint) -> dict:
         "architecture": ckpt.architecture,
         "tensor_count": len(ckpt.tensors),
         "parameter_count": sum(r.numel for r in ckpt.tensors),
-        "dtypes": dict(sorted(dtypes.items())),
+        "dtypes": dict(sorted(kinds.items())),
         "files": [str(f) for f in ckpt.weight_files + ckpt.aux_files],
         "layers": _layers(ckpt.names()),
         "hidden_size": hidden,

@@ -87,9 +87,10 @@ class Job:
 
 
 def _commands() -> dict[str, click.Command]:
-    from .cli import main
-    cmds = {n: c for n, c in main.commands.items() if n not in _NO_STEP and not isinstance(c, click.Group)}
-    cmds["manifest"] = main.commands["manifest"].commands["create"]
+    from .cli import all_commands
+    commands = all_commands()
+    cmds = {n: c for n, c in commands.items() if n not in _NO_STEP and not isinstance(c, click.Group)}
+    cmds["manifest"] = commands["manifest"].commands["create"]
     return cmds
 
 

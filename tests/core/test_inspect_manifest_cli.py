@@ -114,3 +114,43 @@ def test_demo_runs_the_release_template(cli, tmp_path):
     assert (tmp_path / "demo" / "release.toml").read_text() == (
         Path(__file__).parents[2] / "examples" / "release.toml").read_text()
     assert cli("demo", tmp_path / "demo").exit_code == 1  # exists, needs --force
+
+
+def test_tensor_hash_is_of_the_stored_bytes_however_read(tmp_path, tiny_llama):
+    """safetensors tensors are hashed from the file; `.bin` ones from the loaded tensor: both
+    are sha256 of the same little-endian bytes, so a converted checkpoint keeps its hashes."""
+    import hashlib
+
+    from safetensors.torch import load_file
+    src = open_checkpoint(tiny_llama)
+    stored = {}
+    for f in tiny_llama.glob("*.safetensors"):
+        for name, t in load_file(f).items():
+            stored[name] = hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    assert all(r.span is not None for r in src.tensors)
+    assert {r.name: manifest.sha256_tensor(r) for r in src.tensors} == stored
+    as_bin = tmp_path / "bin"
+    as_bin.mkdir()
+    torch.save({r.name: r.load() for r in src.tensors}, as_bin / "pytorch_model.bin")
+    assert {k: v["sha256"] for k, v in manifest.compute(as_bin)["tensors"].items()} == stored
+
+
+def test_command_modules_are_where_the_lazy_group_looks(tmp_path, tiny_llama):
+    """The CLI imports a command's module only when it runs: its table must name them all,
+    and inspect / manifest must then start without torch."""
+    import subprocess
+    import sys
+
+    from weightops import cli
+    commands = cli.all_commands()
+    assert set(commands) == set(cli._MODULES)
+    assert {n: c.callback.__module__.rsplit(".", 1)[1] for n, c in commands.items()} == cli._MODULES
+    code = ("import sys; from weightops.cli import main\n"
+            "for argv in (['inspect', sys.argv[1]], ['manifest', 'create', sys.argv[1]]):\n"
+            "    main(['-q', *argv], standalone_mode=False)\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'gguf') if m in sys.modules))")
+    src = open_checkpoint(tiny_llama)
+    copy = tmp_path / "m"  # manifest create writes into the model
+    save_hf(src.tensors, copy, aux_files=src.aux_files)
+    out = subprocess.run([sys.executable, "-c", code, str(copy)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

@@ -1,4 +1,4 @@
-"""Core commands: inspect, manifest, demo."""
+"""Core commands: inspect, manifest."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from .. import demo as demo_lib
 from ..checkpoint import open_checkpoint
 from ..inspection import render, summarize
 from ..verify import manifest as manifest_lib
@@ -49,12 +48,3 @@ def manifest_check(path: Path) -> None:
     """Recompute every hash; exit 3 naming each file and tensor that differs."""
     doc = manifest_lib.check(path)
     click.echo(f"ok: {len(doc['files'])} files and {len(doc['tensors'])} tensors match")
-
-
-@main.command()
-@click.argument("workdir", required=False, default="weightops-demo", type=click.Path(path_type=Path))
-@click.option("--force", is_flag=True, help="Replace an existing non-empty WORKDIR.")
-def demo(workdir: Path, force: bool) -> None:
-    """Build tiny models from nothing (no downloads) and run the release pipeline on them,
-    printing the report. WORKDIR defaults to ./weightops-demo."""
-    click.echo(demo_lib.run_demo(workdir, force=force))

@@ -11,10 +11,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from .. import progress
+from .. import dtypes, progress
 from ..checkpoint import open_checkpoint
 from ..errors import MismatchError, WeightopsError
 from ..io.atomic import atomic_file
+from ..stream import TensorRef
 
 MANIFEST = "weightops-manifest.json"
 _CHUNK = 8 << 20
@@ -53,16 +54,35 @@ def file_hashes(path: Path) -> dict:
                 for f in files}
 
 
+def sha256_tensor(ref: TensorRef) -> str:
+    """sha256 of a tensor's stored bytes; read straight from its file where they lie there as
+    stored (safetensors), so hashing neither maps the model into memory nor needs torch."""
+    h = hashlib.sha256()
+    if ref.span is None:
+        h.update(memoryview(ref.raw()))
+        return h.hexdigest()
+    path, offset = ref.span
+    remaining = ref.nbytes
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while remaining:
+            chunk = f.read(min(_CHUNK, remaining))
+            if not chunk:
+                raise WeightopsError(f"{path}: file ends inside tensor {ref.name!r}")
+            h.update(chunk)
+            remaining -= len(chunk)
+    return h.hexdigest()
+
+
 def tensor_hashes(path: Path) -> dict:
     root = _root(path)
     ckpt = open_checkpoint(path)
     tensors = {}
     for ref in progress.iterate(ckpt.tensors, len(ckpt.tensors), "hashing tensors"):
-        raw = ref.raw()
-        tensors[ref.name] = {"sha256": hashlib.sha256(memoryview(raw)).hexdigest(), "shape": list(ref.shape),
-                             "dtype": ref.ggml_type or str(ref.dtype).removeprefix("torch."),
+        tensors[ref.name] = {"sha256": sha256_tensor(ref), "shape": list(ref.shape),
+                             "dtype": ref.ggml_type or dtypes.torch_name(ref.dtype_name),
                              "file": str(Path(ref.source).resolve().relative_to(root.resolve()))}
-        del raw
+        ref.release()
     return tensors
 
 

@@ -1,0 +1,18 @@
+"""`weightops demo`: the release pipeline on tiny models built from nothing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import demo as demo_lib
+from . import main
+
+
+@main.command()
+@click.argument("workdir", required=False, default="weightops-demo", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace an existing non-empty WORKDIR.")
+def demo(workdir: Path, force: bool) -> None:
+    """Build tiny models from nothing (no downloads) and run the release pipeline on them,
+    printing the report. WORKDIR defaults to ./weightops-demo."""
+    click.echo(demo_lib.run_demo(workdir, force=force))

@@ -180,3 +180,12 @@ def test_missing_input_is_an_error(tmp_path, tiny_llama):
     job = _job(tmp_path, DELTA_STEPS, {"base": tiny_llama, "target": tmp_path / "nope"})
     with pytest.raises(WeightopsError, match="nope"):
         jobs.run_job(job)
+
+
+def test_step_peak_rss_is_the_childs_own(tmp_path, tiny_llama):
+    """wait4's ru_maxrss counts the memory the child was forked from: a small step run by a
+    big job runner looked as big as the runner."""
+    ballast = b"\x01" * (400 << 20)  # resident in this (parent) process
+    code, _, rss = jobs._run_child(["-q", "inspect", str(tiny_llama)], tmp_path / "inspect.log")
+    assert code == 0 and 5 < rss < 200, rss
+    del ballast

@@ -15,7 +15,11 @@ the page cache (`--cache cold`, the default) or read once just before (`--cache 
 Each contender runs --repeat times, interleaved with the others; the best wall time and the
 highest memory peaks are reported. Targets (issue 3): peak anonymous RSS flat in model size; wall <= 1.3x the I/O floor.
 
-    python benchmarks/bench_delta.py [--layers 4 8] [--cache cold|warm] [--workdir DIR]
+    python benchmarks/bench_delta.py [--layers 4 8] [--hidden 2048 --intermediate 5632]
+                                     [--no-baseline] [--cache cold|warm] [--workdir DIR]
+
+`--hidden 4096 --intermediate 11008 --layers 16 32` gives LLaMA-7B-shaped checkpoints of 7.0
+and 13.5 GB; there the baseline needs both models in RAM (27 GB at 32 layers): `--no-baseline`.
 """
 from __future__ import annotations
 
@@ -82,10 +86,13 @@ def run(cmd: list[str], first: Path, second: Path, out: Path, cache: str) -> tup
     return m, float(clock.read_text()) if clock.exists() else m.wall_s
 
 
-def contenders(job: str) -> dict[str, list[str]]:
+def contenders(job: str, baseline: bool) -> dict[str, list[str]]:
     fn = {"apply": "apply_delta_checkpoint", "make": "make_delta_checkpoint"}[job]
-    return {"ours": python(OURS.format(fn=fn)), "baseline": python(BASELINE.format(job=job)),
-            "floor": ["sh", "-c", FLOOR, "floor"]}
+    found = {"ours": python(OURS.format(fn=fn)), "baseline": python(BASELINE.format(job=job)),
+             "floor": ["sh", "-c", FLOOR, "floor"]}
+    if not baseline:
+        del found["baseline"]
+    return found
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -96,26 +103,31 @@ def same_tensors(a: Path, b: Path) -> bool:
     return ours.keys() == theirs.keys() and all(ours[n].raw().tobytes() == theirs[n].raw().tobytes() for n in ours)
 
 
-def run_size(work: Path, layers: int, repeat: int, cache: str) -> dict[tuple[str, str], Best]:
-    base = synthetic_llama(work / f"base-{layers}", layers, seed=0)
-    target = synthetic_llama(work / f"target-{layers}", layers, seed=1)
+def run_size(work: Path, layers: int, repeat: int, cache: str, shape: dict[str, int],
+             baseline: bool) -> dict[tuple[str, str], Best]:
+    base = synthetic_llama(work / f"base-{layers}", layers, seed=0, **shape)
+    target = synthetic_llama(work / f"target-{layers}", layers, seed=1, **shape)
     delta = work / f"delta-{layers}"
     size = sum(f.stat().st_size for f in weight_files(base)) / 1e9
     print(f"\n{layers} layers, {size:.2f} GB per checkpoint (load average {os.getloadavg()[0]:.1f})")
     res: dict[tuple[str, str], Best] = {}
     for job, (first, second) in (("make", (base, target)), ("apply", (base, delta))):
         for round_ in range(repeat):  # interleaved, so that load from other processes hits all alike
-            for name, cmd in rotated(list(contenders(job).items()), round_):
+            for name, cmd in rotated(list(contenders(job, baseline).items()), round_):
                 out = delta if (job, name) == ("make", "ours") else work / f"{job}-{name}"
                 res.setdefault((job, name), Best()).add(*run(cmd, first, second, out, cache))
-        for name in contenders(job):
+                if name == "floor" or (name, job, baseline) == ("ours", "apply", False):
+                    shutil.rmtree(out)  # not compared: free the disk (at 32 layers, 7B-wide, 13.5 GB each)
+        for name in contenders(job, baseline):
             print(res[job, name].row(f"{job}-delta {name}"))
-        ours_out = delta if job == "make" else work / "apply-ours"
-        print(f"{job}-delta: ours == baseline bit for bit: {same_tensors(ours_out, work / f'{job}-baseline')}")
-        o, b, f = res[job, "ours"], res[job, "baseline"], res[job, "floor"]
-        print(f"{job}-delta ratios: ours/floor wall {o.wall / f.wall:.2f}x (work {o.work / f.work:.2f}x), "
-              f"ours/baseline wall {o.wall / b.wall:.2f}x (work {o.work / b.work:.2f}x); baseline/ours peak RSS "
-              f"{b.rss / o.rss:.1f}x, peak anon {b.anon / o.anon:.1f}x")
+        o, f = res[job, "ours"], res[job, "floor"]
+        print(f"{job}-delta ratios: ours/floor wall {o.wall / f.wall:.2f}x (work {o.work / f.work:.2f}x)")
+        if baseline:
+            ours_out = delta if job == "make" else work / "apply-ours"
+            print(f"{job}-delta: ours == baseline bit for bit: {same_tensors(ours_out, work / f'{job}-baseline')}")
+            b = res[job, "baseline"]
+            print(f"{job}-delta: ours/baseline wall {o.wall / b.wall:.2f}x (work {o.work / b.work:.2f}x); "
+                  f"baseline/ours peak RSS {b.rss / o.rss:.1f}x, peak anon {b.anon / o.anon:.1f}x")
     for p in (base, target, delta, *work.glob("apply-*"), *work.glob("make-*")):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
     return res
@@ -127,20 +139,26 @@ def main() -> None:
     ap.add_argument("--cache", choices=("cold", "warm"), default="cold")
     ap.add_argument("--repeat", type=int, default=3, help="runs per contender; the fastest wall and the largest "
                                                           "memory peaks are reported")
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
+                    help="skip the load-everything baseline (it needs both models in RAM)")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
+    shape = {"hidden": args.hidden, "intermediate": args.intermediate}
     work = args.workdir or Path(tempfile.mkdtemp(prefix="weightops-bench-delta-"))
     print(f"inputs {args.cache} in the page cache, {os.cpu_count()} CPUs; peak RSS = VmHWM (mapped input pages "
           "included), peak anon = RssAnon")
     try:
-        results = {layers: run_size(work, layers, args.repeat, args.cache) for layers in args.layers}
+        results = {layers: run_size(work, layers, args.repeat, args.cache, shape, args.baseline)
+                   for layers in args.layers}
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     lo, hi = min(results), max(results)
     print()
     for job in ("make", "apply"):
-        for name in ("ours", "baseline"):
+        for name in ("ours", "baseline") if args.baseline else ("ours",):
             a, b = results[lo][job, name], results[hi][job, name]
             print(f"{job}-delta {name}: {lo} -> {hi} layers, peak RSS {a.rss:.0f} -> {b.rss:.0f} MB "
                   f"({(b.rss / a.rss - 1) * 100:+.0f}%), peak anon {a.anon:.0f} -> {b.anon:.0f} MB "

@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from . import dtypes
 from .checkpoint import Checkpoint
 from .vocabulary import embedding_name, vocab_triple
 
@@ -25,7 +24,7 @@ def _heads(ckpt: Checkpoint) -> tuple[int | None, int | None]:
 
 def summarize(ckpt: Checkpoint) -> dict:
     """The `inspect --json` document (keys fixed by design.md, plus `layers`/`hidden_size`/`heads`/`kv_heads`)."""
-    kinds = Counter(r.ggml_type or dtypes.torch_name(r.dtype_name) for r in ckpt.tensors)
+    kinds = Counter(r.stored_type for r in ckpt.tensors)
     triple = vocab_triple(ckpt)
     emb = embedding_name(ckpt)
     hidden = ckpt.tensor(emb).shape[-1] if emb else None

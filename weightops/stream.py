@@ -69,6 +69,11 @@ class TensorRef:
     def is_float(self) -> bool:
         return dtypes.is_float(self.dtype_name)
 
+    @property
+    def stored_type(self) -> str:
+        """How the tensor is stored, as reports print it: the GGML type, or torch's dtype name."""
+        return self.ggml_type or dtypes.torch_name(self.dtype_name)
+
     def raw(self) -> np.ndarray:
         """The tensor's bytes as stored (quantized blocks for GGUF), as uint8."""
         if self.raw_loader is not None:
@@ -91,8 +96,8 @@ class TensorRef:
         """A new lazy reference whose data is `fn(self.load())`; declare any new shape/dtype."""
         upstream = self.load
         return replace(self, name=name or self.name, shape=tuple(shape) if shape is not None else self.shape,
-                       dtype_name=dtypes.name_of(dtype) if dtype is not None else self.dtype_name, loader=lambda: fn(upstream()), ggml_type=None, raw_loader=None,
-                       span=None)
+                       dtype_name=dtypes.name_of(dtype) if dtype is not None else self.dtype_name,
+                       loader=lambda: fn(upstream()), ggml_type=None, raw_loader=None, span=None)
 
     def renamed(self, name: str) -> "TensorRef":
         return replace(self, name=name)
@@ -106,9 +111,9 @@ class BufferPool:
 
     A stream computes one tensor after another of a few recurring sizes; allocating each anew
     maps fresh pages that the kernel must fault in and zero (a 16-layer make-delta took
-    7.9-8.1 s that way, 6.6-7.1 s with reuse, 1.5 s less CPU). Buffers are raw bytes; a request is served by the smallest free
-    buffer that fits, and at most `keep` free buffers are kept (a writer has two tensors in
-    flight). A consumer must not use a tensor after calling its reference's `release()`.
+    7.9-8.1 s that way, 6.6-7.1 s with reuse, 1.5 s less CPU). Buffers are raw bytes; a
+    request is served by the smallest free buffer that fits, and at most `keep` free buffers
+    are kept (a writer has two tensors in flight). A consumer must not use a tensor after calling its reference's `release()`.
     """
 
     def __init__(self, keep: int = 2):

@@ -58,8 +58,8 @@ def read_torch_bin(path: Path) -> list[TensorRef]:
     path = Path(path)
     sd = load_state_dict(path)
     return [TensorRef(name=k, shape=tuple(v.shape), dtype_name=dtypes.name_of(v.dtype), source=str(path),
-                      loader=lambda t=v: t,
-                      releaser=lambda t=v: drop_mapped(t.data_ptr(), t.numel() * t.element_size())) for k, v in sd.items()]
+                      loader=lambda t=v: t, releaser=lambda t=v: drop_mapped(t.data_ptr(), t.nbytes))
+            for k, v in sd.items()]
 
 
 class _Storage:

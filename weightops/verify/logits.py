@@ -63,7 +63,7 @@ def describe(path: str | Path, tp_config: str | Path | None = None) -> Model:
         context = _hf_config(ckpt).get("max_position_embeddings")
         d = ckpt.directory
         tokenizer = d if any((d / f).is_file() for f in _TOKENIZER_FILES) else None
-    types = {r.ggml_type or str(r.dtype).removeprefix("torch.") for r in ckpt.tensors if len(r.shape) >= 2}
+    types = {r.stored_type for r in ckpt.tensors if len(r.shape) >= 2}
     if bnb := _bnb_type(cfg if ckpt.format != "gguf" else {}):
         types = {bnb}  # packed bytes: the quantization says what the weights are
     return Model(Path(path), ckpt, vocab, context, tokenizer, types)

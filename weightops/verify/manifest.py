@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .. import dtypes, progress
+from .. import progress
 from ..checkpoint import open_checkpoint
 from ..errors import MismatchError, WeightopsError
 from ..io.atomic import atomic_file
@@ -80,7 +80,7 @@ def tensor_hashes(path: Path) -> dict:
     tensors = {}
     for ref in progress.iterate(ckpt.tensors, len(ckpt.tensors), "hashing tensors"):
         tensors[ref.name] = {"sha256": sha256_tensor(ref), "shape": list(ref.shape),
-                             "dtype": ref.ggml_type or dtypes.torch_name(ref.dtype_name),
+                             "dtype": ref.stored_type,
                              "file": str(Path(ref.source).resolve().relative_to(root.resolve()))}
         ref.release()
     return tensors

@@ -8,14 +8,14 @@ type. Then the vocabulary triple and the tokenizer's special tokens.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from .. import arch as arch_tables
 from .. import progress
-from ..stream import TensorRef, matches_any, tensor_bytes
+from ..stream import TensorRef, matches_any
 from ..vocabulary import vocab_triple
 from .logits import Model
+from .manifest import sha256_tensor
 
 _LISTED = 10
 # GGUF token types (gguf.TokenType) that HF tokenizers call special.
@@ -43,14 +43,8 @@ def hf_named(model: Model, other_is_gguf: bool = False) -> dict[str, TensorRef]:
     return {table.normalize_hf(r.name): r for r in ckpt.tensors if not matches_any(table.normalize_hf(r.name), skip)}
 
 
-def _stored_type(ref: TensorRef) -> str:
-    return ref.ggml_type or str(ref.dtype).removeprefix("torch.")
-
-
 def _digest(ref: TensorRef) -> str:
-    data = ref.raw() if ref.ggml_type else tensor_bytes(ref.load())
-    digest = hashlib.sha256(memoryview(data)).hexdigest()
-    del data
+    digest = sha256_tensor(ref)
     ref.release()
     return digest
 
@@ -66,7 +60,7 @@ def compare_tensors(ref: Model, cand: Model, *, values: bool = True) -> dict[str
                            "shape_mismatch": shape}
     same_kind = (ref.format == "gguf") == (cand.format == "gguf")
     comparable = [n for n in common if same_kind and a[n].shape == b[n].shape
-                  and _stored_type(a[n]) == _stored_type(b[n])]
+                  and a[n].stored_type == b[n].stored_type]
     checks: dict[str, Any] = {"compared": 0, "differ": [],
                               "not_comparable": len(common) - len(comparable)}
     if values:

@@ -1,8 +1,8 @@
 """Tensor dtypes by name, so references can be made, laid out and copied without torch.
 
-Names are safetensors' header spellings ("BF16", "F32", ...). Importing torch costs 1.1-1.7 s
-on a 2-core machine, longer than `cp` of a 1 GB checkpoint; a pass-through copy never needs
-it, so torch dtypes are looked up (and torch imported) only when asked for.
+Names are safetensors' header spellings ("BF16", "F32", ...). Importing torch takes longer
+than `cp` of a 1 GB checkpoint (benchmarks/README.md); a pass-through copy never needs it, so
+torch dtypes are looked up (and torch imported) only when asked for.
 """
 from __future__ import annotations
 

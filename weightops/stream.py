@@ -110,8 +110,8 @@ class BufferPool:
     """Output memory for the tensors an operator computes, reused once a consumer releases them.
 
     A stream computes one tensor after another of a few recurring sizes; allocating each anew
-    maps fresh pages that the kernel must fault in and zero (a 16-layer make-delta took
-    7.9-8.1 s that way, 6.6-7.1 s with reuse, 1.5 s less CPU). Buffers are raw bytes; a
+    maps fresh pages that the kernel must fault in and zero, which costs wall and CPU time
+    (measured on make-delta: benchmarks/README.md). Buffers are raw bytes; a
     request is served by the smallest free buffer that fits, and at most `keep` free buffers
     are kept (a writer has two tensors in flight). A consumer must not use a tensor after calling its reference's `release()`.
     """

@@ -44,7 +44,7 @@ _DEFAULT_ROPE_THETA = 10000.0
 def fill_gguf_config(config: dict) -> dict:
     """`config` with the GGUF keys an older config.json lacks filled in as transformers'
     LlamaConfig fills them (GQA heads, head_dim, rope_parameters from rope_theta), so an
-    export needs no transformers import (3 s). Legacy `rope_scaling` is left to transformers."""
+    export needs no transformers import (a slow one). Legacy `rope_scaling` is left to transformers."""
     out = {**_GGUF_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
     heads = out.get("num_attention_heads")
     if heads:

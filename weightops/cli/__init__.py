@@ -12,8 +12,8 @@ from ..errors import WeightopsError
 
 
 # The module that defines each command, imported only when that command is used (or help
-# lists them all): `weightops inspect` then starts in 0.2 s instead of paying 1.4 s for torch
-# and llama.cpp's bindings it never touches.
+# lists them all): `weightops inspect` then never pays for importing torch and llama.cpp's
+# bindings, which it does not touch (measured: benchmarks/README.md).
 _MODULES = {"inspect": "core", "manifest": "core", "demo": "demo", "run": "jobs", "apply-delta": "delta",
             "make-delta": "delta", "expand-vocab": "vocab", "gguf": "gguf", "bnb": "bnb", "convert": "convert",
             "verify": "verify"}

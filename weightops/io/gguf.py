@@ -15,7 +15,7 @@ from ..errors import WeightopsError
 from ..stream import TensorRef
 from .atomic import atomic_file
 
-if TYPE_CHECKING:  # gguf (and numpy) take 0.3 s to import, torch 1.4 s: loaded only for GGUF work
+if TYPE_CHECKING:  # gguf (with numpy) and torch are slow to import: loaded only for GGUF work
     import numpy as np
     import torch
     from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter

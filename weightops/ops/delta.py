@@ -345,7 +345,7 @@ def _count_different(a: torch.Tensor, b: torch.Tensor) -> int:
     if a.numel() == 0:
         return 0
     as_int = _INT_OF_SIZE[a.dtype.itemsize]
-    return int(torch.count_nonzero(a.view(as_int) != b.view(as_int)))  # 3x faster than bool .sum()
+    return int(torch.count_nonzero(a.view(as_int) != b.view(as_int)))  # faster than bool .sum()
 
 
 # --- checkpoints -----------------------------------------------------------------------------

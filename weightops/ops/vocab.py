@@ -95,7 +95,8 @@ def normal_sampler(old: torch.Tensor, mean: torch.Tensor, seed: int) -> Callable
     covariance is not positive definite, from one generator seeded with `seed`.
 
     Each call is one (count x d) @ (d x d) product, not torch.distributions' per-sample
-    matrix-vector products: the same distribution, minutes faster for 20k new tokens.
+    matrix-vector products: the same distribution, far faster when thousands of rows are new
+    (benchmarks/README.md).
     """
     scale_tril, info = torch.linalg.cholesky_ex(NORMAL_EPSILON * row_covariance(old, mean).to(torch.float64))
     mean32 = mean.to(torch.float32)

@@ -97,8 +97,8 @@ def _cpu_pool() -> tuple[int, ThreadPoolExecutor | None]:
     (no pool when n is 1).
 
     Why not torch's own intra-op threads: they meet at a barrier after every op, and a chunk
-    takes ~30 small ops, so one descheduled thread on a busy machine stalls every op (measured
-    on a loaded 2-core machine: 0.8 s instead of 15 ms for a 2048x2048 matrix). Whole chunks per
+    takes ~30 small ops, so one descheduled thread on a busy machine stalls every op (on a
+    loaded machine many times the work itself; benchmarks/README.md). Whole chunks per
     thread, as llama.cpp splits rows, join once per tensor. torch.set_num_threads(1) in a worker
     sets that thread's own count (OpenMP keeps it per thread) and the process-wide default,
     which is restored once the workers are set up."""

@@ -4,9 +4,11 @@ A step is one `weightops` command with the same options as on the command line (
 command's own click parameters validate the keys, so a typo is an error, never ignored).
 Each step runs in a child process: memory is given back between steps, and its wall
 time and peak RSS are measured (the child's own high-water mark, VmHWM). After a step succeeds its output gets a
-sha256 manifest and a finished marker recording the hashes of its inputs; `--resume`
-skips a step only when that marker exists, its options are unchanged, its inputs still
-hash the same and its output files are all there. Everything else is redone from
+sha256 manifest and a finished marker recording the hashes of its inputs and of its output
+files; `--resume` skips a step only when that marker exists, its options are unchanged and
+its inputs and output files hash now as they did then. Hashes are of what is on disk now
+(a manifest an input carries is never trusted), through a stat cache in the state directory
+so unchanged files are not read again (verify/hash_cache.py). Everything else is redone from
 scratch — operators publish atomically, so a killed step leaves only a temporary sibling,
 which is removed.
 
@@ -56,6 +58,7 @@ from . import progress
 from .errors import MismatchError, WeightopsError
 from .io.atomic import atomic_file
 from .verify import manifest as manifest_lib
+from .verify.hash_cache import HashCache
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -64,6 +67,7 @@ else:  # pragma: no cover
 
 STATE_DIR = ".weightops-job"
 REPORT = "release-report"
+HASH_CACHE = "hashes.json"  # in STATE_DIR: (path, size, mtime, ctime, inode) -> sha256, see verify/hash_cache.py
 _JOB_KEYS = {"name", "output"}
 _STEP_KEYS = {"name", "op"}
 _NO_STEP = {"run", "demo", "inspect"}  # commands that make no sense as steps
@@ -83,6 +87,7 @@ class Step:
     inputs: list[Path] = field(default_factory=list)
     paths: dict[str, Path] = field(default_factory=dict)  # option -> a path given literally (not @name)
     argv: list[str] = field(default_factory=list)
+    label: str = ""  # "step N ('name')", how messages name it
 
 
 @dataclass
@@ -237,7 +242,7 @@ def _check_paths(problems: _Problems, job_path: Path, out_text: str, out_dir: Pa
     for step in steps:
         if step.output is None:
             continue
-        where, out = f"step {step.name!r}", step.output
+        where, out = step.label, step.output
         shown = f"output {step.output_text!r}" + ("" if step.output_text == str(out) else f" ({out})")
         if out == out_dir:
             problems.add(where, f"{shown} is the job's output directory itself; the runner replaces a step's "
@@ -274,7 +279,7 @@ def _build_step(problems: _Problems, where: str, raw: dict, command: click.Comma
         problems.add(where, f"unknown option {key.replace('_', '-')!r} for {raw['op']}{_suggest(key, params)}")
     for key in sorted(options.keys() & _RUNNER_OPTIONS.get(raw["op"], set())):
         problems.add(where, f"option {key!r} is set by the runner (it keeps the result in {STATE_DIR})")
-    step = Step(str(raw["name"]), raw["op"], options)
+    step = Step(str(raw["name"]), raw["op"], options, label=where)
 
     def resolve(value: Any, param: click.Parameter) -> str:
         text = str(value)
@@ -331,39 +336,44 @@ def _build_step(problems: _Problems, where: str, raw: dict, command: click.Comma
 # ---------------------------------------------------------------------------------------------- running
 
 
-def _fingerprint(paths: list[Path]) -> dict[str, str]:
-    """sha256 over each input's file hashes, reusing a manifest written by an earlier step."""
+def _fingerprint(paths: list[Path], cache: HashCache) -> dict[str, str]:
+    """sha256 over each input's current file hashes (through the stat cache). A manifest the
+    input carries is never used: it says what the files were, not what they are."""
     out = {}
     for p in paths:
-        mpath = manifest_lib.manifest_path(p)
-        if mpath.is_file():
-            out[str(p)] = hashlib.sha256(mpath.read_bytes()).hexdigest()
-        elif p.exists():
-            out[str(p)] = hashlib.sha256(json.dumps(manifest_lib.file_hashes(p), sort_keys=True).encode()).hexdigest()
-        else:
+        if not p.exists():
             raise WeightopsError(f"input {p} does not exist")
+        files = manifest_lib.file_hashes(p, cache.sha256)
+        out[str(p)] = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     return out
+
+
+def _output_state(output: Path, cache: HashCache) -> dict | None:
+    """The output's files and its manifest as they are on disk now; None when either is gone."""
+    mpath = manifest_lib.manifest_path(output)
+    if not output.exists() or not mpath.is_file():
+        return None
+    return {"files": manifest_lib.file_hashes(output, cache.sha256), "manifest": cache.sha256(mpath)}
 
 
 def _marker(job: Job, step: Step) -> Path:
     return job.output / STATE_DIR / f"{step.name}.done.json"
 
 
-def _is_done(job: Job, step: Step) -> bool:
-    marker = _marker(job, step)
-    if not marker.is_file():
-        return False
-    done = json.loads(marker.read_text())
-    if done.get("argv") != step.argv or done.get("inputs") != _fingerprint(step.inputs):
-        return False
-    if step.output is not None:
-        mpath = manifest_lib.manifest_path(step.output)
-        if not mpath.is_file():
-            return False
-        files = json.loads(mpath.read_text())["files"]
-        root = step.output if step.output.is_dir() else step.output.parent
-        return all((root / f).is_file() and (root / f).stat().st_size == meta["size"] for f, meta in files.items())
-    return True
+def _completed(job: Job, step: Step, inputs: dict[str, str], cache: HashCache) -> dict | None:
+    """The finished marker when it still holds: same options, inputs that hash as they did
+    and output files (manifest included) that hash as they did when the step finished, all
+    hashed now. Else None and the step runs again."""
+    try:
+        done = json.loads(_marker(job, step).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(done, dict) or done.get("argv") != step.argv or done.get("inputs") != inputs:
+        return None
+    if step.output is not None and (done.get("output") is None
+                                    or done["output"] != _output_state(step.output, cache)):
+        return None
+    return done
 
 
 def _clear(output: Path) -> None:
@@ -440,6 +450,7 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
         return plan(job)
     state = job.output / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
+    cache = HashCache(state / HASH_CACHE)
     report: dict[str, Any] = {"job": job.name, "job_file": str(job.path), "output": str(job.output), "steps": [],
                               "verifications": [], "artefacts": {}, "passed": True}
     failure: WeightopsError | None = None
@@ -449,8 +460,12 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
         click.echo(f"[{n}/{len(job.steps)}] {step.name} ({step.op})", err=True)
         verify_json = state / f"{step.name}.verify.json"
         argv = step.argv + (["--json", str(verify_json)] if step.op == "verify" else [])
-        if resume and _is_done(job, step):
-            entry.update(status="skipped (complete)", **json.loads(_marker(job, step).read_text())["measured"])
+        inputs = _fingerprint(step.inputs, cache)  # before the step: an input changed meanwhile reruns it
+        done = _completed(job, step, inputs, cache) if resume else None
+        if done is not None:
+            entry.update(status="skipped (complete)", **done.get("measured", {}))
+            if step.output is not None:
+                report["artefacts"][step.name] = done["output"]["files"]
         else:
             _marker(job, step).unlink(missing_ok=True)
             if step.output is not None:
@@ -464,18 +479,21 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
                     f"step {step.name!r} ({step.op}) failed with exit code {code}: {tail[-1] if tail else ''}")
             else:
                 entry["status"] = "ok"
+                output = None
                 if step.output is not None:
-                    manifest_lib.create(step.output)
+                    mpath = manifest_lib.create(step.output, cache.sha256)
+                    files = json.loads(mpath.read_text())["files"]  # hashed from disk just now
+                    output = {"files": files, "manifest": cache.sha256(mpath)}
+                    report["artefacts"][step.name] = files
                 with atomic_file(_marker(job, step)) as tmp:
-                    tmp.write_text(json.dumps({"argv": step.argv, "inputs": _fingerprint(step.inputs),
+                    tmp.write_text(json.dumps({"argv": step.argv, "inputs": inputs, "output": output,
                                                "measured": {"wall_s": entry["wall_s"],
                                                             "peak_rss_mb": entry["peak_rss_mb"]}}, indent=2))
+        cache.save()
         if step.op == "verify" and verify_json.is_file():
             result = json.loads(verify_json.read_text())
             report["verifications"].append({"step": step.name, **result})
             report["passed"] &= bool(result.get("passed"))
-        if step.output is not None and manifest_lib.manifest_path(step.output).is_file():
-            report["artefacts"][step.name] = json.loads(manifest_lib.manifest_path(step.output).read_text())["files"]
         if failure:
             report["passed"] = False
             break

@@ -50,8 +50,10 @@ class HashCache:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
-            self.entries: dict[str, dict] = json.loads(self.path.read_text())["files"]
-        except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: it is only a cache
+            files = json.loads(self.path.read_text())["files"]
+            self.entries: dict[str, dict] = {k: v for k, v in files.items()
+                                             if isinstance(v, dict) and v.keys() == {"stat", "sha256", "settled"}}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or damaged: only a cache
             self.entries = {}
 
     def sha256(self, file: Path, bar=None) -> str:

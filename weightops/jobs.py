@@ -4,9 +4,11 @@ A step is one `weightops` command with the same options as on the command line (
 command's own click parameters validate the keys, so a typo is an error, never ignored).
 Each step runs in a child process: memory is given back between steps, and its wall
 time and peak RSS are measured (the child's own high-water mark, VmHWM). After a step succeeds its output gets a
-sha256 manifest and a finished marker recording the hashes of its inputs; `--resume`
-skips a step only when that marker exists, its options are unchanged, its inputs still
-hash the same and its output files are all there. Everything else is redone from
+sha256 manifest and a finished marker recording the hashes of its inputs and of its output
+files; `--resume` skips a step only when that marker exists, its options are unchanged and
+its inputs and output files hash now as they did then. Hashes are of what is on disk now
+(a manifest an input carries is never trusted), through a stat cache in the state directory
+so unchanged files are not read again (verify/hash_cache.py). Everything else is redone from
 scratch — operators publish atomically, so a killed step leaves only a temporary sibling,
 which is removed.
 
@@ -41,6 +43,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -55,6 +58,7 @@ from . import progress
 from .errors import MismatchError, WeightopsError
 from .io.atomic import atomic_file
 from .verify import manifest as manifest_lib
+from .verify.hash_cache import HashCache
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,9 +67,14 @@ else:  # pragma: no cover
 
 STATE_DIR = ".weightops-job"
 REPORT = "release-report"
+HASH_CACHE = "hashes.json"  # in STATE_DIR: (path, size, mtime, ctime, inode) -> sha256, see verify/hash_cache.py
 _JOB_KEYS = {"name", "output"}
 _STEP_KEYS = {"name", "op"}
 _NO_STEP = {"run", "demo", "inspect"}  # commands that make no sense as steps
+_RUNNER_OPTIONS = {"verify": {"json"}}  # written by the runner itself, into the state directory
+# step names become file names in the state directory (NAME.log, NAME.done.json)
+_STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_UNBUILT = object()  # a step too broken to build: its problems are reported, references to it are not
 
 
 @dataclass
@@ -74,8 +83,11 @@ class Step:
     op: str
     options: dict[str, Any]
     output: Path | None = None
+    output_text: str = ""  # as written in the job file, for messages
     inputs: list[Path] = field(default_factory=list)
+    paths: dict[str, Path] = field(default_factory=dict)  # option -> a path given literally (not @name)
     argv: list[str] = field(default_factory=list)
+    label: str = ""  # "step N ('name')", how messages name it
 
 
 @dataclass
@@ -85,6 +97,23 @@ class Job:
     output: Path
     inputs: dict[str, Path]
     steps: list[Step]
+
+
+class _Problems:
+    """Collects what is wrong with a job file so one refusal lists everything."""
+
+    def __init__(self, job_path: Path):
+        self.job_path, self.items = job_path, []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}")
+
+    def raise_if_any(self) -> None:
+        if len(self.items) == 1:
+            raise WeightopsError(f"{self.job_path}: {self.items[0]}")
+        if self.items:
+            raise WeightopsError(f"{self.job_path}: {len(self.items)} problems (nothing was run):\n  "
+                                 + "\n  ".join(self.items))
 
 
 def _commands() -> dict[str, click.Command]:
@@ -100,43 +129,140 @@ def _suggest(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _fail(job_path: Path, where: str, message: str) -> WeightopsError:
-    return WeightopsError(f"{job_path}: {where}: {message}")
-
-
 def load_job(path: str | Path) -> Job:
-    """Parse and validate a job file; every key must be known and every @reference resolvable."""
+    """Parse and validate a job file: every key known, every @reference resolvable, every step
+    name a plain file name, and no path the runner replaces (a step's output) touching the
+    job file, an input or another step's output. Refuses with every problem listed, before
+    anything is written."""
     path = Path(path)
     try:
         doc = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise WeightopsError(f"{path}: cannot read job file: {e}") from None
-    for key in doc.keys() - {"job", "inputs", "steps"}:
-        raise _fail(path, "top level", f"unknown table {key!r}{_suggest(key, ['job', 'inputs', 'steps'])}")
+    if any("\0" in text for text in _strings(doc)):  # no path can hold one; Path() would raise
+        raise WeightopsError(f"{path}: a string contains a NUL character")
+    tables = {"job": dict, "inputs": dict, "steps": list}
+    if any(not isinstance(doc.get(k, t()), t) for k, t in tables.items()) or not all(
+            isinstance(raw, dict) for raw in doc.get("steps", [])):
+        raise WeightopsError(f"{path}: [job] and [inputs] must be tables and steps an array of [[steps]] tables")
+    problems = _Problems(path)
+    for key in sorted(doc.keys() - tables.keys()):
+        problems.add("top level", f"unknown table {key!r}{_suggest(key, ['job', 'inputs', 'steps'])}")
     head = doc.get("job", {})
-    for key in head.keys() - _JOB_KEYS:
-        raise _fail(path, "[job]", f"unknown key {key!r}{_suggest(key, _JOB_KEYS)}")
+    for key in sorted(head.keys() - _JOB_KEYS):
+        problems.add("[job]", f"unknown key {key!r}{_suggest(key, _JOB_KEYS)}")
     base = path.parent
-    out_dir = (base / head.get("output", "release")).resolve()
-    inputs = {k: (base / v).resolve() for k, v in doc.get("inputs", {}).items()}
+    out_text = head.get("output", "release")
+    if not isinstance(out_text, str) or not out_text:
+        problems.add("[job]", "output must be a non-empty path")
+        out_text = "release"
+    out_dir = _resolve(base, out_text)
+    inputs = {}
+    for k, v in doc.get("inputs", {}).items():
+        if not isinstance(v, str) or not v:
+            problems.add("[inputs]", f"{k!r} must be a non-empty path")
+        else:
+            inputs[k] = _resolve(base, v)
     commands = _commands()
-    known: dict[str, Path | None] = dict(inputs)
+    known: dict[str, Any] = dict(inputs)
+    folded: dict[str, str] = {}
     steps = []
     for i, raw in enumerate(doc.get("steps", [])):
-        where = f"step {i + 1}" + (f" ({raw['name']})" if "name" in raw else "")
-        if "op" not in raw or "name" not in raw:
-            raise _fail(path, where, "every step needs `name` and `op`")
+        name = raw.get("name")
+        where = f"step {i + 1}" + (f" ({name!r})" if name is not None else "")
+        if "op" not in raw or name is None:
+            problems.add(where, "every step needs `name` and `op`")
+            continue
+        if not isinstance(name, str) or not _STEP_NAME.fullmatch(name):
+            problems.add(where, f"name {name!r} is not a plain file name (it names {STATE_DIR}/NAME.log and "
+                                "NAME.done.json): use up to 128 letters, digits, '.', '_' or '-', starting with a "
+                                "letter or digit")
+            name = str(name)
+        if name in known:
+            problems.add(where, f"name {name!r} is already used")
+        elif name.casefold() in folded:
+            problems.add(where, f"name {name!r} differs from step {folded[name.casefold()]!r} only in case "
+                                "(the same file on a case-insensitive file system)")
+        folded.setdefault(name.casefold(), name)
         if raw["op"] not in commands:
-            raise _fail(path, where, f"unknown op {raw['op']!r}{_suggest(raw['op'], commands)}; "
-                                     f"ops: {', '.join(sorted(commands))}")
-        if raw["name"] in known:
-            raise _fail(path, where, f"name {raw['name']!r} is already used")
-        step = _build_step(path, where, raw, commands[raw["op"]], known, out_dir)
-        known[step.name] = step.output
+            problems.add(where, f"unknown op {raw['op']!r}{_suggest(str(raw['op']), commands)}; "
+                                f"ops: {', '.join(sorted(commands))}")
+            known.setdefault(name, _UNBUILT)
+            continue
+        step = _build_step(problems, where, raw, commands[raw["op"]], known, path.parent, out_dir)
+        known.setdefault(name, step.output)
         steps.append(step)
-    if not steps:
-        raise _fail(path, "[[steps]]", "the job has no steps")
+    if not steps and not problems.items:
+        problems.add("[[steps]]", "the job has no steps")
+    _check_paths(problems, path, out_text, out_dir, inputs, steps)
+    problems.raise_if_any()
     return Job(path, head.get("name", path.stem), out_dir, inputs, steps)
+
+
+def _resolve(base: Path, text: str) -> Path:
+    """Absolute, symlinks followed: what the runner compares is where bytes would really go."""
+    return (base / text).resolve()
+
+
+def _strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _check_paths(problems: _Problems, job_path: Path, out_text: str, out_dir: Path, inputs: dict[str, Path],
+                 steps: list[Step]) -> None:
+    """The runner writes the job output directory and replaces each step's output (and its
+    manifest sidecar): none of them may be, contain or lie inside anything it did not write."""
+    job_file = job_path.resolve()
+    protected = {"the job file": job_file, **{f"input {k!r}": p for k, p in inputs.items()}}
+    for step in steps:
+        protected.update({f"{opt} of step {step.name!r}": p for opt, p in step.paths.items()})
+    if out_dir == job_file.parent:
+        problems.add("[job]", f"output {out_text!r} is the job file's own directory; name a directory for the "
+                              "artefacts, e.g. output = \"release\"")
+    elif job_file.is_relative_to(out_dir):
+        problems.add("[job]", f"output {out_text!r} ({out_dir}) contains the job file")
+    for label, p in protected.items():
+        if label != "the job file" and _overlap(out_dir, p):
+            how = "is" if out_dir == p else "lies inside" if out_dir.is_relative_to(p) else "contains"
+            problems.add("[job]", f"output {out_text!r} ({out_dir}) {how} {label} ({p})")
+    reserved = [out_dir / STATE_DIR, out_dir / f"{REPORT}.json", out_dir / f"{REPORT}.md"]
+    owned: list[tuple[Step, list[Path]]] = []
+    for step in steps:
+        if step.output is None:
+            continue
+        where, out = step.label, step.output
+        shown = f"output {step.output_text!r}" + ("" if step.output_text == str(out) else f" ({out})")
+        if out == out_dir:
+            problems.add(where, f"{shown} is the job's output directory itself; the runner replaces a step's "
+                                "output before the step runs: name a path inside it")
+            continue
+        if not out.is_relative_to(out_dir):
+            problems.add(where, f"{shown} must be a relative path inside the job's output directory {out_dir} "
+                                "(the runner replaces a step's output before the step runs)")
+            continue
+        paths = [out, out.with_name(out.name + "." + manifest_lib.MANIFEST)]
+        for r in reserved:
+            if any(_overlap(p, r) for p in paths):
+                problems.add(where, f"{shown} overlaps {r.name}, which the runner writes")
+        for label, p in protected.items():
+            if any(_overlap(o, p) for o in paths):
+                problems.add(where, f"{shown} overlaps {label} ({p}); the runner would replace it")
+        for other, theirs in owned:
+            if any(_overlap(a, b) for a in paths for b in theirs):
+                problems.add(where, f"{shown} overlaps the output of step {other.name!r} ({other.output})")
+        owned.append((step, paths))
 
 
 def _key(param: click.Parameter) -> str:
@@ -144,36 +270,40 @@ def _key(param: click.Parameter) -> str:
     return (longs[0][2:] if longs else param.name).replace("-", "_")
 
 
-def _build_step(job_path: Path, where: str, raw: dict, command: click.Command, known: dict[str, Path | None],
-                out_dir: Path) -> Step:
+def _build_step(problems: _Problems, where: str, raw: dict, command: click.Command, known: dict[str, Any],
+                job_dir: Path, out_dir: Path) -> Step:
     # a key is an argument's name or an option's long flag (`type` for --type), - or _ alike
     params = {_key(p): p for p in command.params if p.name != "help"}
     options = {k.replace("-", "_"): v for k, v in raw.items() if k not in _STEP_KEYS}
-    for key in options.keys() - params.keys():
-        raise _fail(job_path, where, f"unknown option {key.replace('_', '-')!r} for {raw['op']}"
-                                     f"{_suggest(key, params)}")
-    step = Step(raw["name"], raw["op"], options)
+    for key in sorted(options.keys() - params.keys()):
+        problems.add(where, f"unknown option {key.replace('_', '-')!r} for {raw['op']}{_suggest(key, params)}")
+    for key in sorted(options.keys() & _RUNNER_OPTIONS.get(raw["op"], set())):
+        problems.add(where, f"option {key!r} is set by the runner (it keeps the result in {STATE_DIR})")
+    step = Step(str(raw["name"]), raw["op"], options, label=where)
 
     def resolve(value: Any, param: click.Parameter) -> str:
         text = str(value)
+        if param.name == "output":
+            if text.startswith("@"):
+                problems.add(where, f"output {text!r} must be a path inside the job's output directory, not a "
+                                    "reference (the runner replaces a step's output)")
+            step.output, step.output_text = _resolve(out_dir, text), text
+            return str(step.output)
         if text.startswith("@"):
             ref = text[1:]
             if ref not in known:
-                raise _fail(job_path, where, f"{param.name} refers to {text!r}, which is neither an input "
-                                             f"nor an earlier step{_suggest(ref, known)}")
-            if known[ref] is None:
-                raise _fail(job_path, where, f"{text!r} has no output to use")
-            step.inputs.append(known[ref])
-            return str(known[ref])
-        if param.name == "output":
-            if Path(text).is_absolute() or ".." in Path(text).parts:
-                raise _fail(job_path, where, f"output {text!r} must be a relative path inside the job's output "
-                                             "directory (the runner replaces what is there)")
-            step.output = out_dir / text
-            return str(step.output)
+                problems.add(where, f"{param.name} refers to {text!r}, which is neither an input nor an earlier "
+                                    f"step{_suggest(ref, known)}")
+            elif known[ref] is None:
+                problems.add(where, f"{text!r} has no output to use")
+            elif known[ref] is not _UNBUILT:
+                step.inputs.append(known[ref])
+                return str(known[ref])
+            return text
         if isinstance(param.type, click.Path):
-            resolved = (job_path.parent / text).resolve()
+            resolved = _resolve(job_dir, text)
             step.inputs.append(resolved)
+            step.paths[param.name] = resolved
             return str(resolved)
         return text
 
@@ -182,7 +312,7 @@ def _build_step(job_path: Path, where: str, raw: dict, command: click.Command, k
         if isinstance(p, click.Argument):
             if p.name not in options:
                 if p.required:
-                    raise _fail(job_path, where, f"{raw['op']} needs `{p.name}`")
+                    problems.add(where, f"{raw['op']} needs `{p.name}`")
                 continue
             values = options[p.name] if isinstance(options[p.name], list) else [options[p.name]]
             argv += [resolve(v, p) for v in values]
@@ -193,8 +323,8 @@ def _build_step(job_path: Path, where: str, raw: dict, command: click.Command, k
         value = options[_key(p)]
         if p.is_flag:
             if not isinstance(value, bool):
-                raise _fail(job_path, where, f"{flag} is a flag: write true or false")
-            if value:
+                problems.add(where, f"{flag} is a flag: write true or false")
+            elif value:
                 argv.append(flag)
             continue
         for v in value if (p.multiple and isinstance(value, list)) else [value]:
@@ -206,39 +336,44 @@ def _build_step(job_path: Path, where: str, raw: dict, command: click.Command, k
 # ---------------------------------------------------------------------------------------------- running
 
 
-def _fingerprint(paths: list[Path]) -> dict[str, str]:
-    """sha256 over each input's file hashes, reusing a manifest written by an earlier step."""
+def _fingerprint(paths: list[Path], cache: HashCache) -> dict[str, str]:
+    """sha256 over each input's current file hashes (through the stat cache). A manifest the
+    input carries is never used: it says what the files were, not what they are."""
     out = {}
     for p in paths:
-        mpath = manifest_lib.manifest_path(p)
-        if mpath.is_file():
-            out[str(p)] = hashlib.sha256(mpath.read_bytes()).hexdigest()
-        elif p.exists():
-            out[str(p)] = hashlib.sha256(json.dumps(manifest_lib.file_hashes(p), sort_keys=True).encode()).hexdigest()
-        else:
+        if not p.exists():
             raise WeightopsError(f"input {p} does not exist")
+        files = manifest_lib.file_hashes(p, cache.sha256)
+        out[str(p)] = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     return out
+
+
+def _output_state(output: Path, cache: HashCache) -> dict | None:
+    """The output's files and its manifest as they are on disk now; None when either is gone."""
+    mpath = manifest_lib.manifest_path(output)
+    if not output.exists() or not mpath.is_file():
+        return None
+    return {"files": manifest_lib.file_hashes(output, cache.sha256), "manifest": cache.sha256(mpath)}
 
 
 def _marker(job: Job, step: Step) -> Path:
     return job.output / STATE_DIR / f"{step.name}.done.json"
 
 
-def _is_done(job: Job, step: Step) -> bool:
-    marker = _marker(job, step)
-    if not marker.is_file():
-        return False
-    done = json.loads(marker.read_text())
-    if done.get("argv") != step.argv or done.get("inputs") != _fingerprint(step.inputs):
-        return False
-    if step.output is not None:
-        mpath = manifest_lib.manifest_path(step.output)
-        if not mpath.is_file():
-            return False
-        files = json.loads(mpath.read_text())["files"]
-        root = step.output if step.output.is_dir() else step.output.parent
-        return all((root / f).is_file() and (root / f).stat().st_size == meta["size"] for f, meta in files.items())
-    return True
+def _completed(job: Job, step: Step, inputs: dict[str, str], cache: HashCache) -> dict | None:
+    """The finished marker when it still holds: same options, inputs that hash as they did
+    and output files (manifest included) that hash as they did when the step finished, all
+    hashed now. Else None and the step runs again."""
+    try:
+        done = json.loads(_marker(job, step).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(done, dict) or done.get("argv") != step.argv or done.get("inputs") != inputs:
+        return None
+    if step.output is not None and (done.get("output") is None
+                                    or done["output"] != _output_state(step.output, cache)):
+        return None
+    return done
 
 
 def _clear(output: Path) -> None:
@@ -315,6 +450,7 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
         return plan(job)
     state = job.output / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
+    cache = HashCache(state / HASH_CACHE)
     report: dict[str, Any] = {"job": job.name, "job_file": str(job.path), "output": str(job.output), "steps": [],
                               "verifications": [], "artefacts": {}, "passed": True}
     failure: WeightopsError | None = None
@@ -324,8 +460,12 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
         click.echo(f"[{n}/{len(job.steps)}] {step.name} ({step.op})", err=True)
         verify_json = state / f"{step.name}.verify.json"
         argv = step.argv + (["--json", str(verify_json)] if step.op == "verify" else [])
-        if resume and _is_done(job, step):
-            entry.update(status="skipped (complete)", **json.loads(_marker(job, step).read_text())["measured"])
+        inputs = _fingerprint(step.inputs, cache)  # before the step: an input changed meanwhile reruns it
+        done = _completed(job, step, inputs, cache) if resume else None
+        if done is not None:
+            entry.update(status="skipped (complete)", **done.get("measured", {}))
+            if step.output is not None:
+                report["artefacts"][step.name] = done["output"]["files"]
         else:
             _marker(job, step).unlink(missing_ok=True)
             if step.output is not None:
@@ -339,18 +479,21 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
                     f"step {step.name!r} ({step.op}) failed with exit code {code}: {tail[-1] if tail else ''}")
             else:
                 entry["status"] = "ok"
+                output = None
                 if step.output is not None:
-                    manifest_lib.create(step.output)
+                    mpath = manifest_lib.create(step.output, cache.sha256)
+                    files = json.loads(mpath.read_text())["files"]  # hashed from disk just now
+                    output = {"files": files, "manifest": cache.sha256(mpath)}
+                    report["artefacts"][step.name] = files
                 with atomic_file(_marker(job, step)) as tmp:
-                    tmp.write_text(json.dumps({"argv": step.argv, "inputs": _fingerprint(step.inputs),
+                    tmp.write_text(json.dumps({"argv": step.argv, "inputs": inputs, "output": output,
                                                "measured": {"wall_s": entry["wall_s"],
                                                             "peak_rss_mb": entry["peak_rss_mb"]}}, indent=2))
+        cache.save()
         if step.op == "verify" and verify_json.is_file():
             result = json.loads(verify_json.read_text())
             report["verifications"].append({"step": step.name, **result})
             report["passed"] &= bool(result.get("passed"))
-        if step.output is not None and manifest_lib.manifest_path(step.output).is_file():
-            report["artefacts"][step.name] = json.loads(manifest_lib.manifest_path(step.output).read_text())["files"]
         if failure:
             report["passed"] = False
             break

@@ -13,8 +13,9 @@ from . import main
 @main.command()
 @click.argument("job_file", metavar="JOB.toml", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True,
-              help="Skip steps whose output is complete (finished marker, unchanged options, inputs that still "
-                   "hash the same); redo anything partial from scratch.")
+              help="Skip steps that are complete: finished marker, unchanged options, and inputs and output files "
+                   "that hash now as they did when the step finished (unchanged files are not read again); redo "
+                   "anything else from scratch.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (steps, inputs, outputs, expected sizes); write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan or report as JSON on stdout.")
 def run(job_file: Path, resume: bool, dry_run: bool, as_json: bool) -> None:
@@ -25,6 +26,11 @@ def run(job_file: Path, resume: bool, dry_run: bool, as_json: bool) -> None:
     Each step is a weightops command with the same options as on the command line; `@name`
     refers to an input or an earlier step's output. A verify step that fails stops the
     job with exit code 3 and the report says why. See examples/release.toml.
+
+    Refused before anything runs (every problem listed): a step output that is not a path
+    inside the job's output directory, or that is, holds or lies inside the job file, an input
+    or another step's output; a job output that is the job file's directory or holds an
+    input; step names that are not plain file names, or repeat.
     """
     doc = jobs.run_job(job_file, resume=resume, dry_run=dry_run)
     if as_json:

@@ -47,10 +47,13 @@ def _root(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def file_hashes(path: Path) -> dict:
+def file_hashes(path: Path, hasher=None) -> dict:
+    """{name: {sha256, size}} of every file; `hasher(file, bar)` replaces sha256_file (the job
+    runner passes its stat cache)."""
+    hasher = hasher or sha256_file
     files = _files(path)
     with progress.bar(sum(f.stat().st_size for f in files), "hashing files") as b:
-        return {str(f.relative_to(_root(path))): {"sha256": sha256_file(f, b), "size": f.stat().st_size}
+        return {str(f.relative_to(_root(path))): {"sha256": hasher(f, b), "size": f.stat().st_size}
                 for f in files}
 
 
@@ -86,15 +89,15 @@ def tensor_hashes(path: Path) -> dict:
     return tensors
 
 
-def compute(path: str | Path) -> dict:
+def compute(path: str | Path, hasher=None) -> dict:
     """The manifest document of a checkpoint directory or file."""
     path = Path(path)
-    return {"manifest_version": 1, "files": file_hashes(path), "tensors": tensor_hashes(path)}
+    return {"manifest_version": 1, "files": file_hashes(path, hasher), "tensors": tensor_hashes(path)}
 
 
-def create(path: str | Path) -> Path:
+def create(path: str | Path, hasher=None) -> Path:
     """Write the manifest next to (file) or into (directory) the checkpoint, atomically."""
-    doc = compute(path)
+    doc = compute(path, hasher)
     out = manifest_path(Path(path))
     with atomic_file(out) as tmp:
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")

@@ -62,10 +62,10 @@ def is_float(name: str) -> bool:
     return entry[2] if entry else to_torch(name).is_floating_point
 
 
-def from_choice(choice: str | None, option: str = "--dtype") -> "torch.dtype | None":
+def from_choice(choice: str | None) -> "torch.dtype | None":
     """A `--dtype` choice as a torch dtype; None for `auto` (or None)."""
     if choice is None or choice == AUTO:
         return None
     if choice not in FLOAT_CHOICES:
-        raise WeightopsError(f"{option} {choice!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+        raise WeightopsError(f"--dtype {choice!r}: choose one of {', '.join(DTYPE_CHOICES)}")
     return to_torch(FLOAT_CHOICES[choice])

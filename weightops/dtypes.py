@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .errors import WeightopsError
+
 if TYPE_CHECKING:
     import torch
 
@@ -20,6 +22,11 @@ _TABLE: dict[str, tuple[str, int, bool]] = {
     "U64": ("uint64", 8, False), "F8_E5M2": ("float8_e5m2", 1, True), "F8_E4M3": ("float8_e4m3fn", 1, True),
 }
 SAFETENSORS_NAMES = frozenset(_TABLE)
+# What `--dtype` (apply/make-delta, convert, verify) and bnb's `--compute-dtype` accept, in
+# torch's spelling -> the name here; `auto` is each command's own default (documented there).
+FLOAT_CHOICES: dict[str, str] = {_TABLE[n][0]: n for n in ("F32", "F16", "BF16")}
+AUTO = "auto"
+DTYPE_CHOICES: tuple[str, ...] = (AUTO, *FLOAT_CHOICES)
 _TORCH_PREFIX = "torch."  # names of other torch dtypes (not written to safetensors), e.g. "torch.complex64"
 
 
@@ -53,3 +60,12 @@ def itemsize(name: str) -> int:
 def is_float(name: str) -> bool:
     entry = _TABLE.get(name)
     return entry[2] if entry else to_torch(name).is_floating_point
+
+
+def from_choice(choice: str | None) -> "torch.dtype | None":
+    """A `--dtype` choice as a torch dtype; None for `auto` (or None)."""
+    if choice is None or choice == AUTO:
+        return None
+    if choice not in FLOAT_CHOICES:
+        raise WeightopsError(f"--dtype {choice!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    return to_torch(FLOAT_CHOICES[choice])

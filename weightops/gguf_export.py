@@ -26,10 +26,9 @@ from .errors import WeightopsError
 from .io.atomic import check_output
 from .io.gguf import GGUFTensor, plan_writer, write_gguf
 from .io.gguf_tokenizer import TokenizerSummary, add_tokenizer
-from .quant import policy
-from .stream import TensorRef, matches_any, tensor_bytes
+from .quant import ggml_types, policy
+from .stream import TensorRef, matches_any
 
-Q = GGMLQuantizationType
 QUALITIES = ("reference",)
 DEVICES = ("auto", "cpu", "cuda")
 CHUNK_ELEMENTS = 1 << 23  # values encoded at once on CPU (32 MiB of float32); 8x that on CUDA
@@ -182,17 +181,9 @@ def encode(t: torch.Tensor, qtype: GGMLQuantizationType, device: torch.device) -
     llama.cpp's converter does, never from an F16 intermediate."""
     rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
     step = max(1, (CHUNK_ELEMENTS if device.type == "cpu" else 8 * CHUNK_ELEMENTS) // max(1, rows.shape[1]))
+    record = ggml_types.get(qtype)
     for start in range(0, rows.shape[0], step):
-        x = rows[start:start + step]
-        if qtype == Q.F32:
-            yield tensor_bytes(x.to(torch.float32))
-        elif qtype == Q.F16:
-            yield tensor_bytes(x.to(torch.float32).to(torch.float16))
-        elif qtype == Q.BF16:
-            yield tensor_bytes(x.to(torch.float32).to(torch.bfloat16))
-        else:  # the kernels take float32 of the source values themselves, block by block
-            from .quant import ggml
-            yield ggml.quantize(x.to(device), qtype.name.lower()).cpu().numpy()
+        yield record.encode(rows[start:start + step], device).numpy()
 
 
 def _add_general(writer: gguf.GGUFWriter, ckpt: Checkpoint) -> None:

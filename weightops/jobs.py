@@ -54,7 +54,7 @@ from typing import Any
 
 import click
 
-from . import progress
+from . import dtypes, progress
 from .errors import MismatchError, WeightopsError
 from .io.atomic import atomic_file
 from .verify import manifest as manifest_lib
@@ -505,8 +505,12 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
 
 # ---------------------------------------------------------------------------------------------- plan, report
 
-_BYTES_PER_WEIGHT = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-                     "q5_0": 22 / 32, "q5_1": 24 / 32, "float32": 4, "float16": 2, "bfloat16": 2}
+def _gguf_bytes_per_weight(type_name: str) -> float:
+    """Of the 2-D weights of a `--type` (2 when unknown: click rejects it later)."""
+    from .quant import ggml_types
+
+    ftype = ggml_types.find_file_type(type_name)
+    return ggml_types.parse(ftype.tensor_type).bytes_per_weight if ftype else 2
 
 
 def _estimate(step: Step, sizes: dict[Path, tuple[int, int]]) -> tuple[int, int] | None:
@@ -519,11 +523,11 @@ def _estimate(step: Step, sizes: dict[Path, tuple[int, int]]) -> tuple[int, int]
     params, nbytes = source
     o = step.options
     if step.op == "gguf":
-        return params, int(params * _BYTES_PER_WEIGHT.get(str(o.get("type", "f16")), 2))
+        return params, int(params * _gguf_bytes_per_weight(str(o.get("type", "f16"))))
     if step.op == "bnb":
         return params, int(params * (1 if int(o.get("bits", 8)) == 8 else 0.55))
-    if str(o.get("dtype", "auto")) in _BYTES_PER_WEIGHT:
-        return params, int(params * _BYTES_PER_WEIGHT[str(o["dtype"])])
+    if str(o.get("dtype", dtypes.AUTO)) in dtypes.FLOAT_CHOICES:
+        return params, int(params * dtypes.itemsize(dtypes.FLOAT_CHOICES[str(o["dtype"])]))
     return params, nbytes
 
 

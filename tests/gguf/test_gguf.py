@@ -17,7 +17,7 @@ from weightops.arch.bloom import fuse_qkv
 from weightops.errors import WeightopsError
 from weightops.gguf_export import export_gguf
 from weightops.io.gguf import read_metadata
-from weightops.quant import policy
+from weightops.quant import ggml_types, policy
 
 PROMPT = "the quick brown fox jumps over lazy dog 1234. 我们发布了中文模型, tensor stream!"
 
@@ -265,7 +265,7 @@ def test_blocks_equal_llama_cpp_quantizer(tiny_llama, tmp_path):
         for tensor, (qtype, data) in ours.items():
             assert qtype == theirs[tensor][0], (name, tensor)
             assert np.array_equal(data, theirs[tensor][1]), (name, tensor)
-        assert sum(q == policy.TYPES[name] for q, _ in ours.values()) == 16  # every 2-D weight
+        assert sum(q == ggml_types.parse(name).ggml for q, _ in ours.values()) == 16  # every 2-D weight
 
 
 def test_type_policy():

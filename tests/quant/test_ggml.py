@@ -18,9 +18,9 @@ from gguf import GGML_QUANT_SIZES, quants
 from gguf.quants import quant_shape_to_byte_shape
 
 from weightops.errors import WeightopsError
-from weightops.quant import ggml
+from weightops.quant import ggml, ggml_types
 
-TYPES = list(ggml.QTYPES)
+TYPES = list(ggml_types.BLOCK_NAMES)
 DEVICES = [pytest.param("cpu"),
            pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 # d = scale / DIVISOR: Q8_0 max|x| / 127, Q4_0 m / -8, Q5_0 m / -16, Q4_1 range / 15, Q5_1 range / 31
@@ -47,9 +47,9 @@ QUANTIZE_CHUNK = _libggml_quantize_chunk()
 def libggml(a: np.ndarray, qtype: str) -> np.ndarray:
     """The bytes llama.cpp's C quantizer writes for float32 `a`."""
     a = np.ascontiguousarray(a, dtype=F32)
-    out = np.empty(quant_shape_to_byte_shape(a.shape, ggml.QTYPES[qtype]), dtype=np.uint8)
+    out = np.empty(quant_shape_to_byte_shape(a.shape, ggml_types.parse(qtype).ggml), dtype=np.uint8)
     rows = a.reshape(-1, a.shape[-1])
-    written = QUANTIZE_CHUNK(int(ggml.QTYPES[qtype]), rows.ctypes.data, out.ctypes.data, 0, rows.shape[0],
+    written = QUANTIZE_CHUNK(int(ggml_types.parse(qtype).ggml), rows.ctypes.data, out.ctypes.data, 0, rows.shape[0],
                              rows.shape[1], None)
     assert written == out.nbytes
     return out
@@ -57,7 +57,7 @@ def libggml(a: np.ndarray, qtype: str) -> np.ndarray:
 
 def oracle(a: np.ndarray, qtype: str) -> np.ndarray:
     with np.errstate(all="ignore"):  # degenerate blocks overflow inside the numpy reference, by design
-        return quants.quantize(np.ascontiguousarray(a, dtype=F32), ggml.QTYPES[qtype])
+        return quants.quantize(np.ascontiguousarray(a, dtype=F32), ggml_types.parse(qtype).ggml)
 
 
 def assert_same_bytes(a: np.ndarray, qtype: str, device: str = "cpu") -> np.ndarray:
@@ -225,7 +225,7 @@ def test_other_float_dtypes_quantize_their_float32_values(qtype, dtype):
 def test_shapes(qtype, shape):
     a = np.random.default_rng(5).standard_normal(shape).astype(F32)
     ref = assert_same_bytes(a, qtype)
-    assert ref.shape == quant_shape_to_byte_shape(shape, ggml.QTYPES[qtype])
+    assert ref.shape == quant_shape_to_byte_shape(shape, ggml_types.parse(qtype).ggml)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -252,7 +252,7 @@ def test_device(qtype, device):
     blocks_ = torch.from_numpy(oracle(a, qtype)).to(device)
     back = ggml.dequantize(blocks_, qtype, a.shape)
     assert back.device.type == device
-    assert np.array_equal(back.cpu().numpy(), quants.dequantize(oracle(a, qtype), ggml.QTYPES[qtype]))
+    assert np.array_equal(back.cpu().numpy(), quants.dequantize(oracle(a, qtype), ggml_types.parse(qtype).ggml))
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -261,7 +261,7 @@ def test_dequantize_equals_gguf(qtype):
     a = (rng.standard_normal((4, 3, 256)) * 10.0 ** rng.uniform(-6, 4, size=(4, 3, 1))).astype(F32)
     packed = oracle(a, qtype)
     with np.errstate(all="ignore"):
-        ref = quants.dequantize(packed, ggml.QTYPES[qtype]).astype(F32)
+        ref = quants.dequantize(packed, ggml_types.parse(qtype).ggml).astype(F32)
     ours = ggml.dequantize(torch.from_numpy(packed), qtype, a.shape)
     assert ours.dtype == torch.float32 and tuple(ours.shape) == a.shape
     assert np.array_equal(ours.numpy().view(np.uint32), ref.view(np.uint32))
@@ -271,7 +271,7 @@ def test_dequantize_equals_gguf(qtype):
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_row_bytes_and_can_quantize(qtype):
-    block, size = GGML_QUANT_SIZES[ggml.QTYPES[qtype]]
+    block, size = GGML_QUANT_SIZES[ggml_types.parse(qtype).ggml]
     assert ggml.row_bytes(4096, qtype) == 4096 // block * size
     assert ggml.can_quantize((10, 64), qtype) and ggml.can_quantize((64,), qtype)
     assert not ggml.can_quantize((10, 48), qtype)

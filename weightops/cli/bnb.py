@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from ..quant.bnb import COMPUTE_DTYPES, QUANT_TYPES, bnb_checkpoint
+from .. import dtypes
+from ..quant.bnb import QUANT_TYPES, bnb_checkpoint
 from . import main
 
 
@@ -45,7 +46,7 @@ from . import main
 @click.option("--double-quant", is_flag=True,
               help="4-bit only: quantize the block maxima too (bnb_4bit_use_double_quant). Reads each "
                    "quantized weight twice: once to size its quant-state entry, once to quantize it.")
-@click.option("--compute-dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="float32", show_default=True,
+@click.option("--compute-dtype", type=click.Choice(list(dtypes.FLOAT_CHOICES)), default="float32", show_default=True,
               help="bnb_4bit_compute_dtype recorded in the config: the dtype 4-bit layers compute in after "
                    "loading (BitsAndBytesConfig's default is float32; bfloat16 is faster on GPUs). Changes no "
                    "stored tensor.")

@@ -4,12 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 
+from .. import dtypes
 from ..ops.convert import TARGETS, convert
 from . import main
-
-_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @main.command("convert")
@@ -29,7 +27,7 @@ _DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bf
                    "files are generated from it) or an HF tokenizer directory (BLOOM, or LLaMA). To "
                    "tencentpretrain: a tokenizer.model or directory to copy. Default: the tokenizer files "
                    "beside INPUT.")
-@click.option("--dtype", type=click.Choice(list(_DTYPES)), default="auto", show_default=True,
+@click.option("--dtype", type=click.Choice(dtypes.DTYPE_CHOICES), default="auto", show_default=True,
               help="dtype of the written floating-point tensors; auto keeps each tensor's own (bit-exact).")
 @click.option("--max-shard-size", default=None,
               help="Largest output file (decimal KB/MB/GB or binary KiB/MiB/GiB). To hf: safetensors shards, "
@@ -64,7 +62,7 @@ def convert_cmd(input: Path, output: Path, to: str, arch: str | None, tp_config:
     strict=False and would ignore them silently. One tensor is in memory at a time.
     """
     report = convert(input, output, to=to, arch=arch, tp_config=tp_config, tokenizer=tokenizer,
-                     dtype=_DTYPES[dtype], max_shard_size=max_shard_size, force=force)
+                     dtype=dtypes.from_choice(dtype), max_shard_size=max_shard_size, force=force)
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(f"wrote {output}: {report.architecture}, {report.tensors} tensors, {len(report.files)} files"

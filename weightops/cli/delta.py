@@ -4,12 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 
+from .. import dtypes
 from ..ops.delta import DeltaReport, apply_delta_checkpoint, make_delta_checkpoint
 from . import main
-
-_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _SEMANTICS = """
     Tensors are matched by NAME, never by file or shard position, so the two inputs may
@@ -43,7 +41,7 @@ def _options(fn):
                       help="Tensor names (shell globs, repeatable) carried whole instead of as differences, "
                            "e.g. '*embed_tokens*', 'lm_head*', '*rotary_emb.inv_freq'. A glob that matches "
                            "nothing is an error.")(fn)
-    fn = click.option("--dtype", type=click.Choice(list(_DTYPES)), default="auto", show_default=True,
+    fn = click.option("--dtype", type=click.Choice(dtypes.DTYPE_CHOICES), default="auto", show_default=True,
                       help="dtype of the written tensors; the arithmetic is float32 either way.")(fn)
     return fn
 
@@ -77,7 +75,7 @@ def _finish(output: Path, report: DeltaReport) -> None:
 @_options
 def apply_delta(base: Path, delta: Path, output: Path, dtype: str, replace: tuple[str, ...], max_shard_size: str,
                 force: bool) -> None:
-    report = apply_delta_checkpoint(base, delta, output, dtype=_DTYPES[dtype], replace=replace, force=force,
+    report = apply_delta_checkpoint(base, delta, output, dtype=dtypes.from_choice(dtype), replace=replace, force=force,
                                     max_shard_size=max_shard_size)
     _finish(output, report)
 
@@ -100,6 +98,6 @@ def apply_delta(base: Path, delta: Path, output: Path, dtype: str, replace: tupl
 @_options
 def make_delta(base: Path, target: Path, output: Path, dtype: str, replace: tuple[str, ...], max_shard_size: str,
                force: bool) -> None:
-    report = make_delta_checkpoint(base, target, output, dtype=_DTYPES[dtype], replace=replace, force=force,
+    report = make_delta_checkpoint(base, target, output, dtype=dtypes.from_choice(dtype), replace=replace, force=force,
                                    max_shard_size=max_shard_size)
     _finish(output, report)

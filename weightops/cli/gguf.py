@@ -7,8 +7,10 @@ from pathlib import Path
 import click
 
 from ..gguf_export import DEVICES, QUALITIES, export_gguf, warn_stderr
-from ..quant.policy import TYPES
+from ..quant.ggml_types import FILE_TYPE_NAMES, FILE_TYPES
 from . import main
+
+_KEPT = "/".join(f.name for f in FILE_TYPES if f.embed_output_type)  # the --type values --pure changes
 
 
 @main.command(help="""Write MODEL as a llama.cpp GGUF file, quantized, in one pass.
@@ -23,9 +25,9 @@ from . import main
     \b
     Which tensor gets which type:
       * 1-D tensors (norms, biases) are always F32, as in llama.cpp's own files;
-      * f32/f16/bf16/q8_0: every other weight in that type
+      * {plain}: every other weight in that type
         (= convert_hf_to_gguf.py --outtype TYPE);
-      * q4_0/q4_1/q5_0/q5_1: every other weight in that type, except token_embd and
+      * {kept}: every other weight in that type, except token_embd and
         output, which stay Q8_0 unless --pure (= llama-quantize --pure TYPE);
       * --tensor-type GLOB=TYPE overrides (GGUF names, later ones win);
       * a tensor whose rows are not a multiple of 32 values falls back to F16, with a
@@ -45,13 +47,13 @@ from . import main
       weightops gguf yayi-7b yayi-q8_0.gguf --type q8_0
       weightops gguf tp-llama.bin out.gguf --tp-config llama_7b_config.json \\
           --tokenizer chinese-llama-tokenizer --type q5_1 --pure
-""")
+""".replace("{plain}", "/".join(f.name for f in FILE_TYPES if not f.embed_output_type)).replace("{kept}", _KEPT))
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--type", "qtype", type=click.Choice(list(TYPES), case_sensitive=False), default="f16",
+@click.option("--type", "qtype", type=click.Choice(FILE_TYPE_NAMES, case_sensitive=False), default="f16",
               show_default=True, help="GGUF type of the 2-D weights (see above for the exceptions).")
 @click.option("--pure", is_flag=True,
-              help="With q4_0/q4_1/q5_0/q5_1: quantize token_embd and output too instead of keeping them Q8_0 "
+              help=f"With {_KEPT}: quantize token_embd and output too instead of keeping them Q8_0 "
                    "(smaller file, somewhat worse quality).")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="GLOB=TYPE",
               help="Override the type of matching tensors (GGUF names, shell globs; repeatable), e.g. "

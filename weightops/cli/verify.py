@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .. import dtypes
 from ..io.atomic import atomic_file
 from ..verify.compare import raise_if_failed, render, verify as verify_lib
 from ..verify.gate import KINDS
@@ -69,7 +70,7 @@ _DEFAULTS = "; ".join(f"{k} {kld:g}/{100 * top1:g}%" for k, (kld, top1) in KINDS
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto = CUDA when torch sees a GPU, else CPU. GGUF files use the GPU only when "
                    "llama-cpp-python was built with GPU support.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+@click.option("--dtype", type=click.Choice(dtypes.DTYPE_CHOICES), default="auto",
               show_default=True, help="Compute dtype of transformers models: auto = bf16 (fp16 without bf16 "
                                       "support) on CUDA, fp32 on CPU. The same for both sides.")
 @click.option("--max-kld", type=float, help="Highest acceptable mean KL divergence (default: by candidate kind).")

@@ -33,7 +33,6 @@ from ..stream import Stream, TensorRef, cast, matches_any
 
 BITS = (8, 4)
 QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BLOCKSIZE = 64  # what Params4bit uses (BitsAndBytesConfig has no setting for it)
 OUTPUT_HEAD = "lm_head"  # transformers never quantizes the output head (get_keys_to_not_convert)
 Parts = dict[str, torch.Tensor]  # suffix after the module name ("weight", "SCB", "weight.absmax", ...) -> tensor
@@ -207,9 +206,9 @@ def bnb_checkpoint(model: str | Path, output: str | Path, *, bits: int, quant_ty
     after `from_pretrained(MODEL, quantization_config=BitsAndBytesConfig(...))`, loadable with
     `AutoModelForCausalLM.from_pretrained(OUTPUT)`. `skip` globs (on tensor names) keep more
     linear weights unquantized; they are recorded in `llm_int8_skip_modules` with `lm_head`."""
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise WeightopsError(f"--compute-dtype {compute_dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
-    spec = BnbSpec(bits, quant_type, double_quant, COMPUTE_DTYPES[compute_dtype])
+    if compute_dtype not in dtypes.FLOAT_CHOICES:
+        raise WeightopsError(f"--compute-dtype {compute_dtype!r}: choose one of {', '.join(dtypes.FLOAT_CHOICES)}")
+    spec = BnbSpec(bits, quant_type, double_quant, dtypes.to_torch(dtypes.FLOAT_CHOICES[compute_dtype]))
     ckpt = open_checkpoint(model)
     if not ckpt.format.startswith("hf-"):
         raise WeightopsError(f"{ckpt.path} is a {ckpt.format} checkpoint; bitsandbytes checkpoints are made from a "

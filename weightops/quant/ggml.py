@@ -23,28 +23,28 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
 from ..errors import WeightopsError
+from . import ggml_types
 
-Q = GGMLQuantizationType
-QTYPES: dict[str, GGMLQuantizationType] = {
-    "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1,
-}
 CHUNK_VALUES = 1 << 19  # float32 values per chunk (2 MB, cache-sized temporaries), whole blocks
 _HALF_DOWN = 0.5 - 2.0 ** -25  # largest float32 below 0.5: trunc(v + copysign(it, v)) rounds half away from zero
 _INT32_LIMIT = 2.0 ** 31
 
 
+def _block_type(qtype: str) -> ggml_types.GGMLType:
+    """The record of block type `qtype` (its sizes and kernels)."""
+    if qtype not in ggml_types.BLOCK_NAMES:
+        raise WeightopsError(f"unknown GGML block type {qtype!r}; choose one of {', '.join(ggml_types.BLOCK_NAMES)}")
+    return ggml_types.parse(qtype)
+
+
 def _sizes(qtype: str) -> tuple[int, int]:
-    """(values per block, bytes per block) from gguf's table."""
-    try:
-        return GGML_QUANT_SIZES[QTYPES[qtype]]
-    except KeyError:
-        raise WeightopsError(f"unknown GGML block type {qtype!r}; choose one of {', '.join(QTYPES)}") from None
+    """(values per block, bytes per block)."""
+    t = _block_type(qtype)
+    return t.block_size, t.type_size
 
 
 def row_bytes(ncols: int, qtype: str) -> int:
@@ -57,7 +57,7 @@ def row_bytes(ncols: int, qtype: str) -> int:
 
 def can_quantize(shape: Sequence[int], qtype: str) -> bool:
     """True when `shape`'s rows split into whole `qtype` blocks."""
-    return qtype in QTYPES and len(shape) > 0 and shape[-1] > 0 and shape[-1] % _sizes(qtype)[0] == 0
+    return qtype in ggml_types.BLOCK_NAMES and len(shape) > 0 and shape[-1] > 0 and shape[-1] % _sizes(qtype)[0] == 0
 
 
 def quantize(t: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -74,7 +74,7 @@ def quantize(t: torch.Tensor, qtype: str) -> torch.Tensor:
     workers, pool = _cpu_pool() if t.device.type == "cpu" else (1, None)
     # chunks of at most CHUNK_VALUES, and at least one per worker
     step = max(1, min(CHUNK_VALUES // block, -(-blocks.shape[0] // workers)))
-    encode = _ENCODERS[qtype]
+    encode = _block_type(qtype).encoder
 
     def run(start: int) -> None:
         encode(blocks[start:start + step].to(torch.float32), out[start:start + step])
@@ -135,7 +135,7 @@ def dequantize(blocks: torch.Tensor, qtype: str, shape: Sequence[int]) -> torch.
     rows = blocks.reshape(-1, size)
     out = torch.empty((rows.shape[0], block), dtype=torch.float32, device=blocks.device)
     step = max(1, CHUNK_VALUES // block)
-    decode = _DECODERS[qtype]
+    decode = _block_type(qtype).decoder
     for start in range(0, rows.shape[0], step):
         out[start:start + step] = decode(rows[start:start + step])
     return out.reshape(shape)
@@ -238,9 +238,9 @@ def _first_zeros(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
         hi[rows] = torch.where(hi[rows] == 0, first, hi[rows])
 
 
-# --- encoders: (n, 32) float32 blocks -> (n, bytes) uint8 rows of `out` -----------------------
+# --- encoders: (n, 32) float32 blocks -> (n, bytes) uint8 rows of `out` (named in ggml_types) ---
 
-def _enc_q8_0(x: torch.Tensor, out: torch.Tensor) -> None:
+def encode_q8_0(x: torch.Tensor, out: torch.Tensor) -> None:
     # max|x| as the largest sign-cleared bit pattern: an integer max is twice as fast as a float one on CPU
     amax = (x.view(torch.int32) & 0x7FFFFFFF).amax(1, keepdim=True).view(torch.float32)
     d = amax / _const(127.0, x)
@@ -276,32 +276,28 @@ def _affine(x: torch.Tensor, out: torch.Tensor, levels: int) -> torch.Tensor:
     return _to_int8(v, regular).view(torch.uint8).clamp_(max=levels - 1)
 
 
-def _enc_q4_0(x: torch.Tensor, out: torch.Tensor) -> None:
+def encode_q4_0(x: torch.Tensor, out: torch.Tensor) -> None:
     _put_nibbles(out, 2, _symmetric(x, out, 16))
 
 
-def _enc_q5_0(x: torch.Tensor, out: torch.Tensor) -> None:
+def encode_q5_0(x: torch.Tensor, out: torch.Tensor) -> None:
     q = _symmetric(x, out, 32)
     _put_high_bits(out, 2, q)
     _put_nibbles(out, 6, q.bitwise_and_(0x0F))
 
 
-def _enc_q4_1(x: torch.Tensor, out: torch.Tensor) -> None:
+def encode_q4_1(x: torch.Tensor, out: torch.Tensor) -> None:
     _put_nibbles(out, 4, _affine(x, out, 16))
 
 
-def _enc_q5_1(x: torch.Tensor, out: torch.Tensor) -> None:
+def encode_q5_1(x: torch.Tensor, out: torch.Tensor) -> None:
     q = _affine(x, out, 32)
     _put_high_bits(out, 4, q)
     _put_nibbles(out, 8, q.bitwise_and_(0x0F))
 
 
-_ENCODERS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
-    "q8_0": _enc_q8_0, "q4_0": _enc_q4_0, "q4_1": _enc_q4_1, "q5_0": _enc_q5_0, "q5_1": _enc_q5_1,
-}
 
-
-# --- decoders: (n, bytes) uint8 -> (n, 32) float32 --------------------------------------------
+# --- decoders: (n, bytes) uint8 -> (n, 32) float32 (named in ggml_types) ----------------------
 
 def _f16(rows: torch.Tensor, offset: int) -> torch.Tensor:
     return rows[:, offset:offset + 2].contiguous().view(torch.float16).to(torch.float32)
@@ -317,26 +313,22 @@ def _high_bits(rows: torch.Tensor, offset: int) -> torch.Tensor:
     return ((rows[:, offset:offset + 4, None] >> shifts) & 1).reshape(-1, 32) << 4
 
 
-def _dec_q8_0(rows: torch.Tensor) -> torch.Tensor:
+def decode_q8_0(rows: torch.Tensor) -> torch.Tensor:
     return rows[:, 2:].view(torch.int8).to(torch.float32) * _f16(rows, 0)
 
 
-def _dec_q4_0(rows: torch.Tensor) -> torch.Tensor:
+def decode_q4_0(rows: torch.Tensor) -> torch.Tensor:
     return _f16(rows, 0) * (_nibbles(rows, 2).to(torch.float32) - 8)
 
 
-def _dec_q5_0(rows: torch.Tensor) -> torch.Tensor:
+def decode_q5_0(rows: torch.Tensor) -> torch.Tensor:
     return _f16(rows, 0) * ((_nibbles(rows, 6) | _high_bits(rows, 2)).to(torch.float32) - 16)
 
 
-def _dec_q4_1(rows: torch.Tensor) -> torch.Tensor:
+def decode_q4_1(rows: torch.Tensor) -> torch.Tensor:
     return _f16(rows, 0) * _nibbles(rows, 4).to(torch.float32) + _f16(rows, 2)
 
 
-def _dec_q5_1(rows: torch.Tensor) -> torch.Tensor:
+def decode_q5_1(rows: torch.Tensor) -> torch.Tensor:
     return _f16(rows, 0) * (_nibbles(rows, 8) | _high_bits(rows, 4)).to(torch.float32) + _f16(rows, 2)
 
-
-_DECODERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "q8_0": _dec_q8_0, "q4_0": _dec_q4_0, "q4_1": _dec_q4_1, "q5_0": _dec_q5_0, "q5_1": _dec_q5_1,
-}

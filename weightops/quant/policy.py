@@ -8,36 +8,22 @@ The rules follow llama.cpp's tools so that our files hold what users expect:
   (as `llama-quantize --pure`); without it token_embd and output stay Q8_0, because
   llama-quantize's own mixes keep them at K-quants we do not write;
 - `GLOB=TYPE` overrides (later ones win) apply to the 2-D weights;
-- a block type whose blocks do not divide the row length falls back to F16, with a warning.
+- a block type whose blocks do not divide the row length falls back, with a warning, to the
+  type llama.cpp uses then (`GGMLType.fallback_for`: F16 for the types above).
+
+The types and file types themselves (names, ids, sizes, fallbacks) are in `ggml_types`.
 """
 from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf import GGMLQuantizationType, LlamaFileType
 
 from ..errors import WeightopsError
 from ..stream import matches_any
+from . import ggml_types
 
-Q = GGMLQuantizationType
-TYPES: dict[str, GGMLQuantizationType] = {
-    "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16,
-    "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1,
-}
-FILE_TYPES: dict[str, LlamaFileType] = {
-    "f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
-    "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
-    "q5_0": LlamaFileType.MOSTLY_Q5_0, "q5_1": LlamaFileType.MOSTLY_Q5_1,
-}
-SMALL_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1")
-KEEP_Q8_0 = ("token_embd.weight", "output.weight")  # without --pure, for the small types
-
-
-def parse_type(name: str) -> GGMLQuantizationType:
-    try:
-        return TYPES[name.lower()]
-    except KeyError:
-        raise WeightopsError(f"unknown GGUF type {name!r}; choose one of {', '.join(TYPES)}") from None
+KEEP_NAMES = ("token_embd.weight", "output.weight")  # get the file type's embed_output_type without --pure
 
 
 def parse_overrides(specs: Iterable[str]) -> list[tuple[str, GGMLQuantizationType]]:
@@ -47,7 +33,7 @@ def parse_overrides(specs: Iterable[str]) -> list[tuple[str, GGMLQuantizationTyp
         glob, sep, type_name = spec.rpartition("=")
         if not sep or not glob:
             raise WeightopsError(f"--tensor-type {spec!r}: expected GLOB=TYPE, e.g. 'blk.*.attn_v.weight=q8_0'")
-        out.append((glob, parse_type(type_name)))
+        out.append((glob, ggml_types.parse(type_name).ggml))
     return out
 
 
@@ -56,33 +42,32 @@ def is_always_f32(name: str, shape: Sequence[int]) -> bool:
     return len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
 
 
-def fits(shape: Sequence[int], qtype: GGMLQuantizationType) -> bool:
-    return bool(shape) and shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0
-
-
 def assign_types(tensors: Iterable[tuple[str, Sequence[int]]], type_name: str, *, pure: bool = False,
                  overrides: Sequence[tuple[str, GGMLQuantizationType]] = (),
                  warn: Callable[[str], None] = lambda msg: None) -> dict[str, GGMLQuantizationType]:
     """GGUF type of every (name, shape) under the rules above."""
-    base, type_name = parse_type(type_name), type_name.lower()
+    ftype = ggml_types.parse_file_type(type_name)
+    base = ggml_types.parse(ftype.tensor_type).ggml
+    kept = ggml_types.parse(ftype.embed_output_type).ggml if ftype.embed_output_type and not pure else None
     out: dict[str, GGMLQuantizationType] = {}
     for name, shape in tensors:
         if is_always_f32(name, shape):
-            out[name] = Q.F32
+            out[name] = GGMLQuantizationType.F32
             continue
-        qtype = Q.Q8_0 if type_name in SMALL_TYPES and not pure and name in KEEP_Q8_0 else base
+        qtype = kept if kept is not None and name in KEEP_NAMES else base
         for glob, t in overrides:
             if matches_any(name, (glob,)):
                 qtype = t
-        if not fits(shape, qtype):
+        record = ggml_types.get(qtype)
+        if not record.fits(shape):
+            fallback = record.fallback_for(shape)
             warn(f"tensor {name!r} {tuple(shape)}: rows of {shape[-1]} values are not a multiple of "
-                 f"{GGML_QUANT_SIZES[qtype][0]}, so it cannot be {qtype.name}; writing it as F16")
-            qtype = Q.F16
+                 f"{record.block_size}, so it cannot be {qtype.name}; writing it as {fallback.ggml.name}")
+            qtype = fallback.ggml
         out[name] = qtype
     return out
 
 
 def file_type(type_name: str) -> LlamaFileType:
     """`general.file_type` for `--type` (what llama.cpp's tools record for it)."""
-    parse_type(type_name)
-    return FILE_TYPES[type_name.lower()]
+    return ggml_types.parse_file_type(type_name).file_type

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..quant import ggml_types
+
 KINDS: dict[str, tuple[float, float]] = {
     "exact": (1e-6, 0.999),
     "float": (1e-3, 0.98),
@@ -31,14 +33,17 @@ KINDS: dict[str, tuple[float, float]] = {
     "low": (0.6, 0.65),
 }
 _ORDER = list(KINDS)
-_FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 BNB_KINDS = {"bnb-int8": "q8", "bnb-nf4": "q4", "bnb-fp4": "q4"}
 
 
 def ggml_kind(type_name: str) -> str:
-    """The gate kind of one GGML tensor type."""
+    """The gate kind of one GGML tensor type: its record's for the types weightops writes; the
+    types only other tools write (llama-quantize's K and IQ types, F64) by their names."""
+    record = ggml_types.find(type_name)
+    if record is not None:
+        return record.verify_kind
     t = type_name.upper()
-    if t in _FLOAT_TYPES:
+    if t == "F64":
         return "float"
     for prefix, kind in (("Q8", "q8"), ("Q6", "q6"), ("Q5", "q5"), ("Q4", "q4"), ("IQ4", "q4")):
         if t.startswith(prefix):

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import dtypes
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import WeightopsError
 from ..gguf_export import resolve_device
 from ..vocabulary import embedding_name
 
 GGUF_RUNTIMES = ("llama.cpp", "transformers")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -86,13 +86,12 @@ def _hf_config(ckpt: Checkpoint) -> dict:
 
 def compute_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
     """`auto`: bf16 on a CUDA device that has it (else fp16), fp32 on CPU."""
-    if dtype in (None, "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise WeightopsError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    chosen = dtypes.from_choice(dtype)
+    if chosen is not None:
+        return chosen
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 class Runner:

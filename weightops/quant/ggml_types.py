@@ -1,0 +1,206 @@
+"""The GGML tensor types and GGUF file types weightops writes: one record each, read by every
+module that needs a fact about them (policy, GGUF export and writer, kernels, verify, jobs, CLI).
+
+Block sizes and bytes per block come from gguf-py's `GGML_QUANT_SIZES`, type and file-type ids
+from its `GGMLQuantizationType` / `LlamaFileType`, so nothing llama.cpp defines is retyped here.
+What is ours: the spelling on the command line, where the encoder and decoder live, the
+fallback for rows that do not split into blocks, and the verify gate's class of the type.
+
+Adding a type (e.g. the K-quants) is adding a `GGMLType`; adding a `--type` (e.g. `q4_k_m`)
+is adding a `FileType`. The kernels are named, not imported: they need torch, and this table
+is read without it (and by `quant.ggml` itself).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+from ..errors import WeightopsError
+
+if TYPE_CHECKING:
+    import torch
+
+Q = GGMLQuantizationType
+_GGML = "weightops.quant.ggml"
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """`module:function` names of a block type's encoder, `(n, block) float32 -> (n, bytes) uint8
+    rows of out`, and decoder, `(n, bytes) uint8 -> (n, block) float32`."""
+
+    encoder: str
+    decoder: str
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """One GGML tensor type: how a tensor is stored in a GGUF file."""
+
+    name: str                   # our spelling, lower case ("q8_0"): --tensor-type, kernels, messages
+    ggml: GGMLQuantizationType
+    verify_kind: str            # the verify gate's class (`verify.gate.KINDS`)
+    float_dtype: str | None = None  # float types: the `weightops.dtypes` name they are a cast to
+    kernels: Kernels | None = None  # block types: their encoder and decoder
+    fallback: str | None = None     # the type for rows that are not whole blocks (then F16 if that fails too)
+
+    def __post_init__(self) -> None:
+        if (self.float_dtype is None) == (self.kernels is None):
+            raise ValueError(f"{self.name}: a GGML type is either a float cast or a block type with kernels")
+
+    @property
+    def block_size(self) -> int:
+        """Values per block (1 for float types)."""
+        return GGML_QUANT_SIZES[self.ggml][0]
+
+    @property
+    def type_size(self) -> int:
+        """Bytes per block."""
+        return GGML_QUANT_SIZES[self.ggml][1]
+
+    @property
+    def bytes_per_weight(self) -> float:
+        return self.type_size / self.block_size
+
+    def fits(self, shape: Sequence[int]) -> bool:
+        """True when `shape`'s rows split into whole blocks."""
+        return bool(shape) and shape[-1] % self.block_size == 0
+
+    def fallback_for(self, shape: Sequence[int]) -> GGMLType:
+        """The type llama.cpp writes a tensor of `shape` in when its rows are not whole blocks of
+        this type: the fallback, or F16 when that does not fit either."""
+        fallback = _BY_NAME[self.fallback] if self.fallback else None
+        return fallback if fallback is not None and fallback.fits(shape) else _BY_NAME["f16"]
+
+    @property
+    def encoder(self) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        return _resolve(self._kernels().encoder)
+
+    @property
+    def decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return _resolve(self._kernels().decoder)
+
+    def encode(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The stored bytes (uint8 on the CPU, one row per row of `x`) of `x`'s values: a cast
+        through float32 for float types (on the CPU), the block kernels on `device` otherwise.
+        Always from the source values, never from an F16 intermediate, as llama.cpp's converter."""
+        import torch
+
+        if self.float_dtype is not None:
+            from .. import dtypes
+
+            return x.to(torch.float32).to(dtypes.to_torch(self.float_dtype)).cpu().contiguous().view(torch.uint8)
+        from . import ggml
+
+        return ggml.quantize(x.to(device), self.name).cpu()
+
+    def decode(self, stored: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """float32 values of `shape` from the stored bytes (uint8)."""
+        import torch
+
+        if self.float_dtype is not None:
+            from .. import dtypes
+
+            return stored.contiguous().view(dtypes.to_torch(self.float_dtype)).to(torch.float32).reshape(tuple(shape))
+        from . import ggml
+
+        return ggml.dequantize(stored, self.name, shape)
+
+    def _kernels(self) -> Kernels:
+        if self.kernels is None:
+            raise WeightopsError(f"{self.name} is a float type: it has no block kernels")
+        return self.kernels
+
+
+@dataclass(frozen=True)
+class FileType:
+    """One `--type` of `weightops gguf`: the `general.file_type` it records and the types of the
+    2-D weights (1-D tensors and norms are F32 whatever the file type; see `quant.policy`)."""
+
+    name: str                      # --type spelling
+    file_type: LlamaFileType       # general.file_type, as llama.cpp's tools record it
+    tensor_type: str               # GGMLType.name of the 2-D weights
+    embed_output_type: str | None = None  # token_embd/output without --pure (None: tensor_type)
+
+
+def _legacy(name: str, ggml: GGMLQuantizationType, verify_kind: str) -> GGMLType:
+    """llama.cpp's original block types: kernels in `quant.ggml`; rows that are not whole blocks
+    fall back to F16, as convert_hf_to_gguf.py does."""
+    return GGMLType(name, ggml, verify_kind, kernels=Kernels(f"{_GGML}:encode_{name}", f"{_GGML}:decode_{name}"),
+                    fallback="f16")
+
+
+GGML_TYPES: tuple[GGMLType, ...] = (
+    GGMLType("f32", Q.F32, "float", float_dtype="F32"),
+    GGMLType("f16", Q.F16, "float", float_dtype="F16"),
+    GGMLType("bf16", Q.BF16, "float", float_dtype="BF16"),
+    _legacy("q8_0", Q.Q8_0, "q8"),
+    _legacy("q4_0", Q.Q4_0, "q4"),
+    _legacy("q4_1", Q.Q4_1, "q4"),
+    _legacy("q5_0", Q.Q5_0, "q5"),
+    _legacy("q5_1", Q.Q5_1, "q5"),
+)
+
+FILE_TYPES: tuple[FileType, ...] = (
+    FileType("f32", LlamaFileType.ALL_F32, "f32"),
+    FileType("f16", LlamaFileType.MOSTLY_F16, "f16"),
+    FileType("bf16", LlamaFileType.MOSTLY_BF16, "bf16"),
+    FileType("q8_0", LlamaFileType.MOSTLY_Q8_0, "q8_0"),
+    # llama-quantize keeps token_embd/output at a K-quant for these; Q8_0 is the nearest we write
+    FileType("q4_0", LlamaFileType.MOSTLY_Q4_0, "q4_0", embed_output_type="q8_0"),
+    FileType("q4_1", LlamaFileType.MOSTLY_Q4_1, "q4_1", embed_output_type="q8_0"),
+    FileType("q5_0", LlamaFileType.MOSTLY_Q5_0, "q5_0", embed_output_type="q8_0"),
+    FileType("q5_1", LlamaFileType.MOSTLY_Q5_1, "q5_1", embed_output_type="q8_0"),
+)
+
+_BY_NAME = {t.name: t for t in GGML_TYPES}
+_BY_GGML = {t.ggml: t for t in GGML_TYPES}
+_FILE_BY_NAME = {f.name: f for f in FILE_TYPES}
+NAMES: tuple[str, ...] = tuple(_BY_NAME)                 # --tensor-type choices
+FILE_TYPE_NAMES: tuple[str, ...] = tuple(_FILE_BY_NAME)  # --type choices
+BLOCK_NAMES: tuple[str, ...] = tuple(t.name for t in GGML_TYPES if t.kernels)
+
+
+def get(qtype: GGMLQuantizationType) -> GGMLType:
+    """The record of a GGML type we write."""
+    try:
+        return _BY_GGML[qtype]
+    except KeyError:
+        raise WeightopsError(f"GGML type {qtype.name} is not one weightops writes "
+                             f"(it writes {', '.join(NAMES)})") from None
+
+
+def find(name: str) -> GGMLType | None:
+    """The record of a type by our name or gguf's (any case); None for a type we do not write."""
+    return _BY_NAME.get(name.lower())
+
+
+def parse(name: str) -> GGMLType:
+    """A `--tensor-type` type name."""
+    found = find(name)
+    if found is None:
+        raise WeightopsError(f"unknown GGUF type {name!r}; choose one of {', '.join(NAMES)}")
+    return found
+
+
+def find_file_type(name: str) -> FileType | None:
+    """The record of a `--type` name (any case); None for an unknown one."""
+    return _FILE_BY_NAME.get(name.lower())
+
+
+def parse_file_type(name: str) -> FileType:
+    """A `--type` name."""
+    found = find_file_type(name)
+    if found is None:
+        raise WeightopsError(f"unknown GGUF type {name!r}; choose one of {', '.join(FILE_TYPE_NAMES)}")
+    return found
+
+
+@cache
+def _resolve(ref: str) -> Callable:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)

@@ -8,7 +8,8 @@ sha256 manifest and a finished marker recording the hashes of its inputs; `--res
 skips a step only when that marker exists, its options are unchanged, its inputs still
 hash the same and its output files are all there. Everything else is redone from
 scratch — operators publish atomically, so a killed step leaves only a temporary sibling,
-which is removed.
+which is removed. The runner removes a step's previous output only when weightops wrote
+it (`io.outputs`); anything else there stops the job.
 
 Job file:
 
@@ -41,7 +42,6 @@ import difflib
 import hashlib
 import json
 import os
-import shutil
 import sys
 import threading
 import time
@@ -53,7 +53,7 @@ import click
 
 from . import progress
 from .errors import MismatchError, WeightopsError
-from .io.atomic import atomic_file
+from .io import outputs
 from .verify import manifest as manifest_lib
 
 if sys.version_info >= (3, 11):
@@ -241,17 +241,13 @@ def _is_done(job: Job, step: Step) -> bool:
     return True
 
 
-def _clear(output: Path) -> None:
-    """Remove a step's previous or partial output, temporary siblings included."""
-    for stale in output.parent.glob(f".{output.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    if output.is_dir():
-        shutil.rmtree(output)
-    elif output.exists():
-        output.unlink()
-    mpath = manifest_lib.manifest_path(output)
-    if mpath.is_file():
-        mpath.unlink()
+def _clear(step: Step, output: Path) -> None:
+    """Remove a step's previous output (and the manifest beside it), but only what weightops
+    wrote: anything else stops the job. (A partial one is only a temporary sibling, which
+    the step itself removes when it plans the same output.)"""
+    what = f"step {step.name!r}: output"
+    for path in (output, manifest_lib.manifest_path(output)):
+        outputs.remove(path, what)
 
 
 class _PeakRss(threading.Thread):
@@ -296,11 +292,17 @@ def _run_child(argv: list[str], log: Path) -> tuple[int, float, float]:
         sampler = _PeakRss(proc.pid)
         sampler.start()
         assert proc.stdout is not None
-        while chunk := proc.stdout.read1(65536):
-            logf.write(chunk)
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-        sampler.stop()
+        try:
+            while chunk := proc.stdout.read1(65536):
+                logf.write(chunk)
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+        except BaseException:  # the runner is interrupted or terminated: so is its step
+            proc.terminate()
+            proc.wait()
+            raise
+        finally:
+            sampler.stop()
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     peak_kb = sampler.peak_kb or usage.ru_maxrss  # no /proc: the (inflated) kernel figure
@@ -313,8 +315,7 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
     job = load_job(path)
     if dry_run:
         return plan(job)
-    state = job.output / STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
+    state = outputs.make_dir(outputs.make_dir(job.output) / STATE_DIR)
     report: dict[str, Any] = {"job": job.name, "job_file": str(job.path), "output": str(job.output), "steps": [],
                               "verifications": [], "artefacts": {}, "passed": True}
     failure: WeightopsError | None = None
@@ -327,10 +328,13 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
         if resume and _is_done(job, step):
             entry.update(status="skipped (complete)", **json.loads(_marker(job, step).read_text())["measured"])
         else:
-            _marker(job, step).unlink(missing_ok=True)
+            outputs.remove(_marker(job, step), f"step {step.name!r}: finished marker")
             if step.output is not None:
-                _clear(step.output)
-            code, wall, rss = _run_child(argv, state / f"{step.name}.log")
+                _clear(step, step.output)
+            if step.op == "verify":
+                _clear(step, verify_json)
+            log = outputs.start_file(state / f"{step.name}.log", f"step {step.name!r}: log")
+            code, wall, rss = _run_child(argv, log)
             entry.update(wall_s=round(wall, 3), peak_rss_mb=round(rss, 1))
             if code != 0:
                 tail = (state / f"{step.name}.log").read_text(errors="replace").strip().splitlines()[-5:]
@@ -341,7 +345,7 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
                 entry["status"] = "ok"
                 if step.output is not None:
                     manifest_lib.create(step.output)
-                with atomic_file(_marker(job, step)) as tmp:
+                with outputs.Output(_marker(job, step), kind="file", force=True).writing() as tmp:
                     tmp.write_text(json.dumps({"argv": step.argv, "inputs": _fingerprint(step.inputs),
                                                "measured": {"wall_s": entry["wall_s"],
                                                             "peak_rss_mb": entry["peak_rss_mb"]}}, indent=2))
@@ -441,8 +445,8 @@ def render_report(report: dict) -> str:
 
 
 def write_report(job: Job, report: dict) -> None:
-    job.output.mkdir(parents=True, exist_ok=True)
-    with atomic_file(job.output / f"{REPORT}.json") as tmp:
+    outputs.make_dir(job.output)
+    with outputs.Output(job.output / f"{REPORT}.json", kind="file", force=True).writing() as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
-    with atomic_file(job.output / f"{REPORT}.md") as tmp:
+    with outputs.Output(job.output / f"{REPORT}.md", kind="file", force=True).writing() as tmp:
         tmp.write_text(render_report(report))

@@ -388,9 +388,14 @@ def test_old_inv_freq_buffers_are_dropped(cli, tmp_path, tiny_llama_mha):
     assert_same(tp_state(tmp_path / "tp"), tp_llama_oracle(hf, 2, 4, 4))
 
 
-def test_existing_output_needs_force(cli, tmp_path, tiny_llama):
+def test_existing_output_needs_force_and_must_be_ours(cli, tmp_path, tiny_llama):
     (tmp_path / "tp").mkdir()
     (tmp_path / "tp" / "keep").write_text("x")
+    for extra in ((), ("--force",)):
+        failed(cli("convert", tiny_llama, tmp_path / "tp", "--to", "tencentpretrain", *extra), "did not write")
+    assert (tmp_path / "tp" / "keep").read_text() == "x"
+    (tmp_path / "tp" / "keep").unlink()
+    ok(cli("convert", tiny_llama, tmp_path / "tp", "--to", "tencentpretrain"))  # empty: fine
     failed(cli("convert", tiny_llama, tmp_path / "tp", "--to", "tencentpretrain"), "--force")
     ok(cli("convert", tiny_llama, tmp_path / "tp", "--to", "tencentpretrain", "--force"))
     assert not (tmp_path / "tp" / "keep").exists()

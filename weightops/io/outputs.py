@@ -370,7 +370,8 @@ class Output:
             raise WeightopsError(f"{why}; weightops never replaces what it did not write, with or without --force: "
                                  "move it away yourself, or choose another output path")
         if _files_under(p) and not self.force:
-            raise WeightopsError(f"{what} {p} exists (written by weightops earlier); pass --force to replace it")
+            raise WeightopsError(f"{what} {p} exists and is not empty (weightops wrote it); pass --force to replace "
+                                 "it")
         st = p.lstat()
         return st.st_dev, st.st_ino
 
@@ -422,7 +423,7 @@ class Output:
         planned, put the new one in place, and only then delete the old one."""
         final = self.path
         if self._planned is None:
-            raise self._changed("it did not exist when the command started")
+            raise self._changed("appeared")
         trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.weightops-old-", dir=final.parent))
         fd = os.open(trash, os.O_RDONLY)
         old = trash / final.name
@@ -432,9 +433,9 @@ class Output:
             try:
                 st = old.lstat()
                 if (st.st_dev, st.st_ino) != self._planned:
-                    raise self._changed("it was replaced by something else")
+                    raise self._changed("was replaced by something else")
                 if alien := foreign(old):
-                    raise self._changed(f"it now holds files weightops did not write: {_listing(alien, old)}")
+                    raise self._changed(f"received files weightops did not write ({_listing(alien, old)})")
                 self._place(tmp)
             except BaseException:
                 if not (final.exists() or final.is_symlink()):
@@ -475,8 +476,8 @@ class Output:
         fsync_dir(final.parent)
 
     def _appeared(self) -> WeightopsError:
-        return self._changed("it appeared while this command was running")
+        return self._changed("appeared")
 
-    def _changed(self, why: str) -> WeightopsError:
-        return WeightopsError(f"{self.what} {self.path} changed while this command was running ({why}); it was "
-                              "left alone and nothing was published")
+    def _changed(self, how: str) -> WeightopsError:
+        return WeightopsError(f"{self.what} {self.path} {how} while this command was running; it was left alone "
+                              "and nothing was published")

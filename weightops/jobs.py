@@ -328,11 +328,11 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
         if resume and _is_done(job, step):
             entry.update(status="skipped (complete)", **json.loads(_marker(job, step).read_text())["measured"])
         else:
-            outputs.remove(_marker(job, step), f"step {step.name!r}: finished marker")
+            outputs.remove(_marker(job, step), f"step {step.name!r}: finished marker", announce=False)
             if step.output is not None:
                 _clear(step, step.output)
             if step.op == "verify":
-                _clear(step, verify_json)
+                outputs.remove(verify_json, f"step {step.name!r}: verification result", announce=False)
             log = outputs.start_file(state / f"{step.name}.log", f"step {step.name!r}: log")
             code, wall, rss = _run_child(argv, log)
             entry.update(wall_s=round(wall, 3), peak_rss_mb=round(rss, 1))

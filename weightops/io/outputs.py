@@ -72,7 +72,7 @@ def _write_marker(directory: Path, files: Iterable[str]) -> None:
 
 def _has_xattr(path: Path) -> bool:
     try:
-        return XATTR.encode() in [a.encode() for a in os.listxattr(path, follow_symlinks=False)]
+        return XATTR in os.listxattr(path, follow_symlinks=False)
     except OSError:
         return False
 
@@ -123,6 +123,7 @@ def foreign(path: Path) -> list[Path]:
 
 
 def _walk_files(directory: Path) -> Iterator[Path]:
+    """Every file (and link) under `directory`, in a stable order."""
     for root, dirs, files in os.walk(directory):
         for name in sorted(files):
             yield Path(root) / name
@@ -207,8 +208,9 @@ def refusal(path: Path, what: str = "output") -> str | None:
             f"write: {_listing(alien, path)}")
 
 
-def remove(path: Path, what: str = "output") -> None:
-    """Remove an output weightops wrote (saying what goes); refuse anything else."""
+def remove(path: Path, what: str = "output", announce: bool = True) -> None:
+    """Remove an output weightops wrote (saying what goes, unless it is bookkeeping such as a
+    job's logs); refuse anything else."""
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
         return
@@ -216,11 +218,11 @@ def remove(path: Path, what: str = "output") -> None:
     if why:
         raise WeightopsError(f"{why}; weightops only removes what it wrote: move it away yourself, or choose "
                              "another path")
-    _delete(path, f"removing {what}")
+    _delete(path, f"removing {what}" if announce else None)
 
 
-def _delete(path: Path, doing: str) -> None:
-    if _files_under(path):
+def _delete(path: Path, doing: str | None) -> None:
+    if doing and _files_under(path):
         _say(f"{doing} {_describe(path)}")
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -235,7 +237,6 @@ def make_dir(path: Path) -> Path:
     if not path.exists():
         path.mkdir(parents=True)
         _write_marker(path, [])
-        path.chmod(0o777 & ~_umask())
     return path
 
 
@@ -243,7 +244,7 @@ def start_file(path: Path, what: str = "file") -> Path:
     """A file written in place as it grows (a live log): an earlier one weightops wrote is
     removed, anything else refused; the new one is marked as ours before its first byte."""
     path = Path(path)
-    remove(path, what)
+    remove(path, what, announce=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     _set_xattr(path)
@@ -265,7 +266,6 @@ def _register(path: Path) -> None:
             tmp = parent / f".{MARKER}.weightops-tmp-{os.getpid()}"
             doc = {"written_by": "weightops", "files": sorted(listed | {path.name})}
             tmp.write_text(json.dumps(doc, indent=1) + "\n")
-            tmp.chmod(0o666 & ~_umask())
             os.replace(tmp, parent / MARKER)
     finally:
         os.close(fd)
@@ -334,10 +334,9 @@ def sweep(output: Path) -> None:
     parent = output.parent
     if not parent.is_dir():
         return
-    prefix = f".{output.name}.weightops-"
     for entry in sorted(parent.iterdir()):
         m = _TEMP.match(entry.name)
-        if m and m.group("name") == output.name and entry.name.startswith(prefix) and _is_stale_temp(entry):
+        if m and m.group("name") == output.name and _is_stale_temp(entry):
             with contextlib.suppress(FileNotFoundError):
                 _delete(entry, "removing a temporary left by an interrupted run:")
 
@@ -407,7 +406,6 @@ class Output:
         _publish_modes(tmp)
         if self.kind == "dir":
             _write_marker(tmp, (f.relative_to(tmp).as_posix() for f in _walk_files(tmp)))
-            (tmp / MARKER).chmod(0o666 & ~_umask())
         else:
             _set_xattr(tmp)
         fsync_tree(tmp)

@@ -16,8 +16,8 @@ from .errors import WeightopsError
 from .io import gguf as gguf_io
 from .io import hf as hf_io
 from .io import tencentpretrain as tp_io
-from .io.atomic import atomic_dir, check_output
 from .io.index import parse_size
+from .io.outputs import Output, content
 from .io.safetensors import read_safetensors
 from .io.torchbin import read_torch_bin
 from .stream import TensorRef, require_unique
@@ -122,25 +122,26 @@ def _open_dir(path: Path) -> Checkpoint:
     return Checkpoint(path, fmt, refs, files, hf_io.aux_files(path), *_hf_config(path))
 
 
-def save_hf(refs: Iterable[TensorRef], output: Path, *, aux_files: Iterable[Path] = (), inputs: Iterable[Path] = (),
-            force: bool = False, max_shard_size: str | int = "5GB", config_update: dict | None = None,
-            extra_files: dict[str, str | bytes] | None = None, desc: str = "writing",
+def save_hf(refs: Iterable[TensorRef], output: str | Path | Output, *, aux_files: Iterable[Path] = (),
+            inputs: Iterable[Path] = (), force: bool = False, max_shard_size: str | int = "5GB",
+            config_update: dict | None = None, extra_files: dict[str, str | bytes] | None = None, desc: str = "writing",
             total_parameters: int | None = None) -> list[Path]:
     """Stream `refs` into a new HF directory at `output`, atomically.
 
     Config and tokenizer files are copied from `aux_files` (`config_update` patches
     config.json); `extra_files` adds generated files by name; `total_parameters` overrides
-    the sharded index's parameter count (default: the tensors' element count).
+    the sharded index's parameter count (default: the tensors' element count). `output` is a
+    path (checked against `inputs`; an existing one is replaced only with `force`, and only
+    when weightops wrote it), or an `Output` the caller planned before its own work.
     """
-    output = Path(output)
-    check_output(output, inputs, force)
+    target = output if isinstance(output, Output) else Output(output, inputs, kind="dir", force=force)
     refs = list(refs)
     require_unique(refs)
     limit = parse_size(max_shard_size)
-    with atomic_dir(output) as tmp, progress.bar(sum(r.nbytes for r in refs), desc) as b:
+    with target.writing() as tmp, progress.bar(sum(r.nbytes for r in refs), desc) as b:
         hf_io.write_hf_weights(refs, tmp, limit, on_tensor=lambda r: b.update(r.nbytes),
                                total_parameters=total_parameters)
         hf_io.copy_aux(aux_files, tmp, config_update)
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
-    return sorted(output.iterdir())
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    return content(target.path)

@@ -7,12 +7,11 @@ returns the release report.
 """
 from __future__ import annotations
 
-import shutil
 from importlib import resources
 from pathlib import Path
 
 from . import jobs, tiny
-from .errors import WeightopsError
+from .io.outputs import Output
 
 
 def build_models(models: Path) -> None:
@@ -29,13 +28,11 @@ def template() -> str:
 
 
 def run_demo(workdir: Path, force: bool = False) -> str:
-    workdir = Path(workdir)
-    if workdir.exists() and any(workdir.iterdir()):
-        if not force:
-            raise WeightopsError(f"{workdir} exists and is not empty; pass --force to replace it")
-        shutil.rmtree(workdir)
-    build_models(workdir / "models")
-    job_file = workdir / "release.toml"
-    job_file.write_text(template())
-    report = jobs.run_job(job_file)
+    """Build the models and the job file into WORKDIR (an output like any other: `force`
+    replaces only a WORKDIR weightops wrote), then run the job there."""
+    target = Output(workdir, kind="dir", force=force, what="WORKDIR")
+    with target.writing() as tmp:
+        build_models(tmp / "models")
+        (tmp / "release.toml").write_text(template())
+    report = jobs.run_job(target.path / "release.toml")
     return jobs.render_report(report)

@@ -23,9 +23,9 @@ from . import arch as arch_tables
 from . import progress
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import WeightopsError
-from .io.atomic import check_output
 from .io.gguf import GGUFTensor, plan_writer, write_gguf
 from .io.gguf_tokenizer import TokenizerSummary, add_tokenizer
+from .io.outputs import Output
 from .quant import ggml_types, policy
 from .stream import TensorRef, matches_any
 
@@ -67,9 +67,9 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
     overrides = policy.parse_overrides(tensor_types)
     file_type = policy.file_type(qtype_name)
     dev = resolve_device(device)
-    output = Path(output)
     ckpt = open_checkpoint(model, tp_config)
-    check_output(output, [ckpt.path], force)
+    target = Output(output, [ckpt.path, tokenizer, tp_config], kind="file", force=force)
+    output = target.path
     hf_refs, config = hf_stream(ckpt)
     mod, refs = gguf_stream(hf_refs, config, ckpt.path)
     embedding = arch_tables.get(config["model_type"]).rows[0].gguf  # present: gguf_stream checks
@@ -93,7 +93,7 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
                             add_space_prefix=mod.GGUF_ADD_SPACE_PREFIX, pre_tokenizer=pre_tokenizer, warn=note)
     total = sum(t.nbytes for t in planned)
     with progress.bar(total, f"gguf {qtype_name}") as bar:
-        write_gguf(writer, planned, output, on_tensor=lambda t: bar.update(t.nbytes))
+        write_gguf(writer, planned, target, on_tensor=lambda t: bar.update(t.nbytes))
     return GGUFResult(output, mod.GGUF_ARCH, file_type.name, {t.name: t.ggml_type.name for t in planned},
                       summary, output.stat().st_size, warnings)
 

@@ -10,7 +10,8 @@ its inputs and output files hash now as they did then. Hashes are of what is on 
 (a manifest an input carries is never trusted), through a stat cache in the state directory
 so unchanged files are not read again (verify/hash_cache.py). Everything else is redone from
 scratch — operators publish atomically, so a killed step leaves only a temporary sibling,
-which is removed.
+which is removed. The runner removes a step's previous output only when weightops wrote
+it (`io.outputs`); anything else there stops the job.
 
 Job file:
 
@@ -44,7 +45,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import threading
 import time
@@ -56,7 +56,7 @@ import click
 
 from . import dtypes, progress
 from .errors import MismatchError, WeightopsError
-from .io.atomic import atomic_file
+from .io import outputs
 from .verify import manifest as manifest_lib
 from .verify.hash_cache import HashCache
 
@@ -376,17 +376,13 @@ def _completed(job: Job, step: Step, inputs: dict[str, str], cache: HashCache) -
     return done
 
 
-def _clear(output: Path) -> None:
-    """Remove a step's previous or partial output, temporary siblings included."""
-    for stale in output.parent.glob(f".{output.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    if output.is_dir():
-        shutil.rmtree(output)
-    elif output.exists():
-        output.unlink()
-    mpath = manifest_lib.manifest_path(output)
-    if mpath.is_file():
-        mpath.unlink()
+def _clear(step: Step, output: Path) -> None:
+    """Remove a step's previous output (and the manifest beside it), but only what weightops
+    wrote: anything else stops the job. (A partial one is only a temporary sibling, which
+    the step itself removes when it plans the same output.)"""
+    what = f"step {step.name!r}: output"
+    for path in (output, manifest_lib.manifest_path(output)):
+        outputs.remove(path, what)
 
 
 class _PeakRss(threading.Thread):
@@ -431,11 +427,17 @@ def _run_child(argv: list[str], log: Path) -> tuple[int, float, float]:
         sampler = _PeakRss(proc.pid)
         sampler.start()
         assert proc.stdout is not None
-        while chunk := proc.stdout.read1(65536):
-            logf.write(chunk)
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-        sampler.stop()
+        try:
+            while chunk := proc.stdout.read1(65536):
+                logf.write(chunk)
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+        except BaseException:  # the runner is interrupted or terminated: so is its step
+            proc.terminate()
+            proc.wait()
+            raise
+        finally:
+            sampler.stop()
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     peak_kb = sampler.peak_kb or usage.ru_maxrss  # no /proc: the (inflated) kernel figure
@@ -448,8 +450,7 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
     job = load_job(path)
     if dry_run:
         return plan(job)
-    state = job.output / STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
+    state = outputs.make_dir(outputs.make_dir(job.output) / STATE_DIR)
     cache = HashCache(state / HASH_CACHE)
     report: dict[str, Any] = {"job": job.name, "job_file": str(job.path), "output": str(job.output), "steps": [],
                               "verifications": [], "artefacts": {}, "passed": True}
@@ -467,10 +468,13 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
             if step.output is not None:
                 report["artefacts"][step.name] = done["output"]["files"]
         else:
-            _marker(job, step).unlink(missing_ok=True)
+            outputs.remove(_marker(job, step), f"step {step.name!r}: finished marker", announce=False)
             if step.output is not None:
-                _clear(step.output)
-            code, wall, rss = _run_child(argv, state / f"{step.name}.log")
+                _clear(step, step.output)
+            if step.op == "verify":
+                outputs.remove(verify_json, f"step {step.name!r}: verification result", announce=False)
+            log = outputs.start_file(state / f"{step.name}.log", f"step {step.name!r}: log")
+            code, wall, rss = _run_child(argv, log)
             entry.update(wall_s=round(wall, 3), peak_rss_mb=round(rss, 1))
             if code != 0:
                 tail = (state / f"{step.name}.log").read_text(errors="replace").strip().splitlines()[-5:]
@@ -485,7 +489,7 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
                     files = json.loads(mpath.read_text())["files"]  # hashed from disk just now
                     output = {"files": files, "manifest": cache.sha256(mpath)}
                     report["artefacts"][step.name] = files
-                with atomic_file(_marker(job, step)) as tmp:
+                with outputs.Output(_marker(job, step), kind="file", force=True).writing() as tmp:
                     tmp.write_text(json.dumps({"argv": step.argv, "inputs": inputs, "output": output,
                                                "measured": {"wall_s": entry["wall_s"],
                                                             "peak_rss_mb": entry["peak_rss_mb"]}}, indent=2))
@@ -588,8 +592,8 @@ def render_report(report: dict) -> str:
 
 
 def write_report(job: Job, report: dict) -> None:
-    job.output.mkdir(parents=True, exist_ok=True)
-    with atomic_file(job.output / f"{REPORT}.json") as tmp:
+    outputs.make_dir(job.output)
+    with outputs.Output(job.output / f"{REPORT}.json", kind="file", force=True).writing() as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
-    with atomic_file(job.output / f"{REPORT}.md") as tmp:
+    with outputs.Output(job.output / f"{REPORT}.md", kind="file", force=True).writing() as tmp:
         tmp.write_text(render_report(report))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .io.outputs import content
+
 _WORDS = ("the quick brown fox jumps over lazy dog model weights tensor stream merge delta quantize llama "
           "bloom release engineer checkpoint vocabulary token embedding layer norm attention head rotary "
           "shard index safetensors manifest checksum logits verify perplexity divergence").split()
@@ -78,7 +80,7 @@ def bpe_tokenizer_dir(directory: Path, vocab_size: int = 400) -> Path:
 def _save(model, directory: Path, tokenizer_dir: Path, dtype: torch.dtype) -> Path:
     directory = Path(directory)
     model.to(dtype).save_pretrained(directory)
-    for f in Path(tokenizer_dir).iterdir():
+    for f in content(tokenizer_dir):
         if f.is_file():
             shutil.copyfile(f, directory / f.name)
     return directory
@@ -143,7 +145,7 @@ def finetune(src: Path, dst: Path, *, scale: float = 0.02, seed: int = 1) -> Pat
 
     refs = [r.derive(nudge(i)) for i, r in enumerate(ckpt.tensors)]
     save_hf(refs, dst, aux_files=ckpt.aux_files, inputs=[src])
-    for f in Path(src).iterdir():  # tokenizer.model and friends that aux_files may not list
+    for f in content(src):  # tokenizer.model and friends that aux_files may not list
         if f.is_file() and not (Path(dst) / f.name).exists() and not f.suffix == ".safetensors":
             shutil.copyfile(f, Path(dst) / f.name)
     return Path(dst)

@@ -17,6 +17,7 @@ from weightops import tiny
 from weightops.checkpoint import open_checkpoint, save_hf
 from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
+from weightops.io.outputs import MARKER
 from weightops.io.tencentpretrain import write_tp
 from weightops.ops.remap import hf_view, tp_to_hf
 from weightops.stream import TensorRef
@@ -153,8 +154,9 @@ def failed(r, *needles: str) -> str:
 def test_llama_hf_to_tp_equals_tencentpretrain_formula(cli, tmp_path, tiny_llama_mha):
     out = tmp_path / "tp"
     ok(cli("convert", tiny_llama_mha, out, "--to", "tencentpretrain"))
-    assert sorted(p.name for p in out.iterdir()) == ["tencentpretrain_config.json", "tencentpretrain_model.bin",
-                                                      "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "tencentpretrain_config.json",
+                                                      "tencentpretrain_model.bin", "tokenizer.json", "tokenizer.model",
+                                                      "tokenizer_config.json"]
     ours = torch.load(out / "tencentpretrain_model.bin", weights_only=True)
     assert_same(ours, tp_llama_oracle(hf_state(tiny_llama_mha), 2, 4, 4))
     cfg = json.loads((out / "tencentpretrain_config.json").read_text())
@@ -386,9 +388,14 @@ def test_old_inv_freq_buffers_are_dropped(cli, tmp_path, tiny_llama_mha):
     assert_same(tp_state(tmp_path / "tp"), tp_llama_oracle(hf, 2, 4, 4))
 
 
-def test_existing_output_needs_force(cli, tmp_path, tiny_llama):
+def test_existing_output_needs_force_and_must_be_ours(cli, tmp_path, tiny_llama):
     (tmp_path / "tp").mkdir()
     (tmp_path / "tp" / "keep").write_text("x")
+    for extra in ((), ("--force",)):
+        failed(cli("convert", tiny_llama, tmp_path / "tp", "--to", "tencentpretrain", *extra), "did not write")
+    assert (tmp_path / "tp" / "keep").read_text() == "x"
+    (tmp_path / "tp" / "keep").unlink()
+    ok(cli("convert", tiny_llama, tmp_path / "tp", "--to", "tencentpretrain"))  # empty: fine
     failed(cli("convert", tiny_llama, tmp_path / "tp", "--to", "tencentpretrain"), "--force")
     ok(cli("convert", tiny_llama, tmp_path / "tp", "--to", "tencentpretrain", "--force"))
     assert not (tmp_path / "tp" / "keep").exists()

@@ -6,29 +6,32 @@ import torch
 from weightops.checkpoint import open_checkpoint, save_hf
 from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
-from weightops.io.atomic import atomic_dir, check_output
+from weightops.io.outputs import MARKER, Output
 from weightops.io.tencentpretrain import write_tp
 from weightops.stream import TensorRef
 
 
-def test_non_empty_output_needs_force(tmp_path, tiny_bloom):
+def test_existing_output_needs_force_and_must_be_ours(tmp_path, tiny_bloom):
     src = open_checkpoint(tiny_bloom)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(WeightopsError, match="not empty; pass --force"):
+    for force in (False, True):  # not written by weightops: refused, --force or not
+        with pytest.raises(WeightopsError, match="did not write"):
+            save_hf(src.tensors, out, inputs=[tiny_bloom], force=force)
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    save_hf(src.tensors, out, inputs=[tiny_bloom])  # an empty directory is fine
+    with pytest.raises(WeightopsError, match="pass --force"):
         save_hf(src.tensors, out, inputs=[tiny_bloom])
-    assert (out / "keep.txt").exists()
-    save_hf(src.tensors, out, inputs=[tiny_bloom], force=True)
-    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
-    (tmp_path / "empty").mkdir()
-    save_hf(src.tensors, tmp_path / "empty")  # an empty directory is fine
+    assert save_hf(src.tensors, out, inputs=[tiny_bloom], force=True) == [out / "model.safetensors"]
+    assert (out / MARKER).is_file()
 
 
 def test_output_inside_input_refused(tmp_path, tiny_bloom):
     for bad in (tiny_bloom, tiny_bloom / "sub", tiny_bloom.parent):
-        with pytest.raises(WeightopsError, match="inside"):
-            check_output(bad, [tiny_bloom], force=True)
+        with pytest.raises(WeightopsError, match="is the input|is inside the input|lies inside the output"):
+            Output(bad, [tiny_bloom], kind="dir", force=True)
 
 
 def test_interrupted_writer_leaves_nothing(tmp_path, tiny_llama):
@@ -46,10 +49,10 @@ def test_interrupted_writer_leaves_nothing(tmp_path, tiny_llama):
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
     final = tmp_path / "final"
-    with atomic_dir(final) as tmp:
+    with Output(final, kind="dir").writing() as tmp:
         (tmp / "a").write_text("1")
     with pytest.raises(KeyError):
-        with atomic_dir(final) as tmp:
+        with Output(final, kind="dir", force=True).writing() as tmp:
             (tmp / "a").write_text("2")
             raise KeyError("stop")
     assert (final / "a").read_text() == "1"

@@ -9,6 +9,7 @@ from weightops.checkpoint import open_checkpoint, save_hf
 from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
 from weightops.io.index import parse_size, plan_shards
+from weightops.io.outputs import MARKER
 from weightops.io.safetensors import read_safetensors, write_safetensors
 from weightops.stream import TensorRef
 
@@ -124,7 +125,7 @@ def test_single_shard_is_model_safetensors(tmp_path, tiny_bloom):
     src = open_checkpoint(tiny_bloom)
     save_hf(src.tensors, tmp_path / "o", aux_files=src.aux_files)
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(
-        ["model.safetensors", *(f.name for f in src.aux_files)])
+        [MARKER, "model.safetensors", *(f.name for f in src.aux_files)])
 
 
 def test_truncated_shard_is_named(tmp_path, tiny_llama):

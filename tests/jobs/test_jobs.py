@@ -134,7 +134,7 @@ def test_job_report_and_resume_after_kill(tmp_path, tiny_llama, target):
     statuses = {s["name"]: s["status"] for s in resumed["steps"]}
     assert statuses == {"delta": "skipped (complete)", "merged": "ok", "q8": "ok", "gate": "ok"}
     killed_out = tmp_path / "killed" / "out"
-    assert not list(killed_out.glob(".*.tmp-*"))
+    assert not list(killed_out.glob(".*.weightops-tmp-*"))
     for step in ("delta", "merged", "q8"):  # same final bytes as the uninterrupted run
         assert resumed["artefacts"][step] == report["artefacts"][step]
 

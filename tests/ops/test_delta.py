@@ -255,9 +255,11 @@ NORMS = ("model.layers.0.input_layernorm.weight", "model.norm.weight")
 def test_guard_full_model_given_as_delta(cli, tmp_path, tiny_llama, llama_ft, load_all):
     r = cli("apply-delta", tiny_llama, llama_ft, tmp_path / "out")
     assert r.exit_code == 1
-    assert "near 2" in r.stderr and "looks like a full model" in r.stderr and "--force" in r.stderr
+    assert "near 2" in r.stderr and "looks like a full model" in r.stderr and "--allow-suspicious-delta" in r.stderr
     assert all(n in r.stderr for n in NORMS) and not (tmp_path / "out").exists()
-    r = cli("apply-delta", tiny_llama, llama_ft, tmp_path / "out", "--force")
+    r = cli("apply-delta", tiny_llama, llama_ft, tmp_path / "out", "--force")  # replaces outputs, nothing more
+    assert r.exit_code == 1 and "looks like a full model" in r.stderr and not (tmp_path / "out").exists()
+    r = cli("apply-delta", tiny_llama, llama_ft, tmp_path / "out", "--allow-suspicious-delta")
     assert r.exit_code == 0, r.stderr
     b, t, out = load_all(tiny_llama), load_all(llama_ft), load_all(tmp_path / "out")
     assert torch.equal(out[NORMS[1]], (b[NORMS[1]].float() + t[NORMS[1]].float()).bfloat16())
@@ -285,7 +287,7 @@ def test_guard_base_is_itself_a_delta(tmp_path, tiny_llama, llama_ft, load_all):
         make_delta_checkpoint(tmp_path / "d1", llama_ft, tmp_path / "d2")
     with pytest.raises(WeightopsError, match=r"refusing to make a delta: TARGET .*looks like a delta"):
         make_delta_checkpoint(tiny_llama, tmp_path / "d1", tmp_path / "d3")
-    make_delta_checkpoint(tiny_llama, tmp_path / "d1", tmp_path / "d3", force=True)
+    make_delta_checkpoint(tiny_llama, tmp_path / "d1", tmp_path / "d3", allow_suspicious=True)
     assert (tmp_path / "d3" / "model.safetensors").is_file()
 
 

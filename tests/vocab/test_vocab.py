@@ -152,11 +152,12 @@ def test_new_tokenizer_carries_rows_bit_identical(tiny_llama, other_tokenizer, t
     assert report.added and all(t not in old_vocab for t in report.added)
 
 
-def test_shrink_refused_unless_forced(tiny_llama, small_tokenizer, cli, tmp_path):
-    r = cli("expand-vocab", tiny_llama, tmp_path / "out", "--new-tokenizer", small_tokenizer)
-    assert r.exit_code == 1 and "400 rows" in r.stderr and "--force" in r.stderr
-    assert not (tmp_path / "out").exists()
-    r = cli("expand-vocab", tiny_llama, tmp_path / "out", "--new-tokenizer", small_tokenizer, "--force")
+def test_shrink_refused_unless_allowed(tiny_llama, small_tokenizer, cli, tmp_path):
+    for extra in ((), ("--force",)):  # --force only replaces outputs; it allows no shrinking
+        r = cli("expand-vocab", tiny_llama, tmp_path / "out", "--new-tokenizer", small_tokenizer, *extra)
+        assert r.exit_code == 1 and "400 rows" in r.stderr and "--allow-shrink" in r.stderr
+        assert not (tmp_path / "out").exists()
+    r = cli("expand-vocab", tiny_llama, tmp_path / "out", "--new-tokenizer", small_tokenizer, "--allow-shrink")
     assert r.exit_code == 0, r.output
     assert open_checkpoint(tmp_path / "out").tensor(EMB).shape[0] == 360
 
@@ -310,9 +311,10 @@ def test_existing_output_refused_before_any_work(tiny_llama, cli, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    r = cli("expand-vocab", tiny_llama, out, "--special-token", "<|End|>")
-    assert r.exit_code == 1 and "--force" in r.stderr
-    assert (out / "keep.txt").read_text() == "x"
+    for extra in ((), ("--force",)):
+        r = cli("expand-vocab", tiny_llama, out, "--special-token", "<|End|>", *extra)
+        assert r.exit_code == 1 and "did not write" in r.stderr and "keep.txt" in r.stderr
+        assert (out / "keep.txt").read_text() == "x"
     shutil.rmtree(out)
 
 

@@ -3,6 +3,7 @@ codes (0 ok, 1 error, 2 usage, 3 verification or manifest mismatch)."""
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -17,6 +18,16 @@ from ..errors import WeightopsError
 _MODULES = {"inspect": "core", "manifest": "core", "demo": "demo", "run": "jobs", "apply-delta": "delta",
             "make-delta": "delta", "expand-vocab": "vocab", "gguf": "gguf", "bnb": "bnb", "convert": "convert",
             "verify": "verify"}
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `with` block cleans up on the way out
+    (temporaries are removed, nothing half-written is published), as Ctrl-C does."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not interrupt the cleanup
+    raise Terminated()
 
 
 class _Group(click.Group):
@@ -44,6 +55,7 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; no output was published", err=True)
             ctx.exit(130)
+
         except Exception as e:  # an unexpected failure: still one line unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -71,7 +83,14 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 def run() -> None:
-    main(prog_name="weightops")
+    """The `weightops` entry point: `main` plus SIGTERM handling (exit 143, as a TERM-killed
+    shell command reports)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        main(prog_name="weightops")
+    except Terminated:
+        click.echo("terminated; no output was published", err=True)
+        sys.exit(143)
 
 
 def all_commands() -> dict[str, click.Command]:

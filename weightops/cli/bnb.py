@@ -60,7 +60,9 @@ from . import main
                    "of device.")
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Largest output shard (decimal KB/MB/GB or binary KiB/MiB/GiB), as save_pretrained shards.")
-@click.option("--force", is_flag=True, help="Replace an existing non-empty OUTPUT.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
+                   "OUTPUT is refused.")
 def bnb(model: Path, output: Path, bits: str, quant_type: str, double_quant: bool, compute_dtype: str,
         skip: tuple[str, ...], device: str, max_shard_size: str, force: bool) -> None:
     if double_quant and bits == "8":

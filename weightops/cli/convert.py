@@ -33,7 +33,9 @@ from . import main
               help="Largest output file (decimal KB/MB/GB or binary KiB/MiB/GiB). To hf: safetensors shards, "
                    "default 5GB. To tencentpretrain: default one tencentpretrain_model.bin; when set and "
                    "exceeded, tencentpretrain_model-N.bin parts plus tencentpretrain_model.bin.index.json.")
-@click.option("--force", is_flag=True, help="Replace an existing non-empty OUTPUT.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
+                   "OUTPUT is refused.")
 def convert_cmd(input: Path, output: Path, to: str, arch: str | None, tp_config: Path | None,
                 tokenizer: Path | None, dtype: str, max_shard_size: str | None, force: bool) -> None:
     """Convert between TencentPretrain and Hugging Face checkpoints (LLaMA incl. GQA, BLOOM).

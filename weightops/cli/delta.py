@@ -26,14 +26,18 @@ _SEMANTICS = """
         an error naming the tensor, both shapes and both files (nothing is dropped silently);
       * guard rail: if the norm weights (RMSNorm/LayerNorm gains) of the difference are as
         large as the base's, the inputs are not a model and its fine-tune (a full model given
-        as the delta, a delta already applied, the wrong base); refused unless --force.
+        as the delta, a delta already applied, the wrong base); refused unless
+        --allow-suspicious-delta.
 """
 
 
 def _options(fn):
+    fn = click.option("--allow-suspicious-delta", is_flag=True,
+                      help="Go on even when the norm-weight guard rail says the inputs do not look like a model "
+                           "and its delta (see above).")(fn)
     fn = click.option("--force", is_flag=True,
-                      help="Replace an existing non-empty OUTPUT, and go on even when the norm-weight guard "
-                           "rail says the inputs do not look like a model and its delta.")(fn)
+                      help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything "
+                           "else at OUTPUT is refused.")(fn)
     fn = click.option("--max-shard-size", default="5GB", show_default=True,
                       help="Largest output shard (decimal KB/MB/GB or binary KiB/MiB/GiB), as save_pretrained "
                            "shards.")(fn)
@@ -74,9 +78,9 @@ def _finish(output: Path, report: DeltaReport) -> None:
 @click.argument("output", type=click.Path(path_type=Path))
 @_options
 def apply_delta(base: Path, delta: Path, output: Path, dtype: str, replace: tuple[str, ...], max_shard_size: str,
-                force: bool) -> None:
+                force: bool, allow_suspicious_delta: bool) -> None:
     report = apply_delta_checkpoint(base, delta, output, dtype=dtypes.from_choice(dtype), replace=replace, force=force,
-                                    max_shard_size=max_shard_size)
+                                    allow_suspicious=allow_suspicious_delta, max_shard_size=max_shard_size)
     _finish(output, report)
 
 
@@ -97,7 +101,7 @@ def apply_delta(base: Path, delta: Path, output: Path, dtype: str, replace: tupl
 @click.argument("output", type=click.Path(path_type=Path))
 @_options
 def make_delta(base: Path, target: Path, output: Path, dtype: str, replace: tuple[str, ...], max_shard_size: str,
-               force: bool) -> None:
+               force: bool, allow_suspicious_delta: bool) -> None:
     report = make_delta_checkpoint(base, target, output, dtype=dtypes.from_choice(dtype), replace=replace, force=force,
-                                   max_shard_size=max_shard_size)
+                                   allow_suspicious=allow_suspicious_delta, max_shard_size=max_shard_size)
     _finish(output, report)

@@ -11,7 +11,9 @@ from . import main
 
 @main.command()
 @click.argument("workdir", required=False, default="weightops-demo", type=click.Path(path_type=Path))
-@click.option("--force", is_flag=True, help="Replace an existing non-empty WORKDIR.")
+@click.option("--force", is_flag=True,
+              help="Replace a WORKDIR an earlier demo wrote (it says what it removes); a directory holding "
+                   "anything else, or the current directory, is refused.")
 def demo(workdir: Path, force: bool) -> None:
     """Build tiny models from nothing (no downloads) and run the release pipeline on them,
     printing the report. WORKDIR defaults to ./weightops-demo."""

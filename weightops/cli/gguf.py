@@ -71,7 +71,9 @@ _KEPT = "/".join(f.name for f in FILE_TYPES if f.embed_output_type)  # the --typ
                    "recognised as llama.cpp does, else from tokenizer.json or the architecture.")
 @click.option("--tp-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TencentPretrain model config JSON, for a TencentPretrain MODEL.")
-@click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
+                   "OUTPUT is refused.")
 def gguf(model: Path, output: Path, qtype: str, pure: bool, tensor_types: tuple[str, ...], quality: str,
          device: str, tokenizer: Path | None, pre_tokenizer: str | None, tp_config: Path | None,
          force: bool) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .. import dtypes
-from ..io.atomic import atomic_file
+from ..io.outputs import Output
 from ..verify.compare import raise_if_failed, render, verify as verify_lib
 from ..verify.gate import KINDS
 from . import main
@@ -88,9 +88,14 @@ _DEFAULTS = "; ".join(f"{k} {kld:g}/{100 * top1:g}%" for k, (kld, top1) in KINDS
               help="TencentPretrain model config json for whichever side is a TencentPretrain checkpoint.")
 @click.option("--allow-tokenizer-mismatch", is_flag=True,
               help="Report a candidate tokenizer that tokenises differently instead of failing on it.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing --json FILE that weightops wrote (anything else there is refused).")
 def verify(reference: Path, candidate: Path, prompts: Path | None, tokenizer: Path | None, device: str, dtype: str,
            max_kld: float | None, min_top1: float | None, max_tokens: int | None, json_out: str | None,
-           structure_only: bool, gguf_runtime: str, tp_config: Path | None, allow_tokenizer_mismatch: bool) -> None:
+           structure_only: bool, gguf_runtime: str, tp_config: Path | None, allow_tokenizer_mismatch: bool,
+           force: bool) -> None:
+    report = None if json_out in (None, "-") else Output(
+        json_out, [reference, candidate, prompts, tokenizer, tp_config], kind="file", force=force, what="--json")
     result = verify_lib(reference, candidate, prompts=prompts, tokenizer=tokenizer, device=device, dtype=dtype,
                         max_kld=max_kld, min_top1=min_top1, structure_only=structure_only,
                         gguf_runtime=gguf_runtime, tp_config=tp_config, max_tokens=max_tokens,
@@ -99,8 +104,8 @@ def verify(reference: Path, candidate: Path, prompts: Path | None, tokenizer: Pa
     doc = json.dumps(result, indent=2, ensure_ascii=False)
     if json_out == "-":
         click.echo(doc)
-    elif json_out:
-        with atomic_file(Path(json_out)) as tmp:
+    elif report is not None:
+        with report.writing() as tmp:
             tmp.write_text(doc + "\n", encoding="utf-8")
     click.echo(render(result), err=json_out == "-")
     raise_if_failed(result)

@@ -56,11 +56,14 @@ def _summary(model: Path, output: Path, r: VocabReport) -> str:
               help="Round the row count up to a multiple of N (e.g. 64 for tensor cores); padding rows get "
                    "the mean and are reported. Also keeps BLOOM's padded row count instead of shrinking.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--allow-shrink", is_flag=True,
+              help="Allow a new tokenizer smaller than the embedding to cut rows off (they are dropped).")
 @click.option("--force", is_flag=True,
-              help="Replace an existing non-empty OUTPUT, and allow shrinking the embedding (dropping rows).")
+              help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
+                   "OUTPUT is refused.")
 def expand_vocab_cmd(model: Path, output: Path, merge_spm: Path | None, add_tokens: Path | None,
                      special_tokens: tuple[str, ...], new_tokenizer: Path | None, init: str, seed: int,
-                     pad_to_multiple: int | None, max_shard_size: str, force: bool) -> None:
+                     pad_to_multiple: int | None, max_shard_size: str, allow_shrink: bool, force: bool) -> None:
     """Grow or remap MODEL's vocabulary and write OUTPUT (an HF safetensors directory).
 
     The tokenizer is edited (merge a SentencePiece model, add tokens, add special tokens)
@@ -68,7 +71,7 @@ def expand_vocab_cmd(model: Path, output: Path, merge_spm: Path | None, add_toke
     rewritten to the new size, with rows of known tokens carried bit-identical; every other
     tensor streams through untouched. config.json vocab_size is set to the new row count,
     so `weightops inspect OUTPUT` shows an agreeing vocabulary triple (unless padded).
-    Shrinking is refused unless --force.
+    Shrinking is refused unless --allow-shrink.
 
     \b
     Examples:
@@ -81,5 +84,6 @@ def expand_vocab_cmd(model: Path, output: Path, merge_spm: Path | None, add_toke
     """
     report = expand_vocab(model, output, merge_spm=merge_spm, add_tokens=_read_tokens(add_tokens) if add_tokens else (),
                           special_tokens=special_tokens, new_tokenizer=new_tokenizer, init=init, seed=seed,
-                          pad_to_multiple=pad_to_multiple, max_shard_size=max_shard_size, force=force)
+                          pad_to_multiple=pad_to_multiple, max_shard_size=max_shard_size, force=force,
+                          allow_shrink=allow_shrink, read_files=[add_tokens] if add_tokens else [])
     click.echo(_summary(model, output, report))

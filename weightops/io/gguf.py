@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from ..errors import WeightopsError
 from ..stream import TensorRef
-from .atomic import atomic_file
+from .outputs import Output
 
 if TYPE_CHECKING:  # gguf (with numpy) and torch are slow to import: loaded only for GGUF work
     import numpy as np
@@ -129,14 +129,16 @@ def plan_writer(arch: str, tensors: Sequence[GGUFTensor]) -> GGUFWriter:
     return writer
 
 
-def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: Path,
+def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: str | Path | Output,
                on_tensor: Callable[[GGUFTensor], None] | None = None) -> None:
     """Write header, metadata and tensor infos, then each tensor's bytes in turn (each padded
     to the 32-byte alignment, as GGUFWriter pads), into a temporary sibling that becomes
-    `output` only at the end."""
+    `output` only at the end. `output` is a path, or an `Output` the caller planned (and
+    checked against its inputs) before its own work."""
     import numpy as np
 
-    with atomic_file(Path(output)) as tmp:
+    target = output if isinstance(output, Output) else Output(output, kind="file")
+    with target.writing() as tmp:
         try:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
@@ -151,7 +153,7 @@ def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: Path,
                     written += piece.nbytes
                     del piece
                 if written != t.nbytes:
-                    raise WeightopsError(f"{output}: tensor {t.name!r} {t.shape} as {t.ggml_type.name} produced "
+                    raise WeightopsError(f"{target.path}: tensor {t.name!r} {t.shape} as {t.ggml_type.name} produced "
                                          f"{written} bytes, expected {t.nbytes}")
                 fout.write(bytes(-written % align))
                 if t.release:

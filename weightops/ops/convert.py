@@ -21,8 +21,8 @@ from .. import progress, tokenizer_edit
 from ..checkpoint import open_checkpoint, save_hf
 from ..errors import WeightopsError
 from ..io import tencentpretrain as tp_io
-from ..io.atomic import atomic_dir, check_output
 from ..io.index import parse_size
+from ..io.outputs import Output, content
 from ..stream import cast
 from .remap import HF_FORMATS, hf_view, tp_view
 
@@ -54,14 +54,14 @@ def convert(input: str | Path, output: str | Path, *, to: str, arch: str | None 
         raise WeightopsError(f"{ckpt.path}: is already a {'Hugging Face' if to == 'hf' else 'TencentPretrain'} "
                              "checkpoint; --to names the format to produce")
     tok_dir = Path(tokenizer) if tokenizer is not None else ckpt.directory
-    output = Path(output)
+    target = Output(output, [ckpt.path, tp_config, tokenizer], kind="dir", force=force)
     if to == "hf":
-        return _to_hf(ckpt, output, arch, tok_dir, tokenizer is not None, dtype, max_shard_size or "5GB", force)
-    return _to_tp(ckpt, output, arch, tok_dir, dtype, max_shard_size, force)
+        return _to_hf(ckpt, target, arch, tok_dir, tokenizer is not None, dtype, max_shard_size or "5GB")
+    return _to_tp(ckpt, target, arch, tok_dir, dtype, max_shard_size)
 
 
-def _to_hf(ckpt, output: Path, arch: str | None, tok_path: Path, explicit: bool, dtype: torch.dtype | None,
-           max_shard_size: str, force: bool) -> ConvertReport:
+def _to_hf(ckpt, target: Output, arch: str | None, tok_path: Path, explicit: bool, dtype: torch.dtype | None,
+           max_shard_size: str) -> ConvertReport:
     refs, config = hf_view(ckpt, arch=arch)
     refs = list(cast(refs, dtype))
     if dtype is not None:
@@ -77,24 +77,23 @@ def _to_hf(ckpt, output: Path, arch: str | None, tok_path: Path, explicit: bool,
                        if (v := getattr(tok, k)) is not None})
     files["config.json"] = json.dumps(config, indent=2, sort_keys=True) + "\n"
     files["generation_config.json"] = _generation_config(config)
-    written = save_hf(refs, output, inputs=[ckpt.path], force=force, max_shard_size=max_shard_size,
-                      extra_files=files, desc="converting to HF")
-    return ConvertReport(output, written, config["model_type"], len(refs), str(tok_path) if tok else None, warnings)
+    written = save_hf(refs, target, max_shard_size=max_shard_size, extra_files=files, desc="converting to HF")
+    return ConvertReport(target.path, written, config["model_type"], len(refs), str(tok_path) if tok else None,
+                         warnings)
 
 
-def _to_tp(ckpt, output: Path, arch: str | None, tok_path: Path, dtype: torch.dtype | None,
-           max_shard_size: str | None, force: bool) -> ConvertReport:
+def _to_tp(ckpt, target: Output, arch: str | None, tok_path: Path, dtype: torch.dtype | None,
+           max_shard_size: str | None) -> ConvertReport:
     refs, tp_config = tp_view(ckpt, arch=arch)
     refs = list(cast(refs, dtype))
-    check_output(output, [ckpt.path], force)
     limit = parse_size(max_shard_size) if max_shard_size else None
-    with atomic_dir(output) as tmp, progress.bar(sum(r.nbytes for r in refs), "converting to TencentPretrain") as b:
+    with target.writing() as tmp, progress.bar(sum(r.nbytes for r in refs), "converting to TencentPretrain") as b:
         tp_io.write_tp(refs, tmp, limit, on_tensor=lambda r: b.update(r.nbytes))
         (tmp / tp_io.CONFIG).write_text(json.dumps(tp_config, indent=2) + "\n")
         found = _copy_tokenizer(tok_path, tmp)
     warnings = [] if found else [f"no tokenizer files found in {tok_path}; TencentPretrain needs the "
                                  "tokenizer.model for --spm_model_path"]
-    return ConvertReport(output, sorted(output.iterdir()), arch or ckpt.architecture, len(refs),
+    return ConvertReport(target.path, content(target.path), arch or ckpt.architecture, len(refs),
                          str(tok_path) if found else None, warnings)
 
 

@@ -9,7 +9,7 @@ rounded once to the output dtype, and hold only the pair in flight — never a m
 Conventions (see the README): embedding / output-head rows beyond the base's vocabulary
 are stored as they are; tensors matched by `replace` are carried whole; everything else
 that does not line up is an error naming the tensor, both shapes and both files; and a
-"delta" whose norm gains look like a model's is refused unless forced.
+"delta" whose norm gains look like a model's is refused unless `allow_suspicious`.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from .. import dtypes
 from ..arch import llama
 from ..checkpoint import Checkpoint, open_checkpoint, save_hf
 from ..errors import WeightopsError
+from ..io.outputs import Output
 from ..stream import BufferPool, Stream, TensorRef, matches_any, require_unique
 
 # A fine-tune moves norm gains by a few percent; a model's gains are the size of the
@@ -73,7 +74,7 @@ class _Pair:
 
 
 def apply_delta(base: Stream, delta: Stream, *, dtype: torch.dtype | None = None, replace: Sequence[str] = (),
-                force: bool = False, labels: tuple[str, str] = ("BASE", "DELTA"),
+                allow_suspicious: bool = False, labels: tuple[str, str] = ("BASE", "DELTA"),
                 report: DeltaReport | None = None) -> list[TensorRef]:
     """`base + delta` per tensor, joined by name, in float32, cast to `dtype` (None: the delta's).
 
@@ -81,13 +82,13 @@ def apply_delta(base: Stream, delta: Stream, *, dtype: torch.dtype | None = None
     tensors matching a `replace` glob are taken whole from the delta.
     """
     pairs = _join(list(base), list(delta), replace, labels, report)
-    _guard_apply([p for p in pairs if p.mode == "combine"], labels, force)
+    _guard_apply([p for p in pairs if p.mode == "combine"], labels, allow_suspicious)
     pool = BufferPool()
     return [_output(p, +1, dtype, None, pool) for p in pairs]
 
 
 def make_delta(base: Stream, target: Stream, *, dtype: torch.dtype | None = None, replace: Sequence[str] = (),
-               force: bool = False, labels: tuple[str, str] = ("BASE", "TARGET"),
+               allow_suspicious: bool = False, labels: tuple[str, str] = ("BASE", "TARGET"),
                report: DeltaReport | None = None) -> list[TensorRef]:
     """`target − base` per tensor, joined by name, in float32, cast to `dtype` (None: the target's).
 
@@ -96,7 +97,7 @@ def make_delta(base: Stream, target: Stream, *, dtype: torch.dtype | None = None
     collects per tensor how many elements `apply_delta` would give back differently.
     """
     pairs = _join(list(base), list(target), replace, labels, report)
-    _guard_make([p for p in pairs if p.mode == "combine"], labels, force)
+    _guard_make([p for p in pairs if p.mode == "combine"], labels, allow_suspicious)
     pool = BufferPool()
     return [_output(p, -1, dtype, report, pool) for p in pairs]
 
@@ -217,10 +218,10 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
 
-def _guard_apply(pairs: list[_Pair], labels: tuple[str, str], force: bool) -> None:
+def _guard_apply(pairs: list[_Pair], labels: tuple[str, str], allow: bool) -> None:
     """Refuse a delta whose norm gains are as large as the base's: it is a model, not a difference."""
     gains = _norm_gains(pairs)
-    if force or not gains:
+    if allow or not gains:
         return
     sum_b = sum(float(b.abs().sum()) for _, b, _ in gains)
     sum_d = sum(float(d.abs().sum()) for _, _, d in gains)
@@ -241,14 +242,14 @@ def _guard_apply(pairs: list[_Pair], labels: tuple[str, str], force: bool) -> No
                f"sit near 0: {labels[1]} looks like a full model, or {labels[0]} is itself a delta")
     flagged = _flagged([(n, float(d.abs().sum()), float(b.abs().sum())) for n, b, d in gains])
     raise WeightopsError(f"refusing to apply: {why}. Norm weights that triggered this (delta/base ratio): "
-                         f"{_listing(flagged)}. Pass --force if this is really intended")
+                         f"{_listing(flagged)}. Pass --allow-suspicious-delta if this is really intended")
 
 
-def _guard_make(pairs: list[_Pair], labels: tuple[str, str], force: bool) -> None:
+def _guard_make(pairs: list[_Pair], labels: tuple[str, str], allow: bool) -> None:
     """Refuse a delta whose norm gains are as large as the base's: the inputs are not a model
     and its fine-tune (one of them may already be a delta)."""
     gains = _norm_gains(pairs)
-    if force or not gains:
+    if allow or not gains:
         return
     sum_b = sum(float(b.abs().sum()) for _, b, _ in gains)
     sum_t = sum(float(t.abs().sum()) for _, _, t in gains)
@@ -264,7 +265,7 @@ def _guard_make(pairs: list[_Pair], labels: tuple[str, str], force: bool) -> Non
                f"sit near 0: {labels[1]} is not a fine-tune of {labels[0]}")
     flagged = _flagged([(n, float((t - b).abs().sum()), float(b.abs().sum())) for n, b, t in gains])
     raise WeightopsError(f"refusing to make a delta: {why}. Norm weights that triggered this (delta/base ratio): "
-                         f"{_listing(flagged)}. Pass --force if this is really intended")
+                         f"{_listing(flagged)}. Pass --allow-suspicious-delta if this is really intended")
 
 
 # --- arithmetic ------------------------------------------------------------------------------
@@ -372,30 +373,34 @@ def _config_update(aux: list[Path], dtype: torch.dtype | None) -> dict | None:
 
 
 def apply_delta_checkpoint(base: Path, delta: Path, output: Path, *, dtype: torch.dtype | None = None,
-                           replace: Sequence[str] = (), force: bool = False,
+                           replace: Sequence[str] = (), force: bool = False, allow_suspicious: bool = False,
                            max_shard_size: str | int = "5GB") -> DeltaReport:
     """Rebuild a released model from BASE and DELTA into OUTPUT (HF safetensors) with the
-    delta's config and tokenizer files."""
+    delta's config and tokenizer files. `force` replaces an OUTPUT weightops wrote;
+    `allow_suspicious` overrides the norm-weight guard rail."""
     b, d = _open_hf(Path(base), "BASE"), _open_hf(Path(delta), "DELTA")
+    target = Output(output, [b.path, d.path], kind="dir", force=force)
     report = DeltaReport()
-    refs = apply_delta(b.tensors, d.tensors, dtype=dtype, replace=replace, force=force,
+    refs = apply_delta(b.tensors, d.tensors, dtype=dtype, replace=replace, allow_suspicious=allow_suspicious,
                        labels=(f"BASE {b.path}", f"DELTA {d.path}"), report=report)
-    report.files = save_hf(refs, Path(output), aux_files=d.aux_files, inputs=[b.path, d.path], force=force,
+    report.files = save_hf(refs, target, aux_files=d.aux_files,
                            max_shard_size=max_shard_size, config_update=_config_update(d.aux_files, dtype),
                            desc="applying delta")
     return report
 
 
 def make_delta_checkpoint(base: Path, target: Path, output: Path, *, dtype: torch.dtype | None = None,
-                          replace: Sequence[str] = (), force: bool = False,
+                          replace: Sequence[str] = (), force: bool = False, allow_suspicious: bool = False,
                           max_shard_size: str | int = "5GB") -> DeltaReport:
     """Write TARGET − BASE into OUTPUT (HF safetensors) with the target's config and tokenizer
-    files, and warn when the delta will not rebuild the target bit for bit."""
+    files, and warn when the delta will not rebuild the target bit for bit. `force` and
+    `allow_suspicious` as for `apply_delta_checkpoint`."""
     b, t = _open_hf(Path(base), "BASE"), _open_hf(Path(target), "TARGET")
+    out = Output(output, [b.path, t.path], kind="dir", force=force)
     report = DeltaReport()
-    refs = make_delta(b.tensors, t.tensors, dtype=dtype, replace=replace, force=force,
+    refs = make_delta(b.tensors, t.tensors, dtype=dtype, replace=replace, allow_suspicious=allow_suspicious,
                       labels=(f"BASE {b.path}", f"TARGET {t.path}"), report=report)
-    report.files = save_hf(refs, Path(output), aux_files=t.aux_files, inputs=[b.path, t.path], force=force,
+    report.files = save_hf(refs, out, aux_files=t.aux_files,
                            max_shard_size=max_shard_size, config_update=_config_update(t.aux_files, dtype),
                            desc="making delta")
     warning = report.round_trip_warning("/".join(sorted({_dtype_name(r.dtype) for r in refs})))

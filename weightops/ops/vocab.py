@@ -19,7 +19,7 @@ from .. import arch as arch_tables
 from .. import tokenizer_edit
 from ..checkpoint import Checkpoint, open_checkpoint, save_hf
 from ..errors import WeightopsError
-from ..io.atomic import check_output
+from ..io.outputs import Output
 from ..stream import Stream, TensorRef
 from ..vocabulary import embedding_name, tokenizer_size
 
@@ -51,15 +51,15 @@ class RowPlan:
 
 
 def plan_rows(old_tok, new_tok, old_rows: int, new_size: int, *, pad_to_multiple: int | None = None,
-              force: bool = False, subtokens: bool = True, what: str = "the embedding") -> RowPlan:
+              allow_shrink: bool = False, subtokens: bool = True, what: str = "the embedding") -> RowPlan:
     """Plan a matrix of `new_size` rows (rounded up to `pad_to_multiple`) for `new_tok`, carrying
-    the old row of every token string `old_tok` also has. Shrinking needs `force`."""
+    the old row of every token string `old_tok` also has. Shrinking needs `allow_shrink`."""
     rows = -(-new_size // pad_to_multiple) * pad_to_multiple if pad_to_multiple else new_size
-    if rows < old_rows and not force:
+    if rows < old_rows and not allow_shrink:
         raise WeightopsError(
             f"the new tokenizer has {new_size} tokens but {what} has {old_rows} rows: resizing to {rows} would "
             f"drop rows {rows}..{old_rows - 1} (BLOOM pads its embedding beyond the tokenizer); pass "
-            f"--pad-to-multiple N to keep the row count, or --force to shrink")
+            f"--pad-to-multiple N to keep the row count, or --allow-shrink to drop them")
     carried = {new: old for new, old in tokenizer_edit.token_map(old_tok, new_tok).items()
                if new < rows and old < old_rows}
     id_to_token = {i: t for t, i in new_tok.get_vocab().items() if i < rows}
@@ -201,9 +201,13 @@ def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path
                  add_tokens: Iterable[str] = (), special_tokens: Iterable[str] = (),
                  new_tokenizer: str | Path | None = None, init: str = "subtoken-mean", seed: int = 0,
                  pad_to_multiple: int | None = None, max_shard_size: str | int = "5GB",
-                 force: bool = False) -> VocabReport:
+                 force: bool = False, allow_shrink: bool = False,
+                 read_files: Iterable[str | Path] = ()) -> VocabReport:
     """Edit MODEL's tokenizer (or take `new_tokenizer`), resize its embedding and untied
-    lm_head to match, and write the result to `output` (an HF safetensors directory)."""
+    lm_head to match, and write the result to `output` (an HF safetensors directory).
+    `force` replaces an OUTPUT weightops wrote; `allow_shrink` allows dropping rows;
+    `read_files` are other files the caller read for this (e.g. the --add-tokens file),
+    protected from the output like the inputs."""
     if init not in INIT_RULES:
         raise WeightopsError(f"unknown init rule {init!r}; choose one of {', '.join(INIT_RULES)}")
     if pad_to_multiple is not None and pad_to_multiple < 1:
@@ -212,8 +216,7 @@ def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path
     if ckpt.format not in ("hf-safetensors", "hf-bin"):
         raise WeightopsError(f"{ckpt.path}: expand-vocab works on Hugging Face checkpoints; this is {ckpt.format} "
                              f"(convert it with `weightops convert --to hf` first)")
-    inputs = [ckpt.path] + ([Path(new_tokenizer)] if new_tokenizer else [])
-    check_output(Path(output), inputs, force)
+    target = Output(output, [ckpt.path, new_tokenizer, merge_spm, *read_files], kind="dir", force=force)
     names = vocab_tensor_names(ckpt)
     old_rows = ckpt.tensor(names[0]).shape[0]
     old_tok = tokenizer_edit.load(ckpt.directory)
@@ -227,12 +230,13 @@ def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path
                             special_tokens=special_tokens, origin=origin)
         new_tok = tokenizer_edit.load(staged)
         new_size = tokenizer_size(staged)
-        plan = plan_rows(old_tok, new_tok, old_rows, new_size, pad_to_multiple=pad_to_multiple, force=force,
-                         subtokens=init == "subtoken-mean", what=f"{names[0]!r} in {ckpt.path}")
+        plan = plan_rows(old_tok, new_tok, old_rows, new_size, pad_to_multiple=pad_to_multiple,
+                         allow_shrink=allow_shrink, subtokens=init == "subtoken-mean",
+                         what=f"{names[0]!r} in {ckpt.path}")
         keep = [f for f in ckpt.aux_files if f.name not in tokenizer_edit.TOKENIZER_FILES]
-        save_hf(resize_vocab(ckpt.tensors, names, plan, init, seed), Path(output),
-                aux_files=keep + sorted(staged.iterdir()), inputs=inputs, force=force,
-                max_shard_size=max_shard_size, config_update={"vocab_size": plan.rows}, desc="expand-vocab")
+        save_hf(resize_vocab(ckpt.tensors, names, plan, init, seed), target,
+                aux_files=keep + sorted(staged.iterdir()), max_shard_size=max_shard_size,
+                config_update={"vocab_size": plan.rows}, desc="expand-vocab")
     id_to_token = {i: t for t, i in new_tok.get_vocab().items()}
     new = plan.new_tokens
     return VocabReport(

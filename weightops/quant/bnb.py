@@ -29,6 +29,7 @@ from ..arch import get as get_arch
 from ..checkpoint import open_checkpoint, save_hf
 from ..errors import WeightopsError
 from ..gguf_export import resolve_device  # auto|cpu|cuda, shared with gguf and verify
+from ..io.outputs import Output
 from ..stream import Stream, TensorRef, cast, matches_any
 
 BITS = (8, 4)
@@ -210,6 +211,7 @@ def bnb_checkpoint(model: str | Path, output: str | Path, *, bits: int, quant_ty
         raise WeightopsError(f"--compute-dtype {compute_dtype!r}: choose one of {', '.join(dtypes.FLOAT_CHOICES)}")
     spec = BnbSpec(bits, quant_type, double_quant, dtypes.to_torch(dtypes.FLOAT_CHOICES[compute_dtype]))
     ckpt = open_checkpoint(model)
+    target = Output(output, [ckpt.path], kind="dir", force=force)
     if not ckpt.format.startswith("hf-"):
         raise WeightopsError(f"{ckpt.path} is a {ckpt.format} checkpoint; bitsandbytes checkpoints are made from a "
                              "Hugging Face checkpoint, so convert it first (weightops convert --to hf)")
@@ -241,8 +243,7 @@ def bnb_checkpoint(model: str | Path, output: str | Path, *, bits: int, quant_ty
     if spec.bits == 4 and spec.double_quant:
         stream = progress.iterate(stream, total=len(tensors), desc="sizing quant states")
     refs = quantize_bnb(stream, spec, lambda r: linear(r) and r.name not in kept, dev)
-    report.files = save_hf(refs, Path(output), aux_files=ckpt.aux_files, inputs=[ckpt.path], force=force,
-                           max_shard_size=max_shard_size,
+    report.files = save_hf(refs, target, aux_files=ckpt.aux_files, max_shard_size=max_shard_size,
                            config_update={"quantization_config": report.quantization_config},
                            total_parameters=sum(r.numel for r in tensors),  # as the loaded model counts them
                            desc=f"bnb {bits}-bit" + (f" {quant_type}" if bits == 4 else ""))

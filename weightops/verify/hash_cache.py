@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from ..io.atomic import atomic_file
+from ..io import outputs
 from . import manifest
 
 _FINE_TICK_NS = 20_000_000
@@ -78,5 +78,6 @@ class HashCache:
         """Write the cache, dropping entries of files that are gone."""
         self.entries = {k: v for k, v in self.entries.items() if os.path.isfile(k)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.path) as tmp:
+        outputs.remove(self.path, "stat cache", announce=False)  # bookkeeping: replaced without a note
+        with outputs.Output(self.path, kind="file").writing() as tmp:
             tmp.write_text(json.dumps({"files": self.entries}, indent=1, sort_keys=True) + "\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import progress
 from ..checkpoint import open_checkpoint
 from ..errors import MismatchError, WeightopsError
-from ..io.atomic import atomic_file
+from ..io.outputs import Output
 from ..stream import TensorRef
 
 MANIFEST = "weightops-manifest.json"
@@ -96,12 +96,13 @@ def compute(path: str | Path, hasher=None) -> dict:
 
 
 def create(path: str | Path, hasher=None) -> Path:
-    """Write the manifest next to (file) or into (directory) the checkpoint, atomically."""
+    """Write the manifest next to (file) or into (directory) the checkpoint, atomically. An
+    earlier manifest weightops wrote is replaced; any other file of that name is refused."""
+    out = Output(manifest_path(Path(path)), kind="file", force=True, what="manifest")
     doc = compute(path, hasher)
-    out = manifest_path(Path(path))
-    with atomic_file(out) as tmp:
+    with out.writing() as tmp:
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    return out
+    return out.path
 
 
 def diff(expected: dict, actual: dict) -> list[str]:

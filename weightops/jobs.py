@@ -52,7 +52,7 @@ from typing import Any
 import click
 
 from . import progress
-from .errors import MismatchError, WeightopsError
+from .errors import MismatchError, WeightopsError, names_file
 from .io.atomic import atomic_file
 from .verify import manifest as manifest_lib
 
@@ -104,6 +104,7 @@ def _fail(job_path: Path, where: str, message: str) -> WeightopsError:
     return WeightopsError(f"{job_path}: {where}: {message}")
 
 
+@names_file("job file (TOML)")
 def load_job(path: str | Path) -> Job:
     """Parse and validate a job file; every key must be known and every @reference resolvable."""
     path = Path(path)

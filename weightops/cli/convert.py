@@ -7,7 +7,7 @@ import click
 import torch
 
 from ..ops.convert import TARGETS, convert
-from . import main
+from . import main, warn
 
 _DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -66,6 +66,6 @@ def convert_cmd(input: Path, output: Path, to: str, arch: str | None, tp_config:
     report = convert(input, output, to=to, arch=arch, tp_config=tp_config, tokenizer=tokenizer,
                      dtype=_DTYPES[dtype], max_shard_size=max_shard_size, force=force)
     for w in report.warnings:
-        click.echo(f"warning: {w}", err=True)
+        warn(w)
     click.echo(f"wrote {output}: {report.architecture}, {report.tensors} tensors, {len(report.files)} files"
                + (f", tokenizer from {report.tokenizer}" if report.tokenizer else ", no tokenizer"))

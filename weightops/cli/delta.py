@@ -7,7 +7,7 @@ import click
 import torch
 
 from ..ops.delta import DeltaReport, apply_delta_checkpoint, make_delta_checkpoint
-from . import main
+from . import main, warn
 
 _DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -50,7 +50,7 @@ def _options(fn):
 
 def _finish(output: Path, report: DeltaReport) -> None:
     for w in report.warnings:
-        click.echo(f"warning: {w}", err=True)
+        warn(w)
     extra = []
     if report.expanded:
         extra.append(f"vocabulary rows added in {', '.join(report.expanded)}")

@@ -24,7 +24,7 @@ from .. import arch as arch_tables
 from .. import dtypes
 from ..arch import llama
 from ..checkpoint import Checkpoint, open_checkpoint, save_hf
-from ..errors import WeightopsError
+from ..errors import WeightopsError, shown
 from ..stream import BufferPool, Stream, TensorRef, matches_any, require_unique
 
 # A fine-tune moves norm gains by a few percent; a model's gains are the size of the
@@ -292,6 +292,8 @@ def _carry(o: TensorRef, out_dtype: torch.dtype, report: DeltaReport | None) -> 
     def load() -> torch.Tensor:
         t = o.load()
         out = t.to(out_dtype)
+        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            raise _not_finite(out, o.name, o.source, "carried whole (--replace)", bool(torch.isfinite(t).all()))
         if report is not None:
             report.round_trip[o.name] = (_count_different(out.to(t.dtype), t), t.numel())
         return out
@@ -313,16 +315,33 @@ def _combiner(b: TensorRef, o: TensorRef, sign: int, out_dtype: torch.dtype, rep
         for i in range(0, n, _CHUNK):
             part = slice(i, min(i + _CHUNK, n))
             _combine_into(flat_out[part], flat_o[part], base_t[part], sign)
+            if not bool(torch.isfinite(flat_out[part]).all()):
+                inputs_finite = bool(torch.isfinite(flat_o[part]).all() and torch.isfinite(base_t[part]).all())
+                raise _not_finite(flat_out[part], o.name, f"{b.source} {'+' if sign > 0 else '-'} {o.source}",
+                                  "base + delta" if sign > 0 else "target - base", inputs_finite)
             if report is not None:
                 back = torch.empty(part.stop - i, dtype=other_t.dtype)
                 _combine_into(back, base_t[part], flat_out[part], +1)
                 differing += _count_different(back, flat_o[part])
         flat_out[n:].copy_(flat_o[n:])  # expanded vocabulary rows, stored as they are
+        if n < flat_out.numel() and not bool(torch.isfinite(flat_out[n:]).all()):
+            raise _not_finite(flat_out[n:], o.name, o.source, "its rows beyond the base's vocabulary",
+                              bool(torch.isfinite(flat_o[n:]).all()))
         if report is not None:
             differing += _count_different(flat_out[n:].to(other_t.dtype), flat_o[n:])
             report.round_trip[o.name] = (differing, out.numel())
         return out
     return load
+
+
+def _not_finite(values: torch.Tensor, name: str, source: str, what: str, inputs_finite: bool) -> WeightopsError:
+    """NaN or inf in an output tensor: a model built from it computes NaN. Either an input
+    holds them, or the sum overflowed the output dtype."""
+    nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+    why = ("the inputs are finite, so the result overflows the output dtype "
+           f"{_dtype_name(values.dtype)}: use --dtype float32" if inputs_finite else "an input holds them")
+    return WeightopsError(f"{shown(source)}: tensor {name!r}: {what} has {nan} NaN and {inf} infinite values "
+                          f"({why}); a model with them computes NaN, so nothing was written")
 
 
 def _combine_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, sign: int) -> None:

@@ -114,7 +114,8 @@ class TensorRef:
                        loader=lambda: fn(upstream()), ggml_type=None, raw_loader=None, span=None)
 
     def renamed(self, name: str) -> "TensorRef":
-        return replace(self, name=name)
+        """The same data under another name (a load error still names the tensor as its file has it)."""
+        return replace(self, name=name, loader=self.load)
 
 
 Stream = Iterable[TensorRef]

@@ -297,3 +297,59 @@ def test_hostile_input_fails_cleanly(case: str, tmp_path: Path, models: dict[str
     check_error(result, spec.names, spec.code)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+# --- outputs that cannot be written: one line naming the path and the system's reason ---------
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path, models: dict[str, Path]):
+    """A directory holding a copy of the model, bind-mounted read-only onto itself (EROFS).
+    Tests run as root, where chmod 0o500 stops nothing; skipped where mounting is not allowed."""
+    import subprocess
+    ro = tmp_path / "ro"
+    copy_model(models["llama"], ro / "model")
+    steps = [["mount", "--bind", str(ro), str(ro)], ["mount", "-o", "remount,bind,ro", str(ro)]]
+    for i, step in enumerate(steps):
+        done = subprocess.run(step, capture_output=True)
+        if done.returncode:
+            if i:
+                subprocess.run(["umount", str(ro)])
+            pytest.skip(f"cannot make a read-only bind mount: {done.stderr.decode().strip()}")
+    yield ro
+    subprocess.run(["umount", str(ro)], check=True)
+
+
+@pytest.mark.parametrize("command", ["gguf", "apply-delta", "convert", "manifest"])
+def test_read_only_output(command: str, read_only_dir: Path, models: dict[str, Path], cli) -> None:
+    model, out = models["llama"], read_only_dir / "out"
+    args = {"gguf": ["gguf", model, out], "apply-delta": ["apply-delta", model, model, out, "--force"],
+            "convert": ["convert", model, out, "--to", "tencentpretrain"],
+            "manifest": ["manifest", "create", read_only_dir / "model"]}[command]  # writes into the model
+    err = check_error(cli(*args), [str(read_only_dir)], 1)
+    assert "Read-only file system" in err
+    assert sorted(p.name for p in read_only_dir.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("command", ["gguf", "bnb"])
+def test_output_parent_is_a_file(command: str, tmp_path: Path, models: dict[str, Path], cli) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    out = tmp_path / "file" / "out"
+    args = {"gguf": ["gguf", models["llama"], out], "bnb": ["bnb", models["llama"], out, "--bits", "8"]}[command]
+    err = check_error(cli(*args), [str(tmp_path / "file")], 1)
+    assert "File exists" in err or "Not a directory" in err  # mkdir(parents=True) reports the former
+
+
+def test_inspect_escapes_names_from_files(tmp_path: Path, models: dict[str, Path], cli) -> None:
+    """A shard whose file name holds a newline and an ANSI sequence: listed, escaped, on one line."""
+    from safetensors import safe_open
+    model = copy_model(models["llama"], tmp_path / "model")
+    shard = "w\x1b[31m\nfiles         forged.safetensors"
+    (model / "model.safetensors").rename(model / shard)
+    with safe_open(model / shard, "pt") as f:
+        names = list(f.keys())
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+    result = cli("inspect", model)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output
+    assert "w\\x1b[31m\\nfiles         forged.safetensors" in result.output
+    assert not any(line.startswith("files         forged") for line in result.output.splitlines())

@@ -292,8 +292,8 @@ def _carry(o: TensorRef, out_dtype: torch.dtype, report: DeltaReport | None) -> 
     def load() -> torch.Tensor:
         t = o.load()
         out = t.to(out_dtype)
-        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
-            raise _not_finite(out, o.name, o.source, "carried whole (--replace)", bool(torch.isfinite(t).all()))
+        if out.is_floating_point() and not _finite(out):
+            raise _not_finite(out, o.name, o.source, "carried whole (--replace)", _finite(t))
         if report is not None:
             report.round_trip[o.name] = (_count_different(out.to(t.dtype), t), t.numel())
         return out
@@ -315,8 +315,8 @@ def _combiner(b: TensorRef, o: TensorRef, sign: int, out_dtype: torch.dtype, rep
         for i in range(0, n, _CHUNK):
             part = slice(i, min(i + _CHUNK, n))
             _combine_into(flat_out[part], flat_o[part], base_t[part], sign)
-            if not bool(torch.isfinite(flat_out[part]).all()):
-                inputs_finite = bool(torch.isfinite(flat_o[part]).all() and torch.isfinite(base_t[part]).all())
+            if not _finite(flat_out[part]):
+                inputs_finite = _finite(flat_o[part]) and _finite(base_t[part])
                 raise _not_finite(flat_out[part], o.name, f"{b.source} {'+' if sign > 0 else '-'} {o.source}",
                                   "base + delta" if sign > 0 else "target - base", inputs_finite)
             if report is not None:
@@ -324,9 +324,9 @@ def _combiner(b: TensorRef, o: TensorRef, sign: int, out_dtype: torch.dtype, rep
                 _combine_into(back, base_t[part], flat_out[part], +1)
                 differing += _count_different(back, flat_o[part])
         flat_out[n:].copy_(flat_o[n:])  # expanded vocabulary rows, stored as they are
-        if n < flat_out.numel() and not bool(torch.isfinite(flat_out[n:]).all()):
+        if not _finite(flat_out[n:]):
             raise _not_finite(flat_out[n:], o.name, o.source, "its rows beyond the base's vocabulary",
-                              bool(torch.isfinite(flat_o[n:]).all()))
+                              _finite(flat_o[n:]))
         if report is not None:
             differing += _count_different(flat_out[n:].to(other_t.dtype), flat_o[n:])
             report.round_trip[o.name] = (differing, out.numel())
@@ -334,13 +334,24 @@ def _combiner(b: TensorRef, o: TensorRef, sign: int, out_dtype: torch.dtype, rep
     return load
 
 
+def _finite(x: torch.Tensor) -> bool:
+    """No NaN and no infinity in `x`. min and max propagate NaN, and an infinity is the min or
+    the max: one read-only pass, about as long as the add itself (isfinite().all() takes 8x)."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x.float() if x.dtype.itemsize == 1 else x)  # no float8 kernel
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _not_finite(values: torch.Tensor, name: str, source: str, what: str, inputs_finite: bool) -> WeightopsError:
     """NaN or inf in an output tensor: a model built from it computes NaN. Either an input
     holds them, or the sum overflowed the output dtype."""
-    nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+    wide = values.float()
+    nan, inf = int(torch.isnan(wide).sum()), int(torch.isinf(wide).sum())
     why = ("the inputs are finite, so the result overflows the output dtype "
            f"{_dtype_name(values.dtype)}: use --dtype float32" if inputs_finite else "an input holds them")
-    return WeightopsError(f"{shown(source)}: tensor {name!r}: {what} has {nan} NaN and {inf} infinite values "
+    return WeightopsError(f"{shown(source)}: tensor {name!r}: {what} has NaN or infinite values (at least {nan} "
+                          f"NaN and {inf} inf) "
                           f"({why}); a model with them computes NaN, so nothing was written")
 
 

@@ -5,10 +5,10 @@ magic) and returns lazy references; `save_hf` writes a complete HF directory ato
 """
 from __future__ import annotations
 
-import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from . import arch as arch_tables
 from . import progress
@@ -16,6 +16,7 @@ from .errors import WeightopsError
 from .io import gguf as gguf_io
 from .io import hf as hf_io
 from .io import tencentpretrain as tp_io
+from .io.config import read_config
 from .io.index import parse_size
 from .io.outputs import Output, content
 from .io.safetensors import read_safetensors
@@ -49,13 +50,6 @@ class Checkpoint:
         return self.path if self.path.is_dir() else self.path.parent
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise WeightopsError(f"{path}: invalid JSON ({e})") from None
-
-
 def open_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> Checkpoint:
     """Open any supported checkpoint lazily; nothing but headers is read."""
     path = Path(path)
@@ -69,7 +63,7 @@ def open_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> Ch
     if tp_config is None and ckpt.format == "tencentpretrain" and (ckpt.directory / tp_io.CONFIG).is_file():
         tp_config = ckpt.directory / tp_io.CONFIG  # written beside it by `weightops convert`
     if tp_config is not None:
-        ckpt.config = _read_json(Path(tp_config))
+        ckpt.config = read_config(Path(tp_config))
     if ckpt.architecture is None:
         scheme = {"tencentpretrain": "tp", "gguf": "gguf"}.get(ckpt.format, "hf")
         found = arch_tables.detect(set(ckpt.names()), scheme)
@@ -98,7 +92,7 @@ def _hf_config(directory: Path) -> tuple[dict | None, str | None]:
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         return None, None
-    cfg = _read_json(cfg_path)
+    cfg = read_config(cfg_path)
     return cfg, cfg.get("model_type")
 
 

@@ -8,7 +8,6 @@ tensor at a time. Metadata keys and tokenizer follow convert_hf_to_gguf.py.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -22,7 +21,7 @@ from gguf import GGMLQuantizationType
 from . import arch as arch_tables
 from . import progress
 from .checkpoint import Checkpoint, open_checkpoint
-from .errors import WeightopsError
+from .errors import WeightopsError, shown
 from .io.gguf import GGUFTensor, plan_writer, write_gguf
 from .io.gguf_tokenizer import TokenizerSummary, add_tokenizer
 from .io.outputs import Output
@@ -152,7 +151,7 @@ def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[
         out.append(ref.derive(lambda t, kind=row.kind: mod.gguf_tensor(kind, t, config), name=gname)
                    if row.kind != "plain" else ref.renamed(gname))
     if unknown:
-        raise WeightopsError(f"{source}: tensors with no GGUF name in the {name} table: {', '.join(sorted(unknown))}")
+        raise WeightopsError(f"{source}: tensors with no GGUF name in the {name} table: {', '.join(shown(n) for n in sorted(unknown))}")
     missing = [n for n in order if n not in {r.name for r in out} and n != "output.weight"]
     if missing:
         raise WeightopsError(f"{source}: checkpoint lacks tensors llama.cpp needs: {', '.join(missing[:8])}"
@@ -196,7 +195,3 @@ def _add_general(writer: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, shared, expert, experts)
     meta.set_gguf_meta_model(writer)
-
-
-def warn_stderr(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr)

@@ -5,6 +5,7 @@ import re
 from collections import Counter
 
 from .checkpoint import Checkpoint
+from .errors import shown
 from .vocabulary import embedding_name, vocab_triple
 
 
@@ -46,7 +47,10 @@ def summarize(ckpt: Checkpoint) -> dict:
 
 
 def render(summary: dict) -> str:
+    """The human summary, one field a line; strings from the files (paths, a GGUF's
+    metadata) are escaped so that none can start a line of its own."""
     v = summary["vocab"]
+    files = summary["files"] or ["-"]
     lines = [
         f"path          {summary['path']}",
         f"format        {summary['format']}",
@@ -59,6 +63,7 @@ def render(summary: dict) -> str:
         f"vocabulary    config {v['config']}, tokenizer {v['tokenizer']}, embedding rows {v['embedding_rows']}"
         + (f" ({v['padding_rows']} padding rows)" if v.get("padding_rows") else "")
         + ("" if v["agree"] else "   <-- DISAGREE"),
-        "files         " + ("\n              ".join(summary["files"]) or "-"),
+        f"files         {files[0]}",
+        *(f"              {f}" for f in files[1:]),
     ]
-    return "\n".join(lines)
+    return "\n".join(map(shown, lines))

@@ -55,7 +55,7 @@ from typing import Any
 import click
 
 from . import dtypes, progress
-from .errors import MismatchError, WeightopsError
+from .errors import MismatchError, WeightopsError, names_file
 from .io import outputs
 from .verify import manifest as manifest_lib
 from .verify.hash_cache import HashCache
@@ -129,6 +129,7 @@ def _suggest(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+@names_file("job file (TOML)")
 def load_job(path: str | Path) -> Job:
     """Parse and validate a job file: every key known, every @reference resolvable, every step
     name a plain file name, and no path the runner replaces (a step's output) touching the

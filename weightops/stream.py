@@ -10,14 +10,16 @@ import fnmatch
 import math
 import threading
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 from . import dtypes
-from .errors import WeightopsError
+from .errors import WeightopsError, describe, shown
 
 if TYPE_CHECKING:  # torch is imported where tensors are touched: a pass-through copy never needs it
     import numpy as np
     import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,23 @@ class TensorRef:
                             f"(weightops.dtypes.name_of), not {self.dtype_name!r}")
 
     def load(self) -> torch.Tensor:
-        tensor = self.loader()
+        tensor = self._call(self.loader)
         if tuple(tensor.shape) != self.shape:
             raise WeightopsError(
-                f"{self.source}: tensor {self.name!r} has shape {tuple(tensor.shape)}, header says {self.shape}")
+                f"{shown(self.source)}: tensor {self.name!r} has shape {tuple(tensor.shape)}, header says {self.shape}")
         return tensor
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run a loader; a failure (a file cut short, a transform that does not fit the
+        data, a full disk under a spill file) becomes an error naming this file and tensor.
+        Errors that already are WeightopsErrors pass as they are, so a derived tensor does
+        not repeat its source's message."""
+        try:
+            return fn()
+        except WeightopsError:
+            raise
+        except Exception as e:
+            raise WeightopsError(f"{shown(self.source)}: tensor {self.name!r}: cannot load it: {describe(e)}") from e
 
     def release(self) -> None:
         """Tell the source this tensor's data is done with (drops its mapped pages from RSS;
@@ -77,7 +91,7 @@ class TensorRef:
     def raw(self) -> np.ndarray:
         """The tensor's bytes as stored (quantized blocks for GGUF), as uint8."""
         if self.raw_loader is not None:
-            return self.raw_loader()
+            return self._call(self.raw_loader)
         return tensor_bytes(self.load())
 
     @property
@@ -100,7 +114,8 @@ class TensorRef:
                        loader=lambda: fn(upstream()), ggml_type=None, raw_loader=None, span=None)
 
     def renamed(self, name: str) -> "TensorRef":
-        return replace(self, name=name)
+        """The same data under another name (a load error still names the tensor as its file has it)."""
+        return replace(self, name=name, loader=self.load)
 
 
 Stream = Iterable[TensorRef]
@@ -165,5 +180,5 @@ def require_unique(refs: list[TensorRef]) -> None:
     seen: dict[str, str] = {}
     for r in refs:
         if r.name in seen:
-            raise WeightopsError(f"tensor {r.name!r} appears twice: in {seen[r.name]} and {r.source}")
+            raise WeightopsError(f"tensor {r.name!r} appears twice: in {shown(seen[r.name])} and {shown(r.source)}")
         seen[r.name] = r.source

@@ -9,7 +9,7 @@ import sys
 import click
 
 from .. import progress
-from ..errors import WeightopsError
+from ..errors import WeightopsError, describe, os_error_message, shown
 
 
 # The module that defines each command, imported only when that command is used (or help
@@ -48,19 +48,37 @@ class _Group(click.Group):
         except WeightopsError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            _error(str(e))
             ctx.exit(e.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
             click.echo("interrupted; no output was published", err=True)
             ctx.exit(130)
-
+        except OSError as e:  # a file that cannot be read or written: its path and the system's reason
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            _error(os_error_message(e))
+            ctx.exit(1)
         except Exception as e:  # an unexpected failure: still one line unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {type(e).__name__}: {e} (run with --debug for a traceback)", err=True)
+            _error(f"{describe(e)} (run with --debug for a traceback)")
             ctx.exit(1)
+
+
+def _error(message: str) -> None:
+    echo_escaped(f"error: {message}")
+
+
+def warn(message: str) -> None:
+    echo_escaped(f"warning: {message}")
+
+
+def echo_escaped(message: str) -> None:
+    """Print to stderr with control characters escaped line by line: the last line of
+    defence against a string from a file that a message forgot to pass through `shown`."""
+    click.echo("\n".join(shown(line) for line in message.split("\n")), err=True)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

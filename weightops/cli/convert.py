@@ -7,7 +7,7 @@ import click
 
 from .. import dtypes
 from ..ops.convert import TARGETS, convert
-from . import main
+from . import main, warn
 
 
 @main.command("convert")
@@ -66,6 +66,6 @@ def convert_cmd(input: Path, output: Path, to: str, arch: str | None, tp_config:
     report = convert(input, output, to=to, arch=arch, tp_config=tp_config, tokenizer=tokenizer,
                      dtype=dtypes.from_choice(dtype), max_shard_size=max_shard_size, force=force)
     for w in report.warnings:
-        click.echo(f"warning: {w}", err=True)
+        warn(w)
     click.echo(f"wrote {output}: {report.architecture}, {report.tensors} tensors, {len(report.files)} files"
                + (f", tokenizer from {report.tokenizer}" if report.tokenizer else ", no tokenizer"))

@@ -7,7 +7,7 @@ import click
 
 from .. import dtypes
 from ..ops.delta import DeltaReport, apply_delta_checkpoint, make_delta_checkpoint
-from . import main
+from . import main, warn
 
 _SEMANTICS = """
     Tensors are matched by NAME, never by file or shard position, so the two inputs may
@@ -52,7 +52,7 @@ def _options(fn):
 
 def _finish(output: Path, report: DeltaReport) -> None:
     for w in report.warnings:
-        click.echo(f"warning: {w}", err=True)
+        warn(w)
     extra = []
     if report.expanded:
         extra.append(f"vocabulary rows added in {', '.join(report.expanded)}")

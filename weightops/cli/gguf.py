@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..gguf_export import DEVICES, QUALITIES, export_gguf, warn_stderr
+from ..gguf_export import DEVICES, QUALITIES, export_gguf
 from ..quant.ggml_types import FILE_TYPE_NAMES, FILE_TYPES
-from . import main
+from . import main, warn
 
 _KEPT = "/".join(f.name for f in FILE_TYPES if f.embed_output_type)  # the --type values --pure changes
 
@@ -79,7 +79,7 @@ def gguf(model: Path, output: Path, qtype: str, pure: bool, tensor_types: tuple[
          force: bool) -> None:
     result = export_gguf(model, output, type=qtype, pure=pure, tensor_types=tensor_types, quality=quality,
                          device=device, tokenizer=tokenizer, pre_tokenizer=pre_tokenizer, tp_config=tp_config,
-                         force=force, warn=warn_stderr)
+                         force=force, warn=warn)
     counts = Counter(result.tensor_types.values())
     tok = result.tokenizer
     click.echo(f"wrote {result.output} ({result.bytes_written / 2**20:.1f} MiB, {result.architecture}, "

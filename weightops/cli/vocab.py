@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
-from ..errors import WeightopsError
+from ..errors import WeightopsError, names_file, shown
 from ..ops.vocab import INIT_RULES, VocabReport, expand_vocab
 from . import main
 
 
+@names_file("token list (UTF-8 text, one token per line)")
 def _read_tokens(path: Path) -> list[str]:
     tokens = [line for line in path.read_text(encoding="utf-8").splitlines() if line]  # spaces are kept
     if not tokens:
@@ -19,15 +20,15 @@ def _read_tokens(path: Path) -> list[str]:
 
 
 def _summary(model: Path, output: Path, r: VocabReport) -> str:
-    shown = ", ".join(repr(t) for t in r.added[:8]) + (", ..." if len(r.added) > 8 else "")
+    added = ", ".join(repr(t) for t in r.added[:8]) + (", ..." if len(r.added) > 8 else "")
     fallback = f" ({r.fallback} had no pieces and got the mean)" if r.fallback else ""
     lines = [
         f"expand-vocab  {model} -> {output}",
         f"tokenizer     {r.old_tokens} -> {r.new_tokens} tokens",
         f"rows          {r.old_rows} -> {r.rows}: {r.carried} carried bit-identical, "
         f"{len(r.added)} new tokens initialised with {r.init}{fallback}, {r.padding} padding rows (mean)",
-        f"new tokens    {shown or '-'}",
-        f"tensors       rewritten {', '.join(r.rewritten)}; {r.passed_through} passed through untouched",
+        f"new tokens    {added or '-'}",
+        f"tensors       rewritten {', '.join(map(shown, r.rewritten))}; {r.passed_through} passed through untouched",
         f"config.json   vocab_size = {r.rows}",
     ]
     return "\n".join(lines)
@@ -51,7 +52,7 @@ def _summary(model: Path, output: Path, r: VocabReport) -> str:
               help="How new rows start: subtoken-mean = mean of the old rows of the token's pieces under the old "
                    "tokenizer (no BOS; the mean when it has none); mean = mean of all old rows; normal = "
                    "N(mean, 1e-9 x covariance of the old rows), as transformers' mean_resizing; zeros.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the normal init (deterministic).")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True, help="Seed of the normal init (deterministic).")
 @click.option("--pad-to-multiple", type=click.IntRange(min=1), metavar="N",
               help="Round the row count up to a multiple of N (e.g. 64 for tensor cores); padding rows get "
                    "the mean and are reported. Also keeps BLOOM's padded row count instead of shrinking.")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from ..errors import WeightopsError
+from ..errors import WeightopsError, names_file, writing
 from ..stream import TensorRef
 from .outputs import Output
 
@@ -56,11 +56,13 @@ def field_value(field) -> Any:
     return field.parts[field.data[0]].tolist()[0]
 
 
+@names_file("GGUF file")
 def read_metadata(path: Path, reader: GGUFReader | None = None) -> dict[str, Any]:
     reader = reader or open_reader(path)
     return {name: field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
 
 
+@names_file("GGUF file")
 def read_gguf(path: Path, reader: GGUFReader | None = None) -> list[TensorRef]:
     """Lazy references in file order; shapes in torch order (GGUF stores them reversed)."""
     path = Path(path)
@@ -138,24 +140,25 @@ def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: str | 
     import numpy as np
 
     target = output if isinstance(output, Output) else Output(output, kind="file")
-    with target.writing() as tmp:
+    with target.writing() as tmp, writing(target.path):
         try:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             fout, align = writer.fout[0], writer.data_alignment
             for t in tensors:
-                fout.write(bytes(-fout.tell() % align))
-                written = 0
-                for piece in t.produce():
-                    piece = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
-                    fout.write(memoryview(piece))
-                    written += piece.nbytes
-                    del piece
-                if written != t.nbytes:
-                    raise WeightopsError(f"{target.path}: tensor {t.name!r} {t.shape} as {t.ggml_type.name} produced "
-                                         f"{written} bytes, expected {t.nbytes}")
-                fout.write(bytes(-written % align))
+                with writing(target.path, t.name):
+                    fout.write(bytes(-fout.tell() % align))
+                    written = 0
+                    for piece in t.produce():
+                        piece = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+                        fout.write(memoryview(piece))
+                        written += piece.nbytes
+                        del piece
+                    if written != t.nbytes:
+                        raise WeightopsError(f"{target.path}: tensor {t.name!r} {t.shape} as {t.ggml_type.name} "
+                                             f"produced {written} bytes, expected {t.nbytes}")
+                    fout.write(bytes(-written % align))
                 if t.release:
                     t.release()
                 if on_tensor:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from ..errors import WeightopsError
+from ..errors import WeightopsError, describe, names_file, shown
 from ..stream import TensorRef
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -21,7 +21,10 @@ def parse_size(text: str | int) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", text.upper())
     if not m:
         raise WeightopsError(f"cannot read size {text!r}: use a number with KB/MB/GB/TB (decimal) or KiB/MiB/GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    size = int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    if size <= 0:
+        raise WeightopsError(f"size {text!r} must be at least one byte")
+    return size
 
 
 def plan_shards(refs: list[TensorRef], max_bytes: int) -> list[list[TensorRef]]:
@@ -50,6 +53,7 @@ def write_index(path: Path, weight_map: dict[str, str], metadata: dict) -> None:
         f.write(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
 
 
+@names_file("index file")
 def read_sharded(index_path: Path, read_file: Callable[[Path], list[TensorRef]],
                  part_glob: str) -> tuple[list[TensorRef], list[Path]]:
     """Read every part an index names and check the parts against the index (a part file
@@ -58,24 +62,26 @@ def read_sharded(index_path: Path, read_file: Callable[[Path], list[TensorRef]],
         index = json.loads(index_path.read_text())
         weight_map: dict[str, str] = index["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
-        raise WeightopsError(f"{index_path}: not a valid index file ({e})") from None
+        raise WeightopsError(f"{index_path}: not a valid index file ({describe(e)})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightopsError(f"{index_path}: weight_map must map tensor names to shard file names")
     files = sorted(set(weight_map.values()))
     missing_files = [f for f in files if not (index_path.parent / f).is_file()]
     if missing_files:
-        raise WeightopsError(f"{index_path}: names shard files that do not exist: {', '.join(missing_files)}")
+        raise WeightopsError(f"{index_path}: names shard files that do not exist: {', '.join(shown(f) for f in missing_files)}")
     refs: list[TensorRef] = []
-    problems = [f"{p.name} is not named by the index" for p in sorted(index_path.parent.glob(part_glob))
+    problems = [f"{shown(p.name)} is not named by the index" for p in sorted(index_path.parent.glob(part_glob))
                 if p.name not in files]
     for fname in files:
         part = read_file(index_path.parent / fname)
         names = {r.name for r in part}
         wanted = {k for k, v in weight_map.items() if v == fname}
         for name in sorted(wanted - names):
-            problems.append(f"index puts {name!r} in {fname}, which does not contain it")
+            problems.append(f"index puts {name!r} in {shown(fname)}, which does not contain it")
         for name in sorted(names - wanted):
             where = weight_map.get(name)
-            problems.append(f"{fname} contains {name!r}, which the index " +
-                            (f"places in {where}" if where else "does not list"))
+            problems.append(f"{shown(fname)} contains {name!r}, which the index " +
+                            (f"places in {shown(where)}" if where else "does not list"))
         refs.extend(r for r in part if weight_map.get(r.name) == fname)
     if problems:
         raise WeightopsError(f"{index_path}: index and shards disagree:\n  " + "\n  ".join(problems))

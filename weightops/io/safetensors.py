@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from .. import dtypes
-from ..errors import WeightopsError
+from ..errors import WeightopsError, names_file, shown, writing
 from ..stream import TensorRef, tensor_bytes
 from .pages import drop_cache
 
@@ -58,7 +58,7 @@ def read_header(path: Path) -> tuple[dict, int]:
            if name != "__metadata__" and start + info["data_offsets"][1] > size]
     if cut:
         raise WeightopsError(f"{path}: file is truncated ({size} bytes); its header needs more for tensors: "
-                             + ", ".join(sorted(cut)))
+                             + ", ".join(shown(n) for n in sorted(cut)))
     for name, info in header.items():
         if name != "__metadata__" and info["dtype"] not in dtypes.SAFETENSORS_NAMES:
             raise WeightopsError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
@@ -98,6 +98,7 @@ class _Mapping:
             self._map.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
 
+@names_file("safetensors file")
 def read_safetensors(path: Path) -> list[TensorRef]:
     """Lazy references to every tensor of one safetensors file, in file order."""
     path = Path(path)
@@ -171,21 +172,23 @@ def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str,
             return worker.submit(in_name_order[i].load)
         return None
 
-    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as worker:
+    with writing(path), open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as worker:
         f.write(head)
         f.flush()
         upcoming = fetch(0)
         for i, r in enumerate(in_name_order):
             loading, upcoming = upcoming, fetch(i + 1)
-            if r.span is not None and _copy_span(r, f.fileno(), offsets[r.name]):
-                t = None
-            else:
-                t = loading.result() if loading is not None else r.load()
-                if t.dtype != r.dtype:
-                    raise WeightopsError(f"tensor {r.name!r} from {r.source}: produced {t.dtype}, declared {r.dtype}")
-                f.seek(offsets[r.name])
-                f.write(memoryview(tensor_bytes(t)))
-                f.flush()
+            with writing(path, r.name):
+                if r.span is not None and _copy_span(r, f.fileno(), offsets[r.name]):
+                    t = None
+                else:
+                    t = loading.result() if loading is not None else r.load()
+                    if t.dtype != r.dtype:
+                        raise WeightopsError(f"tensor {r.name!r} from {shown(r.source)}: produced {t.dtype}, "
+                                             f"declared {r.dtype}")
+                    f.seek(offsets[r.name])
+                    f.write(memoryview(tensor_bytes(t)))
+                    f.flush()
             if on_tensor:
                 on_tensor(r)
             del t

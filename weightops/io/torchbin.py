@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from .. import dtypes
-from ..errors import WeightopsError
+from ..errors import WeightopsError, names_file, shown, writing
 from ..stream import TensorRef
 from .pages import drop_mapped
 
@@ -48,10 +48,11 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightopsError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise WeightopsError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:10]))}")
+        raise WeightopsError(f"{path}: entries that are not tensors: {', '.join(shown(k) for k in bad[:10])}")
     return sd
 
 
+@names_file("PyTorch checkpoint")
 def read_torch_bin(path: Path) -> list[TensorRef]:
     """Lazy references to the tensors of one `.bin` file, in its order (the data stays
     mapped; `release()` drops a consumed tensor's pages from RSS)."""
@@ -96,9 +97,43 @@ class _Pickler(pickle.Pickler):
         return None
 
 
+class _Sink:
+    """The file torch's zip writer writes through, so that no Python exception ever unwinds
+    through the C++ writer and a failed write cannot abort the process.
+
+    A failing write (a full disk, Ctrl-C arriving in it) is kept, not raised, and
+    `write_torch_bin` raises it once the record returns. Once abandoned, writes go nowhere:
+    the writer finalises its zip when it is destroyed, which may be after the file is
+    closed, and a write to a closed file there ends in `std::terminate` (exit 134).
+    """
+
+    def __init__(self, file: io.BufferedWriter):
+        self.file, self.error, self.abandoned = file, None, False
+
+    def _guarded(self, op: Callable[[], object]) -> None:
+        if self.abandoned or self.error is not None:
+            return
+        try:
+            op()
+        except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt too: re-raised in Python, not in C++
+            self.error = e
+
+    def write(self, data: memoryview) -> None:
+        self._guarded(lambda: self.file.write(data))
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> None:
+        self._guarded(lambda: self.file.seek(offset, whence))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 def write_torch_bin(refs: Iterable[TensorRef], path: Path,
                     on_tensor: Callable[[TensorRef], None] | None = None) -> None:
-    """Write a state dict as `torch.save` would, one tensor in memory at a time."""
+    """Write a state dict as `torch.save` would, one tensor in memory at a time. On any
+    failure the writer is abandoned cleanly and the exception propagates (the caller
+    removes the partial file)."""
     import torch
 
     refs = list(refs)
@@ -107,23 +142,40 @@ def write_torch_bin(refs: Iterable[TensorRef], path: Path,
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(state)
     data = buf.getvalue()
-    with open(path, "wb") as stream:
-        writer = torch._C.PyTorchFileWriter(stream, True, _STORAGE_ALIGNMENT)
-        writer.write_record("data.pkl", data, len(data))
-        writer.write_record(".format_version", "1", 1)
-        alignment = str(_STORAGE_ALIGNMENT)
-        writer.write_record(".storage_alignment", alignment, len(alignment))
-        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-        for ref, storage in zip(refs, storages):
-            t = ref.load()
-            if t.dtype != ref.dtype:
-                raise WeightopsError(f"tensor {ref.name!r} from {ref.source}: produced {t.dtype}, declared {ref.dtype}")
-            t = t.detach().cpu().contiguous()
-            if t.untyped_storage().nbytes() != ref.nbytes or t.storage_offset():
-                t = t.clone()
-            writer.write_record(f"data/{storage.key}", t.untyped_storage(), ref.nbytes)
-            if on_tensor:
-                on_tensor(ref)
-            del t
-            ref.release()
-        writer.write_end_of_file()
+    with writing(path), open(path, "wb") as stream:
+        sink = _Sink(stream)
+        writer = torch._C.PyTorchFileWriter(sink, True, _STORAGE_ALIGNMENT)
+
+        def record(name: str, payload, size: int) -> None:
+            writer.write_record(name, payload, size)
+            sink.check()
+
+        try:
+            record("data.pkl", data, len(data))
+            record(".format_version", "1", 1)
+            alignment = str(_STORAGE_ALIGNMENT)
+            record(".storage_alignment", alignment, len(alignment))
+            record("byteorder", sys.byteorder, len(sys.byteorder))
+            for ref, storage in zip(refs, storages):
+                with writing(path, ref.name):
+                    t = ref.load()
+                    if t.dtype != ref.dtype:
+                        raise WeightopsError(f"tensor {ref.name!r} from {shown(ref.source)}: produced {t.dtype}, "
+                                             f"declared {ref.dtype}")
+                    t = t.detach().cpu().contiguous()
+                    if t.untyped_storage().nbytes() != ref.nbytes or t.storage_offset():
+                        t = t.clone()
+                    record(f"data/{storage.key}", t.untyped_storage(), ref.nbytes)
+                if on_tensor:
+                    on_tensor(ref)
+                del t
+                ref.release()
+            writer.write_end_of_file()
+            sink.check()
+        except BaseException:
+            sink.abandoned = True
+            try:  # marks the writer finalised, so its destructor writes nothing
+                writer.write_end_of_file()
+            except Exception:  # noqa: BLE001, S110 - the zip is discarded; what went wrong is being raised
+                pass
+            raise

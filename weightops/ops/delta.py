@@ -24,7 +24,7 @@ from .. import arch as arch_tables
 from .. import dtypes
 from ..arch import llama
 from ..checkpoint import Checkpoint, open_checkpoint, save_hf
-from ..errors import WeightopsError
+from ..errors import WeightopsError, shown
 from ..io.outputs import Output
 from ..stream import BufferPool, Stream, TensorRef, matches_any, require_unique
 
@@ -293,6 +293,8 @@ def _carry(o: TensorRef, out_dtype: torch.dtype, report: DeltaReport | None) -> 
     def load() -> torch.Tensor:
         t = o.load()
         out = t.to(out_dtype)
+        if out.is_floating_point() and not _finite(out):
+            raise _not_finite(out, o.name, o.source, "carried whole (--replace)", _finite(t))
         if report is not None:
             report.round_trip[o.name] = (_count_different(out.to(t.dtype), t), t.numel())
         return out
@@ -314,16 +316,44 @@ def _combiner(b: TensorRef, o: TensorRef, sign: int, out_dtype: torch.dtype, rep
         for i in range(0, n, _CHUNK):
             part = slice(i, min(i + _CHUNK, n))
             _combine_into(flat_out[part], flat_o[part], base_t[part], sign)
+            if not _finite(flat_out[part]):
+                inputs_finite = _finite(flat_o[part]) and _finite(base_t[part])
+                raise _not_finite(flat_out[part], o.name, f"{b.source} {'+' if sign > 0 else '-'} {o.source}",
+                                  "base + delta" if sign > 0 else "target - base", inputs_finite)
             if report is not None:
                 back = torch.empty(part.stop - i, dtype=other_t.dtype)
                 _combine_into(back, base_t[part], flat_out[part], +1)
                 differing += _count_different(back, flat_o[part])
         flat_out[n:].copy_(flat_o[n:])  # expanded vocabulary rows, stored as they are
+        if not _finite(flat_out[n:]):
+            raise _not_finite(flat_out[n:], o.name, o.source, "its rows beyond the base's vocabulary",
+                              _finite(flat_o[n:]))
         if report is not None:
             differing += _count_different(flat_out[n:].to(other_t.dtype), flat_o[n:])
             report.round_trip[o.name] = (differing, out.numel())
         return out
     return load
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """No NaN and no infinity in `x`. min and max propagate NaN, and an infinity is the min or
+    the max: one read-only pass, about as long as the add itself (isfinite().all() takes 8x)."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x.float() if x.dtype.itemsize == 1 else x)  # no float8 kernel
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _not_finite(values: torch.Tensor, name: str, source: str, what: str, inputs_finite: bool) -> WeightopsError:
+    """NaN or inf in an output tensor: a model built from it computes NaN. Either an input
+    holds them, or the sum overflowed the output dtype."""
+    wide = values.float()
+    nan, inf = int(torch.isnan(wide).sum()), int(torch.isinf(wide).sum())
+    why = ("the inputs are finite, so the result overflows the output dtype "
+           f"{_dtype_name(values.dtype)}: use --dtype float32" if inputs_finite else "an input holds them")
+    return WeightopsError(f"{shown(source)}: tensor {name!r}: {what} has NaN or infinite values (at least {nan} "
+                          f"NaN and {inf} inf) "
+                          f"({why}); a model with them computes NaN, so nothing was written")
 
 
 def _combine_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, sign: int) -> None:

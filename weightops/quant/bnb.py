@@ -27,7 +27,7 @@ from .. import dtypes, progress
 from ..arch import Architecture
 from ..arch import get as get_arch
 from ..checkpoint import open_checkpoint, save_hf
-from ..errors import WeightopsError
+from ..errors import WeightopsError, shown
 from ..gguf_export import resolve_device  # auto|cpu|cuda, shared with gguf and verify
 from ..io.outputs import Output
 from ..stream import Stream, TensorRef, cast, matches_any
@@ -157,9 +157,10 @@ def quantize_bnb(stream: Stream, spec: BnbSpec, select: Callable[[TensorRef], bo
         if not select(ref):
             yield ref
             continue
-        if len(ref.shape) != 2 or not ref.dtype.is_floating_point:
-            raise WeightopsError(f"{ref.source}: tensor {ref.name!r} {ref.shape} {ref.dtype} is not a floating-point "
-                                 "matrix; bitsandbytes quantizes linear weights only (use --skip to keep it)")
+        if len(ref.shape) != 2 or 0 in ref.shape or not ref.dtype.is_floating_point:
+            raise WeightopsError(f"{shown(ref.source)}: tensor {ref.name!r} {ref.shape} {ref.dtype} is not a non-empty "
+                                 "floating-point matrix; bitsandbytes quantizes linear weights only (use --skip to "
+                                 "keep it)")
         offset = None
         if spec.bits == 4 and spec.double_quant:
             offset = absmax_mean(ref.load().to(device))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import progress
 from ..checkpoint import open_checkpoint
-from ..errors import MismatchError, WeightopsError
+from ..errors import MismatchError, WeightopsError, names_file, shown
 from ..io.outputs import Output
 from ..stream import TensorRef
 
@@ -111,15 +111,28 @@ def diff(expected: dict, actual: dict) -> list[str]:
     for kind in ("files", "tensors"):
         want, have = expected.get(kind, {}), actual.get(kind, {})
         for name in sorted(want.keys() | have.keys()):
-            label = "file" if kind == "files" else "tensor"
+            label = f"{'file' if kind == 'files' else 'tensor'} {shown(name)}"
             if name not in have:
-                problems.append(f"{label} {name}: missing")
+                problems.append(f"{label}: missing")
             elif name not in want:
-                problems.append(f"{label} {name}: not in the manifest")
+                problems.append(f"{label}: not in the manifest")
             elif want[name]["sha256"] != have[name]["sha256"]:
-                problems.append(f"{label} {name}: sha256 {have[name]['sha256'][:16]}… expected "
+                problems.append(f"{label}: sha256 {have[name]['sha256'][:16]}… expected "
                                 f"{want[name]['sha256'][:16]}…")
     return problems
+
+
+@names_file("weightops manifest")
+def _read_manifest(path: Path) -> dict:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    well_formed = isinstance(doc, dict) and all(
+        isinstance(doc.get(kind), dict) and all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
+                                                 for e in doc[kind].values())
+        for kind in ("files", "tensors"))
+    if not well_formed:
+        raise WeightopsError(f"{shown(path)}: not a weightops manifest (expected \"files\" and \"tensors\" "
+                             "objects mapping names to {\"sha256\": ...})")
+    return doc
 
 
 def check(path: str | Path) -> dict:
@@ -127,7 +140,7 @@ def check(path: str | Path) -> dict:
     mpath = manifest_path(Path(path))
     if not mpath.is_file():
         raise WeightopsError(f"{mpath}: no manifest; create one with `weightops manifest create {path}`")
-    expected = json.loads(mpath.read_text())
+    expected = _read_manifest(mpath)
     path = Path(path)
     actual = {"files": file_hashes(path)}
     problems = []

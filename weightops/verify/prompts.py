@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import WeightopsError
+from ..errors import WeightopsError, shown
 from .default_prompts import PROMPTS
 
 Encode = Callable[[str], list[int]]
@@ -60,7 +60,8 @@ def _jsonl(path: Path, lines: list[str]) -> list[Prompt]:
             raise WeightopsError(f"{path}:{n}: not a JSON object ({e})") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
             raise WeightopsError(f"{path}:{n}: a JSONL prompt needs a string field \"text\"")
-        out.append(Prompt(str(doc.get("name") or f"{path.name}:{n}"), doc["text"]))
+        # the name is only a label in reports and errors: escaped once, here
+        out.append(Prompt(shown(doc.get("name") or f"{path.name}:{n}"), doc["text"]))
     return out
 
 
@@ -72,7 +73,7 @@ def _paragraphs(path: Path, lines: list[str]) -> list[Prompt]:
                 start = n
             buf.append(line)
         elif buf:
-            out.append(Prompt(f"{path.name}:{start}", "\n".join(buf)))
+            out.append(Prompt(shown(f"{path.name}:{start}"), "\n".join(buf)))
             buf = []
     return out
 

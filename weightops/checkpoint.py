@@ -5,7 +5,6 @@ magic) and returns lazy references; `save_hf` writes a complete HF directory ato
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -17,7 +16,9 @@ from .io import gguf as gguf_io
 from .io import hf as hf_io
 from .io import tencentpretrain as tp_io
 from .io.atomic import atomic_dir, check_output
+from .io.config import read_config
 from .io.index import parse_size
+from .io.paths import member, members
 from .io.safetensors import read_safetensors
 from .io.torchbin import read_torch_bin
 from .stream import TensorRef, require_unique
@@ -49,13 +50,6 @@ class Checkpoint:
         return self.path if self.path.is_dir() else self.path.parent
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise WeightopsError(f"{path}: invalid JSON ({e})") from None
-
-
 def open_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> Checkpoint:
     """Open any supported checkpoint lazily; nothing but headers is read."""
     path = Path(path)
@@ -65,11 +59,14 @@ def open_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> Ch
         ckpt = _open_file(path)
     else:
         ckpt = _open_dir(path)
+    if not ckpt.tensors:
+        raise WeightopsError(f"{path}: holds no tensors ({', '.join(map(str, ckpt.weight_files))}); "
+                             "not a model checkpoint")
     require_unique(ckpt.tensors)
-    if tp_config is None and ckpt.format == "tencentpretrain" and (ckpt.directory / tp_io.CONFIG).is_file():
-        tp_config = ckpt.directory / tp_io.CONFIG  # written beside it by `weightops convert`
+    if tp_config is None and ckpt.format == "tencentpretrain":
+        tp_config = member(ckpt.directory, tp_io.CONFIG)  # written beside it by `weightops convert`
     if tp_config is not None:
-        ckpt.config = _read_json(Path(tp_config))
+        ckpt.config = read_config(Path(tp_config))
     if ckpt.architecture is None:
         scheme = {"tencentpretrain": "tp", "gguf": "gguf"}.get(ckpt.format, "hf")
         found = arch_tables.detect(set(ckpt.names()), scheme)
@@ -95,10 +92,10 @@ def _open_file(path: Path) -> Checkpoint:
 
 
 def _hf_config(directory: Path) -> tuple[dict | None, str | None]:
-    cfg_path = directory / "config.json"
-    if not cfg_path.is_file():
+    cfg_path = member(directory, "config.json")
+    if cfg_path is None:
         return None, None
-    cfg = _read_json(cfg_path)
+    cfg = read_config(cfg_path)
     return cfg, cfg.get("model_type")
 
 
@@ -109,12 +106,12 @@ def _open_dir(path: Path) -> Checkpoint:
     try:
         fmt, refs, files = hf_io.read_hf_dir(path)
     except FileNotFoundError:
-        bins = sorted(path.glob("*.bin"))
+        bins = members(path, "*.bin")
         if len(bins) == 1:
             refs = read_torch_bin(bins[0])
             if tp_io.looks_like_tp(r.name for r in refs):
                 return Checkpoint(path, "tencentpretrain", refs, bins, hf_io.aux_files(path))
-        ggufs = sorted(path.glob("*.gguf"))
+        ggufs = members(path, "*.gguf")
         if len(ggufs) == 1:
             return _open_file(ggufs[0])
         raise WeightopsError(f"{path}: no checkpoint found (looked for *.safetensors, pytorch_model.bin, "

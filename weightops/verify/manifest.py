@@ -15,6 +15,7 @@ from .. import progress
 from ..checkpoint import open_checkpoint
 from ..errors import MismatchError, WeightopsError
 from ..io.atomic import atomic_file
+from ..io.paths import check_link
 from ..stream import TensorRef
 
 MANIFEST = "weightops-manifest.json"
@@ -37,10 +38,17 @@ def sha256_file(path: Path, bar=None) -> str:
 
 
 def _files(path: Path) -> list[Path]:
+    """The files a manifest covers. A symlink that leads out of the directory is refused, not
+    followed (it would hash — and certify — a file that is not part of the checkpoint, e.g.
+    /etc/hostname) and not skipped (the manifest would then silently not cover a file that
+    ships with the directory, as any copy that follows links would)."""
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST
-                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    found = sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != MANIFEST
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    for p in found:
+        check_link(path, p, f"{path}: cannot hash {p.relative_to(path)}")
+    return [p for p in found if p.is_file()]
 
 
 def _root(path: Path) -> Path:

@@ -35,6 +35,7 @@ class Checkpoint:
     aux_files: list[Path] = field(default_factory=list)
     config: dict[str, Any] | None = None      # HF config.json, TP model config, or GGUF metadata
     architecture: str | None = None
+    config_file: Path | None = None           # where `config` was read (named in errors)
 
     def tensor(self, name: str) -> TensorRef:
         for r in self.tensors:
@@ -66,7 +67,7 @@ def open_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> Ch
     if tp_config is None and ckpt.format == "tencentpretrain":
         tp_config = member(ckpt.directory, tp_io.CONFIG)  # written beside it by `weightops convert`
     if tp_config is not None:
-        ckpt.config = read_config(Path(tp_config))
+        ckpt.config, ckpt.config_file = read_config(Path(tp_config)), Path(tp_config)
     if ckpt.architecture is None:
         scheme = {"tencentpretrain": "tp", "gguf": "gguf"}.get(ckpt.format, "hf")
         found = arch_tables.detect(set(ckpt.names()), scheme)
@@ -79,7 +80,7 @@ def _open_file(path: Path) -> Checkpoint:
         reader = gguf_io.open_reader(path)
         meta = gguf_io.read_metadata(path, reader)
         return Checkpoint(path, "gguf", gguf_io.read_gguf(path, reader), [path], config=meta,
-                          architecture=meta.get("general.architecture"))
+                          architecture=meta.get("general.architecture"), config_file=path)
     if path.suffix == ".safetensors":
         return Checkpoint(path, "hf-safetensors", read_safetensors(path), [path], hf_io.aux_files(path.parent),
                           *_hf_config(path.parent))
@@ -91,12 +92,12 @@ def _open_file(path: Path) -> Checkpoint:
     raise WeightopsError(f"{path}: unknown checkpoint format (expected .safetensors, .bin, or a GGUF file)")
 
 
-def _hf_config(directory: Path) -> tuple[dict | None, str | None]:
+def _hf_config(directory: Path) -> tuple[dict | None, str | None, Path | None]:
     cfg_path = member(directory, "config.json")
     if cfg_path is None:
-        return None, None
+        return None, None, None
     cfg = read_config(cfg_path)
-    return cfg, cfg.get("model_type")
+    return cfg, cfg.get("model_type"), cfg_path
 
 
 def _open_dir(path: Path) -> Checkpoint:

@@ -18,6 +18,7 @@ SIZE_KEYS = frozenset({
 # Real numbers (an integer is a number too).
 NUMBER_KEYS = frozenset({"rms_norm_eps", "layer_norm_epsilon", "layernorm_eps", "rope_theta", "initializer_range"})
 FLAG_KEYS = frozenset({"tie_word_embeddings", "tie_weights"})
+TEXT_KEYS = frozenset({"model_type"})
 
 
 def _kind(value: object) -> str:
@@ -40,6 +41,8 @@ def check_config(config: object, path: Path) -> dict:
             raise WeightopsError(f"{path}: {key} is {json.dumps(value)} ({_kind(value)}); it must be a number")
         if key in FLAG_KEYS and type(value) is not bool:
             raise WeightopsError(f"{path}: {key} is {json.dumps(value)} ({_kind(value)}); it must be true or false")
+        if key in TEXT_KEYS and type(value) is not str:
+            raise WeightopsError(f"{path}: {key} is {json.dumps(value)} ({_kind(value)}); it must be a string")
     return config
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from .. import progress
@@ -89,7 +90,7 @@ def tensor_hashes(path: Path) -> dict:
     for ref in progress.iterate(ckpt.tensors, len(ckpt.tensors), "hashing tensors"):
         tensors[ref.name] = {"sha256": sha256_tensor(ref), "shape": list(ref.shape),
                              "dtype": ref.stored_type,
-                             "file": str(Path(ref.source).resolve().relative_to(root.resolve()))}
+                             "file": os.path.relpath(ref.source, root)}  # the name in the directory, links unresolved
         ref.release()
     return tensors
 

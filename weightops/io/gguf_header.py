@@ -54,8 +54,10 @@ class LazyArray(Sequence):
         return self._item(i)
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)) or len(other) != len(self):
-            return NotImplemented if not isinstance(other, Sequence) else False
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        if isinstance(other, (str, bytes)) or len(other) != len(self):
+            return False
         return all(a == b for a, b in zip(self, other))
 
     __hash__ = None  # mutable-sequence semantics, like list

@@ -19,6 +19,7 @@ from .io import tencentpretrain as tp_io
 from .io.config import read_config
 from .io.index import parse_size
 from .io.outputs import Output, content
+from .io.paths import member, members
 from .io.safetensors import read_safetensors
 from .io.torchbin import read_torch_bin
 from .stream import TensorRef, require_unique
@@ -35,6 +36,7 @@ class Checkpoint:
     aux_files: list[Path] = field(default_factory=list)
     config: dict[str, Any] | None = None      # HF config.json, TP model config, or GGUF metadata
     architecture: str | None = None
+    config_file: Path | None = None           # where `config` was read (named in errors)
 
     def tensor(self, name: str) -> TensorRef:
         for r in self.tensors:
@@ -59,11 +61,14 @@ def open_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> Ch
         ckpt = _open_file(path)
     else:
         ckpt = _open_dir(path)
+    if not ckpt.tensors:
+        raise WeightopsError(f"{path}: holds no tensors ({', '.join(map(str, ckpt.weight_files))}); "
+                             "not a model checkpoint")
     require_unique(ckpt.tensors)
-    if tp_config is None and ckpt.format == "tencentpretrain" and (ckpt.directory / tp_io.CONFIG).is_file():
-        tp_config = ckpt.directory / tp_io.CONFIG  # written beside it by `weightops convert`
+    if tp_config is None and ckpt.format == "tencentpretrain":
+        tp_config = member(ckpt.directory, tp_io.CONFIG)  # written beside it by `weightops convert`
     if tp_config is not None:
-        ckpt.config = read_config(Path(tp_config))
+        ckpt.config, ckpt.config_file = read_config(Path(tp_config)), Path(tp_config)
     if ckpt.architecture is None:
         scheme = {"tencentpretrain": "tp", "gguf": "gguf"}.get(ckpt.format, "hf")
         found = arch_tables.detect(set(ckpt.names()), scheme)
@@ -76,7 +81,7 @@ def _open_file(path: Path) -> Checkpoint:
         reader = gguf_io.open_reader(path)
         meta = gguf_io.read_metadata(path, reader)
         return Checkpoint(path, "gguf", gguf_io.read_gguf(path, reader), [path], config=meta,
-                          architecture=meta.get("general.architecture"))
+                          architecture=meta.get("general.architecture"), config_file=path)
     if path.suffix == ".safetensors":
         return Checkpoint(path, "hf-safetensors", read_safetensors(path), [path], hf_io.aux_files(path.parent),
                           *_hf_config(path.parent))
@@ -88,12 +93,12 @@ def _open_file(path: Path) -> Checkpoint:
     raise WeightopsError(f"{path}: unknown checkpoint format (expected .safetensors, .bin, or a GGUF file)")
 
 
-def _hf_config(directory: Path) -> tuple[dict | None, str | None]:
-    cfg_path = directory / "config.json"
-    if not cfg_path.is_file():
-        return None, None
+def _hf_config(directory: Path) -> tuple[dict | None, str | None, Path | None]:
+    cfg_path = member(directory, "config.json")
+    if cfg_path is None:
+        return None, None, None
     cfg = read_config(cfg_path)
-    return cfg, cfg.get("model_type")
+    return cfg, cfg.get("model_type"), cfg_path
 
 
 def _open_dir(path: Path) -> Checkpoint:
@@ -103,12 +108,12 @@ def _open_dir(path: Path) -> Checkpoint:
     try:
         fmt, refs, files = hf_io.read_hf_dir(path)
     except FileNotFoundError:
-        bins = sorted(path.glob("*.bin"))
+        bins = members(path, "*.bin")
         if len(bins) == 1:
             refs = read_torch_bin(bins[0])
             if tp_io.looks_like_tp(r.name for r in refs):
                 return Checkpoint(path, "tencentpretrain", refs, bins, hf_io.aux_files(path))
-        ggufs = sorted(path.glob("*.gguf"))
+        ggufs = members(path, "*.gguf")
         if len(ggufs) == 1:
             return _open_file(ggufs[0])
         raise WeightopsError(f"{path}: no checkpoint found (looked for *.safetensors, pytorch_model.bin, "

@@ -125,9 +125,11 @@ def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
     mod = arch_tables.module(model_type)
     filled = mod.fill_gguf_config(config)
     if all(k in filled for k in mod.GGUF_CONFIG_KEYS):
-        return list(refs), {**filled, "model_type": model_type}  # complete: skip transformers' slow import
-    from transformers import AutoConfig
-    filled = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"}).to_dict()
+        filled = {**filled, "model_type": model_type}  # complete: skip transformers' slow import
+    else:
+        from transformers import AutoConfig
+        filled = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"}).to_dict()
+    arch_tables.check_config_shapes(model_type, filled, refs, str(ckpt.config_file or ckpt.path))
     return list(refs), filled
 
 

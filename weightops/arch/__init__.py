@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, NamedTuple
+from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 from ..errors import WeightopsError
+
+if TYPE_CHECKING:
+    from ..stream import TensorRef
 
 SCHEMES = ("hf", "tp", "gguf")
 
@@ -150,6 +153,42 @@ def tp_heads(tp: dict) -> int:
                              "FILE, the TencentPretrain model config json (heads_num, and local_kv_heads_num for "
                              "grouped-query attention), e.g. models/llama/7b_config.json")
     return int(tp["heads_num"])
+
+
+_LISTED = 12  # problems listed before "... and N more"
+
+
+def check_config_shapes(name: str, config: dict, refs: Iterable[TensorRef], config_file: str) -> None:
+    """Refuse a config that contradicts the tensors it describes (HF names and a config dict
+    with the architecture's defaults filled in): head counts x head size vs q/k/v rows,
+    hidden and intermediate sizes vs every matrix, the layer count vs the layers present.
+    Every command that takes sizes from the config (gguf, convert, bnb) calls this before
+    writing: llama.cpp or transformers would otherwise fail to load — or silently misread —
+    the output."""
+    table, mod = get(name), module(name)
+    refs = list(refs)
+    try:
+        layers, shapes, problems = mod.hf_shapes(config)
+    except KeyError as e:
+        raise WeightopsError(f"{config_file}: has no {e.args[0]}, which the tensor shapes are checked against") \
+            from None
+    present = table.layer_count((r.name for r in refs), "hf")
+    if present != layers:
+        problems.append(f"{config_file} gives {layers} layers, but the tensors have {present} "
+                        f"(layer indices 0..{present - 1})")
+    for ref in refs:
+        hit = table.lookup(ref.name, "hf")
+        if hit is None or hit[0].hf not in shapes:
+            continue  # unknown tensors are each command's own business (some pass them through)
+        want, why = shapes[hit[0].hf]
+        if len(want) != len(ref.shape) or any(w is not None and w != s for w, s in zip(want, ref.shape)):
+            shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ")"
+            problems.append(f"tensor {ref.name!r} ({ref.source}) has shape {ref.shape}; {config_file} gives "
+                            f"{shown} from {why}")
+    if problems:
+        more = len(problems) - _LISTED
+        raise WeightopsError(f"{config_file} contradicts the tensors:\n  " + "\n  ".join(problems[:_LISTED])
+                             + (f"\n  ... and {more} more" if more > 0 else ""))
 
 
 def detect(names: set[str], scheme: str) -> Architecture | None:

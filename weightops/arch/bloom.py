@@ -69,6 +69,31 @@ def _n_embed_heads(config: dict) -> tuple[int, int]:
     return config.get("hidden_size", config.get("n_embed")), config.get("n_head", config.get("num_attention_heads"))
 
 
+def hf_shapes(config: dict) -> tuple[int, dict[str, tuple[tuple[int | None, ...], str]], list[str]]:
+    """(layers, HF shape of each row and why, problems of the config itself); see llama.py."""
+    hidden, heads = _n_embed_heads(config)
+    if hidden is None or heads is None:
+        raise KeyError("hidden_size" if hidden is None else "n_head")
+    layers = config.get("n_layer", config.get("num_hidden_layers"))
+    if layers is None:
+        raise KeyError("n_layer")
+    problems = [] if hidden % heads == 0 else [f"hidden_size {hidden} is not a multiple of n_head {heads}"]
+    h, h3, h4 = f"hidden_size {hidden}", f"3 x hidden_size {hidden}", f"4 x hidden_size {hidden}"
+    vector = {name: ((hidden,), h) for name in (
+        "transformer.word_embeddings_layernorm.weight", "transformer.word_embeddings_layernorm.bias",
+        H + "input_layernorm.weight", H + "input_layernorm.bias", H + "self_attention.dense.bias",
+        H + "post_attention_layernorm.weight", H + "post_attention_layernorm.bias", H + "mlp.dense_4h_to_h.bias",
+        "transformer.ln_f.weight", "transformer.ln_f.bias")}
+    shapes = {**vector, EMBEDDING: ((None, hidden), h),
+              H + "self_attention.query_key_value.weight": ((3 * hidden, hidden), f"{h3}, {h}"),
+              H + "self_attention.query_key_value.bias": ((3 * hidden,), h3),
+              H + "self_attention.dense.weight": ((hidden, hidden), h),
+              H + "mlp.dense_h_to_4h.weight": ((4 * hidden, hidden), f"{h4}, {h}"),
+              H + "mlp.dense_h_to_4h.bias": ((4 * hidden,), h4),
+              H + "mlp.dense_4h_to_h.weight": ((hidden, 4 * hidden), f"{h}, {h4}")}
+    return layers, shapes, problems
+
+
 def add_gguf_parameters(writer, config: dict, file_type: int) -> None:
     """Hyper-parameter keys in convert_hf_to_gguf.py's order (its context length falls back to
     n_embed when the config has no seq_length, and the feed-forward length is always 4 x n_embed)."""

@@ -61,6 +61,36 @@ def _heads(config: dict) -> tuple[int, int]:
     return heads, config.get("num_key_value_heads") or heads
 
 
+def hf_shapes(config: dict) -> tuple[int, dict[str, tuple[tuple[int | None, ...], str]], list[str]]:
+    """(layers, the HF shape each row must have and the config keys deciding it, problems of
+    the config itself) for `arch.check_config_shapes`; None stands for the vocabulary size."""
+    heads, kv_heads = _heads(config)
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    hd = config.get("head_dim") or hidden // heads
+    problems = []
+    if heads % kv_heads:
+        problems.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if hd % 2:
+        problems.append(f"head_dim {hd} is odd; rotary embeddings rotate pairs of values")
+    h = f"hidden_size {hidden}"
+    q = f"num_attention_heads {heads} x head_dim {hd}"
+    kv = f"num_key_value_heads {kv_heads} x head_dim {hd}"
+    i = f"intermediate_size {inter}"
+    shapes = {
+        EMBEDDING: ((None, hidden), h), LM_HEAD: ((None, hidden), h),
+        L + "input_layernorm.weight": ((hidden,), h), L + "post_attention_layernorm.weight": ((hidden,), h),
+        "model.norm.weight": ((hidden,), h),
+        L + "self_attn.q_proj.weight": ((heads * hd, hidden), f"{q}, {h}"),
+        L + "self_attn.k_proj.weight": ((kv_heads * hd, hidden), f"{kv}, {h}"),
+        L + "self_attn.v_proj.weight": ((kv_heads * hd, hidden), f"{kv}, {h}"),
+        L + "self_attn.o_proj.weight": ((hidden, heads * hd), f"{h}, {q}"),
+        L + "mlp.gate_proj.weight": ((inter, hidden), f"{i}, {h}"),
+        L + "mlp.up_proj.weight": ((inter, hidden), f"{i}, {h}"),
+        L + "mlp.down_proj.weight": ((hidden, inter), f"{h}, {i}"),
+    }
+    return config["num_hidden_layers"], shapes, problems
+
+
 def add_gguf_parameters(writer, config: dict, file_type: int) -> None:
     """Hyper-parameter keys in convert_hf_to_gguf.py's order; `config` is a transformers
     config dict with defaults filled in (what AutoConfig(...).to_dict() gives)."""

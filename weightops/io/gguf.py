@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp): a lazy reader and a streaming writer.
 
-Reader: tensors are memory-mapped by `gguf.GGUFReader`; `load()` dequantizes to float32
-with `gguf.quants`, `raw()` gives the stored blocks.
+Reader: the header is parsed within the file's size by `gguf_header` (not gguf-py's
+GGUFReader, whose cost grows with every array item); tensors stay memory-mapped, `load()`
+dequantizes to float32 with `gguf.quants`, `raw()` gives the stored blocks.
 Writer: every tensor's byte size follows from its shape and type, so header, metadata and
 tensor infos are written first and the data follows one tensor at a time.
 """
@@ -13,12 +14,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from ..errors import WeightopsError, names_file, writing
 from ..stream import TensorRef
+from .gguf_header import Header, read_header
 from .outputs import Output
 
 if TYPE_CHECKING:  # gguf (with numpy) and torch are slow to import: loaded only for GGUF work
     import numpy as np
     import torch
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+    from gguf import GGMLQuantizationType, GGUFWriter
 
 MAGIC = b"GGUF"
 
@@ -31,61 +33,39 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
-def open_reader(path: Path) -> GGUFReader:
-    from gguf import GGUFReader
-
-    try:
-        return GGUFReader(path, "r")
-    except Exception as e:  # the library raises ValueError/IndexError/struct errors on damage
-        raise WeightopsError(f"{path}: unreadable GGUF file ({type(e).__name__}: {e})") from None
+def open_reader(path: Path) -> Header:
+    """The checked header of a GGUF file (`gguf_header`: bounded by the file's size)."""
+    return read_header(path)
 
 
-def field_value(field) -> Any:
-    """A GGUF key's value as plain Python (strings decoded, arrays as lists)."""
-    from gguf import GGUFValueType
-
-    types = field.types
-    if not types:
-        return None
-    if types[0] == GGUFValueType.ARRAY:
-        if types[-1] == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    if types[0] == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    return field.parts[field.data[0]].tolist()[0]
+def read_metadata(path: Path, reader: Header | None = None) -> dict[str, Any]:
+    """Key -> value (strings decoded; arrays as lazy sequences that compare equal to lists)."""
+    return dict((reader or open_reader(path)).metadata)
 
 
 @names_file("GGUF file")
-def read_metadata(path: Path, reader: GGUFReader | None = None) -> dict[str, Any]:
-    reader = reader or open_reader(path)
-    return {name: field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
-
-
-@names_file("GGUF file")
-def read_gguf(path: Path, reader: GGUFReader | None = None) -> list[TensorRef]:
+def read_gguf(path: Path, reader: Header | None = None) -> list[TensorRef]:
     """Lazy references in file order; shapes in torch order (GGUF stores them reversed)."""
     path = Path(path)
-    reader = reader or open_reader(path)
+    header = reader or open_reader(path)
     refs = []
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-
-        def load(t=t, shape=shape) -> torch.Tensor:
-            import numpy as np
-            import torch
-            from gguf.quants import dequantize
-
-            values = dequantize(np.asarray(t.data), t.tensor_type)
-            return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
-
+    for t in header.tensors:
         def raw(t=t) -> np.ndarray:
             import numpy as np
 
-            return np.asarray(t.data).reshape(-1).view(np.uint8)
+            return np.frombuffer(header.map, dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
-        refs.append(TensorRef(name=t.name, shape=shape, dtype_name="F32", source=str(path), loader=load,
-                              ggml_type=t.tensor_type.name, raw_loader=raw))
+        def load(t=t, raw=raw) -> torch.Tensor:
+            import numpy as np
+            import torch
+            from gguf.quants import dequantize, quant_shape_to_byte_shape
+
+            blocks = raw().reshape(quant_shape_to_byte_shape(t.shape or (1,), t.ggml_type))
+            values = dequantize(blocks, t.ggml_type)
+            return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(t.shape)
+
+        refs.append(TensorRef(name=t.name, shape=t.shape, dtype_name="F32", source=str(path), loader=load,
+                              ggml_type=t.ggml_type.name, raw_loader=raw))
     return refs
 
 

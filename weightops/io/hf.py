@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 
 from ..stream import TensorRef
 from .index import plan_shards, read_sharded, write_index
+from .paths import member, members
 from .safetensors import read_safetensors, write_safetensors
 from .torchbin import read_torch_bin
 
@@ -21,22 +22,24 @@ AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeniz
 
 
 def aux_files(directory: Path) -> list[Path]:
-    return [directory / n for n in AUX_FILES if (directory / n).is_file()]
+    """The config and tokenizer files of `directory` (they are copied into outputs, so a link
+    out of the directory is refused: it would publish a file the user never gave)."""
+    return [p for n in AUX_FILES if (p := member(directory, n))]
 
 
 def read_hf_dir(directory: Path) -> tuple[str, list[TensorRef], list[Path]]:
     """(format, tensor refs, weight files) of an HF directory, sharded or not."""
-    if (directory / SAFETENSORS_INDEX).is_file():
-        refs, files = read_sharded(directory / SAFETENSORS_INDEX, read_safetensors, "*.safetensors")
-        return "hf-safetensors", refs, [directory / SAFETENSORS_INDEX, *files]
-    singles = sorted(directory.glob("*.safetensors"))
+    if index := member(directory, SAFETENSORS_INDEX):
+        refs, files = read_sharded(index, read_safetensors, "*.safetensors")
+        return "hf-safetensors", refs, [index, *files]
+    singles = members(directory, "*.safetensors")
     if len(singles) == 1:
         return "hf-safetensors", read_safetensors(singles[0]), singles
-    if (directory / BIN_INDEX).is_file():
-        refs, files = read_sharded(directory / BIN_INDEX, read_torch_bin, "pytorch_model*.bin")
-        return "hf-bin", refs, [directory / BIN_INDEX, *files]
-    if (directory / "pytorch_model.bin").is_file():
-        return "hf-bin", read_torch_bin(directory / "pytorch_model.bin"), [directory / "pytorch_model.bin"]
+    if index := member(directory, BIN_INDEX):
+        refs, files = read_sharded(index, read_torch_bin, "pytorch_model*.bin")
+        return "hf-bin", refs, [index, *files]
+    if single := member(directory, "pytorch_model.bin"):
+        return "hf-bin", read_torch_bin(single), [single]
     raise FileNotFoundError(directory)
 
 

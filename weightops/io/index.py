@@ -9,6 +9,7 @@ from typing import Callable
 
 from ..errors import WeightopsError, describe, names_file, shown
 from ..stream import TensorRef
+from .paths import inside
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -57,23 +58,24 @@ def write_index(path: Path, weight_map: dict[str, str], metadata: dict) -> None:
 def read_sharded(index_path: Path, read_file: Callable[[Path], list[TensorRef]],
                  part_glob: str) -> tuple[list[TensorRef], list[Path]]:
     """Read every part an index names and check the parts against the index (a part file
-    matching `part_glob` that the index never names is an error too: its tensors would be lost)."""
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map: dict[str, str] = index["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise WeightopsError(f"{index_path}: not a valid index file ({describe(e)})") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise WeightopsError(f"{index_path}: weight_map must map tensor names to shard file names")
-    files = sorted(set(weight_map.values()))
-    missing_files = [f for f in files if not (index_path.parent / f).is_file()]
+    matching `part_glob` that the index never names is an error too: its tensors would be lost).
+    Part names must stay inside the index's directory (`paths.inside`)."""
+    weight_map = read_weight_map(index_path)
+    root = index_path.parent
+    first: dict[str, str] = {}  # part file -> a tensor the index puts there (named in errors)
+    for tensor, fname in weight_map.items():
+        first.setdefault(fname, tensor)
+    files = sorted(first)
+    for fname in files:
+        inside(root, fname, f"{index_path}: weight_map entry {first[fname]!r}")
+    missing_files = [f for f in files if not (root / f).is_file()]
     if missing_files:
         raise WeightopsError(f"{index_path}: names shard files that do not exist: {', '.join(shown(f) for f in missing_files)}")
     refs: list[TensorRef] = []
-    problems = [f"{shown(p.name)} is not named by the index" for p in sorted(index_path.parent.glob(part_glob))
+    problems = [f"{shown(p.name)} is not named by the index" for p in sorted(root.glob(part_glob))
                 if p.name not in files]
     for fname in files:
-        part = read_file(index_path.parent / fname)
+        part = read_file(root / fname)
         names = {r.name for r in part}
         wanted = {k for k, v in weight_map.items() if v == fname}
         for name in sorted(wanted - names):
@@ -85,4 +87,22 @@ def read_sharded(index_path: Path, read_file: Callable[[Path], list[TensorRef]],
         refs.extend(r for r in part if weight_map.get(r.name) == fname)
     if problems:
         raise WeightopsError(f"{index_path}: index and shards disagree:\n  " + "\n  ".join(problems))
-    return refs, [index_path.parent / f for f in files]
+    return refs, [root / f for f in files]
+
+
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """An index's `weight_map` (tensor name -> part file name), refused unless it is a
+    non-empty object of strings: an empty one would make a model of zero tensors."""
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightopsError(f"{index_path}: not a valid index file ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict):
+        raise WeightopsError(f"{index_path}: weight_map is a {type(weight_map).__name__}, not an object")
+    if not weight_map:
+        raise WeightopsError(f"{index_path}: weight_map is empty; an index must name the tensors of the model")
+    bad = [k for k, v in weight_map.items() if not isinstance(v, str)]
+    if bad:
+        raise WeightopsError(f"{index_path}: weight_map entry {bad[0]!r} is {weight_map[bad[0]]!r}, not a file name")
+    return weight_map

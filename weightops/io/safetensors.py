@@ -16,6 +16,7 @@ scales, which differ in dtype) are asked for together, not a dtype section apart
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -36,10 +37,44 @@ _DTYPE_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E
                 "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
 
 
+_MAX_HEADER = 100_000_000  # the library's MAX_HEADER_SIZE
+_USIZE = 2**64 - 1
+# Dtypes the safetensors library knows but weightops does not compute with (sub-byte and
+# exotic floats, complex): named in the refusal rather than called unknown.
+_KNOWN_ELSEWHERE = {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "C64"}
+
+
+def _no_duplicates(path: Path):
+    """json object_pairs_hook: of two equal keys the last would silently win."""
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        out: dict = {}
+        for k, v in pairs:
+            if k in out:
+                raise WeightopsError(f"{path}: safetensors header has the key {k!r} twice")
+            out[k] = v
+        return out
+    return hook
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _is_usize(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _USIZE
+
+
 def read_header(path: Path) -> tuple[dict, int]:
     """Parse and validate a safetensors header; returns (header, data start offset).
 
-    A file shorter than its header promises is reported with the tensors it cuts off.
+    The rules are the safetensors library's own (safetensors/src/tensor.rs, `read_metadata`
+    and `Metadata::validate`), so weightops accepts exactly the files it accepts: a header
+    length within 100 MB and the file; a UTF-8 JSON object whose values are tensor infos
+    (`dtype` a known name, `shape` a list of sizes, `data_offsets` [begin, end]) plus an
+    optional `__metadata__` of strings; windows that, sorted, run contiguously from 0 with
+    end >= begin, each exactly numel x itemsize bytes; and the data ending where the file
+    ends. Stricter only where the library would silently drop data: a key given twice. A
+    file shorter than its header promises is reported with the tensors it cuts off.
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -47,22 +82,74 @@ def read_header(path: Path) -> tuple[dict, int]:
         if len(raw_len) < 8:
             raise WeightopsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw_len)
-        if n > size - 8 or n > 100_000_000:
-            raise WeightopsError(f"{path}: header length {n} exceeds the file size {size}; file truncated or not safetensors")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise WeightopsError(f"{path}: unreadable safetensors header: {e}") from None
+        if n > _MAX_HEADER:
+            raise WeightopsError(f"{path}: safetensors header length {n} is over the library's limit of {_MAX_HEADER}")
+        if n > size - 8:
+            raise WeightopsError(f"{path}: header length {n} exceeds the file size {size}; file truncated or "
+                                 "not safetensors")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(path),
+                            parse_constant=_refuse_constant)
+    except ValueError as e:
+        raise WeightopsError(f"{path}: unreadable safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise WeightopsError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise WeightopsError(f"{path}: __metadata__ must be an object of strings, not {json.dumps(meta)[:200]}")
     start = 8 + n
-    cut = [name for name, info in header.items()
-           if name != "__metadata__" and start + info["data_offsets"][1] > size]
-    if cut:
-        raise WeightopsError(f"{path}: file is truncated ({size} bytes); its header needs more for tensors: "
-                             + ", ".join(shown(n) for n in sorted(cut)))
-    for name, info in header.items():
-        if name != "__metadata__" and info["dtype"] not in dtypes.SAFETENSORS_NAMES:
-            raise WeightopsError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    infos = sorted(((name, _tensor_info(path, name, info)) for name, info in header.items() if name != "__metadata__"),
+                   key=lambda kv: tuple(kv[1]["data_offsets"]))
+    _check_layout(path, infos, size - start)
     return header, start
+
+
+def _tensor_info(path: Path, name: str, info: object) -> dict:
+    """One tensor's entry, checked as the library's TensorInfo deserializes it."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise WeightopsError(f"{where}: header entry is {json.dumps(info)[:100]}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise WeightopsError(f"{where}: header entry has no {key!r}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype in _KNOWN_ELSEWHERE:
+        raise WeightopsError(f"{where}: dtype {dtype} is not supported by weightops")
+    if dtype not in dtypes.SAFETENSORS_NAMES:
+        raise WeightopsError(f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_usize(d) for d in shape):
+        raise WeightopsError(f"{where}: shape {json.dumps(shape)[:100]} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_usize(o) for o in offsets)):
+        raise WeightopsError(f"{where}: data_offsets {json.dumps(offsets)[:100]} is not [begin, end] "
+                             "(two non-negative integers)")
+    return info
+
+
+def _check_layout(path: Path, infos: list[tuple[str, dict]], data_size: int) -> None:
+    """Windows contiguous from 0, each the tensor's exact byte size, ending at the file's end."""
+    position = 0
+    cut = []
+    for name, info in infos:
+        begin, end = info["data_offsets"]
+        if begin != position or end < begin:
+            problem = (f"starts at {begin}, but the previous window ends at {position}" if begin != position
+                       else f"ends at {end}, before it begins")
+            raise WeightopsError(f"{path}: tensor {name!r}: invalid data_offsets [{begin}, {end}]: {problem} "
+                                 "(windows must be contiguous from 0, without gaps or overlaps)")
+        nbytes = math.prod(info["shape"]) * dtypes.itemsize(info["dtype"])
+        if nbytes > _USIZE or end - begin != nbytes:
+            raise WeightopsError(f"{path}: tensor {name!r}: window of {end - begin} bytes, but shape {info['shape']} "
+                                 f"x {info['dtype']} needs {nbytes}")
+        if end > data_size:
+            cut.append(name)
+        position = end
+    if cut:
+        raise WeightopsError(f"{path}: file is truncated ({data_size} data bytes); its header needs more for tensors: "
+                             + ", ".join(sorted(cut)))
+    if position != data_size:
+        raise WeightopsError(f"{path}: {data_size - position} bytes after the last tensor's data; the header does "
+                             "not cover the whole file (damaged, or not safetensors)")
 
 
 class _Mapping:
@@ -104,7 +191,7 @@ def read_safetensors(path: Path) -> list[TensorRef]:
     path = Path(path)
     header, start = read_header(path)
     mapping = _Mapping(path, start)
-    items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+    items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
     return [TensorRef(name=name, shape=tuple(info["shape"]), dtype_name=info["dtype"], source=str(path),
                       loader=lambda i=info: mapping.tensor(i), releaser=lambda i=info: mapping.release(i),
                       span=(str(path), start + info["data_offsets"][0]))

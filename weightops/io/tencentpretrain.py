@@ -7,6 +7,7 @@ from typing import Callable, Iterable
 
 from ..stream import TensorRef
 from .index import plan_shards, read_sharded, write_index
+from .paths import member, members
 from .torchbin import read_torch_bin, write_torch_bin
 
 INDEX = "tencentpretrain_model.bin.index.json"
@@ -26,10 +27,10 @@ def read_tp(path: Path) -> tuple[list[TensorRef], list[Path]]:
     path = Path(path)
     if path.is_file():
         return read_torch_bin(path), [path]
-    if (path / INDEX).is_file():
-        refs, files = read_sharded(path / INDEX, read_torch_bin, "tencentpretrain_model*.bin")
-        return refs, [path / INDEX, *files]
-    bins = sorted(path.glob("*.bin"))
+    if index := member(path, INDEX):
+        refs, files = read_sharded(index, read_torch_bin, "tencentpretrain_model*.bin")
+        return refs, [index, *files]
+    bins = members(path, "*.bin")
     if len(bins) == 1:
         return read_torch_bin(bins[0]), bins
     raise FileNotFoundError(path)

@@ -47,7 +47,9 @@ def hf_view(ckpt: Checkpoint, tp_config: dict | None = None,
         raise WeightopsError(f"{ckpt.path}: {e}") from None
     emb = ckpt.tensor(arch_tables.get(name).rows[0].tp[0])
     config = complete_hf_config({**fields, "dtype": str(emb.dtype).removeprefix("torch.")})
-    return tp_to_hf(ckpt.tensors, name, config), config
+    refs = tp_to_hf(ckpt.tensors, name, config)
+    arch_tables.check_config_shapes(name, config, refs, str(ckpt.config_file or f"the config of {ckpt.path}"))
+    return refs, config
 
 
 def tp_view(ckpt: Checkpoint, arch: str | None = None) -> tuple[list[TensorRef], dict]:
@@ -58,6 +60,7 @@ def tp_view(ckpt: Checkpoint, arch: str | None = None) -> tuple[list[TensorRef],
         raise WeightopsError(f"{ckpt.path}: no config.json; its head counts and sizes are needed")
     name = _arch_name(ckpt, arch)
     config = complete_hf_config(ckpt.config)
+    arch_tables.check_config_shapes(name, config, ckpt.tensors, str(ckpt.config_file))
     try:
         tp_config = arch_tables.module(name).tp_config_from_hf(config)
     except WeightopsError as e:
@@ -161,19 +164,13 @@ def _checked_tie(emb: TensorRef, head: TensorRef) -> TensorRef:
     return emb.derive(check)
 
 
-def _rows(ref: TensorRef, rows: int, what: str) -> None:
-    if not ref.shape or ref.shape[0] != rows:
-        raise WeightopsError(f"{ref.source}: tensor {ref.name!r} has shape {ref.shape}; {what} needs {rows} rows")
-
-
 def _split(row: Row, ref: TensorRef, names: list[str], hp: Hparams) -> list[TensorRef]:
-    """One HF tensor -> its TencentPretrain tensor(s)."""
+    """One HF tensor -> its TencentPretrain tensor(s) (shapes checked against the config
+    beforehand, by `arch.check_config_shapes`)."""
     if row.kind in ("rotary_q", "rotary_k"):
         heads = hp.heads if row.kind == "rotary_q" else hp.kv_heads
-        _rows(ref, heads * hp.head_dim, f"{heads} heads x head size {hp.head_dim}")
         return [ref.derive(lambda t: permute_rotary_to_interleaved(t, heads), name=names[0])]
     if row.kind == "fused_qkv":
-        _rows(ref, 3 * hp.heads * hp.head_dim, f"q, k, v x {hp.heads} heads x head size {hp.head_dim}")
         shape = (ref.shape[0] // 3, *ref.shape[1:])
         return [ref.derive(lambda t, i=i: split_qkv(t, hp.heads)[i], name=n, shape=shape)
                 for i, n in enumerate(names)]
@@ -185,11 +182,9 @@ def _join(row: Row, name: str, parts: list[TensorRef], hp: Hparams) -> TensorRef
     first = parts[0]
     if row.kind in ("rotary_q", "rotary_k"):
         heads = hp.heads if row.kind == "rotary_q" else hp.kv_heads
-        _rows(first, heads * hp.head_dim, f"{heads} heads x head size {hp.head_dim}")
         return first.derive(lambda t: permute_interleaved_to_rotary(t, heads), name=name)
     if row.kind == "fused_qkv":
         for p in parts:
-            _rows(p, hp.heads * hp.head_dim, f"{hp.heads} heads x head size {hp.head_dim}")
             if (p.shape, p.dtype) != (first.shape, first.dtype):
                 raise WeightopsError(f"{p.source}: {p.name!r} is {p.dtype} {p.shape}, {first.name!r} "
                                      f"{first.dtype} {first.shape}; q, k and v must match to be fused")

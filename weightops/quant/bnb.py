@@ -24,12 +24,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from .. import dtypes, progress
-from ..arch import Architecture
+from ..arch import Architecture, check_config_shapes
 from ..arch import get as get_arch
 from ..checkpoint import open_checkpoint, save_hf
 from ..errors import WeightopsError, shown
 from ..gguf_export import resolve_device  # auto|cpu|cuda, shared with gguf and verify
 from ..io.outputs import Output
+from ..ops.remap import complete_hf_config
 from ..stream import Stream, TensorRef, cast, matches_any
 
 BITS = (8, 4)
@@ -227,6 +228,8 @@ def bnb_checkpoint(model: str | Path, output: str | Path, *, bits: int, quant_ty
                              "(supported: llama, bloom)")
     table = get_arch(ckpt.architecture)
     tensors = [r.renamed(table.normalize_hf(r.name)) for r in ckpt.tensors]  # as the loaded model names them
+    check_config_shapes(ckpt.architecture, complete_hf_config({"model_type": ckpt.architecture, **ckpt.config}),
+                        tensors, str(ckpt.config_file))
     linear = linear_weights(table)
     skipped = [r.name for r in tensors if linear(r) and matches_any(r.name, skip)]
     unused = [g for g in skip if not any(matches_any(n, (g,)) for n in skipped)]

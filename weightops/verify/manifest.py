@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from .. import progress
 from ..checkpoint import open_checkpoint
 from ..errors import MismatchError, WeightopsError, names_file, shown
 from ..io.outputs import Output
+from ..io.paths import check_link
 from ..stream import TensorRef
 
 MANIFEST = "weightops-manifest.json"
@@ -37,10 +39,17 @@ def sha256_file(path: Path, bar=None) -> str:
 
 
 def _files(path: Path) -> list[Path]:
+    """The files a manifest covers. A symlink that leads out of the directory is refused, not
+    followed (it would hash — and certify — a file that is not part of the checkpoint, e.g.
+    /etc/hostname) and not skipped (the manifest would then silently not cover a file that
+    ships with the directory, as any copy that follows links would)."""
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST
-                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    found = sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != MANIFEST
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    for p in found:
+        check_link(path, p, f"{path}: cannot hash {p.relative_to(path)}")
+    return [p for p in found if p.is_file()]
 
 
 def _root(path: Path) -> Path:
@@ -84,7 +93,7 @@ def tensor_hashes(path: Path) -> dict:
     for ref in progress.iterate(ckpt.tensors, len(ckpt.tensors), "hashing tensors"):
         tensors[ref.name] = {"sha256": sha256_tensor(ref), "shape": list(ref.shape),
                              "dtype": ref.stored_type,
-                             "file": str(Path(ref.source).resolve().relative_to(root.resolve()))}
+                             "file": os.path.relpath(ref.source, root)}  # the name in the directory, links unresolved
         ref.release()
     return tensors
 

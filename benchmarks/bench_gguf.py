@@ -34,14 +34,14 @@ from pathlib import Path
 
 from common import Measured, measure, python, synthetic_llama
 
-from weightops.checkpoint import open_checkpoint
+from weightops.io.checkpoint import open_checkpoint
 
 LIBRARY_Q8_0 = """
 import sys
 import numpy as np, torch, gguf
 from gguf import GGMLQuantizationType as Q
 from weightops.arch import get, permute_rotary_to_interleaved
-from weightops.checkpoint import open_checkpoint
+from weightops.io.checkpoint import open_checkpoint
 from weightops.io.gguf import GGUFTensor, plan_writer, write_gguf
 from weightops.quant.policy import is_always_f32
 ckpt = open_checkpoint(sys.argv[1]); cfg = ckpt.config; table = get("llama")

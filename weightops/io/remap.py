@@ -18,7 +18,7 @@ import torch
 from .. import arch as arch_tables
 from ..arch import Architecture, Hparams, Row, permute_interleaved_to_rotary, permute_rotary_to_interleaved
 from ..arch.bloom import fuse_qkv, split_qkv
-from ..checkpoint import Checkpoint
+from .checkpoint import Checkpoint
 from ..errors import WeightopsError
 from ..stream import TensorRef, matches_any
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import arch as arch_tables
+from .. import arch as arch_tables
 from .checkpoint import Checkpoint
 
 

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 
-from .. import progress, tokenizer_edit
-from ..checkpoint import open_checkpoint, save_hf
+from .. import progress
+from ..io.checkpoint import open_checkpoint, save_hf
 from ..errors import WeightopsError
 from ..io import tencentpretrain as tp_io
+from ..io import tokenizer_edit
 from ..io.index import parse_size
 from ..io.outputs import Output, content
 from ..stream import cast
-from .remap import HF_FORMATS, hf_view, tp_view
+from ..io.remap import HF_FORMATS, hf_view, tp_view
 
 TARGETS = ("hf", "tencentpretrain")
 
@@ -39,7 +40,7 @@ class ConvertReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def convert(input: str | Path, output: str | Path, *, to: str, arch: str | None = None,
+def convert_checkpoint(input: str | Path, output: str | Path, *, to: str, arch: str | None = None,
             tp_config: str | Path | None = None, tokenizer: str | Path | None = None,
             dtype: torch.dtype | None = None, max_shard_size: str | None = None, force: bool = False) -> ConvertReport:
     """Convert `input` to format `to` ("hf" or "tencentpretrain") at `output`."""

@@ -20,6 +20,13 @@ RANKS = {
     "cli": 5, "__main__": 5,
 }
 
+# Upward imports not yet removed, each with what removes it. An entry that no longer holds fails
+# `test_known_upward_imports_still_exist`, so the list only shrinks.
+KNOWN_UPWARD = {
+    ("weightops.jobs", "weightops.cli"): "step options are validated against the click commands; "
+                                         "declare each command's options once below the CLI (issue 15)",
+}
+
 
 def _modules() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py")
@@ -60,9 +67,16 @@ def test_every_module_has_a_layer():
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_nothing_imports_upward(path):
     layer = _layer(_name(path))
-    upward = sorted(m for m in _imports(path)
-                    if _layer(m) in RANKS and RANKS[_layer(m)] > RANKS[layer])
+    upward = sorted(m for m in _imports(path) if _layer(m) in RANKS and RANKS[_layer(m)] > RANKS[layer]
+                    and (_name(path), m) not in KNOWN_UPWARD)
     assert not upward, f"{_name(path)} ({layer}, layer {RANKS[layer]}) imports a higher layer: {upward}"
+
+
+def test_known_upward_imports_still_exist():
+    for module, target in KNOWN_UPWARD:
+        path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+        path = path if path.is_file() else path.with_suffix("") / "__init__.py"
+        assert target in _imports(path), f"{module} no longer imports {target}: remove it from KNOWN_UPWARD"
 
 
 @pytest.mark.parametrize("path", sorted((PACKAGE / "ops").rglob("*.py")), ids=lambda p: p.name)

@@ -58,7 +58,8 @@ def render(summary: dict) -> str:
         "dtypes        " + ", ".join(f"{k} x{n}" for k, n in summary["dtypes"].items()),
         f"vocabulary    config {v['config']}, tokenizer {v['tokenizer']}, embedding rows {v['embedding_rows']}"
         + (f" ({v['padding_rows']} padding rows)" if v.get("padding_rows") else "")
-        + ("" if v["agree"] else "   <-- DISAGREE"),
+        + ("" if v["agree"] else "   <-- DISAGREE")
+        + "".join(f"\n              {c}" for c in v.get("conflicts", [])),
         "files         " + ("\n              ".join(summary["files"]) or "-"),
     ]
     return "\n".join(lines)

@@ -36,24 +36,30 @@ class TokenizerFiles:
     size: int | None
     conflicts: tuple[str, ...]
 
-    def problems(self, *, rows: int | None = None, config: Any = None, embedding: str = "the embedding") -> list[str]:
-        """The conflicts, plus more token ids than `rows` embedding rows or than the config's
-        `vocab_size` (fewer is padding, as BLOOM's 250880 rows)."""
+    def problems(self, *, rows: int | None = None, config: Any = None, embedding: str | None = None) -> list[str]:
+        """The conflicts, then more token ids than `rows` embedding rows (`embedding` says which
+        tensor of which file) or than the config's `vocab_size`. Fewer is padding (BLOOM's
+        250880 rows), not drift."""
         out = list(self.conflicts)
+        where = f" ({embedding})" if embedding else ""
         if self.size is not None and rows is not None and self.size > rows:
             out.append(f"{self.directory}: the tokenizer files define {self.size} token ids ({self.listing()}) "
-                       f"but {embedding} has {rows} rows")
-        if self.size is not None and isinstance(config, int) and self.size > config:
+                       f"but the embedding has only {rows} rows{where}")
+        elif self.size is not None and isinstance(config, int) and self.size > config:
             out.append(f"{self.directory}: the tokenizer files define {self.size} token ids ({self.listing()}) "
                        f"but config.json vocab_size is {config}")
         return out
 
-    def check(self, *, rows: int | None = None, config: Any = None, embedding: str = "the embedding") -> None:
-        """Raise on any of `problems`: a command must not pick one of two vocabularies."""
+    def check(self, *, rows: int | None = None, config: Any = None, embedding: str | None = None) -> None:
+        """Raise on any of `problems`: a command must not pick one of two vocabularies, nor
+        read token ids the model has no rows for."""
         problems = self.problems(rows=rows, config=config, embedding=embedding)
-        if problems:
+        if self.conflicts:
             raise WeightopsError("; ".join(problems) + ". Keep only the files of the tokenizer the model was "
                                  "trained with (e.g. regenerate tokenizer.json from tokenizer.model)")
+        if problems:
+            raise WeightopsError("; ".join(problems) + ": resize the embedding (weightops expand-vocab) or use "
+                                 "the tokenizer the model was trained with")
 
     def listing(self) -> str:
         return ", ".join(f"{name} {n}" for name, n in self.sizes.items())

@@ -24,6 +24,7 @@ from ..io import tencentpretrain as tp_io
 from ..io.atomic import atomic_dir, check_output
 from ..io.index import parse_size
 from ..stream import cast
+from ..tokenizer_files import read_tokenizer_files
 from .remap import HF_FORMATS, hf_view, tp_view
 
 TARGETS = ("hf", "tencentpretrain")
@@ -54,6 +55,8 @@ def convert(input: str | Path, output: str | Path, *, to: str, arch: str | None 
         raise WeightopsError(f"{ckpt.path}: is already a {'Hugging Face' if to == 'hf' else 'TencentPretrain'} "
                              "checkpoint; --to names the format to produce")
     tok_dir = Path(tokenizer) if tokenizer is not None else ckpt.directory
+    if tok_dir.is_dir():  # a directory whose tokenizer files disagree has no one tokenizer to ship
+        read_tokenizer_files(tok_dir).check()
     output = Path(output)
     if to == "hf":
         return _to_hf(ckpt, output, arch, tok_dir, tokenizer is not None, dtype, max_shard_size or "5GB", force)

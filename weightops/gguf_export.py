@@ -76,8 +76,8 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
     embedding = arch_tables.get(config["model_type"]).rows[0].gguf  # present: gguf_stream checks
     n_vocab = next(r for r in refs if r.name == embedding).shape[0]
     config_vocab = config.get("vocab_size")
-    if config.get("vocab_size") != n_vocab:
-        note(f"config vocab_size is {config.get('vocab_size')} but the embedding has {n_vocab} rows; "
+    if config_vocab != n_vocab:
+        note(f"config vocab_size is {config_vocab} but the embedding has {n_vocab} rows; "
              f"writing {n_vocab} (llama.cpp needs one token per embedding row)")
         config["vocab_size"] = n_vocab
 

@@ -108,6 +108,10 @@ def add_gguf_parameters(writer, config: dict, file_type: int) -> None:
     writer.add_file_type(file_type)
 
 
+def add_gguf_tokenizer_quirks(writer, directory, config: dict) -> None:
+    """convert_hf_to_gguf.py's BloomModel adds nothing to the tokenizer keys."""
+
+
 def gguf_tensor(kind: str, tensor, config: dict):
     """HF values -> GGUF values: the fused QKV from per-head [q|k|v] to [all q; all k; all v]."""
     import torch

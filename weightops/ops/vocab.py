@@ -45,9 +45,12 @@ class RowPlan:
 
 
 def plan_rows(old_tok, new_tok, old_rows: int, new_size: int, *, pad_to_multiple: int | None = None,
-              allow_shrink: bool = False, subtokens: bool = True, what: str = "the embedding") -> RowPlan:
+              allow_shrink: bool = False, reinit_rows: bool = False, subtokens: bool = True,
+              what: str = "the embedding") -> RowPlan:
     """Plan a matrix of `new_size` rows (rounded up to `pad_to_multiple`) for `new_tok`, carrying
-    the old row of every token string `old_tok` also has. Shrinking needs `allow_shrink`."""
+    the old row of every token string `old_tok` also has. Shrinking needs `allow_shrink`; losing
+    the trained row of a token the old tokenizer has (it is not in the new one, so its row would
+    be re-initialised or given to another token) needs `reinit_rows`."""
     rows = -(-new_size // pad_to_multiple) * pad_to_multiple if pad_to_multiple else new_size
     if rows < old_rows and not allow_shrink:
         raise WeightopsError(
@@ -56,6 +59,8 @@ def plan_rows(old_tok, new_tok, old_rows: int, new_size: int, *, pad_to_multiple
             f"--pad-to-multiple N to keep the row count, or --allow-shrink to drop them")
     carried = {new: old for new, old in token_map(old_tok, new_tok).items()
                if new < rows and old < old_rows}
+    if not reinit_rows:
+        _refuse_lost_rows(old_tok, set(carried.values()), old_rows, rows, what)
     id_to_token = {i: t for t, i in new_tok.get_vocab().items() if i < rows}
     new_ids = [i for i in sorted(id_to_token) if i not in carried]
     pieces: dict[int, list[int]] = {}
@@ -64,6 +69,20 @@ def plan_rows(old_tok, new_tok, old_rows: int, new_size: int, *, pad_to_multiple
         pieces = {i: [p for p in found[id_to_token[i]] if p < old_rows] for i in new_ids}
     padding = tuple(i for i in range(rows) if i not in id_to_token)
     return RowPlan(old_rows, rows, carried, pieces, padding)
+
+
+def _refuse_lost_rows(old_tok, carried: set[int], old_rows: int, rows: int, what: str) -> None:
+    """Refuse a plan that re-initialises trained rows: the rows of old tokens the new tokenizer
+    lacks, beyond those a shrink drops (shrinking has its own consent), would be taken by
+    initialised rows. Padding rows (no old token) were never trained."""
+    lost = sorted((i, t) for t, i in old_tok.get_vocab().items() if i < old_rows and i not in carried)
+    dropped = max(0, old_rows - rows)
+    if len(lost) > dropped:
+        shown = ", ".join(f"{t!r} ({i})" for i, t in lost[:6]) + (", ..." if len(lost) > 6 else "")
+        raise WeightopsError(
+            f"{len(lost)} trained row(s) of {what} belong to tokens the new tokenizer lacks: {shown}; "
+            + (f"{dropped} go with the shrink, the other {len(lost) - dropped} " if dropped else "their rows ")
+            + "would be re-initialised. Pass --reinit-rows to allow it, or use a tokenizer that keeps these tokens")
 
 
 def row_mean(old: torch.Tensor) -> torch.Tensor:

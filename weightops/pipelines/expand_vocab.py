@@ -12,7 +12,8 @@ from ..errors import WeightopsError
 from ..io import tokenizer_edit
 from ..io.checkpoint import Checkpoint, open_checkpoint, save_hf
 from ..io.outputs import Output
-from ..io.vocabulary import embedding_name, tokenizer_size
+from ..tokenizer_files import read_tokenizer_files
+from ..io.vocabulary import embedding_name
 from ..ops.vocab import INIT_RULES, plan_rows, resize_vocab
 
 
@@ -48,13 +49,14 @@ def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path
                  add_tokens: Iterable[str] = (), special_tokens: Iterable[str] = (),
                  new_tokenizer: str | Path | None = None, init: str = "subtoken-mean", seed: int = 0,
                  pad_to_multiple: int | None = None, max_shard_size: str | int = "5GB",
-                 force: bool = False, allow_shrink: bool = False,
+                 force: bool = False, allow_shrink: bool = False, reinit_rows: bool = False,
                  read_files: Iterable[str | Path] = ()) -> VocabReport:
     """Edit MODEL's tokenizer (or take `new_tokenizer`), resize its embedding and untied
     lm_head to match, and write the result to `output` (an HF safetensors directory).
-    `force` replaces an OUTPUT weightops wrote; `allow_shrink` allows dropping rows;
-    `read_files` are other files the caller read for this (e.g. the --add-tokens file),
-    protected from the output like the inputs."""
+    `force` replaces an OUTPUT weightops wrote; `allow_shrink` allows dropping rows; MODEL's
+    tokenizer files must agree with each other and with its embedding, and the trained row of
+    every old token is kept unless `reinit_rows`; `read_files` are other files the caller read
+    for this (e.g. the --add-tokens file), protected from the output like the inputs."""
     if init not in INIT_RULES:
         raise WeightopsError(f"unknown init rule {init!r}; choose one of {', '.join(INIT_RULES)}")
     if pad_to_multiple is not None and pad_to_multiple < 1:
@@ -66,8 +68,12 @@ def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path
     target = Output(output, [ckpt.path, new_tokenizer, merge_spm, *read_files], kind="dir", force=force)
     names = vocab_tensor_names(ckpt)
     old_rows = ckpt.tensor(names[0]).shape[0]
+    what = f"{names[0]!r} in {ckpt.path}"
+    old_files = read_tokenizer_files(ckpt.directory)
+    old_files.check(rows=old_rows, config=(ckpt.config or {}).get("vocab_size"), embedding=what)
     old_tok = tokenizer_edit.load(ckpt.directory)
     if new_tokenizer:
+        read_tokenizer_files(Path(new_tokenizer)).check()
         tokenizer_edit.load(Path(new_tokenizer))  # a missing tokenizer is named before any work
     with tempfile.TemporaryDirectory(prefix="weightops-tokenizer-") as tmp:
         staged = Path(tmp)
@@ -76,10 +82,11 @@ def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path
         tokenizer_edit.edit(staged, merge=Path(merge_spm) if merge_spm else None, add_tokens=add_tokens,
                             special_tokens=special_tokens, origin=origin)
         new_tok = tokenizer_edit.load(staged)
-        new_size = tokenizer_size(staged)
-        plan = plan_rows(old_tok, new_tok, old_rows, new_size, pad_to_multiple=pad_to_multiple,
-                         allow_shrink=allow_shrink, subtokens=init == "subtoken-mean",
-                         what=f"{names[0]!r} in {ckpt.path}")
+        new_files = read_tokenizer_files(staged)
+        new_files.check()
+        new_size = new_files.size
+        plan = plan_rows(old_tok, new_tok, old_rows, new_size, pad_to_multiple=pad_to_multiple, allow_shrink=allow_shrink,
+                         reinit_rows=reinit_rows, subtokens=init == "subtoken-mean", what=what)
         keep = [f for f in ckpt.aux_files if f.name not in tokenizer_edit.TOKENIZER_FILES]
         save_hf(resize_vocab(ckpt.tensors, names, plan, init, seed), target,
                 aux_files=keep + sorted(staged.iterdir()), max_shard_size=max_shard_size,
@@ -87,7 +94,7 @@ def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path
     id_to_token = {i: t for t, i in new_tok.get_vocab().items()}
     new = plan.new_tokens
     return VocabReport(
-        old_tokens=tokenizer_size(ckpt.directory) or 0, new_tokens=new_size, old_rows=old_rows, rows=plan.rows,
+        old_tokens=old_files.size or 0, new_tokens=new_size, old_rows=old_rows, rows=plan.rows,
         added=[id_to_token[i] for i in new], carried=len(plan.carried),
         fallback=sum(1 for i in new if not plan.pieces.get(i)) if init == "subtoken-mean" else 0,
         padding=len(plan.padding), init=init, rewritten=names, passed_through=len(ckpt.tensors) - len(names))

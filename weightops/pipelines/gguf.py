@@ -73,8 +73,9 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
     mod, refs = gguf_stream(hf_refs, config, ckpt.path)
     embedding = arch_tables.get(config["model_type"]).rows[0].gguf  # present: gguf_stream checks
     n_vocab = next(r for r in refs if r.name == embedding).shape[0]
-    if config.get("vocab_size") != n_vocab:
-        note(f"config vocab_size is {config.get('vocab_size')} but the embedding has {n_vocab} rows; "
+    config_vocab = config.get("vocab_size")
+    if config_vocab != n_vocab:
+        note(f"config vocab_size is {config_vocab} but the embedding has {n_vocab} rows; "
              f"writing {n_vocab} (llama.cpp needs one token per embedding row)")
         config["vocab_size"] = n_vocab
 
@@ -87,9 +88,12 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
     mod.add_gguf_parameters(writer, config, int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tok_dir = Path(tokenizer) if tokenizer else ckpt.directory
-    summary = add_tokenizer(writer, tok_dir if tok_dir.is_dir() else tok_dir.parent, n_vocab=n_vocab,
-                            encodings=mod.GGUF_VOCABS, default_pre=mod.GGUF_DEFAULT_PRE,
-                            add_space_prefix=mod.GGUF_ADD_SPACE_PREFIX, pre_tokenizer=pre_tokenizer, warn=note)
+    tok_dir = tok_dir if tok_dir.is_dir() else tok_dir.parent
+    summary = add_tokenizer(writer, tok_dir, n_vocab=n_vocab, encodings=mod.GGUF_VOCABS,
+                            default_pre=mod.GGUF_DEFAULT_PRE, add_space_prefix=mod.GGUF_ADD_SPACE_PREFIX,
+                            pre_tokenizer=pre_tokenizer, config_vocab=config_vocab,
+                            embedding=f"{embedding} of {ckpt.path}", warn=note)
+    mod.add_gguf_tokenizer_quirks(writer, tok_dir, config)
     total = sum(t.nbytes for t in planned)
     with progress.bar(total, f"gguf {qtype_name}") as bar:
         write_gguf(writer, planned, target, on_tensor=lambda t: bar.update(t.nbytes))

@@ -25,6 +25,10 @@ RANKS = {
 KNOWN_UPWARD = {
     ("weightops.jobs", "weightops.cli"): "step options are validated against the click commands; "
                                          "declare each command's options once below the CLI (issue 15)",
+    ("weightops.arch.llama", "weightops.io.gguf_tokenizer"): "GGUF tokenizer quirks (CodeLlama infill, "
+                                                              "SmolLM's add_bos) belong with the GGUF tokenizer "
+                                                              "in io/; the arch registry should only name them",
+    ("weightops.arch.llama", "weightops.io.special_vocab"): "as above",
 }
 
 

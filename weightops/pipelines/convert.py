@@ -26,7 +26,7 @@ from ..io.index import parse_size
 from ..io.outputs import Output, content
 from ..stream import cast
 from ..io.remap import HF_FORMATS, hf_view, tp_view
-from ..tokenizer_files import read_tokenizer_files
+from ..io.tokenizer_files import read_tokenizer_files
 
 TARGETS = ("hf", "tencentpretrain")
 

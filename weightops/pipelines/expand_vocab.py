@@ -12,7 +12,7 @@ from ..errors import WeightopsError
 from ..io import tokenizer_edit
 from ..io.checkpoint import Checkpoint, open_checkpoint, save_hf
 from ..io.outputs import Output
-from ..tokenizer_files import read_tokenizer_files
+from ..io.tokenizer_files import read_tokenizer_files
 from ..io.vocabulary import embedding_name
 from ..ops.vocab import INIT_RULES, plan_rows, resize_vocab
 

@@ -95,3 +95,13 @@ def test_the_import_parser_sees_relative_and_nested_imports():
     assert "weightops.cli" in _imports(PACKAGE / "cli" / "gguf.py")  # from . import main
     assert "weightops.jobs" in _imports(PACKAGE / "cli" / "jobs.py")  # from .. import jobs
     assert "weightops.io.remap" in _imports(PACKAGE / "verify" / "logits.py")  # imported inside a function
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_every_import_names_a_module_of_this_package(path):
+    """A stale name (a module that moved) must fail here, not be served by another copy of the
+    package an editable install points at."""
+    def exists(module: str) -> bool:
+        base = PACKAGE.parent / module.replace(".", "/")
+        return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+    assert not sorted(m for m in _imports(path) if not exists(m))

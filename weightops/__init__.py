@@ -1,0 +1,1 @@
+"""weightops: streaming tensor operators for LLM release engineering."""

@@ -154,7 +154,6 @@ def bench_model(name: str, model: Path, tokenizer: Path, work: Path, library: bo
 def kernel_throughput() -> None:
     """Values per second (wall and CPU) of the block kernels alone on one 5632 x 2048 float32
     tensor, in process: weightops' torch kernels and gguf.quants' numpy ones."""
-    import time
 
     import gguf
     import torch

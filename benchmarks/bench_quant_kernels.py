@@ -23,16 +23,16 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+import common  # noqa: F401  (puts the repository on sys.path)
 import gguf
 import llama_cpp
 import numpy as np
 import torch
 from gguf import GGUFReader, GGUFWriter, quants
 
-import common  # noqa: F401  (puts the repository on sys.path)
 from weightops.quant import ggml
 
 FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,

@@ -8,10 +8,10 @@ tensor at a time. Metadata keys and tokenizer follow convert_hf_to_gguf.py.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterable, Iterator, Sequence
 
 import gguf
 import numpy as np

@@ -146,7 +146,7 @@ def test_expanded_vocab_and_special_tokens(yayi_bloom, tmp_path, llama_cpp_run):
 
     _, llm = llama_cpp_run(out, [1])
     assert llm.n_vocab() == 416
-    assert llm.tokenize("<|End|>".encode(), add_bos=False, special=True) == [end]
+    assert llm.tokenize(b"<|End|>", add_bos=False, special=True) == [end]
     text = "<|Human|>hello world<|End|>"
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"]
 

@@ -16,7 +16,7 @@ from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
 from weightops.io.index import write_index
 from weightops.io.torchbin import write_torch_bin
-from weightops.ops.delta import apply_delta, apply_delta_checkpoint, make_delta, make_delta_checkpoint
+from weightops.ops.delta import apply_delta_checkpoint, make_delta, make_delta_checkpoint
 from weightops.stream import TensorRef
 
 

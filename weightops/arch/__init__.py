@@ -3,9 +3,10 @@ TencentPretrain, GGUF), read in both directions, plus the few row reorderings be
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Iterable, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import WeightopsError
 

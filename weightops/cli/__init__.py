@@ -11,7 +11,6 @@ import click
 from .. import progress
 from ..errors import WeightopsError, describe, os_error_message, shown
 
-
 # The module that defines each command, imported only when that command is used (or help
 # lists them all): `weightops inspect` then never pays for importing torch and llama.cpp's
 # bindings, which it does not touch (measured: benchmarks/README.md).

@@ -8,7 +8,8 @@ import click
 
 from .. import dtypes
 from ..io.outputs import Output
-from ..verify.compare import raise_if_failed, render, verify as verify_lib
+from ..verify.compare import raise_if_failed, render
+from ..verify.compare import verify as verify_lib
 from ..verify.gate import KINDS
 from . import echo_escaped, main
 

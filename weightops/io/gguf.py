@@ -8,9 +8,10 @@ tensor infos are written first and the data follows one tensor at a time.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import WeightopsError, names_file, writing
 from ..stream import TensorRef

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from ..errors import WeightopsError, describe, names_file, shown
+from ..errors import WeightopsError, names_file, shown
 from ..stream import TensorRef
 from .paths import inside
 

@@ -30,8 +30,9 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 from ..errors import WeightopsError
 from .atomic import fsync_dir, fsync_tree

@@ -20,9 +20,10 @@ import math
 import mmap
 import os
 import struct
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 from .. import dtypes
 from ..errors import WeightopsError, names_file, shown, writing

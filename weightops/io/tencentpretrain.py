@@ -2,8 +2,8 @@
 layout of TencentPretrain's `convert_model_into_blocks.py`."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ..stream import TensorRef
 from .index import plan_shards, read_sharded, write_index

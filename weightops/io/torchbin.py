@@ -12,8 +12,9 @@ import collections
 import io
 import pickle
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 from .. import dtypes
 from ..errors import WeightopsError, names_file, shown, writing

@@ -14,9 +14,9 @@ that does not line up is an error naming the tensor, both shapes and both files;
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 

@@ -11,7 +11,7 @@ would be skipped there without a word and the model would run on random weights.
 from __future__ import annotations
 
 import json
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -9,9 +9,9 @@ config.json `vocab_size` equal to the new row count, so the vocabulary triple ag
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 

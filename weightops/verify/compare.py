@@ -7,16 +7,25 @@ turns a failed gate into a `MismatchError` (exit 3) naming the worst prompts.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .. import progress
 from ..errors import MismatchError, WeightopsError
 from . import gate
 from .logits import LogitStore, Model, describe, load_runner
 from .metrics import TokenMetrics, summarize, token_metrics
-from .prompts import (Prompt, Tokenized, default_prompts, first_difference, hf_encoder, llama_cpp_encoder,
-                      read_prompts, tokenize)
+from .prompts import (
+    Prompt,
+    Tokenized,
+    default_prompts,
+    first_difference,
+    hf_encoder,
+    llama_cpp_encoder,
+    read_prompts,
+    tokenize,
+)
 from .structure import compare_structure, compare_tensors
 
 WORST = 3

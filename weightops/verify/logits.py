@@ -271,7 +271,7 @@ class LogitStore:
             self._file.close()  # deletes it
             self._file = None
 
-    def __enter__(self) -> "LogitStore":
+    def __enter__(self) -> LogitStore:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,9 +7,9 @@ whether it would have produced other ids.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import WeightopsError, shown
 from .default_prompts import PROMPTS

@@ -157,7 +157,8 @@ def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[
         out.append(ref.derive(lambda t, kind=row.kind: mod.gguf_tensor(kind, t, config), name=gname)
                    if row.kind != "plain" else ref.renamed(gname))
     if unknown:
-        raise WeightopsError(f"{source}: tensors with no GGUF name in the {name} table: {', '.join(shown(n) for n in sorted(unknown))}")
+        raise WeightopsError(f"{source}: tensors with no GGUF name in the {name} table: "
+                             f"{', '.join(shown(n) for n in sorted(unknown))}")
     missing = [n for n in order if n not in {r.name for r in out} and n != "output.weight"]
     if missing:
         raise WeightopsError(f"{source}: checkpoint lacks tensors llama.cpp needs: {', '.join(missing[:8])}"

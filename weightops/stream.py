@@ -129,7 +129,8 @@ class BufferPool:
     maps fresh pages that the kernel must fault in and zero, which costs wall and CPU time
     (measured on make-delta: benchmarks/README.md). Buffers are raw bytes; a
     request is served by the smallest free buffer that fits, and at most `keep` free buffers
-    are kept (a writer has two tensors in flight). A consumer must not use a tensor after calling its reference's `release()`.
+    are kept (a writer has two tensors in flight). A consumer must not use a tensor after calling its
+    reference's `release()`.
     """
 
     def __init__(self, keep: int = 2):

@@ -58,7 +58,7 @@ class LazyArray(Sequence):
             return NotImplemented
         if isinstance(other, (str, bytes)) or len(other) != len(self):
             return False
-        return all(a == b for a, b in zip(self, other))
+        return all(a == b for a, b in zip(self, other, strict=True))
 
     __hash__ = None  # mutable-sequence semantics, like list
 

@@ -46,8 +46,8 @@ def write_tp(refs: Iterable[TensorRef], directory: Path, max_shard_size: int | N
         write_torch_bin(refs, directory / SINGLE, on_tensor=on_tensor)
         return [directory / SINGLE]
     names = [f"tencentpretrain_model-{i}.bin" for i in range(len(shards))]
-    for shard, name in zip(shards, names):
+    for shard, name in zip(shards, names, strict=True):
         write_torch_bin(shard, directory / name, on_tensor=on_tensor)
-    write_index(directory / INDEX, {r.name: n for s, n in zip(shards, names) for r in s},
+    write_index(directory / INDEX, {r.name: n for s, n in zip(shards, names, strict=True) for r in s},
                 {"total_size": sum(r.nbytes for r in refs)})
     return [*(directory / n for n in names), directory / INDEX]

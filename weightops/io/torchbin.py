@@ -52,8 +52,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightopsError(f"{path}: entries that are not tensors: {', '.join(shown(k) for k in bad[:10])}")
     for k, v in sd.items():  # complex or quantized tensors would be cast to real numbers, losing data
         if dtypes.name_of(v.dtype) not in dtypes.SAFETENSORS_NAMES:
-            raise WeightopsError(f"{path}: tensor '{shown(k)}' is {str(v.dtype).removeprefix('torch.')}, which weightops "
-                                 "does not handle (supported: real and integer dtypes)")
+            raise WeightopsError(f"{path}: tensor '{shown(k)}' is {str(v.dtype).removeprefix('torch.')}, "
+                                 "which weightops does not handle (supported: real and integer dtypes)")
     return sd
 
 
@@ -143,7 +143,7 @@ def write_torch_bin(refs: Iterable[TensorRef], path: Path,
 
     refs = list(refs)
     storages = [_Storage(str(i), r.dtype, r.numel) for i, r in enumerate(refs)]
-    state = collections.OrderedDict((r.name, _Tensor(s, r.shape)) for r, s in zip(refs, storages))
+    state = collections.OrderedDict((r.name, _Tensor(s, r.shape)) for r, s in zip(refs, storages, strict=True))
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(state)
     data = buf.getvalue()
@@ -161,7 +161,7 @@ def write_torch_bin(refs: Iterable[TensorRef], path: Path,
             alignment = str(_STORAGE_ALIGNMENT)
             record(".storage_alignment", alignment, len(alignment))
             record("byteorder", sys.byteorder, len(sys.byteorder))
-            for ref, storage in zip(refs, storages):
+            for ref, storage in zip(refs, storages, strict=True):
                 with writing(path, ref.name):
                     t = ref.load()
                     if t.dtype != ref.dtype:

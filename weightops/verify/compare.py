@@ -65,7 +65,7 @@ def verify(reference: str | Path, candidate: str | Path, *, prompts: str | Path 
                                                                    else "given texts")
     encode, source = _reference_encoder(ref, tokenizer)
     cap = min((c for c in (max_tokens, ref.context, cand.context) if c), default=None)
-    kept = [(p, t) for p, t in zip(texts, tokenize(texts, encode, cap)) if len(t.ids) >= 2]
+    kept = [(p, t) for p, t in zip(texts, tokenize(texts, encode, cap), strict=True) if len(t.ids) >= 2]
     texts, tokenized = [p for p, _ in kept], [t for _, t in kept]
     if not tokenized:
         raise WeightopsError("no prompt has two tokens or more; nothing to compare")
@@ -178,7 +178,7 @@ def _candidate_tokenization(cand: Model, texts: list[Prompt], ref_ids: list[Toke
     except WeightopsError as e:
         return {"candidate": f"not checked ({e})", "differences": []}
     diffs = []
-    for t, other in zip(ref_ids, (o.ids for o in tokenize(texts, encode, cap))):
+    for t, other in zip(ref_ids, (o.ids for o in tokenize(texts, encode, cap)), strict=True):
         pos = first_difference(t.ids, other)
         if pos is not None:
             diffs.append({"prompt": t.name, "position": pos, "reference_id": t.ids[pos] if pos < len(t.ids) else None,

@@ -115,7 +115,7 @@ def llama_cpp_encoder(gguf_path: Path) -> Encode:
 
 def first_difference(a: tuple[int, ...], b: tuple[int, ...]) -> int | None:
     """Index of the first differing id (the shorter length when one is a prefix), or None."""
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -143,7 +144,9 @@ def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[
     name = config["model_type"]
     table, mod = arch_tables.get(name), arch_tables.module(name)
     skip = [p.replace("{n}", "*") for p in mod.GGUF_SKIP]
-    order = {n: i for i, n in enumerate(model_order(table, config.get("num_hidden_layers", config.get("n_layer"))))}
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    assert layers is not None  # hf_stream completed the config and checked its shapes
+    order = {n: i for i, n in enumerate(model_order(table, layers))}
     out, unknown = [], []
     for ref in refs:
         if matches_any(table.normalize_hf(ref.name), skip) or matches_any(ref.name, skip):
@@ -154,7 +157,7 @@ def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[
             continue
         row, layer, _ = found
         gname = row.gguf.format(n=layer)
-        out.append(ref.derive(lambda t, kind=row.kind: mod.gguf_tensor(kind, t, config), name=gname)
+        out.append(ref.derive(partial(mod.gguf_tensor, row.kind, config=config), name=gname)
                    if row.kind != "plain" else ref.renamed(gname))
     if unknown:
         raise WeightopsError(f"{source}: tensors with no GGUF name in the {name} table: "

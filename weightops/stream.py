@@ -171,7 +171,7 @@ def cast(stream: Stream, dtype: torch.dtype | None) -> Iterator[TensorRef]:
         if dtype is None or not ref.is_float or ref.dtype == dtype:
             yield ref
         else:
-            yield ref.derive(lambda t, d=dtype: t.to(d), dtype=dtype)
+            yield ref.derive(lambda t: t.to(dtype), dtype=dtype)
 
 
 def matches_any(name: str, patterns: Iterable[str]) -> bool:

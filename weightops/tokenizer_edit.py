@@ -100,7 +100,7 @@ def _merge_into(directory: Path, other: Path, origin: Path) -> None:
     pieces = _proto(model.read_bytes(), model).pieces
     beyond = {t: i for t, i in load(directory).get_added_vocab().items() if i >= len(pieces)}
     if beyond:
-        raise WeightopsError(f"{origin}: tokens {sorted(beyond, key=beyond.get)} are added after the "
+        raise WeightopsError(f"{origin}: tokens {sorted(beyond, key=lambda t: beyond[t])} are added after the "
                              f"{len(pieces)} pieces of tokenizer.model; merging would move their ids. Merge "
                              f"into the plain SentencePiece tokenizer and add them afterwards (--special-token)")
     merged, _ = merge_spm(model.read_bytes(), other.read_bytes(), source=other)
@@ -177,7 +177,7 @@ def decompose(old_tok, new_tok, tokens: Iterable[str]) -> dict[str, list[int]]:
     for token in tokens:
         if token in added:
             out[token] = old_tok.encode(token, add_special_tokens=False)
-        elif direct:
+        elif direct and old_backend is not None:  # `direct` implies a backend
             out[token] = [t.id for t in old_backend.model.tokenize(token)]
         else:
             out[token] = old_tok.encode(new_tok.convert_tokens_to_string([token]), add_special_tokens=False)

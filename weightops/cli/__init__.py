@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import signal
 import sys
+from collections.abc import Mapping
 
 import click
 
@@ -110,7 +111,7 @@ def run() -> None:
         sys.exit(143)
 
 
-def all_commands() -> dict[str, click.Command]:
+def all_commands() -> Mapping[str, click.Command]:
     """Every command, its module imported (the job runner validates steps against them)."""
     for module in sorted(set(_MODULES.values())):
         importlib.import_module(f"{__name__}.{module}")

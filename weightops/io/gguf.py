@@ -126,6 +126,7 @@ def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: str | 
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            assert writer.fout is not None  # opened by write_header_to_file
             fout, align = writer.fout[0], writer.data_alignment
             for t in tensors:
                 with writing(target.path, t.name):
@@ -133,7 +134,7 @@ def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: str | 
                     written = 0
                     for piece in t.produce():
                         piece = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
-                        fout.write(memoryview(piece))
+                        fout.write(piece.data)
                         written += piece.nbytes
                         del piece
                     if written != t.nbytes:

@@ -60,7 +60,7 @@ class LazyArray(Sequence):
             return False
         return all(a == b for a, b in zip(self, other, strict=True))
 
-    __hash__ = None  # mutable-sequence semantics, like list
+    # defining __eq__ leaves __hash__ None: unhashable, mutable-sequence semantics like list
 
     def __repr__(self) -> str:
         shown = ", ".join(repr(x) for x in self[:5])

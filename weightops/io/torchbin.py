@@ -14,7 +14,7 @@ import pickle
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, cast
 
 from .. import dtypes
 from ..errors import WeightopsError, names_file, shown, writing
@@ -63,9 +63,13 @@ def read_torch_bin(path: Path) -> list[TensorRef]:
     mapped; `release()` drops a consumed tensor's pages from RSS)."""
     path = Path(path)
     sd = load_state_dict(path)
-    return [TensorRef(name=k, shape=tuple(v.shape), dtype_name=dtypes.name_of(v.dtype), source=str(path),
-                      loader=lambda t=v: t, releaser=lambda t=v: drop_mapped(t.data_ptr(), t.nbytes))
-            for k, v in sd.items()]
+    return [_mapped_ref(path, k, v) for k, v in sd.items()]
+
+
+def _mapped_ref(path: Path, name: str, t: torch.Tensor) -> TensorRef:
+    """A reference to one mapped tensor (a function, so that each closure keeps its own `t`)."""
+    return TensorRef(name=name, shape=tuple(t.shape), dtype_name=dtypes.name_of(t.dtype), source=str(path),
+                     loader=lambda: t, releaser=lambda: drop_mapped(t.data_ptr(), t.nbytes))
 
 
 class _Storage:
@@ -113,7 +117,8 @@ class _Sink:
     """
 
     def __init__(self, file: io.BufferedWriter):
-        self.file, self.error, self.abandoned = file, None, False
+        self.file, self.abandoned = file, False
+        self.error: BaseException | None = None
 
     def _guarded(self, op: Callable[[], object]) -> None:
         if self.abandoned or self.error is not None:
@@ -149,7 +154,8 @@ def write_torch_bin(refs: Iterable[TensorRef], path: Path,
     data = buf.getvalue()
     with writing(path), open(path, "wb") as stream:
         sink = _Sink(stream)
-        writer = torch._C.PyTorchFileWriter(sink, True, _STORAGE_ALIGNMENT)
+        # cast: torch's writer takes any object with write() for its buffer, not only an IO
+        writer = torch._C.PyTorchFileWriter(cast("IO[bytes]", sink), True, _STORAGE_ALIGNMENT)
 
         def record(name: str, payload, size: int) -> None:
             writer.write_record(name, payload, size)

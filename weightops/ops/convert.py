@@ -70,7 +70,8 @@ def _to_hf(ckpt, target: Output, arch: str | None, tok_path: Path, explicit: boo
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
     warnings: list[str] = []
-    files, tok = hf_tokenizer_files(tok_path, config["model_type"], required=explicit)
+    tok_files, tok = hf_tokenizer_files(tok_path, config["model_type"], required=explicit)
+    files: dict[str, str | bytes] = {**tok_files}  # and the configs below, as text
     if tok is None:
         warnings.append(f"no tokenizer found beside {ckpt.path}; the output has none (pass --tokenizer: a "
                         "SentencePiece tokenizer.model for LLaMA, an HF tokenizer directory for BLOOM)")

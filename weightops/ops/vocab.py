@@ -152,13 +152,17 @@ def resize_matrix(old: torch.Tensor, plan: RowPlan, init: str, seed: int) -> tor
     if plan.carried:
         out[torch.tensor(list(plan.carried))] = old[torch.tensor(list(plan.carried.values()))]
     new = plan.new_tokens
+    # the old rows' mean: padding rows and new rows by every init but zeros start from it
     mean = row_mean(old) if (plan.padding or (new and init != "zeros")) else None
     if init == "normal" and new:
+        assert mean is not None
         draw = normal_sampler(old, mean, seed)
     for start in range(0, len(new), _BATCH):
         ids = new[start:start + _BATCH]
         if init == "zeros":
             values = torch.zeros((len(ids), old.shape[1]))
+        elif mean is None:  # unreachable: see above
+            raise AssertionError(init)
         elif init == "mean":
             values = mean.expand(len(ids), -1)
         elif init == "normal":
@@ -167,6 +171,7 @@ def resize_matrix(old: torch.Tensor, plan: RowPlan, init: str, seed: int) -> tor
             values = subtoken_rows(old, [plan.pieces.get(i, []) for i in ids], mean)
         out[torch.tensor(ids)] = values.to(old.dtype)
     if plan.padding:
+        assert mean is not None
         out[torch.tensor(plan.padding)] = mean.to(old.dtype)
     return out
 
@@ -195,6 +200,7 @@ def vocab_tensor_names(ckpt: Checkpoint) -> list[str]:
     if emb is None:
         raise WeightopsError(f"{ckpt.path}: no input embedding found (architecture "
                              f"{ckpt.architecture or 'unknown'}; supported: llama, bloom)")
+    assert ckpt.architecture is not None  # embedding_name found its embedding
     table = arch_tables.get(ckpt.architecture)
     heads = [n for n in ckpt.names() if (hit := table.lookup(n, "hf")) and hit[0].hf == "lm_head.weight"]
     return [emb, *heads]
@@ -257,6 +263,7 @@ def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path
         new_files = read_tokenizer_files(staged)
         new_files.check()
         new_size = new_files.size
+        assert new_size is not None  # tokenizer_edit.load found tokenizer files
         plan = plan_rows(old_tok, new_tok, old_rows, new_size, pad_to_multiple=pad_to_multiple,
                          allow_shrink=allow_shrink, reinit_rows=reinit_rows, subtokens=init == "subtoken-mean",
                          what=what)

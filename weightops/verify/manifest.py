@@ -71,7 +71,7 @@ def sha256_tensor(ref: TensorRef) -> str:
     stored (safetensors), so hashing neither maps the model into memory nor needs torch."""
     h = hashlib.sha256()
     if ref.span is None:
-        h.update(memoryview(ref.raw()))
+        h.update(ref.raw().data)
         return h.hexdigest()
     path, offset = ref.span
     remaining = ref.nbytes

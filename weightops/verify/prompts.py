@@ -66,7 +66,9 @@ def _jsonl(path: Path, lines: list[str]) -> list[Prompt]:
 
 
 def _paragraphs(path: Path, lines: list[str]) -> list[Prompt]:
-    out, start, buf = [], 0, []
+    out: list[Prompt] = []
+    buf: list[str] = []
+    start = 0
     for n, line in enumerate([*lines, ""], 1):
         if line.strip():
             if not buf:

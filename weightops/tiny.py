@@ -62,6 +62,7 @@ def bpe_tokenizer_dir(directory: Path, vocab_size: int = 400) -> Path:
     """A BLOOM-style byte-level BPE tokenizer (<unk> 0, <s> 1, </s> 2, <pad> 3)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     from .io.gguf_tokenizer import BLOOM_SPLIT_REGEX
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([  # as BLOOM's own tokenizer.json

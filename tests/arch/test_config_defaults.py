@@ -3,7 +3,7 @@ be exactly what transformers' AutoConfig would have given."""
 import pytest
 from transformers import AutoConfig
 
-from weightops.arch import llama, bloom
+from weightops.arch import bloom, llama
 
 LLAMA_CONFIGS = [
     # Llama-1-7B's config.json (transformers 4.28 era): no GQA key, no rope keys, no head_dim

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.errors import MismatchError
+from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.pipelines.manifest import check_manifest, create_manifest
 from weightops.verify import manifest
 

@@ -3,9 +3,10 @@ TencentPretrain, GGUF), read in both directions, plus the few row reorderings be
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Iterable, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import WeightopsError
 
@@ -181,7 +182,7 @@ def check_config_shapes(name: str, config: dict, refs: Iterable[TensorRef], conf
         if hit is None or hit[0].hf not in shapes:
             continue  # unknown tensors are each command's own business (some pass them through)
         want, why = shapes[hit[0].hf]
-        if len(want) != len(ref.shape) or any(w is not None and w != s for w, s in zip(want, ref.shape)):
+        if len(want) != len(ref.shape) or any(w is not None and w != s for w, s in zip(want, ref.shape, strict=True)):
             shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ")"
             problems.append(f"tensor {ref.name!r} ({ref.source}) has shape {ref.shape}; {config_file} gives "
                             f"{shown} from {why}")

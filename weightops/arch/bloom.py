@@ -1,5 +1,7 @@
 """BLOOM tensor names in the HF, TencentPretrain and GGUF schemes (reference:
 shared/reference/tencentpretrain.md and gguf.md). The output head is tied to the embedding."""
+from typing import Any
+
 from . import Architecture, Row
 
 H = "transformer.h.{n}."
@@ -18,8 +20,10 @@ ARCH = Architecture("bloom", (
     Row("transformer.word_embeddings.weight", ("embedding.word.embedding.weight",), "token_embd.weight"),
     *_wb("transformer.word_embeddings_layernorm.", "embedding.layer_norm.", "token_embd_norm."),
     *_wb(H + "input_layernorm.", T + "layer_norm_1.", "blk.{n}.attn_norm."),
-    Row(H + "self_attention.query_key_value.weight", tuple(p + "weight" for p in _QKV), "blk.{n}.attn_qkv.weight", "fused_qkv"),
-    Row(H + "self_attention.query_key_value.bias", tuple(p + "bias" for p in _QKV), "blk.{n}.attn_qkv.bias", "fused_qkv"),
+    Row(H + "self_attention.query_key_value.weight", tuple(p + "weight" for p in _QKV), "blk.{n}.attn_qkv.weight",
+        "fused_qkv"),
+    Row(H + "self_attention.query_key_value.bias", tuple(p + "bias" for p in _QKV), "blk.{n}.attn_qkv.bias",
+        "fused_qkv"),
     *_wb(H + "self_attention.dense.", T + "self_attn.final_linear.", "blk.{n}.attn_output."),
     *_wb(H + "post_attention_layernorm.", T + "layer_norm_2.", "blk.{n}.ffn_norm."),
     *_wb(H + "mlp.dense_h_to_4h.", T + "feed_forward.linear_1.", "blk.{n}.ffn_up."),
@@ -65,8 +69,13 @@ def fill_gguf_config(config: dict) -> dict:
     return out
 
 
-def _n_embed_heads(config: dict) -> tuple[int, int]:
+def _n_embed_heads(config: dict) -> tuple[Any, Any]:
+    """(hidden size, head count) under either spelling, as the JSON has them (None when absent)."""
     return config.get("hidden_size", config.get("n_embed")), config.get("n_head", config.get("num_attention_heads"))
+
+
+def _n_layer(config: dict) -> Any:
+    return config.get("n_layer", config.get("num_hidden_layers"))
 
 
 def hf_shapes(config: dict) -> tuple[int, dict[str, tuple[tuple[int | None, ...], str]], list[str]]:
@@ -74,7 +83,7 @@ def hf_shapes(config: dict) -> tuple[int, dict[str, tuple[tuple[int | None, ...]
     hidden, heads = _n_embed_heads(config)
     if hidden is None or heads is None:
         raise KeyError("hidden_size" if hidden is None else "n_head")
-    layers = config.get("n_layer", config.get("num_hidden_layers"))
+    layers = _n_layer(config)
     if layers is None:
         raise KeyError("n_layer")
     problems = [] if hidden % heads == 0 else [f"hidden_size {hidden} is not a multiple of n_head {heads}"]
@@ -136,7 +145,7 @@ TP_CONFIG = {"hidden_act": "gelu", "dropout": 0.0, "data_processor": "lm", "embe
 def hf_hparams(config: dict) -> Hparams:
     """Head count, layers and tying of a complete BloomConfig dict."""
     hidden, heads = _n_embed_heads(config)
-    return Hparams(config.get("n_layer", config.get("num_hidden_layers")), heads, heads, hidden // heads,
+    return Hparams(_n_layer(config), heads, heads, hidden // heads,
                    bool(config.get("tie_word_embeddings", True)))
 
 

@@ -52,7 +52,8 @@ def fill_gguf_config(config: dict) -> dict:
         if "hidden_size" in out:
             out.setdefault("head_dim", out["hidden_size"] // heads)
     if "rope_parameters" not in out and "rope_scaling" not in out:
-        out["rope_parameters"] = {"rope_type": "default", "rope_theta": float(out.get("rope_theta", _DEFAULT_ROPE_THETA))}
+        out["rope_parameters"] = {"rope_type": "default",
+                                  "rope_theta": float(out.get("rope_theta", _DEFAULT_ROPE_THETA))}
     return out
 
 

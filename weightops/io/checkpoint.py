@@ -13,6 +13,7 @@ from typing import Any
 from .. import arch as arch_tables
 from .. import progress
 from ..errors import WeightopsError
+from ..stream import TensorRef, require_unique
 from . import gguf as gguf_io
 from . import hf as hf_io
 from . import tencentpretrain as tp_io
@@ -22,7 +23,6 @@ from .outputs import Output, content
 from .paths import member, members
 from .safetensors import read_safetensors
 from .torchbin import read_torch_bin
-from ..stream import TensorRef, require_unique
 
 FORMATS = ("hf-safetensors", "hf-bin", "tencentpretrain", "gguf")
 

@@ -30,8 +30,9 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 from ..errors import WeightopsError
 from .atomic import fsync_dir, fsync_tree
@@ -168,7 +169,7 @@ def _describe(path: Path) -> str:
     return f"{path} ({n} file{'s' if n != 1 else ''}, {_size(size)})"
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("bytes", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"

@@ -11,16 +11,17 @@ would be skipped there without a word and the model would run on random weights.
 from __future__ import annotations
 
 import json
-from typing import Iterable
+from collections.abc import Iterable
+from functools import partial
 
 import torch
 
 from .. import arch as arch_tables
 from ..arch import Architecture, Hparams, Row, permute_interleaved_to_rotary, permute_rotary_to_interleaved
 from ..arch.bloom import fuse_qkv, split_qkv
-from .checkpoint import Checkpoint
 from ..errors import WeightopsError
 from ..stream import TensorRef, matches_any
+from .checkpoint import Checkpoint
 
 HF_FORMATS = ("hf-safetensors", "hf-bin")
 _LISTED = 12  # names listed in an error before "... and N more"
@@ -90,7 +91,9 @@ def hf_to_tp(refs: Iterable[TensorRef], arch: str, hparams: dict) -> list[Tensor
     got = _validated(kept, table, mod, "hf", hp)
     out: list[tuple[tuple, TensorRef]] = []
     for name, ref in got.items():
-        row, layer, _ = table.lookup(name, "hf")
+        hit = table.lookup(name, "hf")
+        assert hit is not None  # _validated kept only the table's names
+        row, layer, _ = hit
         names = [n.format(n=layer) for n in row.tp]
         for part, new in enumerate(_split(row, ref, names, hp)):
             out.append((_order(table, row, layer, part), new))
@@ -108,8 +111,10 @@ def tp_to_hf(refs: Iterable[TensorRef], arch: str, hparams: dict) -> list[Tensor
     got = _validated(list(refs), table, mod, "tp", hp)
     groups: dict[tuple[Row, int | None], list[TensorRef]] = {}
     for name, ref in got.items():
-        row, layer, pos = table.lookup(name, "tp")
-        groups.setdefault((row, layer), [None] * len(row.tp))[pos] = ref
+        hit = table.lookup(name, "tp")
+        assert hit is not None  # _validated kept only the table's names
+        row, layer, pos = hit
+        groups.setdefault((row, layer), [ref] * len(row.tp))[pos] = ref  # placeholders: none is missing
     out = [(_order(table, row, layer, 0), _join(row, row.hf.format(n=layer), parts, hp))
            for (row, layer), parts in groups.items()]
     return [r for _, r in sorted(out, key=lambda x: x[0])]
@@ -164,6 +169,10 @@ def _checked_tie(emb: TensorRef, head: TensorRef) -> TensorRef:
     return emb.derive(check)
 
 
+def _qkv_part(t: torch.Tensor, *, heads: int, index: int) -> torch.Tensor:
+    return split_qkv(t, heads)[index]
+
+
 def _split(row: Row, ref: TensorRef, names: list[str], hp: Hparams) -> list[TensorRef]:
     """One HF tensor -> its TencentPretrain tensor(s) (shapes checked against the config
     beforehand, by `arch.check_config_shapes`)."""
@@ -172,7 +181,7 @@ def _split(row: Row, ref: TensorRef, names: list[str], hp: Hparams) -> list[Tens
         return [ref.derive(lambda t: permute_rotary_to_interleaved(t, heads), name=names[0])]
     if row.kind == "fused_qkv":
         shape = (ref.shape[0] // 3, *ref.shape[1:])
-        return [ref.derive(lambda t, i=i: split_qkv(t, hp.heads)[i], name=n, shape=shape)
+        return [ref.derive(partial(_qkv_part, heads=hp.heads, index=i), name=n, shape=shape)
                 for i, n in enumerate(names)]
     return [ref.renamed(names[0])]
 
@@ -189,11 +198,15 @@ def _join(row: Row, name: str, parts: list[TensorRef], hp: Hparams) -> TensorRef
                 raise WeightopsError(f"{p.source}: {p.name!r} is {p.dtype} {p.shape}, {first.name!r} "
                                      f"{first.dtype} {first.shape}; q, k and v must match to be fused")
 
+        def load() -> torch.Tensor:
+            q, k, v = (p.load() for p in parts)
+            return fuse_qkv(q, k, v, hp.heads)
+
         def release() -> None:
             for p in parts:
                 p.release()
         return TensorRef(name, (3 * first.shape[0], *first.shape[1:]), first.dtype_name, first.source,
-                         loader=lambda: fuse_qkv(*(p.load() for p in parts), hp.heads), releaser=release)
+                         loader=load, releaser=release)
     return first.renamed(name)
 
 

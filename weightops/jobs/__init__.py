@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import json
 import os
 import re
@@ -104,7 +105,8 @@ class _Problems:
     """Collects what is wrong with a job file so one refusal lists everything."""
 
     def __init__(self, job_path: Path):
-        self.job_path, self.items = job_path, []
+        self.job_path = job_path
+        self.items: list[str] = []
 
     def add(self, where: str, message: str) -> None:
         self.items.append(f"{where}: {message}")
@@ -121,7 +123,9 @@ def _commands() -> dict[str, click.Command]:
     from ..cli import all_commands
     commands = all_commands()
     cmds = {n: c for n, c in commands.items() if n not in _NO_STEP and not isinstance(c, click.Group)}
-    cmds["manifest"] = commands["manifest"].commands["create"]
+    manifest = commands["manifest"]
+    assert isinstance(manifest, click.Group)  # `manifest create|check`
+    cmds["manifest"] = manifest.commands["create"]
     return cmds
 
 
@@ -428,7 +432,7 @@ def _run_child(argv: list[str], log: Path) -> tuple[int, float, float]:
                                 stderr=subprocess.STDOUT, env=env)
         sampler = _PeakRss(proc.pid)
         sampler.start()
-        assert proc.stdout is not None
+        assert isinstance(proc.stdout, io.BufferedReader)  # a binary pipe, buffered: Popen's default
         try:
             while chunk := proc.stdout.read1(65536):
                 logf.write(chunk)

@@ -8,10 +8,11 @@ tensor at a time. Metadata keys and tokenizer follow convert_hf_to_gguf.py.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterable, Iterator, Sequence
 
 import gguf
 import numpy as np
@@ -20,9 +21,9 @@ from gguf import GGMLQuantizationType
 
 from .. import arch as arch_tables
 from .. import progress
-from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..devices import resolve_device
 from ..errors import WeightopsError, shown
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.gguf import GGUFTensor, plan_writer, write_gguf
 from ..io.gguf_tokenizer import TokenizerSummary, add_tokenizer
 from ..io.outputs import Output
@@ -132,7 +133,9 @@ def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[
     name = config["model_type"]
     table, mod = arch_tables.get(name), arch_tables.module(name)
     skip = [p.replace("{n}", "*") for p in mod.GGUF_SKIP]
-    order = {n: i for i, n in enumerate(model_order(table, config.get("num_hidden_layers", config.get("n_layer"))))}
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    assert layers is not None  # hf_stream completed the config and checked its shapes
+    order = {n: i for i, n in enumerate(model_order(table, layers))}
     out, unknown = [], []
     for ref in refs:
         if matches_any(table.normalize_hf(ref.name), skip) or matches_any(ref.name, skip):
@@ -143,10 +146,11 @@ def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[
             continue
         row, layer, _ = found
         gname = row.gguf.format(n=layer)
-        out.append(ref.derive(lambda t, kind=row.kind: mod.gguf_tensor(kind, t, config), name=gname)
+        out.append(ref.derive(partial(mod.gguf_tensor, row.kind, config=config), name=gname)
                    if row.kind != "plain" else ref.renamed(gname))
     if unknown:
-        raise WeightopsError(f"{source}: tensors with no GGUF name in the {name} table: {', '.join(shown(n) for n in sorted(unknown))}")
+        raise WeightopsError(f"{source}: tensors with no GGUF name in the {name} table: "
+                             f"{', '.join(shown(n) for n in sorted(unknown))}")
     missing = [n for n in order if n not in {r.name for r in out} and n != "output.weight"]
     if missing:
         raise WeightopsError(f"{source}: checkpoint lacks tensors llama.cpp needs: {', '.join(missing[:8])}"

@@ -69,9 +69,8 @@ class Screen:
     def running(self, n: int, name: str, op: str) -> progress.Ticker:
         return progress.Ticker(self._head(n, "...", name, op))
 
-    def artefact(self, output: Path, files: dict[str, dict]) -> str:
-        shown = os.path.relpath(output, self.output)
-        return f"{console.escape(shown)}  {size(sum(int(f['size']) for f in files.values()))}"
+    def artefact(self, path: Path, nbytes: int) -> str:
+        return f"{console.escape(os.path.relpath(path, self.output))}  {size(nbytes)}"
 
     def step(self, n: int, entry: dict[str, Any], detail: str, log: Path) -> None:
         """One line for a finished (or skipped) step; its warnings and our notes on what its
@@ -94,7 +93,7 @@ class Screen:
         took = duration(time.perf_counter() - self.start)
         if failed:
             head = (f"FAILED  {console.escape(self.name)}: step {console.escape(failed[0]['name'])!r} "
-                    f"({failed[0]['op']}) failed; {len(steps)} of {self.total} steps run in {took}")
+                    f"({failed[0]['op']}) failed, step {len(steps)} of {self.total}, after {took}")
         else:
             ran = ("all ok" if list(counts) == ["ok"] else ", ".join(f"{k} {s}" for s, k in counts.items()))
             head = f"{'PASSED' if report['passed'] else 'FAILED'}  {console.escape(self.name)}: " \

@@ -501,7 +501,10 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
             report["passed"] &= bool(result.get("passed"))
             detail = detail or verify_detail(result)
         elif step.name in report["artefacts"] and step.output is not None:
-            detail = screen.artefact(step.output, report["artefacts"][step.name])
+            detail = screen.artefact(step.output, sum(int(f["size"]) for f in report["artefacts"][step.name].values()))
+        elif step.op == "manifest" and entry["status"] != "failed":  # it writes beside its input
+            written = manifest_lib.manifest_path(step.inputs[0])
+            detail = screen.artefact(written, written.stat().st_size) if written.is_file() else ""
         screen.step(n, entry, detail, log)
         if failure:
             report["passed"] = False

@@ -101,7 +101,7 @@ def test_failed_step_shows_its_reason_escaped(tmp_path):
     assert "\x1b" not in r.stderr and "\x07" not in r.stderr and "Traceback" not in r.stderr
     step = r.stderr.splitlines()[0]
     assert re.match(r"\[1/1\] FAILED +q8 +gguf +[\d.]+s +exit 1: .*in\\x1b]0;pwned\\x07put: no checkpoint", step), step
-    assert "FAILED  screen test: step 'q8' (gguf) failed; 1 of 1 steps run" in r.stderr
+    assert "FAILED  screen test: step 'q8' (gguf) failed, step 1 of 1, after " in r.stderr
     assert f"step log   {tmp_path / 'out' / '.weightops-job' / 'q8.log'}" in r.stderr
     assert "error: step 'q8' (gguf) failed with exit code 1: " in r.stderr
     assert json.loads((tmp_path / "out" / "release-report.json").read_text())["steps"][0]["status"] == "failed"

@@ -93,7 +93,7 @@ class _LogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
-        except Exception:  # a library's malformed log call must not stop the command
+        except Exception:  # noqa: BLE001 -- a library's malformed log call must not stop the command
             message = str(record.msg)
         self.once.emit(record.name.split(".")[0], message, f"{record.pathname}:{record.lineno}")
 

@@ -55,9 +55,9 @@ from typing import Any
 import click
 
 from . import console, dtypes
-from .job_screen import Screen, reason, verify_detail
 from .errors import MismatchError, WeightopsError
 from .io import outputs
+from .job_screen import Screen, reason, verify_detail
 from .verify import manifest as manifest_lib
 from .verify.hash_cache import HashCache
 

@@ -19,15 +19,16 @@ for _ in range(50):  # as bitsandbytes does on every int8 matmul, and torch on e
 
 
 def _spray(**env: str) -> list[str]:
-    r = subprocess.run([sys.executable, "-c", SPRAY], capture_output=True, text=True, env={**os.environ, **env})
+    r = subprocess.run([sys.executable, "-c", SPRAY], capture_output=True, text=True, env={**os.environ, **env},
+                       check=False)
     assert r.returncode == 0, r.stderr
     return r.stderr.splitlines()
 
 
 def test_a_terminal_gets_each_warning_once_and_known_ones_in_our_words():
     assert _spray() == [
-        "note: bitsandbytes int8 layers compute in float16 (their bfloat16 inputs are cast), as they will when "
-        "served; the measured KLD includes it",
+        ("note: bitsandbytes int8 layers compute in float16 (their bfloat16 inputs are cast), as they will when "
+         "served; the measured KLD includes it"),
         "warning (<string>): UserWarning: a per-tensor complaint\\x1b[2J"]
 
 
@@ -42,6 +43,6 @@ def test_a_step_log_gets_each_warning_once_in_its_own_words_with_its_source():
 def test_notes_in_a_log_once_each():
     log = "x\n" + "warning (bitsandbytes): MatMul8bitLt: inputs will be cast from torch.float32 to float16\n" * 3
     assert console.notes_in(log) == [
-        "bitsandbytes int8 layers compute in float16 (their float32 inputs are cast), as they will when served; "
-        "the measured KLD includes it"]
+        ("bitsandbytes int8 layers compute in float16 (their float32 inputs are cast), as they will when served; "
+         "the measured KLD includes it")]
     assert console.notes_in("nothing known here") == []

@@ -42,22 +42,19 @@ def escape(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def reword(message: str) -> str | None:
-    for note in NOTES:
-        if m := note.pattern.search(message):
-            return note.text.format(*m.groups())
-    return None
-
-
 def notes_in(text: str) -> list[str]:
     """Our wording of each known warning in a log, once each, in order of appearance."""
     found = sorted((m.start(), note.text.format(*m.groups())) for note in NOTES for m in note.pattern.finditer(text))
     return list(dict.fromkeys(note for _, note in found))
 
 
+def reword(message: str) -> str | None:
+    return next(iter(notes_in(message)), None)
+
+
 def child_env() -> dict[str, str]:
-    """Environment of a job step's child: warnings in full for its log, no third-party bars."""
-    return {_MODE: "log", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    """Environment of a job step's child: each warning in its source's words, for its log."""
+    return {_MODE: "log"}
 
 
 class _Once:

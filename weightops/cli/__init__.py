@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import click
 
-from .. import progress
+from .. import console, progress
 from ..errors import WeightopsError, describe, os_error_message, shown
 
 # The module that defines each command, imported only when that command is used (or help
@@ -102,7 +102,8 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 def run() -> None:
     """The `weightops` entry point: `main` plus SIGTERM handling (exit 143, as a TERM-killed
-    shell command reports)."""
+    shell command reports), with other libraries' warnings shown once each (console.py)."""
+    console.install()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         main(prog_name="weightops")

@@ -18,8 +18,8 @@ from weightops import jobs
 from weightops.errors import WeightopsError
 from weightops.io import outputs
 from weightops.io.checkpoint import open_checkpoint, save_hf
-from weightops.progress import human_size
 from weightops.io.outputs import MARKER, XATTR, Output
+from weightops.progress import human_size
 from weightops.stream import TensorRef
 
 REPO = Path(__file__).resolve().parents[2]
@@ -334,7 +334,7 @@ def test_sigkill_leaves_a_temporary_the_next_run_removes(tmp_path, tiny_llama):
     assert r.returncode == 0, r.stderr
     assert f"removing a temporary left by an interrupted run: {tmp_path / temp} (1 file, {human_size(size)})" \
         in r.stderr
-    assert f"removing a temporary left by an interrupted run: {trash} (1 file, 10 bytes)" in r.stderr
+    assert f"removing a temporary left by an interrupted run: {trash} (1 file, 10 B)" in r.stderr
     assert _temps(tmp_path) == [] and out.is_file()
 
 

@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import arch as arch_tables
+from . import arch
+from .arch import Role
 from .checkpoint import Checkpoint
 
 
@@ -61,12 +62,12 @@ def tokenizer_size(directory: Path) -> int | None:
 
 def embedding_name(ckpt: Checkpoint) -> str | None:
     """Name of the input embedding in this checkpoint's own naming scheme."""
-    if ckpt.architecture not in ("llama", "bloom"):
+    if not arch.is_supported(ckpt.architecture):
         return None
-    table = arch_tables.get(ckpt.architecture)
+    table = arch.get(ckpt.architecture)
     scheme = {"tencentpretrain": "tp", "gguf": "gguf"}.get(ckpt.format, "hf")
     names = set(ckpt.names())
-    for candidate in table.rows[0].names(scheme):
+    for candidate in table.tensor(Role.EMBEDDING).names(scheme):
         for name in (candidate, candidate.removeprefix(table.hf_prefix)):
             if name in names:
                 return name

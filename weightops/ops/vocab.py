@@ -15,8 +15,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .. import arch as arch_tables
-from .. import tokenizer_edit
+from .. import arch, tokenizer_edit
+from ..arch import Role
 from ..checkpoint import Checkpoint, open_checkpoint, save_hf
 from ..errors import WeightopsError
 from ..io.outputs import Output
@@ -170,13 +170,13 @@ def resize_vocab(stream: Stream, names: Iterable[str], plan: RowPlan, init: str 
 
 
 def vocab_tensor_names(ckpt: Checkpoint) -> list[str]:
-    """The input embedding and, when the checkpoint has one, the (untied) lm_head."""
+    """The input embedding and, when the checkpoint has one, the (untied) output head."""
     emb = embedding_name(ckpt)
     if emb is None:
         raise WeightopsError(f"{ckpt.path}: no input embedding found (architecture "
-                             f"{ckpt.architecture or 'unknown'}; supported: llama, bloom)")
-    table = arch_tables.get(ckpt.architecture)
-    heads = [n for n in ckpt.names() if (hit := table.lookup(n, "hf")) and hit[0].hf == "lm_head.weight"]
+                             f"{ckpt.architecture or 'unknown'}; supported: {', '.join(arch.supported())})")
+    spec = arch.get(ckpt.architecture)
+    heads = [n for n in ckpt.names() if spec.role(n, "hf") is Role.OUTPUT]
     return [emb, *heads]
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from .. import dtypes, progress
-from ..arch import Architecture, check_config_shapes
+from ..arch import ArchSpec, Role, check_config_shapes, supported
 from ..arch import get as get_arch
 from ..checkpoint import open_checkpoint, save_hf
 from ..errors import WeightopsError, shown
@@ -36,7 +36,6 @@ from ..stream import Stream, TensorRef, cast, matches_any
 BITS = (8, 4)
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64  # what Params4bit uses (BitsAndBytesConfig has no setting for it)
-OUTPUT_HEAD = "lm_head"  # transformers never quantizes the output head (get_keys_to_not_convert)
 Parts = dict[str, torch.Tensor]  # suffix after the module name ("weight", "SCB", "weight.absmax", ...) -> tensor
 
 
@@ -174,7 +173,7 @@ def quantize_bnb(stream: Stream, spec: BnbSpec, select: Callable[[TensorRef], bo
                             loader=lambda s=suffix, q=shared: q.take(s))
 
 
-def linear_weights(arch: Architecture) -> Callable[[TensorRef], bool]:
+def linear_weights(arch: ArchSpec) -> Callable[[TensorRef], bool]:
     """Matrices of the decoder layers (`*.weight` rows of the architecture table inside a
     layer): the modules transformers turns into bitsandbytes Linear layers."""
     def select(ref: TensorRef) -> bool:
@@ -225,10 +224,10 @@ def bnb_checkpoint(model: str | Path, output: str | Path, *, bits: int, quant_ty
                              "unquantized model")
     if ckpt.architecture is None:
         raise WeightopsError(f"{ckpt.path}: unknown architecture, so which tensors are linear layers is unknown "
-                             "(supported: llama, bloom)")
+                             f"(supported: {', '.join(supported())})")
     table = get_arch(ckpt.architecture)
     tensors = [r.renamed(table.normalize_hf(r.name)) for r in ckpt.tensors]  # as the loaded model names them
-    check_config_shapes(ckpt.architecture, complete_hf_config({"model_type": ckpt.architecture, **ckpt.config}),
+    check_config_shapes(table, complete_hf_config({"model_type": ckpt.architecture, **ckpt.config}),
                         tensors, str(ckpt.config_file))
     linear = linear_weights(table)
     skipped = [r.name for r in tensors if linear(r) and matches_any(r.name, skip)]
@@ -236,7 +235,8 @@ def bnb_checkpoint(model: str | Path, output: str | Path, *, bits: int, quant_ty
     if unused:
         raise WeightopsError(f"--skip {', '.join(repr(g) for g in unused)} matches no linear weight of {ckpt.path} "
                              "(globs are matched against tensor names, e.g. 'model.layers.*.mlp.down_proj.weight')")
-    skip_modules = [OUTPUT_HEAD, *(n.removesuffix(".weight") for n in skipped)] if skipped else None
+    head = table.name_of(Role.OUTPUT, "hf").removesuffix(".weight")  # transformers never quantizes it
+    skip_modules = [head, *(n.removesuffix(".weight") for n in skipped)] if skipped else None
     dev = resolve_device(device)
     dtype = model_dtype(ckpt.config, tensors)
     kept = set(skipped)

@@ -77,7 +77,8 @@ def load_all():
 @pytest.fixture(scope="session")
 def llama_cpp_source() -> Path:
     """llama.cpp's source tree at the pinned commit (the one vendored in the installed
-    llama-cpp-python), for its own tools as oracles (convert_hf_to_gguf.py with its gguf-py).
+    llama-cpp-python), for its own tools as oracles (convert_hf_to_gguf.py with its `conversion`
+    package and gguf-py).
     Fetched once from the package registry (the sdist) into a cache outside the repository;
     skips when neither the cache nor the registry is there."""
     import importlib.metadata
@@ -89,7 +90,7 @@ def llama_cpp_source() -> Path:
     version = importlib.metadata.version("llama-cpp-python")
     cache = Path(os.environ.get("WEIGHTOPS_TEST_CACHE", Path.home() / ".cache" / "weightops-tests"))
     root = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
-    if not (root / "convert_hf_to_gguf.py").is_file():
+    if not (root / "conversion" / "__init__.py").is_file():  # the script imports its `conversion` package
         with tempfile.TemporaryDirectory() as tmp:
             got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
                                   f"llama-cpp-python=={version}", "-d", tmp], capture_output=True, text=True)
@@ -99,6 +100,7 @@ def llama_cpp_source() -> Path:
             prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
             with tarfile.open(sdists[0]) as tar:
                 wanted = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
-                    m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith(prefix + "gguf-py/"))]
+                    m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith((prefix + "gguf-py/",
+                                                                                      prefix + "conversion/")))]
                 tar.extractall(cache, members=wanted, filter="data")
     return root

@@ -79,8 +79,9 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
         note(f"{spec.name} attends to the last {window} positions only (sliding_window); llama.cpp's "
              f"{spec.gguf_name} attends to all of them (convert_hf_to_gguf.py writes the same file), so its outputs "
              f"differ from transformers' beyond {window} tokens")
-    if config.get("vocab_size") != n_vocab:
-        note(f"config vocab_size is {config.get('vocab_size')} but the embedding has {n_vocab} rows; "
+    config_vocab = config.get("vocab_size")
+    if config_vocab != n_vocab:
+        note(f"config vocab_size is {config_vocab} but the embedding has {n_vocab} rows; "
              f"writing {n_vocab} (llama.cpp needs one token per embedding row)")
         config["vocab_size"] = n_vocab
 
@@ -93,9 +94,12 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
     spec.config.add_gguf_parameters(writer, config, int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tok_dir = Path(tokenizer) if tokenizer else ckpt.directory
-    summary = add_tokenizer(writer, tok_dir if tok_dir.is_dir() else tok_dir.parent, n_vocab=n_vocab,
-                            encodings=spec.vocab.encodings, default_pre=spec.vocab.default_pre,
-                            add_space_prefix=spec.vocab.add_space_prefix, pre_tokenizer=pre_tokenizer, warn=note)
+    tok_dir = tok_dir if tok_dir.is_dir() else tok_dir.parent
+    summary = add_tokenizer(writer, tok_dir, n_vocab=n_vocab, encodings=spec.vocab.encodings,
+                            default_pre=spec.vocab.default_pre, add_space_prefix=spec.vocab.add_space_prefix,
+                            pre_tokenizer=pre_tokenizer, config_vocab=config_vocab,
+                            embedding=f"{embedding} of {ckpt.path}", warn=note)
+    spec.vocab.quirks(writer, tok_dir, config)
     total = sum(t.nbytes for t in planned)
     with progress.bar(total, f"gguf {qtype_name}") as bar:
         write_gguf(writer, planned, target, on_tensor=lambda t: bar.update(t.nbytes))

@@ -63,6 +63,7 @@ def render(summary: dict) -> str:
         f"vocabulary    config {v['config']}, tokenizer {v['tokenizer']}, embedding rows {v['embedding_rows']}"
         + (f" ({v['padding_rows']} padding rows)" if v.get("padding_rows") else "")
         + ("" if v["agree"] else "   <-- DISAGREE"),
+        *(f"              {c}" for c in v.get("conflicts", [])),
         f"files         {files[0]}",
         *(f"              {f}" for f in files[1:]),
     ]

@@ -2,13 +2,12 @@
 drift breaks deltas, merges and GGUF conversion; read from files without loading a model."""
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from . import arch
 from .arch import Role
 from .checkpoint import Checkpoint
+from .tokenizer_files import read_tokenizer_files
 
 
 @dataclass(frozen=True)
@@ -16,11 +15,16 @@ class VocabTriple:
     config: int | None
     tokenizer: int | None
     embedding_rows: int | None
+    tokenizer_files: dict[str, int] = field(default_factory=dict)  # file -> ids it defines
+    conflicts: tuple[str, ...] = ()  # tokenizer files that disagree, in words
 
     @property
     def agree(self) -> bool:
-        """config == embedding rows, and every token id has a row. A tokenizer smaller than
-        the embedding is padding (BLOOM's 250880 rows, --pad-to-multiple), not drift."""
+        """config == embedding rows, every token id has a row, and the tokenizer files agree.
+        A tokenizer smaller than the embedding is padding (BLOOM's 250880 rows,
+        --pad-to-multiple), not drift."""
+        if self.conflicts:
+            return False
         if self.config is not None and self.embedding_rows is not None and self.config != self.embedding_rows:
             return False
         rows = self.embedding_rows if self.embedding_rows is not None else self.config
@@ -33,31 +37,8 @@ class VocabTriple:
 
     def as_dict(self) -> dict:
         return {"config": self.config, "tokenizer": self.tokenizer, "embedding_rows": self.embedding_rows,
-                "padding_rows": self.padding_rows, "agree": self.agree}
-
-
-def tokenizer_size(directory: Path) -> int | None:
-    """Number of token ids (highest id + 1) the HF tokenizer files in `directory` define."""
-    directory = Path(directory)
-    ids: set[int] = set()
-    tj = directory / "tokenizer.json"
-    if tj.is_file():
-        data = json.loads(tj.read_text())
-        vocab = data.get("model", {}).get("vocab") or {}
-        if isinstance(vocab, dict):
-            ids.update(vocab.values())
-        else:  # Unigram: a list of [piece, score]
-            ids.update(range(len(vocab)))
-        ids.update(t["id"] for t in data.get("added_tokens", []))
-    elif (directory / "tokenizer.model").is_file():
-        import sentencepiece as spm
-        ids.update(range(spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).get_piece_size()))
-    else:
-        return None
-    added = directory / "added_tokens.json"
-    if added.is_file():
-        ids.update(json.loads(added.read_text()).values())
-    return max(ids) + 1 if ids else 0
+                "padding_rows": self.padding_rows, "agree": self.agree, "tokenizer_files": self.tokenizer_files,
+                "conflicts": list(self.conflicts)}
 
 
 def embedding_name(ckpt: Checkpoint) -> str | None:
@@ -82,4 +63,5 @@ def vocab_triple(ckpt: Checkpoint) -> VocabTriple:
         tokens = meta.get("tokenizer.ggml.tokens")
         return VocabTriple(meta.get(f"{ckpt.architecture}.vocab_size"), len(tokens) if tokens else None, rows)
     config = (ckpt.config or {}).get("vocab_size") if ckpt.format != "tencentpretrain" else None
-    return VocabTriple(config, tokenizer_size(ckpt.directory), rows)
+    files = read_tokenizer_files(ckpt.directory)
+    return VocabTriple(config, files.size, rows, files.sizes, files.conflicts)

@@ -12,6 +12,7 @@ from weightops.verify import manifest
 
 def test_inspect_parameter_count_matches_transformers(cli, tiny_llama, tiny_bloom):
     from transformers import AutoModelForCausalLM
+    files = {"llama": {"tokenizer.model": 400, "tokenizer.json": 400}, "bloom": {"tokenizer.json": 400}}
     for path, arch in ((tiny_llama, "llama"), (tiny_bloom, "bloom")):
         r = cli("inspect", path, "--json")
         assert r.exit_code == 0, r.stderr
@@ -20,7 +21,7 @@ def test_inspect_parameter_count_matches_transformers(cli, tiny_llama, tiny_bloo
         assert doc["parameter_count"] == sum(p.numel() for p in model.parameters())
         assert doc["format"] == "hf-safetensors" and doc["architecture"] == arch
         assert doc["vocab"] == {"config": 400, "tokenizer": 400, "embedding_rows": 400, "padding_rows": 0,
-                                "agree": True}
+                                "agree": True, "tokenizer_files": files[arch], "conflicts": []}
         assert doc["dtypes"] == {"bfloat16": doc["tensor_count"]}
         assert {"format", "architecture", "tensor_count", "parameter_count", "dtypes", "files", "vocab"} <= doc.keys()
 

@@ -137,7 +137,11 @@ def test_special_tokens_are_single_ids_never_split(fixture, request, cli, tmp_pa
 
 def test_new_tokenizer_carries_rows_bit_identical(tiny_llama, other_tokenizer, tmp_path, load_all):
     out = tmp_path / "out"
-    report = expand_vocab(tiny_llama, out, new_tokenizer=other_tokenizer)
+    # the other tokenizer lacks some old tokens: their trained rows go only with --reinit-rows
+    with pytest.raises(WeightopsError, match="--reinit-rows"):
+        expand_vocab(tiny_llama, out, new_tokenizer=other_tokenizer)
+    assert not out.exists()
+    report = expand_vocab(tiny_llama, out, new_tokenizer=other_tokenizer, reinit_rows=True)
     old_vocab = AutoTokenizer.from_pretrained(tiny_llama).get_vocab()
     new_vocab = AutoTokenizer.from_pretrained(out).get_vocab()
     assert new_vocab == AutoTokenizer.from_pretrained(other_tokenizer).get_vocab()
@@ -304,7 +308,9 @@ def test_cli_summary_and_inspect_triple_agree(tiny_llama, cli, tmp_path):
     assert "400 -> 401" in r.stdout and "'<|End|>'" in r.stdout and "vocab_size = 401" in r.stdout
     r = cli("inspect", out, "--json")
     vocab = json.loads(r.stdout)["vocab"]
-    assert vocab == {"config": 401, "tokenizer": 401, "embedding_rows": 401, "padding_rows": 0, "agree": True}
+    assert vocab == {"config": 401, "tokenizer": 401, "embedding_rows": 401, "padding_rows": 0, "agree": True,
+                     "tokenizer_files": {"tokenizer.model": 400, "tokenizer.json": 401, "added_tokens.json": 401,
+                                         "tokenizer_config.json": 401}, "conflicts": []}
 
 
 def test_existing_output_refused_before_any_work(tiny_llama, cli, tmp_path):

@@ -130,6 +130,25 @@ def add_gguf_parameters(writer, config: dict, file_type: int) -> None:
     writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads(config)[0])
 
 
+def add_gguf_tokenizer_quirks(writer, directory, config: dict) -> None:
+    """What convert_hf_to_gguf.py's LlamaModel.set_vocab adds by vocabulary size: CodeLlama's
+    (32016) infill tokens, and add_bos_token = false for 49152 (granite small models, and so
+    SmolLM/SmolLM2, which share the size)."""
+    from ..io.gguf_tokenizer import quiet_gguf
+    from ..io.special_vocab import SpecialVocab
+    vocab_size = config.get("vocab_size", 32000)
+    if vocab_size == 32016:
+        with quiet_gguf():
+            infill = SpecialVocab(directory, load_merges=False, special_token_types=["prefix", "suffix", "middle",
+                                                                                     "eot"])
+            for typ, token_id in (("prefix", 32007), ("suffix", 32008), ("middle", 32009), ("eot", 32010)):
+                infill._set_special_token(typ, token_id)
+            infill.add_to_gguf(writer, quiet=True)
+    if vocab_size == 49152:
+        with quiet_gguf():
+            writer.add_add_bos_token(False)
+
+
 def hparams(config: dict) -> Hparams:
     """Head counts, layers and tying of a LlamaConfig-like dict."""
     n_heads, kv_heads = heads(config)
@@ -215,5 +234,6 @@ CONFIG = ConfigRules(hparams=hparams, hf_shapes=hf_shapes,
                      gguf_keys=GGUF_CONFIG_KEYS, add_gguf_parameters=add_gguf_parameters)
 SPEC = ArchSpec(
     name="llama", hf_class="LlamaForCausalLM", gguf_arch=MODEL_ARCH.LLAMA, tensors=TENSORS, config=CONFIG,
-    vocab=GGUFVocab(encodings=("sentencepiece", "llama-hf", "gpt2"), default_pre="default", add_space_prefix=True),
+    vocab=GGUFVocab(encodings=("sentencepiece", "llama-hf", "gpt2"), default_pre="default", add_space_prefix=True,
+                    quirks=add_gguf_tokenizer_quirks),
     tp=TPRules(config_from_hf=tp_config_from_hf, hf_config_from=hf_config_from_tp), droppable=DROPPABLE)

@@ -9,6 +9,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
 import gguf
@@ -136,6 +137,8 @@ class GGUFVocab:
     encodings: tuple[str, ...]  # tried in this order: sentencepiece, llama-hf, gpt2
     default_pre: str            # tokenizer.ggml.pre for a BPE tokenizer llama.cpp does not recognise
     add_space_prefix: bool      # tokenizer_config.json's add_prefix_space -> tokenizer.ggml.add_space_prefix
+    # (writer, tokenizer directory, config): keys the converter's model class adds after the vocabulary
+    quirks: Callable[[Any, Path, dict], None] = lambda writer, directory, config: None
 
 
 def _regex(pattern: str) -> re.Pattern:

@@ -62,9 +62,13 @@ def _summary(model: Path, output: Path, r: VocabReport) -> str:
 @click.option("--force", is_flag=True,
               help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
                    "OUTPUT is refused.")
+@click.option("--reinit-rows", is_flag=True,
+              help="Allow re-initialising the trained rows of tokens the new tokenizer lacks (with --new-tokenizer); "
+                   "without it such a remap is refused.")
 def expand_vocab_cmd(model: Path, output: Path, merge_spm: Path | None, add_tokens: Path | None,
                      special_tokens: tuple[str, ...], new_tokenizer: Path | None, init: str, seed: int,
-                     pad_to_multiple: int | None, max_shard_size: str, allow_shrink: bool, force: bool) -> None:
+                     pad_to_multiple: int | None, max_shard_size: str, allow_shrink: bool, force: bool,
+                     reinit_rows: bool) -> None:
     """Grow or remap MODEL's vocabulary and write OUTPUT (an HF safetensors directory).
 
     The tokenizer is edited (merge a SentencePiece model, add tokens, add special tokens)
@@ -72,7 +76,9 @@ def expand_vocab_cmd(model: Path, output: Path, merge_spm: Path | None, add_toke
     rewritten to the new size, with rows of known tokens carried bit-identical; every other
     tensor streams through untouched. config.json vocab_size is set to the new row count,
     so `weightops inspect OUTPUT` shows an agreeing vocabulary triple (unless padded).
-    Shrinking is refused unless --allow-shrink.
+    Shrinking is refused unless --allow-shrink; so is a MODEL whose tokenizer files disagree
+    with each other or with its embedding, and (unless --reinit-rows) a remap that would
+    re-initialise the trained rows of tokens the new tokenizer lacks.
 
     \b
     Examples:
@@ -86,5 +92,6 @@ def expand_vocab_cmd(model: Path, output: Path, merge_spm: Path | None, add_toke
     report = expand_vocab(model, output, merge_spm=merge_spm, add_tokens=_read_tokens(add_tokens) if add_tokens else (),
                           special_tokens=special_tokens, new_tokenizer=new_tokenizer, init=init, seed=seed,
                           pad_to_multiple=pad_to_multiple, max_shard_size=max_shard_size, force=force,
-                          allow_shrink=allow_shrink, read_files=[add_tokens] if add_tokens else [])
+                          allow_shrink=allow_shrink, read_files=[add_tokens] if add_tokens else [],
+                          reinit_rows=reinit_rows)
     click.echo(_summary(model, output, report))

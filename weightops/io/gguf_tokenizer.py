@@ -8,8 +8,10 @@ Three encodings, tried in the order the architecture gives:
   pre-tokenizer name llama.cpp must use to split text before BPE.
 The token list always has exactly as many entries as the embedding has rows: missing ids
 become `[PAD{i}]` (UNUSED). Added tokens are CONTROL when special, USER_DEFINED otherwise,
-so that llama.cpp matches them whole and never splits them. Special ids, add_bos/add_eos,
-merges and the chat template are read by gguf's own `SpecialVocab`.
+so that llama.cpp matches them whole and never splits them. Special ids, add_bos/add_eos/
+add_sep, merges and the chat template are read by gguf's `SpecialVocab` as the pinned
+converter runs it (`special_vocab`). The BPE vocabulary and its pre-tokenizer hash come from
+the `tokenizers` library directly: transformers (seconds to import) is never loaded here.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import gguf
 from gguf import TokenType
 
 from ..errors import WeightopsError
+from ..tokenizer_files import read_tokenizer_files
+from .special_vocab import SpecialVocab
 
 # llama.cpp identifies a BPE pre-tokenizer by hashing the ids its tokenizer gives for this text.
 CHECK_TEXT = (
@@ -117,28 +121,28 @@ def looks_special(text: str) -> bool:
 
 
 @contextmanager
-def _quiet_gguf() -> Iterator[None]:
+def quiet_gguf() -> Iterator[None]:
     """gguf's SpecialVocab logs parser notes (e.g. about TemplateProcessing) that mean nothing to users."""
-    logger = logging.getLogger("gguf.vocab")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("gguf.vocab", "gguf.gguf_writer")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
-
-
-def _too_many(directory: Path, token_id: int, n_vocab: int) -> WeightopsError:
-    return WeightopsError(f"{directory}: the tokenizer defines token id {token_id} but the embedding has only "
-                          f"{n_vocab} rows; resize the embedding (weightops expand-vocab) or pass the matching "
-                          "--tokenizer")
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, directory: Path, *, n_vocab: int, encodings: Sequence[str],
                   default_pre: str, add_space_prefix: bool, pre_tokenizer: str | None = None,
+                  config_vocab: int | None = None, embedding: str | None = None,
                   warn: Callable[[str], None] = lambda msg: None) -> TokenizerSummary:
-    """Add the `tokenizer.ggml.*` keys for the HF tokenizer in `directory`, with `n_vocab` tokens."""
+    """Add the `tokenizer.ggml.*` keys for the HF tokenizer in `directory`, with `n_vocab` tokens
+    (the rows of `embedding`). Tokenizer files that disagree with each other, with those rows
+    or with `config_vocab` are refused: the file would otherwise hold whichever one is read."""
     directory = Path(directory)
+    read_tokenizer_files(directory).check(rows=n_vocab, config=config_vocab, embedding=embedding)
     config = _read_json(directory / "tokenizer_config.json")
     if add_space_prefix and config.get("add_prefix_space") is not None:
         writer.add_add_space_prefix(config["add_prefix_space"])
@@ -161,8 +165,6 @@ def add_tokenizer(writer: gguf.GGUFWriter, directory: Path, *, n_vocab: int, enc
 def _sentencepiece(writer: gguf.GGUFWriter, directory: Path, config: dict, n_vocab: int) -> TokenizerSummary:
     from sentencepiece import SentencePieceProcessor
     sp = SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
-    if sp.vocab_size() > n_vocab:
-        raise _too_many(directory, sp.vocab_size() - 1, n_vocab)
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     scores = [-10000.0] * n_vocab
     types = [int(TokenType.UNUSED)] * n_vocab
@@ -173,28 +175,24 @@ def _sentencepiece(writer: gguf.GGUFWriter, directory: Path, config: dict, n_voc
                        else TokenType.NORMAL)
 
     def put(token_id: int, text: str, special: bool) -> None:
-        if token_id >= n_vocab:
-            raise _too_many(directory, token_id, n_vocab)
         tokens[token_id], scores[token_id] = text if special else text.replace("\u2581", " "), -1000.0
         types[token_id] = int(TokenType.CONTROL if special else TokenType.USER_DEFINED)
 
     for text, token_id in _read_json(directory / "added_tokens.json").items():
-        if token_id >= n_vocab:
-            raise _too_many(directory, token_id, n_vocab)
         tokens[token_id], scores[token_id], types[token_id] = text, -1000.0, int(TokenType.USER_DEFINED)
     for key, data in config.get("added_tokens_decoder", {}).items():
         put(int(key), data["content"], bool(data.get("special")) or looks_special(data["content"]))
     # transformers 5 keeps added tokens only in tokenizer.json: type the ids nothing else defined
     for data in _read_json(directory / "tokenizer.json").get("added_tokens", []):
-        if data["id"] >= n_vocab or types[data["id"]] == TokenType.UNUSED:
+        if types[data["id"]] == TokenType.UNUSED:
             put(data["id"], data["content"], bool(data.get("special")) or looks_special(data["content"]))
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    with _quiet_gguf():
-        gguf.SpecialVocab(directory, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    with quiet_gguf():
+        SpecialVocab(directory, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
     return _summary("llama", "default", "SentencePiece", tokens, types)
 
 
@@ -204,8 +202,6 @@ def _llama_hf(writer: gguf.GGUFWriter, directory: Path, vocab: Any, n_vocab: int
         tokens.append(text.decode("utf-8") if isinstance(text, bytes) else text)
         scores.append(score)
         types.append(int(toktype))
-    if len(tokens) > n_vocab:
-        raise _too_many(directory, len(tokens) - 1, n_vocab)
     for i in range(len(tokens), n_vocab):
         tokens.append(f"[PAD{i}]")
         scores.append(-10000.0)
@@ -215,20 +211,19 @@ def _llama_hf(writer: gguf.GGUFWriter, directory: Path, vocab: Any, n_vocab: int
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    with _quiet_gguf():
-        gguf.SpecialVocab(directory, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    with quiet_gguf():
+        SpecialVocab(directory, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
     return _summary("llama", "default", "SentencePiece-style tokenizer.json", tokens, types)
 
 
 def _gpt2(writer: gguf.GGUFWriter, directory: Path, n_vocab: int, default_pre: str, pre_tokenizer: str | None,
           warn: Callable[[str], None]) -> TokenizerSummary:
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(directory)
-    vocab: dict[str, int] = tok.get_vocab()
-    if max(vocab.values()) >= n_vocab:
-        raise _too_many(directory, max(vocab.values()), n_vocab)
+    """The converter's get_vocab_base, on the `tokenizers` object transformers itself wraps."""
+    tok = load_fast_tokenizer(directory)
+    vocab: dict[str, int] = tok.get_vocab(with_added_tokens=True)
     by_id = {i: t for t, i in vocab.items()}
-    added, decoder = tok.get_added_vocab(), tok.added_tokens_decoder
+    decoder = tok.get_added_tokens_decoder()
+    added = {t.content: i for i, t in sorted(decoder.items())}
     tokens, types = [], []
     for i in range(n_vocab):
         if i not in by_id:
@@ -237,9 +232,10 @@ def _gpt2(writer: gguf.GGUFWriter, directory: Path, n_vocab: int, default_pre: s
             continue
         text = by_id[i]
         if text in added:
-            if not decoder[i].normalized:  # llama.cpp expects added tokens pre-normalized
-                text = tok.decode(tok.encode(text, add_special_tokens=False))
-            if decoder[i].special or looks_special(text):
+            info = decoder.get(i) or decoder[added[text]]
+            if not info.normalized:  # llama.cpp expects added tokens pre-normalized
+                text = tok.decode(tok.encode(text, add_special_tokens=False).ids, skip_special_tokens=False)
+            if info.special or looks_special(text):
                 types.append(int(TokenType.CONTROL))
             else:
                 text = text.replace("\u2581", " ")
@@ -252,14 +248,26 @@ def _gpt2(writer: gguf.GGUFWriter, directory: Path, n_vocab: int, default_pre: s
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    with _quiet_gguf():
-        gguf.SpecialVocab(directory, load_merges=True).add_to_gguf(writer, quiet=True)
+    with quiet_gguf():
+        SpecialVocab(directory, load_merges=True).add_to_gguf(writer, quiet=True)
     return _summary("gpt2", pre, source, tokens, types)
 
 
+def load_fast_tokenizer(directory: Path) -> Any:
+    """directory/tokenizer.json as a `tokenizers.Tokenizer` (the object transformers' fast
+    tokenizers wrap; loading it directly takes milliseconds, not transformers' seconds)."""
+    from tokenizers import Tokenizer
+    path = Path(directory) / "tokenizer.json"
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+        raise WeightopsError(f"{path}: the tokenizers library cannot load it ({e})") from None
+
+
 def check_hash(tokenizer: Any) -> str:
-    """The hash llama.cpp's converter computes to recognise a BPE pre-tokenizer."""
-    return sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    """The hash llama.cpp's converter computes to recognise a BPE pre-tokenizer: sha256 of the
+    ids (special tokens added, as transformers' `encode` does) of CHECK_TEXT."""
+    return sha256(str(tokenizer.encode(CHECK_TEXT).ids).encode()).hexdigest()
 
 
 def choose_pre(tokenizer: Any, directory: Path, default_pre: str, requested: str | None,

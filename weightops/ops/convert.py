@@ -25,6 +25,7 @@ from ..io import tencentpretrain as tp_io
 from ..io.index import parse_size
 from ..io.outputs import Output, content
 from ..stream import cast
+from ..tokenizer_files import read_tokenizer_files
 from .remap import HF_FORMATS, hf_view, tp_view
 
 TARGETS = ("hf", "tencentpretrain")
@@ -56,6 +57,8 @@ def convert(input: str | Path, output: str | Path, *, to: str, arch: str | None 
                              "checkpoint; --to names the format to produce")
     tok_dir = Path(tokenizer) if tokenizer is not None else ckpt.directory
     target = Output(output, [ckpt.path, tp_config, tokenizer], kind="dir", force=force)
+    if tok_dir.is_dir():  # a directory whose tokenizer files disagree has no one tokenizer to ship
+        read_tokenizer_files(tok_dir).check()
     if to == "hf":
         return _to_hf(ckpt, target, arch, tok_dir, tokenizer is not None, dtype, max_shard_size or "5GB")
     return _to_tp(ckpt, target, arch, tok_dir, dtype, max_shard_size)

@@ -21,7 +21,8 @@ from ..checkpoint import Checkpoint, open_checkpoint, save_hf
 from ..errors import WeightopsError
 from ..io.outputs import Output
 from ..stream import Stream, TensorRef
-from ..vocabulary import embedding_name, tokenizer_size
+from ..tokenizer_files import read_tokenizer_files
+from ..vocabulary import embedding_name
 
 INIT_RULES = ("subtoken-mean", "mean", "normal", "zeros")
 NORMAL_EPSILON = 1e-9  # covariance scale of the `normal` rule, as transformers' mean_resizing
@@ -51,9 +52,12 @@ class RowPlan:
 
 
 def plan_rows(old_tok, new_tok, old_rows: int, new_size: int, *, pad_to_multiple: int | None = None,
-              allow_shrink: bool = False, subtokens: bool = True, what: str = "the embedding") -> RowPlan:
+              allow_shrink: bool = False, reinit_rows: bool = False, subtokens: bool = True,
+              what: str = "the embedding") -> RowPlan:
     """Plan a matrix of `new_size` rows (rounded up to `pad_to_multiple`) for `new_tok`, carrying
-    the old row of every token string `old_tok` also has. Shrinking needs `allow_shrink`."""
+    the old row of every token string `old_tok` also has. Shrinking needs `allow_shrink`; losing
+    the trained row of a token the old tokenizer has (it is not in the new one, so its row would
+    be re-initialised or given to another token) needs `reinit_rows`."""
     rows = -(-new_size // pad_to_multiple) * pad_to_multiple if pad_to_multiple else new_size
     if rows < old_rows and not allow_shrink:
         raise WeightopsError(
@@ -62,6 +66,8 @@ def plan_rows(old_tok, new_tok, old_rows: int, new_size: int, *, pad_to_multiple
             f"--pad-to-multiple N to keep the row count, or --allow-shrink to drop them")
     carried = {new: old for new, old in tokenizer_edit.token_map(old_tok, new_tok).items()
                if new < rows and old < old_rows}
+    if not reinit_rows:
+        _refuse_lost_rows(old_tok, set(carried.values()), old_rows, rows, what)
     id_to_token = {i: t for t, i in new_tok.get_vocab().items() if i < rows}
     new_ids = [i for i in sorted(id_to_token) if i not in carried]
     pieces: dict[int, list[int]] = {}
@@ -70,6 +76,20 @@ def plan_rows(old_tok, new_tok, old_rows: int, new_size: int, *, pad_to_multiple
         pieces = {i: [p for p in found[id_to_token[i]] if p < old_rows] for i in new_ids}
     padding = tuple(i for i in range(rows) if i not in id_to_token)
     return RowPlan(old_rows, rows, carried, pieces, padding)
+
+
+def _refuse_lost_rows(old_tok, carried: set[int], old_rows: int, rows: int, what: str) -> None:
+    """Refuse a plan that re-initialises trained rows: the rows of old tokens the new tokenizer
+    lacks, beyond those a shrink drops (shrinking has its own consent), would be taken by
+    initialised rows. Padding rows (no old token) were never trained."""
+    lost = sorted((i, t) for t, i in old_tok.get_vocab().items() if i < old_rows and i not in carried)
+    dropped = max(0, old_rows - rows)
+    if len(lost) > dropped:
+        shown = ", ".join(f"{t!r} ({i})" for i, t in lost[:6]) + (", ..." if len(lost) > 6 else "")
+        raise WeightopsError(
+            f"{len(lost)} trained row(s) of {what} belong to tokens the new tokenizer lacks: {shown}; "
+            + (f"{dropped} go with the shrink, the other {len(lost) - dropped} " if dropped else "their rows ")
+            + "would be re-initialised. Pass --reinit-rows to allow it, or use a tokenizer that keeps these tokens")
 
 
 def row_mean(old: torch.Tensor) -> torch.Tensor:
@@ -201,13 +221,14 @@ def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path
                  add_tokens: Iterable[str] = (), special_tokens: Iterable[str] = (),
                  new_tokenizer: str | Path | None = None, init: str = "subtoken-mean", seed: int = 0,
                  pad_to_multiple: int | None = None, max_shard_size: str | int = "5GB",
-                 force: bool = False, allow_shrink: bool = False,
+                 force: bool = False, allow_shrink: bool = False, reinit_rows: bool = False,
                  read_files: Iterable[str | Path] = ()) -> VocabReport:
     """Edit MODEL's tokenizer (or take `new_tokenizer`), resize its embedding and untied
     lm_head to match, and write the result to `output` (an HF safetensors directory).
-    `force` replaces an OUTPUT weightops wrote; `allow_shrink` allows dropping rows;
-    `read_files` are other files the caller read for this (e.g. the --add-tokens file),
-    protected from the output like the inputs."""
+    `force` replaces an OUTPUT weightops wrote; `allow_shrink` allows dropping rows; MODEL's
+    tokenizer files must agree with each other and with its embedding, and the trained row of
+    every old token is kept unless `reinit_rows`; `read_files` are other files the caller read
+    for this (e.g. the --add-tokens file), protected from the output like the inputs."""
     if init not in INIT_RULES:
         raise WeightopsError(f"unknown init rule {init!r}; choose one of {', '.join(INIT_RULES)}")
     if pad_to_multiple is not None and pad_to_multiple < 1:
@@ -219,8 +240,12 @@ def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path
     target = Output(output, [ckpt.path, new_tokenizer, merge_spm, *read_files], kind="dir", force=force)
     names = vocab_tensor_names(ckpt)
     old_rows = ckpt.tensor(names[0]).shape[0]
+    what = f"{names[0]!r} in {ckpt.path}"
+    old_files = read_tokenizer_files(ckpt.directory)
+    old_files.check(rows=old_rows, config=(ckpt.config or {}).get("vocab_size"), embedding=what)
     old_tok = tokenizer_edit.load(ckpt.directory)
     if new_tokenizer:
+        read_tokenizer_files(Path(new_tokenizer)).check()
         tokenizer_edit.load(Path(new_tokenizer))  # a missing tokenizer is named before any work
     with tempfile.TemporaryDirectory(prefix="weightops-tokenizer-") as tmp:
         staged = Path(tmp)
@@ -229,10 +254,11 @@ def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path
         tokenizer_edit.edit(staged, merge=Path(merge_spm) if merge_spm else None, add_tokens=add_tokens,
                             special_tokens=special_tokens, origin=origin)
         new_tok = tokenizer_edit.load(staged)
-        new_size = tokenizer_size(staged)
-        plan = plan_rows(old_tok, new_tok, old_rows, new_size, pad_to_multiple=pad_to_multiple,
-                         allow_shrink=allow_shrink, subtokens=init == "subtoken-mean",
-                         what=f"{names[0]!r} in {ckpt.path}")
+        new_files = read_tokenizer_files(staged)
+        new_files.check()
+        new_size = new_files.size
+        plan = plan_rows(old_tok, new_tok, old_rows, new_size, pad_to_multiple=pad_to_multiple, allow_shrink=allow_shrink,
+                         reinit_rows=reinit_rows, subtokens=init == "subtoken-mean", what=what)
         keep = [f for f in ckpt.aux_files if f.name not in tokenizer_edit.TOKENIZER_FILES]
         save_hf(resize_vocab(ckpt.tensors, names, plan, init, seed), target,
                 aux_files=keep + sorted(staged.iterdir()), max_shard_size=max_shard_size,
@@ -240,7 +266,7 @@ def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path
     id_to_token = {i: t for t, i in new_tok.get_vocab().items()}
     new = plan.new_tokens
     return VocabReport(
-        old_tokens=tokenizer_size(ckpt.directory) or 0, new_tokens=new_size, old_rows=old_rows, rows=plan.rows,
+        old_tokens=old_files.size or 0, new_tokens=new_size, old_rows=old_rows, rows=plan.rows,
         added=[id_to_token[i] for i in new], carried=len(plan.carried),
         fallback=sum(1 for i in new if not plan.pieces.get(i)) if init == "subtoken-mean" else 0,
         padding=len(plan.padding), init=init, rewritten=names, passed_through=len(ckpt.tensors) - len(names))

@@ -88,8 +88,12 @@ def tokenize(prompts: list[Prompt], encode: Encode, max_tokens: int | None) -> l
 
 
 def hf_encoder(directory: Path) -> Encode:
-    """The HF tokenizer in `directory`, adding the special tokens it is configured to add (BOS)."""
+    """The HF tokenizer in `directory`, adding the special tokens it is configured to add (BOS).
+    Tokenizer files that disagree are refused: transformers would pick one of them silently."""
     from transformers import AutoTokenizer
+
+    from ..tokenizer_files import read_tokenizer_files
+    read_tokenizer_files(directory).check()
     try:
         tok = AutoTokenizer.from_pretrained(str(directory))
     except Exception as e:  # transformers raises OSError/ValueError/... for unusable files

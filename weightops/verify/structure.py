@@ -94,7 +94,7 @@ def special_tokens(model: Model, tokenizer_dir=None) -> dict[str, Any] | None:
 
 
 def _vocab_problems(side: str, t: dict) -> list[str]:
-    out = []
+    out = [f"{side}: {c}" for c in t.get("conflicts", [])]
     if t["tokenizer"] is not None and t["embedding_rows"] is not None and t["tokenizer"] > t["embedding_rows"]:
         out.append(f"{side}: the tokenizer has {t['tokenizer']} ids but the embedding only {t['embedding_rows']} rows")
     if t["config"] is not None and t["embedding_rows"] is not None and t["config"] != t["embedding_rows"]:

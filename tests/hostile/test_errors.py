@@ -251,9 +251,9 @@ CASES = {
     "apply-delta-evil-name": Case(_model_with(lambda p: rewrite_tensors(p, _evil_names), _apply_to_original),
                                   ["model.safetensors", "evil\\n"]),
     "gguf-zero-sized": Case(_model_with(lambda p: rewrite_tensors(p, _zero_sized_linear), _gguf),
-                            ["out.gguf", "blk.1.ffn_down.weight"]),
+                            ["config.json", "model.layers.1.mlp.down_proj.weight"]),  # caught before writing
     "bnb-zero-sized": Case(_model_with(lambda p: rewrite_tensors(p, _zero_sized_linear), _bnb),
-                           ["model.safetensors", "model.layers.1.mlp.down_proj.weight"]),
+                           ["config.json", "model.layers.1.mlp.down_proj.weight"]),
     "apply-delta-nan": Case(_delta_nan, ["model.layers.0.mlp.up_proj.weight", "delta"]),
     "make-delta-overflow": Case(_make_delta_overflow, ["model.layers.1.self_attn.o_proj.weight", "--dtype float32"]),
     # options and other files
@@ -322,7 +322,7 @@ def read_only_dir(tmp_path: Path, models: dict[str, Path]):
 @pytest.mark.parametrize("command", ["gguf", "apply-delta", "convert", "manifest"])
 def test_read_only_output(command: str, read_only_dir: Path, models: dict[str, Path], cli) -> None:
     model, out = models["llama"], read_only_dir / "out"
-    args = {"gguf": ["gguf", model, out], "apply-delta": ["apply-delta", model, model, out, "--force"],
+    args = {"gguf": ["gguf", model, out], "apply-delta": ["apply-delta", model, model, out, "--allow-suspicious-delta"],
             "convert": ["convert", model, out, "--to", "tencentpretrain"],
             "manifest": ["manifest", "create", read_only_dir / "model"]}[command]  # writes into the model
     err = check_error(cli(*args), [str(read_only_dir)], 1)

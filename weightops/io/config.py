@@ -42,7 +42,7 @@ def check_config(config: object, path: Path | str) -> dict[str, Any]:
     """`config` unchanged if it is an object whose known keys have their JSON types and
     ranges; else an error naming `path` and the key."""
     if not isinstance(config, dict):
-        raise WeightopsError(f"{shown(path)}: a model config must be a JSON object, not {_kind(config)}")
+        raise WeightopsError(f"{shown(path)}: holds {_kind(config)}, not a JSON object of model settings")
     for key, value in config.items():
         if value is None:
             continue

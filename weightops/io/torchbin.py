@@ -51,7 +51,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightopsError(f"{path}: entries that are not tensors: {', '.join(shown(k) for k in bad[:10])}")
     for k, v in sd.items():  # complex or quantized tensors would be cast to real numbers, losing data
         if dtypes.name_of(v.dtype) not in dtypes.SAFETENSORS_NAMES:
-            raise WeightopsError(f"{path}: tensor {shown(k)} is {str(v.dtype).removeprefix('torch.')}, which weightops "
+            raise WeightopsError(f"{path}: tensor '{shown(k)}' is {str(v.dtype).removeprefix('torch.')}, which weightops "
                                  "does not handle (supported: real and integer dtypes)")
     return sd
 

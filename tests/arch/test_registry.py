@@ -30,3 +30,8 @@ def test_mistral_sliding_window_shorter_than_the_context(tmp_path, cli, spm_toke
     result = cli("convert", model, tmp_path / "tp", "--to", "tencentpretrain")
     assert result.exit_code == 1 and "attends to the last 64 positions only" in result.output
     assert not (tmp_path / "tp").exists()
+
+
+def test_every_spec_names_only_tensors_its_llama_cpp_architecture_has():
+    assert {name: arch.get(name).gguf_problems() for name in arch.supported()} == \
+        {name: [] for name in arch.supported()}

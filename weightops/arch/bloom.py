@@ -2,8 +2,6 @@
 shared/reference/tencentpretrain.md and gguf.md). The output head is tied to the embedding."""
 from __future__ import annotations
 
-from gguf import MODEL_ARCH
-
 from ..errors import WeightopsError
 from .checks import tp_heads, tp_shape, tp_size
 from .llama import TP_LAYERNORM_EPS
@@ -149,7 +147,7 @@ def tp_config_from_hf(spec: ArchSpec, config: dict) -> dict:
 CONFIG = ConfigRules(hparams=hparams, hf_shapes=hf_shapes, fill_gguf=fill_gguf_config, gguf_keys=GGUF_CONFIG_KEYS,
                      add_gguf_parameters=add_gguf_parameters)
 SPEC = ArchSpec(
-    name="bloom", hf_class="BloomForCausalLM", gguf_arch=MODEL_ARCH.BLOOM, tensors=TENSORS, config=CONFIG,
+    name="bloom", hf_class="BloomForCausalLM", gguf_arch="BLOOM", tensors=TENSORS, config=CONFIG,
     # an expanded BLOOM vocabulary keeps BLOOM's pre-tokenizer
     vocab=GGUFVocab(encodings=("gpt2",), default_pre="bloom", add_space_prefix=False),
     tp=TPRules(config_from_hf=tp_config_from_hf, hf_config_from=hf_config_from_tp), hf_prefix="transformer.")

@@ -3,8 +3,6 @@ config): tensor names in the HF, TencentPretrain and GGUF schemes (reference:
 shared/reference/tencentpretrain.md and gguf.md), config translation and GGUF keys."""
 from __future__ import annotations
 
-from gguf import MODEL_ARCH
-
 from ..errors import WeightopsError
 from .checks import tp_heads, tp_shape, tp_size
 from .spec import ArchSpec, ConfigRules, GGUFVocab, Hparams, Role, Shapes, TPRules, Transform, tensor
@@ -233,7 +231,7 @@ CONFIG = ConfigRules(hparams=hparams, hf_shapes=hf_shapes,
                      fill_gguf=filler({"max_position_embeddings": 2048, "rms_norm_eps": 1e-6}),  # LlamaConfig's
                      gguf_keys=GGUF_CONFIG_KEYS, add_gguf_parameters=add_gguf_parameters)
 SPEC = ArchSpec(
-    name="llama", hf_class="LlamaForCausalLM", gguf_arch=MODEL_ARCH.LLAMA, tensors=TENSORS, config=CONFIG,
+    name="llama", hf_class="LlamaForCausalLM", gguf_arch="LLAMA", tensors=TENSORS, config=CONFIG,
     vocab=GGUFVocab(encodings=("sentencepiece", "llama-hf", "gpt2"), default_pre="default", add_space_prefix=True,
                     quirks=add_gguf_tokenizer_quirks),
     tp=TPRules(config_from_hf=tp_config_from_hf, hf_config_from=hf_config_from_tp), droppable=DROPPABLE)

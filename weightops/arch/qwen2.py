@@ -3,8 +3,6 @@
 pre-tokenizer. TencentPretrain has no Qwen2, so no TencentPretrain names."""
 from __future__ import annotations
 
-from gguf import MODEL_ARCH
-
 from . import llama
 from .llama import L
 from .spec import ArchSpec, ConfigRules, GGUFVocab, Role, Shapes, tensor
@@ -37,6 +35,6 @@ CONFIG = ConfigRules(hparams=llama.hparams, hf_shapes=hf_shapes,
                                 "num_attention_heads", "num_key_value_heads", "rope_parameters", "rms_norm_eps",
                                 "vocab_size"),
                      add_gguf_parameters=llama.add_text_parameters, sliding_window=window)
-SPEC = ArchSpec(name="qwen2", hf_class="Qwen2ForCausalLM", gguf_arch=MODEL_ARCH.QWEN2, tensors=TENSORS,
+SPEC = ArchSpec(name="qwen2", hf_class="Qwen2ForCausalLM", gguf_arch="QWEN2", tensors=TENSORS,
                 config=CONFIG, vocab=GGUFVocab(encodings=("sentencepiece", "gpt2"), default_pre="qwen2",
                                                add_space_prefix=False))

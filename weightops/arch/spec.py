@@ -2,18 +2,17 @@
 TencentPretrain, GGUF) with its role and the value transform each target needs, plus the
 config rules, tokenizer defaults and GGUF architecture. Operators and formats ask a spec by
 role; they never name a concrete architecture. GGUF names come from gguf-py's tables, so
-they are llama.cpp's own spelling."""
+they are llama.cpp's own spelling; gguf-py is imported only when a GGUF name is asked for
+(inspect and manifest never import it)."""
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
-
-import gguf
-from gguf import MODEL_TENSOR
 
 from ..errors import WeightopsError
 
@@ -21,22 +20,22 @@ SCHEMES = ("hf", "tp", "gguf")
 
 
 class Role(enum.Enum):
-    """What a tensor is, whatever it is called; the value is llama.cpp's tensor kind."""
+    """What a tensor is, whatever it is called; the value names llama.cpp's tensor kind (gguf.MODEL_TENSOR)."""
 
-    EMBEDDING = MODEL_TENSOR.TOKEN_EMBD
-    EMBEDDING_NORM = MODEL_TENSOR.TOKEN_EMBD_NORM
-    ATTN_NORM = MODEL_TENSOR.ATTN_NORM
-    ATTN_Q = MODEL_TENSOR.ATTN_Q
-    ATTN_K = MODEL_TENSOR.ATTN_K
-    ATTN_V = MODEL_TENSOR.ATTN_V
-    ATTN_QKV = MODEL_TENSOR.ATTN_QKV
-    ATTN_OUT = MODEL_TENSOR.ATTN_OUT
-    FFN_NORM = MODEL_TENSOR.FFN_NORM
-    FFN_GATE = MODEL_TENSOR.FFN_GATE
-    FFN_UP = MODEL_TENSOR.FFN_UP
-    FFN_DOWN = MODEL_TENSOR.FFN_DOWN
-    OUTPUT_NORM = MODEL_TENSOR.OUTPUT_NORM
-    OUTPUT = MODEL_TENSOR.OUTPUT
+    EMBEDDING = "TOKEN_EMBD"
+    EMBEDDING_NORM = "TOKEN_EMBD_NORM"
+    ATTN_NORM = "ATTN_NORM"
+    ATTN_Q = "ATTN_Q"
+    ATTN_K = "ATTN_K"
+    ATTN_V = "ATTN_V"
+    ATTN_QKV = "ATTN_QKV"
+    ATTN_OUT = "ATTN_OUT"
+    FFN_NORM = "FFN_NORM"
+    FFN_GATE = "FFN_GATE"
+    FFN_UP = "FFN_UP"
+    FFN_DOWN = "FFN_DOWN"
+    OUTPUT_NORM = "OUTPUT_NORM"
+    OUTPUT = "OUTPUT"
 
 
 VOCAB_ROLES = (Role.EMBEDDING, Role.OUTPUT)  # tensors whose rows are indexed by token id
@@ -66,9 +65,13 @@ class TensorSpec:
     part: str  # "weight" or "bias"
     hf: str
     tp: tuple[str, ...] | None
-    gguf: str | None
+    in_gguf: bool = True
     to_gguf: Transform = Transform.NONE
     to_tp: Transform = Transform.NONE
+
+    @property
+    def gguf(self) -> str | None:
+        return gguf_name(self.role, self.part) if self.in_gguf else None
 
     def names(self, scheme: str) -> tuple[str, ...]:
         if scheme == "tp":
@@ -82,16 +85,18 @@ class TensorSpec:
         return "{n}" in self.hf
 
 
+@functools.cache
 def gguf_name(role: Role, part: str = "weight") -> str:
     """llama.cpp's name of `role` (gguf-py's TENSOR_NAMES), with `{n}` for the block index."""
-    return gguf.TENSOR_NAMES[role.value].format(bid="{n}") + "." + part
+    import gguf
+    return gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[role.value]].format(bid="{n}") + "." + part
 
 
 def tensor(role: Role, hf: str, tp: str | tuple[str, ...] | None, part: str = "weight", *,
            to_gguf: Transform = Transform.NONE, to_tp: Transform = Transform.NONE, in_gguf: bool = True) -> TensorSpec:
     """A TensorSpec whose GGUF name is taken from gguf-py."""
     tps = (tp,) if isinstance(tp, str) else tp
-    return TensorSpec(role, part, hf, tps, gguf_name(role, part) if in_gguf else None, to_gguf, to_tp)
+    return TensorSpec(role, part, hf, tps, in_gguf, to_gguf, to_tp)
 
 
 class Hparams(NamedTuple):
@@ -151,7 +156,7 @@ class ArchSpec:
 
     name: str                       # HF model_type
     hf_class: str                   # config.json `architectures`
-    gguf_arch: gguf.MODEL_ARCH
+    gguf_arch: str                  # gguf.MODEL_ARCH member name
     tensors: tuple[TensorSpec, ...]
     config: ConfigRules
     vocab: GGUFVocab
@@ -161,19 +166,20 @@ class ArchSpec:
     alias_of: str | None = None
     hf_fields: dict = field(default_factory=dict)  # extra HF config fields of a converted checkpoint
 
-    def __post_init__(self) -> None:
-        known = gguf.MODEL_TENSORS[self.gguf_arch]
-        wrong = [t.role.name for t in self.tensors if t.gguf and t.role.value not in known]
-        if wrong:
-            raise ValueError(f"{self.name}: llama.cpp's {self.gguf_name} has no {', '.join(wrong)} tensor")
-
     def __hash__(self) -> int:
         return hash(self.name)
 
     @property
     def gguf_name(self) -> str:
         """general.architecture of the GGUF file."""
-        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+        import gguf
+        return gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[self.gguf_arch]]
+
+    def gguf_problems(self) -> list[str]:
+        """Roles llama.cpp's architecture has no tensor for (a spec's own consistency check)."""
+        import gguf
+        known = gguf.MODEL_TENSORS[gguf.MODEL_ARCH[self.gguf_arch]]
+        return [t.role.name for t in self.tensors if t.in_gguf and gguf.MODEL_TENSOR[t.role.value] not in known]
 
     @property
     def tencentpretrain(self) -> TPRules:
@@ -192,13 +198,15 @@ class ArchSpec:
         return hit[0].role if hit else None
 
     @cached_property
-    def _patterns(self) -> dict[str, list[tuple[re.Pattern, TensorSpec, int]]]:
-        out: dict[str, list] = {s: [] for s in SCHEMES}
-        for t in self.tensors:
-            for scheme in SCHEMES:
-                for i, name in enumerate(t.names(scheme)):
-                    out[scheme].append((_regex(name), t, i))
-        return out
+    def _pattern_cache(self) -> dict[str, list[tuple[re.Pattern, TensorSpec, int]]]:
+        return {}
+
+    def _patterns(self, scheme: str) -> list[tuple[re.Pattern, TensorSpec, int]]:
+        """(regex, tensor, position) of every name in `scheme`, built on first use."""
+        if scheme not in self._pattern_cache:
+            self._pattern_cache[scheme] = [(_regex(name), t, i) for t in self.tensors
+                                           for i, name in enumerate(t.names(scheme))]
+        return self._pattern_cache[scheme]
 
     def normalize_hf(self, name: str) -> str:
         """The spec's spelling of an HF name (adds an omitted `hf_prefix`)."""
@@ -211,7 +219,7 @@ class ArchSpec:
         return self._match(self.normalize_hf(name) if scheme == "hf" else name, scheme)
 
     def _match(self, name: str, scheme: str) -> tuple[TensorSpec, int | None, int] | None:
-        for rx, t, pos in self._patterns[scheme]:
+        for rx, t, pos in self._patterns(scheme):
             m = rx.match(name)
             if m:
                 return t, int(m.group(1)) if m.groups() else None, pos

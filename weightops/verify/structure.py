@@ -41,7 +41,7 @@ def hf_named(model: Model, other_is_gguf: bool = False) -> dict[str, TensorRef]:
         return out
     skip = [p.replace("{n}", "*") for p in table.droppable]
     return {table.normalize_hf(r.name): r for r in ckpt.tensors if not matches_any(table.normalize_hf(r.name), skip)
-            and not (other_is_gguf and (hit := table.lookup(r.name, "hf")) and hit[0].gguf is None)}
+            and not (other_is_gguf and (hit := table.lookup(r.name, "hf")) and not hit[0].in_gguf)}
 
 
 def _digest(ref: TensorRef) -> str:

@@ -36,7 +36,7 @@ from common import Best, Measured, measure, python, rotated, set_cache, syntheti
 OURS = """
 import sys, time
 from pathlib import Path
-from weightops.ops.delta import {fn}
+from weightops.pipelines.deltas import {fn}
 t0 = time.perf_counter()
 {fn}(sys.argv[1], sys.argv[2], sys.argv[3])
 Path(sys.argv[4]).write_text(str(time.perf_counter() - t0))
@@ -87,7 +87,7 @@ def run(cmd: list[str], first: Path, second: Path, out: Path, cache: str) -> tup
 
 
 def contenders(job: str, baseline: bool) -> dict[str, list[str]]:
-    fn = {"apply": "apply_delta_checkpoint", "make": "make_delta_checkpoint"}[job]
+    fn = {"apply": "apply_delta", "make": "make_delta"}[job]
     found = {"ours": python(OURS.format(fn=fn)), "baseline": python(BASELINE.format(job=job)),
              "floor": ["sh", "-c", FLOOR, "floor"]}
     if not baseline:
@@ -97,7 +97,7 @@ def contenders(job: str, baseline: bool) -> dict[str, list[str]]:
 
 def same_tensors(a: Path, b: Path) -> bool:
     """Our output against the baseline's: float32 arithmetic rounded once equals in-place bf16."""
-    from weightops.checkpoint import open_checkpoint
+    from weightops.io.checkpoint import open_checkpoint
     ours = {r.name: r for r in open_checkpoint(a).tensors}
     theirs = {r.name: r for r in open_checkpoint(b).tensors}
     return ours.keys() == theirs.keys() and all(ours[n].raw().tobytes() == theirs[n].raw().tobytes() for n in ours)

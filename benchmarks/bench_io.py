@@ -23,7 +23,7 @@ from common import Best, measure, python, rotated, set_cache, synthetic_llama
 
 COPY = """
 import sys, time
-from weightops.checkpoint import open_checkpoint, save_hf
+from weightops.io.checkpoint import open_checkpoint, save_hf
 t1 = time.perf_counter()
 src = open_checkpoint(sys.argv[1])
 save_hf(src.tensors, sys.argv[2], aux_files=src.aux_files, inputs=[src.path], max_shard_size="2GB")

@@ -6,7 +6,7 @@ candidate, as a bf16 -> fp16 re-save is). Both run on CPU in float32 on the buil
 prompts tokenised by a tiny SentencePiece tokenizer and cut to --max-tokens per prompt.
 Each contender runs in a fresh process (peak memory measured from /proc):
 
-- ours:        weightops.verify.compare.verify (reference, free it, then candidate; the
+- ours:        weightops.pipelines.verify.verify_checkpoint (reference, free it, then candidate; the
                reference logits in RAM);
 - ours, spill: the same with the reference logits in a temporary file (ram_bytes=0);
 - both:        load both models with from_pretrained, run each on the same ids, compare with
@@ -29,8 +29,8 @@ from common import Measured, measure, python, synthetic_llama
 OURS = """
 import json, sys, time
 t0 = time.perf_counter()
-from weightops.verify.compare import verify
-doc = verify(sys.argv[1], sys.argv[2], tokenizer=sys.argv[3], max_tokens=int(sys.argv[4]), device="cpu",
+from weightops.pipelines.verify import verify_checkpoint
+doc = verify_checkpoint(sys.argv[1], sys.argv[2], tokenizer=sys.argv[3], max_tokens=int(sys.argv[4]), device="cpu",
              ram_bytes=int(sys.argv[5]))
 doc["work_s"] = time.perf_counter() - t0
 open(sys.argv[6], "w").write(json.dumps(doc))

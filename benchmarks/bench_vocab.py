@@ -27,7 +27,7 @@ from common import measure, python, synthetic_llama
 
 OURS = """
 import sys
-from weightops.ops.vocab import expand_vocab
+from weightops.pipelines.expand_vocab import expand_vocab
 expand_vocab(sys.argv[1], sys.argv[3], merge_spm=sys.argv[2], init="{init}")
 """
 
@@ -48,7 +48,7 @@ def synthetic_spm(path: Path, pieces: list[str]) -> Path:
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     from weightops import tiny
-    from weightops.tokenizer_edit import merge_spm
+    from weightops.io.tokenizer_edit import merge_spm
     base = tiny.train_spm(path.with_suffix(".base.model"), 400).read_bytes()
     extra = pb.ModelProto()
     for p in pieces:
@@ -85,7 +85,7 @@ def main() -> None:
         merged_tok = work / "merged-tok"
         merged_tok.mkdir()
         shutil.copyfile(tok / "tokenizer_config.json", merged_tok / "tokenizer_config.json")
-        from weightops import tokenizer_edit
+        from weightops.io import tokenizer_edit
         tokenizer_edit.copy_tokenizer_files(tok, merged_tok)
         tokenizer_edit.edit(merged_tok, merge=chinese)  # the baseline gets this for free
         merged_size = len(tokenizer_edit.load(merged_tok))

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from weightops.checkpoint import save_hf  # noqa: E402
+from weightops.io.checkpoint import save_hf  # noqa: E402
 from weightops.dtypes import name_of  # noqa: E402
 from weightops.stream import TensorRef  # noqa: E402
 

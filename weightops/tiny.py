@@ -51,7 +51,7 @@ def train_spm(path: Path, vocab_size: int = 400, seed: int = 0, lines: list[str]
 def spm_tokenizer_dir(directory: Path, vocab_size: int = 400, lines: list[str] | None = None) -> Path:
     """HF tokenizer files (tokenizer.model, tokenizer.json, tokenizer_config.json) for LLaMA,
     trained on `corpus()` or on `lines`."""
-    from .ops.convert import write_spm_tokenizer_files
+    from .pipelines.convert import write_spm_tokenizer_files
     directory = Path(directory)
     model = train_spm(directory / "tokenizer.model", vocab_size, lines=lines)
     write_spm_tokenizer_files(directory)
@@ -197,7 +197,7 @@ def chinese_lines(lines: int = 300, seed: int = 1) -> list[str]:
 
 def finetune(src: Path, dst: Path, *, scale: float = 0.02, seed: int = 1) -> Path:
     """A 'fine-tuned' copy of a tiny model (every weight nudged), streamed with save_hf."""
-    from .checkpoint import open_checkpoint, save_hf
+    from .io.checkpoint import open_checkpoint, save_hf
     ckpt = open_checkpoint(src)
 
     def nudge(i: int):

@@ -55,7 +55,7 @@ def model(request, tmp_path_factory) -> tuple[str, Path]:
 @pytest.fixture(scope="session")
 def gguf_f32(model, tmp_path_factory) -> tuple[Path, list[str]]:
     """The model exported as an F32 GGUF (once per architecture) and the export's warnings."""
-    from weightops.gguf_export import export_gguf
+    from weightops.pipelines.gguf import export_gguf
     warnings: list[str] = []
     out = tmp_path_factory.mktemp("gguf") / f"{model[0]}-f32.gguf"
     export_gguf(model[1], out, type="f32", warn=warnings.append)
@@ -67,7 +67,7 @@ def _ok(result) -> None:
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    from weightops.checkpoint import open_checkpoint
+    from weightops.io.checkpoint import open_checkpoint
     return {r.name: r.load().clone() for r in open_checkpoint(path).tensors}
 
 

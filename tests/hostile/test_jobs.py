@@ -13,6 +13,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from weightops import jobs
+from weightops.pipelines.manifest import create_manifest
 from weightops.verify import hash_cache, manifest
 
 
@@ -145,7 +146,7 @@ def release(tmp_path, tiny_llama) -> Path:
     file and a TencentPretrain directory."""
     base = tmp_path / "base"
     shutil.copytree(tiny_llama, base)
-    manifest.create(base)
+    create_manifest(base)
     steps = _gguf("g", "g.gguf") + ('[[steps]]\nname = "tp"\nop = "convert"\ninput = "@base"\noutput = "tp"\n'
                                     'to = "tencentpretrain"\n')
     return _write_job(tmp_path, steps)

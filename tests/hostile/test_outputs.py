@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from weightops import jobs
-from weightops.checkpoint import open_checkpoint, save_hf
+from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.errors import WeightopsError
 from weightops.io import outputs
 from weightops.io.outputs import MARKER, XATTR, Output
@@ -147,7 +147,7 @@ def test_demo_never_deletes_user_files(cli, tmp_path, monkeypatch):
     """`demo . --force` in a directory of user files, and `demo DIR --force` on one, refuse;
     the demo's own earlier WORKDIR is replaced (models and job stubbed: the real demo takes
     minutes and runs in tests/core)."""
-    from weightops import demo
+    from weightops.jobs import demo
 
     def fake_models(models: Path) -> None:
         models.mkdir(parents=True)

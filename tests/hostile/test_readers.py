@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import weightops.cli.core  # noqa: F401  (likewise: the inspect command's modules)
-from weightops.checkpoint import open_checkpoint
+from weightops.io.checkpoint import open_checkpoint
 from weightops.errors import WeightopsError
 
 # --- helpers -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from weightops import tiny
-from weightops.tokenizer_files import read_tokenizer_files
+from weightops.io.tokenizer_files import read_tokenizer_files
 
 BOTH = ("tokenizer.json", "tokenizer.model", "3 tokens", "400")
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from weightops.checkpoint import open_checkpoint, save_hf
+from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
 from weightops.io.outputs import MARKER, Output

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from weightops.checkpoint import open_checkpoint, save_hf
+from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
 from weightops.io.index import parse_size, plan_shards
@@ -190,7 +190,7 @@ def test_pass_through_copy_never_imports_torch(tmp_path, tiny_llama):
     copy only; importing torch would cost more than `cp` of a 1 GB model (issue 2)."""
     import subprocess
     import sys
-    code = ("import sys; from weightops.checkpoint import open_checkpoint, save_hf; c = open_checkpoint(sys.argv[1]); "
+    code = ("import sys; from weightops.io.checkpoint import open_checkpoint, save_hf; c = open_checkpoint(sys.argv[1]); "
             "save_hf(c.tensors, sys.argv[2], aux_files=c.aux_files, inputs=[c.path]); "
             "print(sorted(m for m in ('torch', 'numpy', 'gguf', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(tmp_path / "copy")],

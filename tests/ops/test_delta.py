@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from weightops.checkpoint import open_checkpoint, save_hf
+from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
 from weightops.io.index import write_index
 from weightops.io.torchbin import write_torch_bin
-from weightops.ops.delta import apply_delta, apply_delta_checkpoint, make_delta, make_delta_checkpoint
+from weightops.ops.delta import apply_delta, make_delta
+from weightops.pipelines import deltas
 from weightops.stream import TensorRef
 
 
@@ -99,7 +100,7 @@ def _save(tensors: dict, out: Path, like: Path, **kw) -> Path:
 def test_float32_delta_round_trips_bit_for_bit(case, request, tmp_path, load_all):
     base, target = (request.getfixturevalue(n) for n in CASES[case])
     b, t = load_all(base), load_all(target)
-    report = make_delta_checkpoint(base, target, tmp_path / "delta", dtype=torch.float32)
+    report = deltas.make_delta(base, target, tmp_path / "delta", dtype=torch.float32)
     assert report.warnings == [] and sum(d for d, _ in report.round_trip.values()) == 0
     delta = load_all(tmp_path / "delta")
     assert set(delta) == set(t)
@@ -114,7 +115,7 @@ def test_float32_delta_round_trips_bit_for_bit(case, request, tmp_path, load_all
     assert sorted(report.expanded) == sorted(expanded)
     assert bool(expanded) == case.endswith("expanded-vocab")
 
-    report = apply_delta_checkpoint(base, tmp_path / "delta", tmp_path / "out", dtype=torch.bfloat16)
+    report = deltas.apply_delta(base, tmp_path / "delta", tmp_path / "out", dtype=torch.bfloat16)
     assert report.warnings == []
     _assert_bit_equal(load_all(tmp_path / "out"), t)
     out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -126,7 +127,7 @@ def test_float32_delta_round_trips_bit_for_bit(case, request, tmp_path, load_all
 
 def test_16bit_delta_warns_with_the_fraction_that_does_not_round_trip(cli, tmp_path, tiny_llama, llama_ft_vocab,
                                                                       load_all):
-    report = make_delta_checkpoint(tiny_llama, llama_ft_vocab, tmp_path / "delta")  # auto: target's bf16
+    report = deltas.make_delta(tiny_llama, llama_ft_vocab, tmp_path / "delta")  # auto: target's bf16
     b, t = load_all(tiny_llama), load_all(llama_ft_vocab)
     expected = {}
     for name, tt in t.items():  # oracle: whole tensors, plain torch
@@ -149,30 +150,30 @@ def test_16bit_delta_warns_with_the_fraction_that_does_not_round_trip(cli, tmp_p
 def test_replace_carries_tensors_whole(tmp_path, tiny_llama, llama_ft_vocab, load_all):
     b, t = load_all(tiny_llama), load_all(llama_ft_vocab)
     globs = ["*embed_tokens*", "lm_head*"]
-    report = make_delta_checkpoint(tiny_llama, llama_ft_vocab, tmp_path / "delta", dtype=torch.float32, replace=globs)
+    report = deltas.make_delta(tiny_llama, llama_ft_vocab, tmp_path / "delta", dtype=torch.float32, replace=globs)
     assert sorted(report.replaced) == ["lm_head.weight", "model.embed_tokens.weight"] and report.expanded == []
     d = load_all(tmp_path / "delta")
     assert torch.equal(d["lm_head.weight"], t["lm_head.weight"].float())
     assert torch.equal(d["model.embed_tokens.weight"], t["model.embed_tokens.weight"].float())
     q = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(d[q], t[q].float() - b[q].float())
-    apply_delta_checkpoint(tiny_llama, tmp_path / "delta", tmp_path / "out", dtype=torch.bfloat16, replace=globs)
+    deltas.apply_delta(tiny_llama, tmp_path / "delta", tmp_path / "out", dtype=torch.bfloat16, replace=globs)
     _assert_bit_equal(load_all(tmp_path / "out"), t)
 
     with pytest.raises(WeightopsError, match=r"--replace 'nothing\*' matches no tensor of DELTA"):
-        apply_delta_checkpoint(tiny_llama, tmp_path / "delta", tmp_path / "out2", replace=["nothing*"])
+        deltas.apply_delta(tiny_llama, tmp_path / "delta", tmp_path / "out2", replace=["nothing*"])
 
 
 def test_ziya_style_inv_freq_replaced_or_dropped_with_a_warning(tmp_path, tiny_llama, llama_ft, load_all):
-    make_delta_checkpoint(tiny_llama, llama_ft, tmp_path / "delta", dtype=torch.float32)
+    deltas.make_delta(tiny_llama, llama_ft, tmp_path / "delta", dtype=torch.float32)
     inv = "model.layers.0.self_attn.rotary_emb.inv_freq"
     freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
     _save({**load_all(tmp_path / "delta"), inv: freq}, tmp_path / "ziya", tmp_path / "delta")
 
-    apply_delta_checkpoint(tiny_llama, tmp_path / "ziya", tmp_path / "out", replace=["*rotary_emb.inv_freq"])
+    deltas.apply_delta(tiny_llama, tmp_path / "ziya", tmp_path / "out", replace=["*rotary_emb.inv_freq"])
     assert torch.equal(load_all(tmp_path / "out")[inv], freq)
 
-    report = apply_delta_checkpoint(tiny_llama, tmp_path / "ziya", tmp_path / "out2")
+    report = deltas.apply_delta(tiny_llama, tmp_path / "ziya", tmp_path / "out2")
     assert inv not in load_all(tmp_path / "out2")
     [warning] = report.warnings
     assert inv in warning and "only DELTA" in warning and "recomputes" in warning
@@ -180,18 +181,18 @@ def test_ziya_style_inv_freq_replaced_or_dropped_with_a_warning(tmp_path, tiny_l
 
 def test_bloom_names_with_and_without_the_transformer_prefix_are_joined(tmp_path, tiny_bloom, bloom_ft, load_all):
     """bigscience's own BLOOM files omit `transformer.`; fine-tunes saved by transformers have it."""
-    make_delta_checkpoint(tiny_bloom, bloom_ft, tmp_path / "delta", dtype=torch.float32)
+    deltas.make_delta(tiny_bloom, bloom_ft, tmp_path / "delta", dtype=torch.float32)
     b = load_all(tiny_bloom)
     _save({k.removeprefix("transformer."): v for k, v in b.items()}, tmp_path / "base", tiny_bloom)
     assert not any(n.startswith("transformer.") for n in open_checkpoint(tmp_path / "base").names())
-    apply_delta_checkpoint(tmp_path / "base", tmp_path / "delta", tmp_path / "out", dtype=torch.bfloat16)
+    deltas.apply_delta(tmp_path / "base", tmp_path / "delta", tmp_path / "out", dtype=torch.bfloat16)
     _assert_bit_equal(load_all(tmp_path / "out"), load_all(bloom_ft))
 
 
 # --- mismatches --------------------------------------------------------------------------------
 
 def test_every_mismatch_is_reported_naming_tensor_shapes_and_files(tmp_path, tiny_llama, llama_ft, load_all):
-    make_delta_checkpoint(tiny_llama, llama_ft, tmp_path / "delta", dtype=torch.float32)
+    deltas.make_delta(tiny_llama, llama_ft, tmp_path / "delta", dtype=torch.float32)
     d = load_all(tmp_path / "delta")
     k = "model.layers.0.self_attn.k_proj.weight"
     assert d[k].shape == (32, 64)
@@ -203,7 +204,7 @@ def test_every_mismatch_is_reported_naming_tensor_shapes_and_files(tmp_path, tin
     base_file, bad_file = str(tiny_llama / "model.safetensors"), str(tmp_path / "bad" / "model.safetensors")
 
     with pytest.raises(WeightopsError) as e:
-        apply_delta_checkpoint(tiny_llama, tmp_path / "bad", tmp_path / "out")
+        deltas.apply_delta(tiny_llama, tmp_path / "bad", tmp_path / "out")
     msg = str(e.value)
     lines = msg.splitlines()
     shape_line = next(x for x in lines if k in x)
@@ -223,20 +224,20 @@ def test_non_float_tensors_must_be_replaced(tmp_path, tiny_llama, llama_ft, load
     _save({**load_all(tiny_llama), "position_ids": ids}, tmp_path / "base", tiny_llama)
     _save({**load_all(llama_ft), "position_ids": ids}, tmp_path / "target", llama_ft)
     with pytest.raises(WeightopsError, match=r"'position_ids' is int64 in BASE .*--replace 'position_ids'"):
-        make_delta_checkpoint(tmp_path / "base", tmp_path / "target", tmp_path / "delta")
-    make_delta_checkpoint(tmp_path / "base", tmp_path / "target", tmp_path / "delta", replace=["position_ids"])
+        deltas.make_delta(tmp_path / "base", tmp_path / "target", tmp_path / "delta")
+    deltas.make_delta(tmp_path / "base", tmp_path / "target", tmp_path / "delta", replace=["position_ids"])
     assert torch.equal(load_all(tmp_path / "delta")["position_ids"], ids)
 
 
 @pytest.mark.parametrize("untied_side", ["BASE", "DELTA"])
 def test_tied_vs_untied_embeddings_is_an_error(untied_side, tmp_path, tiny_llama, llama_ft, load_all):
-    make_delta_checkpoint(tiny_llama, llama_ft, tmp_path / "delta", dtype=torch.float32)
+    deltas.make_delta(tiny_llama, llama_ft, tmp_path / "delta", dtype=torch.float32)
     untied = tiny_llama if untied_side == "BASE" else tmp_path / "delta"
     tied = _save({k: v for k, v in load_all(untied).items() if k != "lm_head.weight"}, tmp_path / "tied", untied)
     base, delta = (untied, tied) if untied_side == "BASE" else (tied, untied)
     with pytest.raises(WeightopsError, match=rf"tied vs untied embeddings: {untied_side} .* separate output head "
                                              r"'lm_head.weight' \(.*model.safetensors\)"):
-        apply_delta_checkpoint(base, delta, tmp_path / "out")
+        deltas.apply_delta(base, delta, tmp_path / "out")
 
 
 def test_checkpoints_in_other_naming_schemes_are_refused(tmp_path, tiny_llama):
@@ -244,7 +245,7 @@ def test_checkpoints_in_other_naming_schemes_are_refused(tmp_path, tiny_llama):
     write_torch_bin([TensorRef("embedding.word.embedding.weight", (4, 4), "F32", "m",
                                loader=lambda: torch.zeros(4, 4))], tp)
     with pytest.raises(WeightopsError, match=r"BASE .*tp.bin is a tencentpretrain checkpoint.*convert"):
-        apply_delta_checkpoint(tp, tiny_llama, tmp_path / "out")
+        deltas.apply_delta(tp, tiny_llama, tmp_path / "out")
 
 
 # --- guard rails -------------------------------------------------------------------------------
@@ -270,24 +271,24 @@ def test_guard_result_vanishes(tmp_path, tiny_llama, llama_ft, load_all):
     minus = {k: -(v.float() * 0.99) for k, v in load_all(tiny_llama).items()}
     _save(minus, tmp_path / "delta", llama_ft)
     with pytest.raises(WeightopsError, match=r"nearly vanish .*near 0.*model\.norm\.weight"):
-        apply_delta_checkpoint(tiny_llama, tmp_path / "delta", tmp_path / "out")
+        deltas.apply_delta(tiny_llama, tmp_path / "delta", tmp_path / "out")
 
 
 def test_guard_base_is_itself_a_delta(tmp_path, tiny_llama, llama_ft, load_all):
-    make_delta_checkpoint(tiny_llama, llama_ft, tmp_path / "d1", dtype=torch.float32)
+    deltas.make_delta(tiny_llama, llama_ft, tmp_path / "d1", dtype=torch.float32)
     g = torch.Generator().manual_seed(5)
     other = {k: 0.02 * torch.randn(v.shape, generator=g) for k, v in load_all(tmp_path / "d1").items()}
     _save(other, tmp_path / "other", tmp_path / "d1")  # another fine-tune's delta, independent of d1
     with pytest.raises(WeightopsError, match=r"DELTA .*'s norm weights are \d\.\d\dx the base's.* BASE .* is itself "
                                              r"a delta.*model\.norm\.weight"):
-        apply_delta_checkpoint(tmp_path / "d1", tmp_path / "other", tmp_path / "out")
+        deltas.apply_delta(tmp_path / "d1", tmp_path / "other", tmp_path / "out")
     with pytest.raises(WeightopsError, match=r"refusing to apply: BASE .*looks like a delta \(were BASE and DELTA"):
-        apply_delta_checkpoint(tmp_path / "d1", llama_ft, tmp_path / "out")
+        deltas.apply_delta(tmp_path / "d1", llama_ft, tmp_path / "out")
     with pytest.raises(WeightopsError, match=r"refusing to make a delta: BASE .*looks like a delta.*input_layernorm"):
-        make_delta_checkpoint(tmp_path / "d1", llama_ft, tmp_path / "d2")
+        deltas.make_delta(tmp_path / "d1", llama_ft, tmp_path / "d2")
     with pytest.raises(WeightopsError, match=r"refusing to make a delta: TARGET .*looks like a delta"):
-        make_delta_checkpoint(tiny_llama, tmp_path / "d1", tmp_path / "d3")
-    make_delta_checkpoint(tiny_llama, tmp_path / "d1", tmp_path / "d3", allow_suspicious=True)
+        deltas.make_delta(tiny_llama, tmp_path / "d1", tmp_path / "d3")
+    deltas.make_delta(tiny_llama, tmp_path / "d1", tmp_path / "d3", allow_suspicious=True)
     assert (tmp_path / "d3" / "model.safetensors").is_file()
 
 
@@ -296,9 +297,9 @@ def test_guard_accepts_a_fine_tune_with_frozen_norms(tmp_path, tiny_llama, load_
     b = load_all(tiny_llama)
     target = {k: v if v.dim() == 1 else (v.float() + 0.01).bfloat16() for k, v in b.items()}
     _save(target, tmp_path / "target", tiny_llama)
-    make_delta_checkpoint(tiny_llama, tmp_path / "target", tmp_path / "delta", dtype=torch.float32)
+    deltas.make_delta(tiny_llama, tmp_path / "target", tmp_path / "delta", dtype=torch.float32)
     assert all(not v.any() for k, v in load_all(tmp_path / "delta").items() if v.dim() == 1)
-    apply_delta_checkpoint(tiny_llama, tmp_path / "delta", tmp_path / "out", dtype=torch.bfloat16)
+    deltas.apply_delta(tiny_llama, tmp_path / "delta", tmp_path / "out", dtype=torch.bfloat16)
     _assert_bit_equal(load_all(tmp_path / "out"), target)
 
 
@@ -329,13 +330,13 @@ def _groups(path: Path) -> set[frozenset]:
 
 def test_sharded_inputs_with_other_boundaries_and_mixed_formats(tmp_path, tiny_llama, llama_ft_vocab, load_all):
     b, t = load_all(tiny_llama), load_all(llama_ft_vocab)
-    make_delta_checkpoint(tiny_llama, llama_ft_vocab, tmp_path / "delta", dtype=torch.float32)
+    deltas.make_delta(tiny_llama, llama_ft_vocab, tmp_path / "delta", dtype=torch.float32)
     # safetensors base in 40 KB shards, .bin delta in reversed 3-tensor shards
     base_st = _save(b, tmp_path / "base_st", tiny_llama, max_shard_size="40KB")
     delta_bin = _write_bin_shards(load_all(tmp_path / "delta"), tmp_path / "delta_bin", tmp_path / "delta", 3)
     assert open_checkpoint(base_st).format == "hf-safetensors" and open_checkpoint(delta_bin).format == "hf-bin"
     assert len(_groups(base_st)) > 2 and len(_groups(delta_bin)) > 2 and _groups(base_st) != _groups(delta_bin)
-    apply_delta_checkpoint(base_st, delta_bin, tmp_path / "out", dtype=torch.bfloat16, max_shard_size="100KB")
+    deltas.apply_delta(base_st, delta_bin, tmp_path / "out", dtype=torch.bfloat16, max_shard_size="100KB")
     _assert_bit_equal(load_all(tmp_path / "out"), t)
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
 
@@ -344,7 +345,7 @@ def test_sharded_inputs_with_other_boundaries_and_mixed_formats(tmp_path, tiny_l
     base_bin.mkdir()
     write_torch_bin(_refs(b), base_bin / "pytorch_model.bin")
     delta_st = _save(load_all(tmp_path / "delta"), tmp_path / "delta_st", tmp_path / "delta", max_shard_size="50KB")
-    apply_delta_checkpoint(base_bin, delta_st, tmp_path / "out2", dtype=torch.bfloat16)
+    deltas.apply_delta(base_bin, delta_st, tmp_path / "out2", dtype=torch.bfloat16)
     _assert_bit_equal(load_all(tmp_path / "out2"), t)
 
 
@@ -360,7 +361,7 @@ def test_each_input_tensor_is_read_once_while_streaming(tmp_path, tiny_llama, ll
             return TensorRef(r.name, r.shape, r.dtype_name, r.source, loader=load)
         return [wrap(r) for r in open_checkpoint(path).tensors]
 
-    from weightops.ops.delta import DeltaReport
+    from weightops.pipelines.deltas import DeltaReport
     report = DeltaReport()
     refs = make_delta(counted(tiny_llama), counted(llama_ft), report=report)
     assert loads == {k: 1 for k in loads} and all("norm" in k for k in loads)  # guard: norm gains only
@@ -385,7 +386,7 @@ def test_16bit_apply_equals_in_place_param_plus_delta(dtype, tmp_path, tiny_llam
         delta[name] = ((0.01 if is_norm else 0.3) * torch.randn(v.shape, generator=g)).to(dtype)
     _save(base, tmp_path / "base", tiny_llama)
     _save(delta, tmp_path / "delta", tiny_llama)
-    apply_delta_checkpoint(tmp_path / "base", tmp_path / "delta", tmp_path / "out")  # auto: delta's dtype
+    deltas.apply_delta(tmp_path / "base", tmp_path / "delta", tmp_path / "out")  # auto: delta's dtype
 
     reference_base = load_file(tmp_path / "base" / "model.safetensors")
     reference_delta = load_file(tmp_path / "delta" / "model.safetensors")

@@ -6,7 +6,9 @@ from pathlib import Path
 import click
 
 from .. import dtypes
-from ..quant.bnb import QUANT_TYPES, bnb_checkpoint
+from ..devices import DEVICES
+from ..pipelines.bnb import export_bnb
+from ..quant.bnb import QUANT_TYPES
 from . import main
 
 
@@ -54,7 +56,7 @@ from . import main
               help="Keep these linear weights unquantized too (shell globs on tensor names, repeatable), e.g. "
                    "'*.mlp.down_proj.weight'. Recorded with lm_head in llm_int8_skip_modules so that loading "
                    "keeps them. A glob that matches no linear weight is an error.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where bitsandbytes quantizes: auto = CUDA if torch sees a GPU, else the CPU (bitsandbytes' "
                    "CPU backend). The tensors are those transformers writes when it quantizes on the same kind "
                    "of device.")
@@ -67,7 +69,7 @@ def bnb(model: Path, output: Path, bits: str, quant_type: str, double_quant: boo
         skip: tuple[str, ...], device: str, max_shard_size: str, force: bool) -> None:
     if double_quant and bits == "8":
         raise click.UsageError("--double-quant applies to --bits 4 only")
-    report = bnb_checkpoint(model, output, bits=int(bits), quant_type=quant_type, double_quant=double_quant,
+    report = export_bnb(model, output, bits=int(bits), quant_type=quant_type, double_quant=double_quant,
                             compute_dtype=compute_dtype, skip=skip, device=device, max_shard_size=max_shard_size,
                             force=force)
     kind = "int8" if bits == "8" else quant_type + (" double-quant" if double_quant else "")

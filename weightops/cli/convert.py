@@ -7,7 +7,7 @@ import click
 
 from .. import dtypes
 from ..arch import supported
-from ..ops.convert import TARGETS, convert
+from ..pipelines.convert import TARGETS, convert_checkpoint
 from . import main, warn
 
 
@@ -64,7 +64,7 @@ def convert_cmd(input: Path, output: Path, to: str, arch: str | None, tp_config:
     Unknown or missing tensors are errors listing them: TencentPretrain itself loads with
     strict=False and would ignore them silently. One tensor is in memory at a time.
     """
-    report = convert(input, output, to=to, arch=arch, tp_config=tp_config, tokenizer=tokenizer,
+    report = convert_checkpoint(input, output, to=to, arch=arch, tp_config=tp_config, tokenizer=tokenizer,
                      dtype=dtypes.from_choice(dtype), max_shard_size=max_shard_size, force=force)
     for w in report.warnings:
         warn(w)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..checkpoint import open_checkpoint
-from ..inspection import render, summarize
-from ..verify import manifest as manifest_lib
+from ..pipelines.inspect import inspect_checkpoint
+from ..pipelines.inspect import render
+from ..pipelines.manifest import check_manifest, create_manifest
 from . import main
 
 
@@ -24,7 +24,7 @@ def inspect(path: Path, as_json: bool, tp_config: Path | None) -> None:
     Only headers are read. PATH may be an HF directory or file (safetensors or .bin,
     sharded or not), a TencentPretrain .bin or sharded directory, or a GGUF file.
     """
-    summary = summarize(open_checkpoint(path, tp_config))
+    summary = inspect_checkpoint(path, tp_config)
     click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
 
 
@@ -37,7 +37,7 @@ def manifest() -> None:
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 def manifest_create(path: Path) -> None:
     """Write weightops-manifest.json into PATH (or FILE.weightops-manifest.json beside a file)."""
-    out = manifest_lib.create(path)
+    out = create_manifest(path)
     doc = json.loads(out.read_text())
     click.echo(f"wrote {out}: {len(doc['files'])} files, {len(doc['tensors'])} tensors")
 
@@ -46,5 +46,5 @@ def manifest_create(path: Path) -> None:
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 def manifest_check(path: Path) -> None:
     """Recompute every hash; exit 3 naming each file and tensor that differs."""
-    doc = manifest_lib.check(path)
+    doc = check_manifest(path)
     click.echo(f"ok: {len(doc['files'])} files and {len(doc['tensors'])} tensors match")

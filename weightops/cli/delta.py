@@ -6,7 +6,8 @@ from pathlib import Path
 import click
 
 from .. import dtypes
-from ..ops.delta import DeltaReport, apply_delta_checkpoint, make_delta_checkpoint
+from ..pipelines import deltas
+from ..pipelines.deltas import DeltaReport
 from . import main, warn
 
 _SEMANTICS = """
@@ -79,7 +80,7 @@ def _finish(output: Path, report: DeltaReport) -> None:
 @_options
 def apply_delta(base: Path, delta: Path, output: Path, dtype: str, replace: tuple[str, ...], max_shard_size: str,
                 force: bool, allow_suspicious_delta: bool) -> None:
-    report = apply_delta_checkpoint(base, delta, output, dtype=dtypes.from_choice(dtype), replace=replace, force=force,
+    report = deltas.apply_delta(base, delta, output, dtype=dtypes.from_choice(dtype), replace=replace, force=force,
                                     allow_suspicious=allow_suspicious_delta, max_shard_size=max_shard_size)
     _finish(output, report)
 
@@ -102,6 +103,6 @@ def apply_delta(base: Path, delta: Path, output: Path, dtype: str, replace: tupl
 @_options
 def make_delta(base: Path, target: Path, output: Path, dtype: str, replace: tuple[str, ...], max_shard_size: str,
                force: bool, allow_suspicious_delta: bool) -> None:
-    report = make_delta_checkpoint(base, target, output, dtype=dtypes.from_choice(dtype), replace=replace, force=force,
+    report = deltas.make_delta(base, target, output, dtype=dtypes.from_choice(dtype), replace=replace, force=force,
                                    allow_suspicious=allow_suspicious_delta, max_shard_size=max_shard_size)
     _finish(output, report)

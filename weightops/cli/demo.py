@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .. import demo as demo_lib
+from ..jobs import demo as demo_lib
 from . import main
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..gguf_export import DEVICES, QUALITIES, export_gguf
+from ..devices import DEVICES
+from ..pipelines.gguf import QUALITIES, export_gguf
 from ..quant.ggml_types import FILE_TYPE_NAMES, FILE_TYPES
 from . import main, warn
 

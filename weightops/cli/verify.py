@@ -7,8 +7,9 @@ from pathlib import Path
 import click
 
 from .. import dtypes
+from ..devices import DEVICES
 from ..io.outputs import Output
-from ..verify.compare import raise_if_failed, render, verify as verify_lib
+from ..pipelines.verify import raise_if_failed, render, verify_checkpoint
 from ..verify.gate import KINDS
 from . import echo_escaped, main
 
@@ -67,7 +68,7 @@ _DEFAULTS = "; ".join(f"{k} {kld:g}/{100 * top1:g}%" for k, (kld, top1) in KINDS
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="HF tokenizer directory to tokenise the prompts with, instead of the reference's own "
                    "(needed for a TencentPretrain reference, which carries no tokenizer).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="auto = CUDA when torch sees a GPU, else CPU. GGUF files use the GPU only when "
                    "llama-cpp-python was built with GPU support.")
 @click.option("--dtype", type=click.Choice(dtypes.DTYPE_CHOICES), default="auto",
@@ -96,7 +97,7 @@ def verify(reference: Path, candidate: Path, prompts: Path | None, tokenizer: Pa
            force: bool) -> None:
     report = None if json_out in (None, "-") else Output(
         json_out, [reference, candidate, prompts, tokenizer, tp_config], kind="file", force=force, what="--json")
-    result = verify_lib(reference, candidate, prompts=prompts, tokenizer=tokenizer, device=device, dtype=dtype,
+    result = verify_checkpoint(reference, candidate, prompts=prompts, tokenizer=tokenizer, device=device, dtype=dtype,
                         max_kld=max_kld, min_top1=min_top1, structure_only=structure_only,
                         gguf_runtime=gguf_runtime, tp_config=tp_config, max_tokens=max_tokens,
                         allow_tokenizer_mismatch=allow_tokenizer_mismatch,

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from ..errors import WeightopsError, names_file, shown
-from ..ops.vocab import INIT_RULES, VocabReport, expand_vocab
+from ..ops.vocab import INIT_RULES
+from ..pipelines.expand_vocab import VocabReport, expand_vocab
 from . import main
 
 

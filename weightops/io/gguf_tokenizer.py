@@ -27,7 +27,7 @@ import gguf
 from gguf import TokenType
 
 from ..errors import WeightopsError
-from ..tokenizer_files import read_tokenizer_files
+from .tokenizer_files import read_tokenizer_files
 from .special_vocab import SpecialVocab
 
 # llama.cpp identifies a BPE pre-tokenizer by hashing the ids its tokenizer gives for this text.

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from .. import dtypes
-from ..checkpoint import Checkpoint, open_checkpoint
+from ..devices import resolve_device
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..errors import WeightopsError
-from ..gguf_export import resolve_device
-from ..vocabulary import embedding_name
+from ..io.vocabulary import embedding_name
 
 GGUF_RUNTIMES = ("llama.cpp", "transformers")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -79,7 +79,7 @@ def _bnb_type(config: dict) -> str | None:
 
 def _hf_config(ckpt: Checkpoint) -> dict:
     if ckpt.format == "tencentpretrain":
-        from ..ops.remap import hf_view
+        from ..io.remap import hf_view
         return hf_view(ckpt)[1]
     return dict(ckpt.config or {})
 
@@ -209,7 +209,7 @@ def _tp_model(ckpt: Checkpoint, dev: torch.device, dt: torch.dtype) -> torch.nn.
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from ..ops.remap import hf_view
+    from ..io.remap import hf_view
     refs, cfg = hf_view(ckpt)
     config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
     state = {}

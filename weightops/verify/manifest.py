@@ -13,9 +13,8 @@ import os
 from pathlib import Path
 
 from .. import progress
-from ..checkpoint import open_checkpoint
-from ..errors import MismatchError, WeightopsError, names_file, shown
-from ..io.outputs import Output
+from ..io.checkpoint import open_checkpoint
+from ..errors import WeightopsError, names_file, shown
 from ..io.paths import check_link
 from ..stream import TensorRef
 
@@ -104,16 +103,6 @@ def compute(path: str | Path, hasher=None) -> dict:
     return {"manifest_version": 1, "files": file_hashes(path, hasher), "tensors": tensor_hashes(path)}
 
 
-def create(path: str | Path, hasher=None) -> Path:
-    """Write the manifest next to (file) or into (directory) the checkpoint, atomically. An
-    earlier manifest weightops wrote is replaced; any other file of that name is refused."""
-    out = Output(manifest_path(Path(path)), kind="file", force=True, what="manifest")
-    doc = compute(path, hasher)
-    with out.writing() as tmp:
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    return out.path
-
-
 def diff(expected: dict, actual: dict) -> list[str]:
     """Every file and tensor that differs, is missing, or is new."""
     problems = []
@@ -142,23 +131,3 @@ def _read_manifest(path: Path) -> dict:
         raise WeightopsError(f"{shown(path)}: not a weightops manifest (expected \"files\" and \"tensors\" "
                              "objects mapping names to {\"sha256\": ...})")
     return doc
-
-
-def check(path: str | Path) -> dict:
-    """Recompute and compare; raises MismatchError (exit 3) naming everything that differs."""
-    mpath = manifest_path(Path(path))
-    if not mpath.is_file():
-        raise WeightopsError(f"{mpath}: no manifest; create one with `weightops manifest create {path}`")
-    expected = _read_manifest(mpath)
-    path = Path(path)
-    actual = {"files": file_hashes(path)}
-    problems = []
-    try:
-        actual["tensors"] = tensor_hashes(path)
-    except WeightopsError as e:  # a damaged file: report it with the file differences
-        actual["tensors"] = expected.get("tensors", {})
-        problems.append(f"tensors unreadable: {e}")
-    problems = diff(expected, actual) + problems
-    if problems:
-        raise MismatchError(f"{path}: {len(problems)} difference(s) from {mpath.name}:\n  " + "\n  ".join(problems))
-    return actual

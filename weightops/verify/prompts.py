@@ -92,7 +92,7 @@ def hf_encoder(directory: Path) -> Encode:
     Tokenizer files that disagree are refused: transformers would pick one of them silently."""
     from transformers import AutoTokenizer
 
-    from ..tokenizer_files import read_tokenizer_files
+    from ..io.tokenizer_files import read_tokenizer_files
     read_tokenizer_files(directory).check()
     try:
         tok = AutoTokenizer.from_pretrained(str(directory))

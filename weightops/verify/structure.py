@@ -13,7 +13,7 @@ from typing import Any
 from .. import arch
 from .. import progress
 from ..stream import TensorRef, matches_any
-from ..vocabulary import vocab_triple
+from ..io.vocabulary import vocab_triple
 from .logits import Model
 from .manifest import sha256_tensor
 
@@ -28,7 +28,7 @@ def hf_named(model: Model, other_is_gguf: bool = False) -> dict[str, TensorRef]:
     rotary inv_freq buffers, and, opposite a GGUF file, what GGUF does not store."""
     ckpt = model.ckpt
     if ckpt.format == "tencentpretrain":
-        from ..ops.remap import hf_view
+        from ..io.remap import hf_view
         return {r.name: r for r in hf_view(ckpt)[0]}
     if not arch.is_supported(ckpt.architecture):
         return {r.name: r for r in ckpt.tensors}

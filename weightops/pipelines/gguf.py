@@ -17,25 +17,24 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from . import arch
-from .arch import ArchSpec, Role
-from .arch.transforms import to_gguf
-from . import progress
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import WeightopsError, shown
-from .io.gguf import GGUFTensor, plan_writer, write_gguf
-from .io.gguf_tokenizer import TokenizerSummary, add_tokenizer
-from .io.outputs import Output
-from .quant import ggml_types, policy
-from .stream import TensorRef, matches_any
+from .. import arch, progress
+from ..arch import ArchSpec, Role
+from ..arch.transforms import to_gguf
+from ..devices import resolve_device
+from ..errors import WeightopsError, shown
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.gguf import GGUFTensor, plan_writer, write_gguf
+from ..io.gguf_tokenizer import TokenizerSummary, add_tokenizer
+from ..io.outputs import Output
+from ..quant import ggml_types, policy
+from ..stream import TensorRef, matches_any
 
 QUALITIES = ("reference",)
-DEVICES = ("auto", "cpu", "cuda")
 CHUNK_ELEMENTS = 1 << 23  # values encoded at once on CPU (32 MiB of float32); 8x that on CUDA
 
 
 @dataclass
-class GGUFResult:
+class GGUFReport:
     output: Path
     architecture: str
     file_type: str
@@ -49,7 +48,7 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
                 tensor_types: Sequence[str] = (), quality: str = "reference", device: str = "auto",
                 tokenizer: str | Path | None = None, pre_tokenizer: str | None = None,
                 tp_config: str | Path | None = None, force: bool = False,
-                warn: Callable[[str], None] | None = None) -> GGUFResult:
+                warn: Callable[[str], None] | None = None) -> GGUFReport:
     """Write `model` as a llama.cpp GGUF file at `output` (atomically; refuses to overwrite
     without `force`). `type` is the GGUF type of the 2-D weights (see `quant.policy`),
     `tensor_types` are `GLOB=TYPE` overrides, `tokenizer` a directory with the HF tokenizer
@@ -103,19 +102,8 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
     total = sum(t.nbytes for t in planned)
     with progress.bar(total, f"gguf {qtype_name}") as bar:
         write_gguf(writer, planned, target, on_tensor=lambda t: bar.update(t.nbytes))
-    return GGUFResult(output, spec.gguf_name, file_type.name, {t.name: t.ggml_type.name for t in planned},
+    return GGUFReport(output, spec.gguf_name, file_type.name, {t.name: t.ggml_type.name for t in planned},
                       summary, output.stat().st_size, warnings)
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` is CUDA when torch sees a GPU, else CPU; `cuda` without a GPU is an error."""
-    if device not in DEVICES:
-        raise WeightopsError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise WeightopsError("--device cuda: torch sees no CUDA device; use --device cpu or auto")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
@@ -124,7 +112,7 @@ def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
     TencentPretrain goes through the remap view (config from its --tp-config and the shapes)."""
     if ckpt.format == "gguf":
         raise WeightopsError(f"{ckpt.path} is already a GGUF file; export from the HF or TencentPretrain checkpoint")
-    from .ops.remap import hf_view
+    from ..io.remap import hf_view
     refs, config = hf_view(ckpt)
     if not config:
         raise WeightopsError(f"{ckpt.path}: no config.json next to the weights; GGUF needs the hyper-parameters")

@@ -1,4 +1,4 @@
-"""`verify(reference, candidate)`: feed both models the same token ids, one model at a time,
+"""`verify_checkpoint(reference, candidate)`: feed both models the same token ids, one model at a time,
 compare their next-token distributions and gate the result.
 
 The result is a plain dict (the `weightops verify --json` document); `raise_if_failed`
@@ -12,17 +12,17 @@ from typing import Any, Callable, Sequence
 
 from .. import progress
 from ..errors import MismatchError, WeightopsError
-from . import gate
-from .logits import LogitStore, Model, describe, load_runner
-from .metrics import TokenMetrics, summarize, token_metrics
-from .prompts import (Prompt, Tokenized, default_prompts, first_difference, hf_encoder, llama_cpp_encoder,
+from ..verify import gate
+from ..verify.logits import LogitStore, Model, describe, load_runner
+from ..verify.metrics import TokenMetrics, summarize, token_metrics
+from ..verify.prompts import (Prompt, Tokenized, default_prompts, first_difference, hf_encoder, llama_cpp_encoder,
                       read_prompts, tokenize)
-from .structure import compare_structure, compare_tensors
+from ..verify.structure import compare_structure, compare_tensors
 
 WORST = 3
 
 
-def verify(reference: str | Path, candidate: str | Path, *, prompts: str | Path | Sequence[str] | None = None,
+def verify_checkpoint(reference: str | Path, candidate: str | Path, *, prompts: str | Path | Sequence[str] | None = None,
            tokenizer: str | Path | None = None, device: str = "auto", dtype: str | None = "auto",
            max_kld: float | None = None, min_top1: float | None = None, structure_only: bool = False,
            gguf_runtime: str = "llama.cpp", tp_config: str | Path | None = None, max_tokens: int | None = None,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import arch
-from .arch import Role
+from .. import arch
+from ..arch import Role
 from .checkpoint import Checkpoint
 from .tokenizer_files import read_tokenizer_files
 

@@ -13,7 +13,7 @@ import torch
 
 from weightops.errors import MismatchError, WeightopsError
 from weightops.verify import gate
-from weightops.verify.compare import raise_if_failed, verify
+from weightops.pipelines.verify import raise_if_failed, verify_checkpoint
 from weightops.verify.logits import LogitStore
 from weightops.verify.metrics import percentile, summarize, token_metrics
 from weightops.verify.prompts import default_prompts, first_difference, read_prompts
@@ -180,13 +180,13 @@ def test_loose_thresholds_let_the_perturbed_candidate_pass(cli, tiny_llama, pert
 
 
 def test_hf_vs_tencentpretrain_conversion_is_exactly_equal(tiny_llama, tp_llama, prompts_file):
-    doc = verify(tiny_llama, tp_llama, prompts=prompts_file)
+    doc = verify_checkpoint(tiny_llama, tp_llama, prompts=prompts_file)
     assert doc["candidate"]["format"] == "tencentpretrain"
     assert "remap" in doc["candidate"]["runtime"]
     assert doc["kld_mean"] == 0.0 and doc["kld_max"] == 0.0 and doc["max_abs_logit_diff"] == 0.0
     assert doc["top1_agreement"] == 1.0 and doc["passed"]
     # and the other way round, with the TencentPretrain side tokenising
-    back = verify(tp_llama, tiny_llama, prompts=prompts_file)
+    back = verify_checkpoint(tp_llama, tiny_llama, prompts=prompts_file)
     assert back["kld_max"] == 0.0 and back["tokens"] == doc["tokens"]
 
 
@@ -207,7 +207,7 @@ def test_structure_only_names_the_changed_tensor(cli, tiny_llama, perturbed_llam
 
 
 def test_structure_only_detects_a_foreign_vocabulary(tiny_llama, small_vocab_llama):
-    doc = verify(tiny_llama, small_vocab_llama, structure_only=True)
+    doc = verify_checkpoint(tiny_llama, small_vocab_llama, structure_only=True)
     assert not doc["passed"]
     assert any("embedding_rows 400 (reference) vs 300" in f for f in doc["failures"])
     assert any("shapes" in f for f in doc["failures"])
@@ -215,7 +215,7 @@ def test_structure_only_detects_a_foreign_vocabulary(tiny_llama, small_vocab_lla
 
 def test_hf_vs_gguf_q8_0_through_llama_cpp_passes_the_default_gate(gguf_available, calm_llama, q8_gguf,
                                                                    prompts_file):
-    doc = verify(calm_llama, q8_gguf, prompts=prompts_file)
+    doc = verify_checkpoint(calm_llama, q8_gguf, prompts=prompts_file)
     assert doc["candidate"]["runtime"].startswith("llama.cpp")
     assert doc["thresholds"] == {"max_kld": gate.KINDS["q8"][0], "min_top1": gate.KINDS["q8"][1],
                                  "candidate_kind": "q8", "source": "default for q8"}
@@ -227,21 +227,21 @@ def test_hf_vs_gguf_q8_0_through_llama_cpp_passes_the_default_gate(gguf_availabl
 
 def test_gguf_through_transformers_as_a_second_reader(calm_llama, q8_gguf, prompts_file):
     pytest.importorskip("accelerate")
-    doc = verify(calm_llama, q8_gguf, prompts=prompts_file, gguf_runtime="transformers")
+    doc = verify_checkpoint(calm_llama, q8_gguf, prompts=prompts_file, gguf_runtime="transformers")
     assert doc["candidate"]["runtime"].startswith("transformers (GGUF")
     assert doc["passed"], doc["failures"]
     assert 1e-6 < doc["kld_mean"] <= gate.KINDS["q8"][0]
 
 
 def test_bitsandbytes_int8_candidate_passes_the_q8_gate(calm_llama, int8_llama, prompts_file):
-    doc = verify(calm_llama, int8_llama, prompts=prompts_file)
+    doc = verify_checkpoint(calm_llama, int8_llama, prompts=prompts_file)
     assert doc["candidate"]["tensor_types"] == ["bnb-int8"] and doc["thresholds"]["candidate_kind"] == "q8"
     assert doc["passed"], doc["failures"]
     assert 1e-6 < doc["kld_mean"] <= gate.KINDS["q8"][0]
 
 
 def test_structure_only_hf_vs_gguf(calm_llama, q8_gguf):
-    doc = verify(calm_llama, q8_gguf, structure_only=True)
+    doc = verify_checkpoint(calm_llama, q8_gguf, structure_only=True)
     assert doc["passed"], doc["failures"]
     t = doc["tensors"]
     assert t["missing"] == [] and t["extra"] == [] and t["checksums"]["compared"] == 0
@@ -262,7 +262,7 @@ def test_foreign_tokenizer_candidate_is_detected(cli, tiny_llama, foreign_tokeni
 
 
 def test_candidate_vocabulary_too_small_is_refused_before_running(tiny_llama, small_vocab_llama, prompts_file):
-    doc = verify(tiny_llama, small_vocab_llama, prompts=prompts_file)
+    doc = verify_checkpoint(tiny_llama, small_vocab_llama, prompts=prompts_file)
     assert not doc["passed"] and "tokens" not in doc  # no model was run
     assert any("(300 rows) cannot represent token id" in f for f in doc["failures"])
     with pytest.raises(MismatchError, match="cannot represent"):
@@ -271,26 +271,26 @@ def test_candidate_vocabulary_too_small_is_refused_before_running(tiny_llama, sm
 
 def test_wrong_tokenizer_for_the_reference_is_an_error(tiny_llama, small_vocab_llama, spm_tokenizer, prompts_file):
     with pytest.raises(WeightopsError, match="only 300 embedding rows: wrong --tokenizer"):
-        verify(small_vocab_llama, small_vocab_llama, prompts=prompts_file, tokenizer=spm_tokenizer)
+        verify_checkpoint(small_vocab_llama, small_vocab_llama, prompts=prompts_file, tokenizer=spm_tokenizer)
 
 
 def test_device_auto_falls_back_to_cpu_and_cuda_without_gpu_is_refused(cli, tiny_llama, prompts_file):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    doc = verify(tiny_llama, tiny_llama, prompts=[PROMPT_TEXT], device="auto")
+    doc = verify_checkpoint(tiny_llama, tiny_llama, prompts=[PROMPT_TEXT], device="auto")
     assert doc["device"] == "cpu" and doc["reference"]["dtype"] == "float32"
     r = cli("verify", tiny_llama, tiny_llama, "--prompts", prompts_file, "--device", "cuda")
     assert r.exit_code == 1 and "no CUDA device" in r.stderr
 
 
 def test_max_tokens_and_dtype_override(tiny_llama):
-    doc = verify(tiny_llama, tiny_llama, prompts=[PROMPT_TEXT], max_tokens=8, dtype="bfloat16")
+    doc = verify_checkpoint(tiny_llama, tiny_llama, prompts=[PROMPT_TEXT], max_tokens=8, dtype="bfloat16")
     assert doc["tokens"] == 7 and doc["reference"]["dtype"] == "bfloat16" and doc["kld_max"] == 0.0
 
 
 def test_reference_logits_spilled_to_disk_give_the_same_result(tiny_llama, perturbed_llama, prompts_file):
-    in_ram = verify(tiny_llama, perturbed_llama, prompts=prompts_file, diagnose=False)
-    spilled = verify(tiny_llama, perturbed_llama, prompts=prompts_file, diagnose=False, ram_bytes=0)
+    in_ram = verify_checkpoint(tiny_llama, perturbed_llama, prompts=prompts_file, diagnose=False)
+    spilled = verify_checkpoint(tiny_llama, perturbed_llama, prompts=prompts_file, diagnose=False, ram_bytes=0)
     assert spilled["reference_logits_spilled_bytes"] > 0 and in_ram["reference_logits_spilled_bytes"] == 0
     for key in ("kld_mean", "kld_max", "top1_agreement", "max_abs_logit_diff", "ppl_ratio"):
         assert spilled[key] == in_ram[key]

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from weightops.checkpoint import open_checkpoint, save_hf
+from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.errors import MismatchError
+from weightops.pipelines.manifest import check_manifest, create_manifest
 from weightops.verify import manifest
 
 
@@ -37,7 +38,7 @@ def test_inspect_flags_vocab_disagreement(cli, tmp_path, tiny_llama):
 
 
 def test_vocab_triple_padding_is_not_drift():
-    from weightops.vocabulary import VocabTriple
+    from weightops.io.vocabulary import VocabTriple
     assert VocabTriple(512, 400, 512).agree and VocabTriple(512, 400, 512).padding_rows == 112
     assert not VocabTriple(512, 513, 512).agree  # a token without a row
     assert not VocabTriple(400, 400, 512).agree  # config drifted from the embedding
@@ -82,11 +83,11 @@ def test_manifest_check_reports_truncation_as_mismatch(tmp_path, tiny_bloom):
     src = open_checkpoint(tiny_bloom)
     out = tmp_path / "m"
     save_hf(src.tensors, out)
-    manifest.create(out)
+    create_manifest(out)
     f = out / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-10])
     with pytest.raises(MismatchError, match=r"(?s)file model\.safetensors: sha256.*tensors unreadable.*truncated"):
-        manifest.check(out)
+        check_manifest(out)
 
 
 def test_errors_are_one_line_and_debug_shows_traceback(cli, tmp_path, tiny_bloom):

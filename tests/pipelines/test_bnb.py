@@ -13,6 +13,7 @@ pytest.importorskip("accelerate")
 
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
+from weightops.pipelines.bnb import export_bnb  # noqa: E402
 from weightops.quant import bnb as bnb_lib  # noqa: E402
 
 # label -> (our options, BitsAndBytesConfig arguments)
@@ -155,11 +156,11 @@ def test_streams_one_weight_at_a_time_and_is_deterministic(tiny_bloom, tmp_path,
 
     monkeypatch.setattr(bnb_lib, "quantize_tensor", counting_quantize)
     monkeypatch.setattr(bnb_lib._Quantized, "take", tracking_take)
-    report = bnb_lib.bnb_checkpoint(tiny_bloom, tmp_path / "a", bits=4, double_quant=True, device="cpu",
+    report = export_bnb(tiny_bloom, tmp_path / "a", bits=4, double_quant=True, device="cpu",
                                     max_shard_size="30KB")
     assert len(calls) == len(report.quantized) == 8
     assert peak[0] == 1 and all(q._parts is None for q in alive)
-    bnb_lib.bnb_checkpoint(tiny_bloom, tmp_path / "b", bits=4, double_quant=True, device="cpu",
+    export_bnb(tiny_bloom, tmp_path / "b", bits=4, double_quant=True, device="cpu",
                            max_shard_size="30KB")
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir())

@@ -4,9 +4,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from .checkpoint import Checkpoint
-from .errors import shown
-from .vocabulary import embedding_name, vocab_triple
+from pathlib import Path
+
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..errors import shown
+from ..io.vocabulary import embedding_name, vocab_triple
 
 
 def _layers(names: list[str]) -> int | None:
@@ -21,6 +23,11 @@ def _heads(ckpt: Checkpoint) -> tuple[int | None, int | None]:
     heads = cfg.get("heads_num") or cfg.get("num_attention_heads") or cfg.get("n_head") or cfg.get(gguf)
     kv = cfg.get("local_kv_heads_num") or cfg.get("num_key_value_heads") or cfg.get(gguf + "_kv")
     return heads, kv or heads
+
+
+def inspect_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> dict:
+    """Open PATH (any supported format) and summarize it; see `summarize` for the keys."""
+    return summarize(open_checkpoint(path, tp_config))
 
 
 def summarize(ckpt: Checkpoint) -> dict:

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from weightops import tiny
-from weightops.checkpoint import open_checkpoint, save_hf
+from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
 from weightops.io.outputs import MARKER
 from weightops.io.tencentpretrain import write_tp
-from weightops.ops.remap import hf_view, tp_to_hf
+from weightops.io.remap import hf_view, tp_to_hf
 from weightops.stream import TensorRef
 
 IDS = torch.tensor([[1, 5, 77, 300, 12, 399, 42, 2, 260, 31]])
@@ -458,7 +458,7 @@ def test_vocab_size_is_embedding_rows_and_tokenizer_must_fit(cli, tmp_path, tiny
 
 
 def test_bloom_names_without_transformer_prefix(tiny_bloom):
-    from weightops.ops.remap import hf_to_tp
+    from weightops.io.remap import hf_to_tp
     ckpt = open_checkpoint(tiny_bloom)
     bare = [r.renamed(r.name.removeprefix("transformer.")) for r in ckpt.tensors]
     assert all(not r.name.startswith("transformer.") for r in bare)

@@ -13,11 +13,12 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from weightops import tiny
-from weightops.checkpoint import open_checkpoint
+from weightops.io.checkpoint import open_checkpoint
 from weightops.errors import WeightopsError
-from weightops.ops.vocab import RowPlan, expand_vocab, resize_matrix, resize_vocab, vocab_tensor_names
+from weightops.ops.vocab import RowPlan, resize_matrix, resize_vocab
+from weightops.pipelines.expand_vocab import expand_vocab, vocab_tensor_names
 from weightops.stream import TensorRef
-from weightops.tokenizer_edit import merge_spm
+from weightops.io.tokenizer_edit import merge_spm
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 

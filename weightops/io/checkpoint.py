@@ -10,19 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import arch
-from . import progress
-from .errors import WeightopsError
-from .io import gguf as gguf_io
-from .io import hf as hf_io
-from .io import tencentpretrain as tp_io
-from .io.config import read_config
-from .io.index import parse_size
-from .io.outputs import Output, content
-from .io.paths import member, members
-from .io.safetensors import read_safetensors
-from .io.torchbin import read_torch_bin
-from .stream import TensorRef, require_unique
+from .. import arch
+from .. import progress
+from ..errors import WeightopsError
+from . import gguf as gguf_io
+from . import hf as hf_io
+from . import tencentpretrain as tp_io
+from .config import read_config
+from .index import parse_size
+from .outputs import Output, content
+from .paths import member, members
+from .safetensors import read_safetensors
+from .torchbin import read_torch_bin
+from ..stream import TensorRef, require_unique
 
 FORMATS = ("hf-safetensors", "hf-bin", "tencentpretrain", "gguf")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from .errors import WeightopsError
+from ..errors import WeightopsError
 
 T = TypeVar("T")
 

@@ -17,16 +17,17 @@ from pathlib import Path
 
 import torch
 
-from .. import progress, tokenizer_edit
+from .. import progress
 from ..arch import get as get_arch
-from ..checkpoint import open_checkpoint, save_hf
+from ..io.checkpoint import open_checkpoint, save_hf
 from ..errors import WeightopsError
 from ..io import tencentpretrain as tp_io
+from ..io import tokenizer_edit
 from ..io.index import parse_size
 from ..io.outputs import Output, content
 from ..stream import cast
-from ..tokenizer_files import read_tokenizer_files
-from .remap import HF_FORMATS, hf_view, tp_view
+from ..io.remap import HF_FORMATS, hf_view, tp_view
+from ..io.tokenizer_files import read_tokenizer_files
 
 TARGETS = ("hf", "tencentpretrain")
 
@@ -41,7 +42,7 @@ class ConvertReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def convert(input: str | Path, output: str | Path, *, to: str, arch: str | None = None,
+def convert_checkpoint(input: str | Path, output: str | Path, *, to: str, arch: str | None = None,
             tp_config: str | Path | None = None, tokenizer: str | Path | None = None,
             dtype: torch.dtype | None = None, max_shard_size: str | None = None, force: bool = False) -> ConvertReport:
     """Convert `input` to format `to` ("hf" or "tencentpretrain") at `output`."""

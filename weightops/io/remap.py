@@ -19,7 +19,7 @@ from ..arch import ArchSpec, Hparams, Role, TensorSpec, Transform, check_config_
 from ..arch import get as get_arch
 from ..arch.transforms import fuse_qkv, permute_interleaved_to_rotary, permute_rotary_to_interleaved, rotary_heads, \
     split_qkv
-from ..checkpoint import Checkpoint
+from .checkpoint import Checkpoint
 from ..errors import WeightopsError
 from ..stream import TensorRef, matches_any
 

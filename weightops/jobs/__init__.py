@@ -54,11 +54,12 @@ from typing import Any
 
 import click
 
-from . import dtypes, progress
-from .errors import MismatchError, WeightopsError, names_file
-from .io import outputs
-from .verify import manifest as manifest_lib
-from .verify.hash_cache import HashCache
+from .. import dtypes, progress
+from ..errors import MismatchError, WeightopsError, names_file
+from ..io import outputs
+from ..pipelines.manifest import create_manifest
+from ..verify import manifest as manifest_lib
+from ..verify.hash_cache import HashCache
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -117,7 +118,7 @@ class _Problems:
 
 
 def _commands() -> dict[str, click.Command]:
-    from .cli import all_commands
+    from ..cli import all_commands
     commands = all_commands()
     cmds = {n: c for n, c in commands.items() if n not in _NO_STEP and not isinstance(c, click.Group)}
     cmds["manifest"] = commands["manifest"].commands["create"]
@@ -486,7 +487,7 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
                 entry["status"] = "ok"
                 output = None
                 if step.output is not None:
-                    mpath = manifest_lib.create(step.output, cache.sha256)
+                    mpath = create_manifest(step.output, cache.sha256)
                     files = json.loads(mpath.read_text())["files"]  # hashed from disk just now
                     output = {"files": files, "manifest": cache.sha256(mpath)}
                     report["artefacts"][step.name] = files
@@ -512,7 +513,7 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
 
 def _gguf_bytes_per_weight(type_name: str) -> float:
     """Of the 2-D weights of a `--type` (2 when unknown: click rejects it later)."""
-    from .quant import ggml_types
+    from ..quant import ggml_types
 
     ftype = ggml_types.find_file_type(type_name)
     return ggml_types.parse(ftype.tensor_type).bytes_per_weight if ftype else 2
@@ -538,7 +539,7 @@ def _estimate(step: Step, sizes: dict[Path, tuple[int, int]]) -> tuple[int, int]
 
 def plan(job: Job) -> dict:
     """What `--dry-run` prints: steps, inputs, outputs and expected sizes; writes nothing."""
-    from .checkpoint import open_checkpoint
+    from ..io.checkpoint import open_checkpoint
     sizes: dict[Path, tuple[int, int]] = {}
     for p in job.inputs.values():
         try:

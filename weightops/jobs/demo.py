@@ -10,8 +10,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from . import jobs, tiny
-from .io.outputs import Output
+from .. import jobs, tiny
+from ..io.outputs import Output
 
 
 def build_models(models: Path) -> None:

@@ -16,7 +16,7 @@ from weightops import arch as arch_tables
 from weightops.arch import Transform
 from weightops.arch.transforms import fuse_qkv, permute_interleaved_to_rotary, permute_rotary_to_interleaved
 from weightops.errors import WeightopsError
-from weightops.gguf_export import export_gguf
+from weightops.pipelines.gguf import export_gguf
 from weightops.io.gguf import read_metadata
 from weightops.quant import ggml_types, policy
 
@@ -368,7 +368,7 @@ def test_deterministic_bytes(tiny_llama, tmp_path, monkeypatch, qtype):
     """Same input, same bytes, also when tensors are encoded a few rows at a time."""
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     export(tiny_llama, a, qtype)
-    monkeypatch.setattr("weightops.gguf_export.CHUNK_ELEMENTS", 100)  # 1 row of 64 values per slab
+    monkeypatch.setattr("weightops.pipelines.gguf.CHUNK_ELEMENTS", 100)  # 1 row of 64 values per slab
     export(tiny_llama, b, qtype)
     assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
 
@@ -379,9 +379,9 @@ def test_tencentpretrain_to_gguf_in_one_pass(model_fixture, request, tmp_path):
     its HF original, with no HF checkpoint written in between."""
     import json
 
-    from weightops.checkpoint import open_checkpoint
+    from weightops.io.checkpoint import open_checkpoint
     from weightops.io.tencentpretrain import write_tp
-    from weightops.ops.remap import tp_view
+    from weightops.io.remap import tp_view
     model = request.getfixturevalue(model_fixture)
     refs, tp_config = tp_view(open_checkpoint(model))
     tp_dir = tmp_path / "tp"

@@ -153,7 +153,6 @@ def bench_model(name: str, model: Path, tokenizer: Path, work: Path, library: bo
 def kernel_throughput() -> None:
     """Values per second (wall and CPU) of the block kernels alone on one 5632 x 2048 float32
     tensor, in process: weightops' torch kernels and gguf.quants' numpy ones."""
-    import time
 
     import gguf
     import torch
@@ -163,8 +162,8 @@ def kernel_throughput() -> None:
     print("\n== kernels on one 5632 x 2048 float32 tensor (11.5 M values), CPU, "
           f"{torch.get_num_threads()} torch threads; M values per wall second / per CPU second")
     for qtype in ("q8_0", "q4_0"):
-        ours = min((_timed(lambda: ggml.quantize(x, qtype)) for _ in range(3)), key=lambda t: t[1])
-        numpy = _timed(lambda: gguf.quants.quantize(x.numpy(), getattr(gguf.GGMLQuantizationType, qtype.upper())))
+        ours = min((_timed(lambda q=qtype: ggml.quantize(x, q)) for _ in range(3)), key=lambda t: t[1])
+        numpy = _timed(lambda q=qtype: gguf.quants.quantize(x.numpy(), getattr(gguf.GGMLQuantizationType, q.upper())))
         n = x.numel() / 1e6
         print(f"{qtype}: weightops.quant.ggml {n / ours[0]:7.1f} / {n / ours[1]:7.1f}   "
               f"gguf.quants (numpy) {n / numpy[0]:7.1f} / {n / numpy[1]:7.1f}")

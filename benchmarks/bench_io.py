@@ -53,7 +53,8 @@ def run_size(work: Path, layers: int, repeat: int, cache: str) -> dict[str, Best
     for name, best in res.items():
         print(best.row(name))
     ours = res["weightops stream copy"]
-    print(f"wall ratio weightops / cp: {ours.wall / res['cp -r'].wall:.2f}x (work alone {ours.work / res['cp -r'].wall:.2f}x); "
+    print(f"wall ratio weightops / cp: {ours.wall / res['cp -r'].wall:.2f}x "
+          f"(work alone {ours.work / res['cp -r'].wall:.2f}x); "
           f"weightops / (cp && sync): {ours.wall / res['cp -r && sync'].wall:.2f}x")
     shutil.rmtree(out, ignore_errors=True)
     return res

@@ -23,16 +23,16 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+import common  # noqa: F401  (puts the repository on sys.path)
 import gguf
 import llama_cpp
 import numpy as np
 import torch
 from gguf import GGUFReader, GGUFWriter, quants
 
-import common  # noqa: F401  (puts the repository on sys.path)
 from weightops.quant import ggml
 
 FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
@@ -56,7 +56,7 @@ def libggml(fn, a: np.ndarray, qtype: str, threads: int) -> np.ndarray:
     bounds = np.linspace(0, a.shape[0], threads + 1).astype(int)
     workers = [threading.Thread(target=fn, args=(int(ggml.QTYPES[qtype]), a[lo:hi].ctypes.data,
                                                  out[lo:hi].ctypes.data, 0, hi - lo, a.shape[1], None))
-               for lo, hi in zip(bounds[:-1], bounds[1:])]
+               for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     for w in workers:
         w.start()
     for w in workers:
@@ -79,7 +79,7 @@ def write_gguf(path: Path, mats: list[np.ndarray], dtype: np.dtype) -> list[str]
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == np.float32 else gguf.LlamaFileType.MOSTLY_F16)
     names = [f"blk.{i // len(NAMES)}.{NAMES[i % len(NAMES)]}.weight" for i in range(len(mats))]
-    for name, m in zip(names, mats):
+    for name, m in zip(names, mats, strict=True):
         w.add_tensor(name, m.astype(dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -151,11 +151,14 @@ def run(args: argparse.Namespace, work: Path) -> None:
     for qtype in args.types:
         out_f32, out_f16 = work / f"out-f32-{qtype}.gguf", work / f"out-f16-{qtype}.gguf"
         contenders: dict[str, Callable[[], object]] = {
-            "weightops torch kernels (float32 input)": lambda: [ggml.quantize(t, qtype) for t in tensors],
-            "weightops torch kernels (float16 input)": lambda: [ggml.quantize(t, qtype) for t in tensors16],
-            "libggml ggml_quantize_chunk (kernel)": lambda: [libggml(chunk, m, qtype, args.threads) for m in mats],
-            "llama_model_quantize, F32 GGUF (tool)": lambda: llama_quantize(f32_file, out_f32, qtype, args.threads),
-            "llama_model_quantize, F16 GGUF (tool)": lambda: llama_quantize(f16_file, out_f16, qtype, args.threads),
+            # each lambda binds this iteration's values (default arguments), not the loop's last ones
+            "weightops torch kernels (float32 input)": lambda q=qtype: [ggml.quantize(t, q) for t in tensors],
+            "weightops torch kernels (float16 input)": lambda q=qtype: [ggml.quantize(t, q) for t in tensors16],
+            "libggml ggml_quantize_chunk (kernel)": lambda q=qtype: [libggml(chunk, m, q, args.threads) for m in mats],
+            "llama_model_quantize, F32 GGUF (tool)":
+                lambda q=qtype, out=out_f32: llama_quantize(f32_file, out, q, args.threads),
+            "llama_model_quantize, F16 GGUF (tool)":
+                lambda q=qtype, out=out_f16: llama_quantize(f16_file, out, q, args.threads),
         }
         best = {name: float("inf") for name in contenders}
         for _ in range(args.repeat):
@@ -172,9 +175,10 @@ def run(args: argparse.Namespace, work: Path) -> None:
         ours16 = [ggml.quantize(t, qtype).numpy().reshape(-1) for t in tensors16]
         tool32, tool16 = read_tensors(out_f32), read_tensors(out_f16)
         identical = (np.array_equal(ours[0], reference)
-                     and all(np.array_equal(o, libggml(chunk, m, qtype, args.threads)) for o, m in zip(ours, mats))
-                     and all(np.array_equal(o.reshape(-1), tool32[n]) for o, n in zip(ours, names))
-                     and all(np.array_equal(o, tool16[n]) for o, n in zip(ours16, names)))
+                     and all(np.array_equal(o, libggml(chunk, m, qtype, args.threads))
+                             for o, m in zip(ours, mats, strict=True))
+                     and all(np.array_equal(o.reshape(-1), tool32[n]) for o, n in zip(ours, names, strict=True))
+                     and all(np.array_equal(o, tool16[n]) for o, n in zip(ours16, names, strict=True)))
         for name, seconds in best.items():
             per = seconds / args.matrices * 1e3
             ours_s = best["weightops torch kernels (float16 input)" if "F16" in name

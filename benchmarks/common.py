@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from weightops.io.checkpoint import save_hf  # noqa: E402
 from weightops.dtypes import name_of  # noqa: E402
+from weightops.io.checkpoint import save_hf  # noqa: E402
 from weightops.stream import TensorRef  # noqa: E402
 
 
@@ -34,7 +34,8 @@ def llama_shapes(layers: int, hidden: int = 2048, intermediate: int = 5632, voca
         p = f"model.layers.{i}."
         shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
                        p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                       p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
+                       p + "mlp.gate_proj.weight": (intermediate, hidden),
+                       p + "mlp.up_proj.weight": (intermediate, hidden),
                        p + "mlp.down_proj.weight": (hidden, intermediate),
                        p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
     return shapes
@@ -102,7 +103,8 @@ class Measured:
     returncode: int
 
     def row(self, label: str) -> str:
-        return f"{label:<44} wall {self.wall_s:7.2f} s   peak RSS {self.peak_rss_mb:8.1f} MB   peak anon {self.peak_anon_mb:8.1f} MB"
+        return (f"{label:<44} wall {self.wall_s:7.2f} s   peak RSS {self.peak_rss_mb:8.1f} MB   "
+                f"peak anon {self.peak_anon_mb:8.1f} MB")
 
 
 @dataclass

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "weightops"
 
 # top-level package or module -> rank (higher may import lower)
 RANKS = {
-    "errors": 0, "dtypes": 0, "progress": 0, "stream": 0, "arch": 0, "devices": 0,
+    "errors": 0, "dtypes": 0, "progress": 0, "console": 0, "stream": 0, "arch": 0, "devices": 0,
     "io": 1,
     "ops": 2, "quant": 2, "verify": 2,
     "pipelines": 3, "tiny": 3,  # tiny builds checkpoints for tests and the demo

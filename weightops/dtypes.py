@@ -30,14 +30,14 @@ DTYPE_CHOICES: tuple[str, ...] = (AUTO, *FLOAT_CHOICES)
 _TORCH_PREFIX = "torch."  # names of other torch dtypes (not written to safetensors), e.g. "torch.complex64"
 
 
-def to_torch(name: str) -> "torch.dtype":
+def to_torch(name: str) -> torch.dtype:
     import torch
 
     entry = _TABLE.get(name)
     return getattr(torch, entry[0] if entry else name.removeprefix(_TORCH_PREFIX))
 
 
-def name_of(dtype: "torch.dtype") -> str:
+def name_of(dtype: torch.dtype) -> str:
     """The name of a torch dtype: safetensors' spelling, or "torch.<dtype>" outside the table."""
     text = str(dtype).removeprefix(_TORCH_PREFIX)
     for name, (attr, _, _) in _TABLE.items():
@@ -62,7 +62,7 @@ def is_float(name: str) -> bool:
     return entry[2] if entry else to_torch(name).is_floating_point
 
 
-def from_choice(choice: str | None) -> "torch.dtype | None":
+def from_choice(choice: str | None) -> torch.dtype | None:
     """A `--dtype` choice as a torch dtype; None for `auto` (or None)."""
     if choice is None or choice == AUTO:
         return None

@@ -9,8 +9,9 @@ from __future__ import annotations
 import fnmatch
 import math
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from . import dtypes
 from .errors import WeightopsError, describe, shown
@@ -106,14 +107,14 @@ class TensorRef:
         return self.numel * dtypes.itemsize(self.dtype_name)
 
     def derive(self, fn: Callable[[torch.Tensor], torch.Tensor], *, name: str | None = None,
-               shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> "TensorRef":
+               shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> TensorRef:
         """A new lazy reference whose data is `fn(self.load())`; declare any new shape/dtype."""
         upstream = self.load
         return replace(self, name=name or self.name, shape=tuple(shape) if shape is not None else self.shape,
                        dtype_name=dtypes.name_of(dtype) if dtype is not None else self.dtype_name,
                        loader=lambda: fn(upstream()), ggml_type=None, raw_loader=None, span=None)
 
-    def renamed(self, name: str) -> "TensorRef":
+    def renamed(self, name: str) -> TensorRef:
         """The same data under another name (a load error still names the tensor as its file has it)."""
         return replace(self, name=name, loader=self.load)
 
@@ -128,7 +129,8 @@ class BufferPool:
     maps fresh pages that the kernel must fault in and zero, which costs wall and CPU time
     (measured on make-delta: benchmarks/README.md). Buffers are raw bytes; a
     request is served by the smallest free buffer that fits, and at most `keep` free buffers
-    are kept (a writer has two tensors in flight). A consumer must not use a tensor after calling its reference's `release()`.
+    are kept (a writer has two tensors in flight). A consumer must not use a tensor after calling its
+    reference's `release()`.
     """
 
     def __init__(self, keep: int = 2):
@@ -169,7 +171,7 @@ def cast(stream: Stream, dtype: torch.dtype | None) -> Iterator[TensorRef]:
         if dtype is None or not ref.is_float or ref.dtype == dtype:
             yield ref
         else:
-            yield ref.derive(lambda t, d=dtype: t.to(d), dtype=dtype)
+            yield ref.derive(lambda t: t.to(dtype), dtype=dtype)
 
 
 def matches_any(name: str, patterns: Iterable[str]) -> bool:

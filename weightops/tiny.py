@@ -2,9 +2,9 @@
 
 The demo and the test suite share these builders: a LLaMA with GQA and a SentencePiece
 tokenizer shaped like LLaMA's (BPE, byte fallback, <unk>/<s>/</s>), a BLOOM with a
-byte-level BPE tokenizer, a Mistral (LLaMA's tensors, sliding-window config) and a Qwen2
-(q/k/v biases) with a byte-level BPE tokenizer split like Qwen2's. Sizes keep every matrix row a multiple of 32 so that all GGML
-block types apply.
+byte-level BPE tokenizer, a Mistral (LLaMA's tensors, sliding-window config) and a
+Qwen2 (q/k/v biases) with a byte-level BPE tokenizer split like Qwen2's. Sizes keep every
+matrix row a multiple of 32 so that all GGML block types apply.
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ def bpe_tokenizer_dir(directory: Path, vocab_size: int = 400) -> Path:
     """A BLOOM-style byte-level BPE tokenizer (<unk> 0, <s> 1, </s> 2, <pad> 3)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     from .io.gguf_tokenizer import BLOOM_SPLIT_REGEX
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([  # as BLOOM's own tokenizer.json
@@ -83,6 +84,7 @@ def qwen2_tokenizer_dir(directory: Path, vocab_size: int = 400) -> Path:
     pad), <|im_start|> 1, <|im_end|> 2, no BOS."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     from .io.gguf_tokenizer import QWEN2_SPLIT_REGEX
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([  # as Qwen2's own tokenizer.json

@@ -49,7 +49,8 @@ def _gguf(name: str, output: str, model: str = "@base") -> str:
 
 
 BAD_JOBS = {
-    "output is .": (_gguf("g", "."), 'output = "out"', "step 1 ('g'): output '.'", "is the job's output directory itself"),
+    "output is .": (_gguf("g", "."), 'output = "out"', "step 1 ('g'): output '.'",
+                    "is the job's output directory itself"),
     "output and job output are .": (_gguf("g", "."), 'output = "."', "step 1 ('g'): output '.'",
                                     "[job]: output '.' is the job file's own directory"),
     "output is the job output": (_gguf("g", "../out"), 'output = "out"', "step 1 ('g')",
@@ -110,7 +111,8 @@ def test_output_through_a_symlink_into_an_input_is_refused(cli, tmp_path, jobdir
     job = _write_job(jobdir, _gguf("g", "link"))
     before = _tree(tmp_path)
     r = cli("run", job)
-    assert r.exit_code == 1 and "step 1 ('g'): output 'link'" in r.stderr and "must be a relative path inside" in r.stderr
+    assert r.exit_code == 1 and "step 1 ('g'): output 'link'" in r.stderr
+    assert "must be a relative path inside" in r.stderr
     assert _tree(tmp_path) == before
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from weightops import jobs
-from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.errors import WeightopsError
 from weightops.io import outputs
+from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.io.outputs import MARKER, XATTR, Output
 from weightops.stream import TensorRef
 

@@ -17,8 +17,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import weightops.cli.core  # noqa: F401  (likewise: the inspect command's modules)
-from weightops.io.checkpoint import open_checkpoint
 from weightops.errors import WeightopsError
+from weightops.io.checkpoint import open_checkpoint
 
 # --- helpers -------------------------------------------------------------------------------
 

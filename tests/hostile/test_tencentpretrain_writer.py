@@ -66,7 +66,8 @@ def convert_to_tp(model: Path, output: Path, mode: str = "none", arg: str = "-",
                   driver: Path | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(driver), mode, arg, "--"] if driver else [sys.executable, "-m", "weightops"]
     return subprocess.run([*cmd, "convert", str(model), str(output), "--to", "tencentpretrain", *extra],
-                          capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 @pytest.fixture
@@ -126,7 +127,8 @@ def test_disk_full_on_a_real_file_system(tiny_llama: Path, tmp_path: Path) -> No
     """A 256 KiB tmpfs (needs root and mount; skipped otherwise) and a float32 model of ~1 MB."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True, check=False)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                             capture_output=True, check=False)
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:

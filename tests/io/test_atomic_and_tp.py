@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
+from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.io.outputs import MARKER, Output
 from weightops.io.tencentpretrain import write_tp
 from weightops.stream import TensorRef
@@ -42,7 +42,8 @@ def test_interrupted_writer_leaves_nothing(tmp_path, tiny_llama):
 
     refs = list(src.tensors)
     refs[5] = TensorRef(refs[5].name, refs[5].shape, refs[5].dtype_name, "x", loader=boom)
-    with pytest.raises(WeightopsError, match=rf"^x: tensor '{refs[5].name}': cannot load it: RuntimeError: disk on fire"):
+    message = rf"^x: tensor '{refs[5].name}': cannot load it: RuntimeError: disk on fire"
+    with pytest.raises(WeightopsError, match=message):
         save_hf(refs, tmp_path / "out", max_shard_size="60KB")
     assert list(tmp_path.iterdir()) == []
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
+from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.io.index import parse_size, plan_shards
 from weightops.io.outputs import MARKER
 from weightops.io.safetensors import read_safetensors, write_safetensors
@@ -21,7 +21,8 @@ def _refs(tensors: dict) -> list[TensorRef]:
 def test_writer_is_byte_identical_to_save_file(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {"b.w": torch.randn(3, 5, generator=g).half(), "a.w": torch.randn(4, generator=g),
-               "z": torch.randn(2, 2, generator=g).bfloat16(), "ids": torch.arange(7), "mask": torch.tensor([True, False]),
+               "z": torch.randn(2, 2, generator=g).bfloat16(), "ids": torch.arange(7),
+               "mask": torch.tensor([True, False]),
                "i8": torch.tensor([-3, 4], dtype=torch.int8), "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5)}
     save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
     write_safetensors(_refs(tensors), tmp_path / "ours.safetensors", metadata={"format": "pt"})

@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 
-from weightops.io.checkpoint import open_checkpoint
 from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
+from weightops.io.checkpoint import open_checkpoint
 from weightops.io.torchbin import read_torch_bin, write_torch_bin
 from weightops.stream import TensorRef
 

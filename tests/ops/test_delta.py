@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
+from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.io.index import write_index
 from weightops.io.torchbin import write_torch_bin
-from weightops.ops.delta import apply_delta, make_delta
+from weightops.ops.delta import make_delta
 from weightops.pipelines import deltas
 from weightops.stream import TensorRef
 

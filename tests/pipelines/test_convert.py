@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from weightops import tiny
-from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
+from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.io.outputs import MARKER
-from weightops.io.tencentpretrain import write_tp
 from weightops.io.remap import hf_view, tp_to_hf
+from weightops.io.tencentpretrain import write_tp
 from weightops.stream import TensorRef
 
 IDS = torch.tensor([[1, 5, 77, 300, 12, 399, 42, 2, 260, 31]])

@@ -13,12 +13,12 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from weightops import tiny
-from weightops.io.checkpoint import open_checkpoint
 from weightops.errors import WeightopsError
+from weightops.io.checkpoint import open_checkpoint
+from weightops.io.tokenizer_edit import merge_spm
 from weightops.ops.vocab import RowPlan, resize_matrix, resize_vocab
 from weightops.pipelines.expand_vocab import expand_vocab, vocab_tensor_names
 from weightops.stream import TensorRef
-from weightops.io.tokenizer_edit import merge_spm
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -52,7 +52,7 @@ def test_merge_keeps_base_ids_and_appends_in_order(spm_tokenizer, other_spm):
     merged.ParseFromString(merged_bytes)
     n = len(base.pieces)
     assert len(added) > 50 and len(merged.pieces) == n + len(added)
-    for old, new in zip(base.pieces, merged.pieces[:n]):  # old ids unchanged, bit for bit
+    for old, new in zip(base.pieces, merged.pieces[:n], strict=True):  # old ids unchanged, bit for bit
         assert old.SerializeToString() == new.SerializeToString()
     base_pieces = {p.piece for p in base.pieces}
     assert added == [p.piece for p in other.pieces if p.piece not in base_pieces]  # in the other model's order
@@ -199,7 +199,7 @@ def test_init_mean(llama_f32, tmp_path):
 def test_init_subtoken_mean_by_hand(llama_f32, spm_tokenizer, tmp_path):
     old, new, ids = _expand(llama_f32, tmp_path / "out")  # subtoken-mean is the default
     sp = spm.SentencePieceProcessor(model_file=str(spm_tokenizer / "tokenizer.model"))
-    for token, i in zip(["weightops", "春天来了"], ids):
+    for token, i in zip(["weightops", "春天来了"], ids, strict=True):
         pieces = sp.encode(token)  # the old tokenizer's pieces, no BOS (dummy prefix as in HF)
         assert len(pieces) >= 2 and 1 not in pieces
         for name in (EMB, HEAD):
@@ -261,12 +261,13 @@ def test_only_embedding_and_head_are_loaded_others_pass_through(tiny_llama):
     ckpt = open_checkpoint(tiny_llama)
 
     def spy(ref: TensorRef) -> TensorRef:
-        return TensorRef(ref.name, ref.shape, ref.dtype_name, ref.source, lambda r=ref: loaded.append(r.name) or r.load())
+        return TensorRef(ref.name, ref.shape, ref.dtype_name, ref.source,
+                         lambda r=ref: loaded.append(r.name) or r.load())
     refs = [spy(r) for r in ckpt.tensors]
     plan = RowPlan(400, 410, {i: i for i in range(400)}, {}, ())
     out = list(resize_vocab(refs, vocab_tensor_names(ckpt), plan, "mean"))
     assert loaded == []
-    for before, after in zip(refs, out):
+    for before, after in zip(refs, out, strict=True):
         if before.name in (EMB, HEAD):
             assert after.shape == (410, 64) and after.load().shape == (410, 64)
         else:

@@ -16,8 +16,8 @@ from weightops import arch as arch_tables
 from weightops.arch import Transform
 from weightops.arch.transforms import fuse_qkv, permute_interleaved_to_rotary, permute_rotary_to_interleaved
 from weightops.errors import WeightopsError
-from weightops.pipelines.gguf import export_gguf
 from weightops.io.gguf import read_metadata
+from weightops.pipelines.gguf import export_gguf
 from weightops.quant import ggml_types, policy
 
 PROMPT = "the quick brown fox jumps over lazy dog 1234. 我们发布了中文模型, tensor stream!"
@@ -147,7 +147,7 @@ def test_expanded_vocab_and_special_tokens(yayi_bloom, tmp_path, llama_cpp_run):
 
     _, llm = llama_cpp_run(out, [1])
     assert llm.n_vocab() == 416
-    assert llm.tokenize("<|End|>".encode(), add_bos=False, special=True) == [end]
+    assert llm.tokenize(b"<|End|>", add_bos=False, special=True) == [end]
     text = "<|Human|>hello world<|End|>"
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"]
 
@@ -380,8 +380,8 @@ def test_tencentpretrain_to_gguf_in_one_pass(model_fixture, request, tmp_path):
     import json
 
     from weightops.io.checkpoint import open_checkpoint
-    from weightops.io.tencentpretrain import write_tp
     from weightops.io.remap import tp_view
+    from weightops.io.tencentpretrain import write_tp
     model = request.getfixturevalue(model_fixture)
     refs, tp_config = tp_view(open_checkpoint(model))
     tp_dir = tmp_path / "tp"

@@ -1,12 +1,13 @@
 """inspect, manifest and the CLI's error contract."""
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.errors import MismatchError
+from weightops.io.checkpoint import open_checkpoint, save_hf
 from weightops.pipelines.manifest import check_manifest, create_manifest
 from weightops.verify import manifest
 
@@ -106,7 +107,13 @@ def test_demo_runs_the_release_template(cli, tmp_path):
     """The README's main command: every operator on tiny models, verified, with a report."""
     r = cli("demo", tmp_path / "demo")
     assert r.exit_code == 0, r.stderr
-    assert "Result: **PASSED**" in r.stdout
+    # the screen: one line per step, then a short summary (the tables are in the report)
+    assert r.stdout == "" and "Result: **PASSED**" in (tmp_path / "demo" / "release" / "release-report.md").read_text()
+    screen = r.stderr.splitlines()
+    assert len([line for line in screen if re.match(r"\[ ?\d+/17\] ok ", line)]) == 17, r.stderr
+    assert any(line.startswith("PASSED  tiny LLaMA chat") for line in screen), r.stderr
+    assert f"  report     {tmp_path / 'demo' / 'release' / 'release-report.md'}" in screen
+    assert "MatMul8bitLt" not in r.stderr and "sha256`" not in r.stderr
     report = json.loads((tmp_path / "demo" / "release" / "release-report.json").read_text())
     ops = {s["op"] for s in report["steps"]}
     assert ops == {"make-delta", "apply-delta", "convert", "expand-vocab", "gguf", "bnb", "verify", "manifest"}

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from weightops.errors import MismatchError, WeightopsError
-from weightops.verify import gate
 from weightops.pipelines.verify import raise_if_failed, verify_checkpoint
+from weightops.verify import gate
 from weightops.verify.logits import LogitStore
 from weightops.verify.metrics import percentile, summarize, token_metrics
 from weightops.verify.prompts import default_prompts, first_difference, read_prompts
@@ -75,7 +75,7 @@ def test_candidate_with_more_ids_is_compared_over_the_shared_ones():
     m = token_metrics(ref, cand, [0])
     p = [math.e / (math.e + 1), 1 / (math.e + 1)]
     q = [math.e / (math.e + 2), 1 / (math.e + 2)]
-    assert m.kld[0] == pytest.approx(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)), rel=1e-9)
+    assert m.kld[0] == pytest.approx(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True)), rel=1e-9)
 
 
 def test_percentile_is_llama_perplexity_interpolation():

@@ -53,7 +53,8 @@ def test_file_type_names_round_trip(name):
 
 
 def test_unknown_names_list_the_known_ones():
-    for parse, names in ((ggml_types.parse, ggml_types.NAMES), (ggml_types.parse_file_type, ggml_types.FILE_TYPE_NAMES)):
+    for parse, names in ((ggml_types.parse, ggml_types.NAMES),
+                         (ggml_types.parse_file_type, ggml_types.FILE_TYPE_NAMES)):
         with pytest.raises(WeightopsError, match="unknown GGUF type 'q9_9'; choose one of " + ", ".join(names)):
             parse("q9_9")
     assert ggml_types.find("q6_k") is None and ggml_types.find_file_type("q4_k_m") is None

@@ -9,8 +9,7 @@ import dataclasses
 from . import bloom, llama, qwen2
 from .checks import check_config_shapes, tp_heads, tp_shape, tp_size
 from .registry import detect, get, is_supported, register, register_alias, supported
-from .spec import (SCHEMES, VOCAB_ROLES, ArchSpec, ConfigRules, GGUFVocab, Hparams, Role, TensorSpec, TPRules,
-                   Transform)
+from .spec import SCHEMES, VOCAB_ROLES, ArchSpec, ConfigRules, GGUFVocab, Hparams, Role, TensorSpec, TPRules, Transform
 
 register(llama.SPEC)
 register(bloom.SPEC)

@@ -2,6 +2,8 @@
 shared/reference/tencentpretrain.md and gguf.md). The output head is tied to the embedding."""
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import WeightopsError
 from .checks import tp_heads, tp_shape, tp_size
 from .llama import TP_LAYERNORM_EPS
@@ -50,8 +52,13 @@ def fill_gguf_config(config: dict) -> dict:
     return out
 
 
-def _n_embed_heads(config: dict) -> tuple[int, int]:
+def _n_embed_heads(config: dict) -> tuple[Any, Any]:
+    """(hidden size, head count) under either spelling, as the JSON has them (None when absent)."""
     return config.get("hidden_size", config.get("n_embed")), config.get("n_head", config.get("num_attention_heads"))
+
+
+def _n_layer(config: dict) -> Any:
+    return config.get("n_layer", config.get("num_hidden_layers"))
 
 
 def hf_shapes(config: dict) -> Shapes:
@@ -59,7 +66,7 @@ def hf_shapes(config: dict) -> Shapes:
     hidden, heads = _n_embed_heads(config)
     if hidden is None or heads is None:
         raise KeyError("hidden_size" if hidden is None else "n_head")
-    layers = config.get("n_layer", config.get("num_hidden_layers"))
+    layers = _n_layer(config)
     if layers is None:
         raise KeyError("n_layer")
     problems = [] if hidden % heads == 0 else [f"hidden_size {hidden} is not a multiple of n_head {heads}"]
@@ -105,7 +112,7 @@ TP_CONFIG = {"hidden_act": "gelu", "dropout": 0.0, "data_processor": "lm", "embe
 def hparams(config: dict) -> Hparams:
     """Head count, layers and tying of a complete BloomConfig dict."""
     hidden, heads = _n_embed_heads(config)
-    return Hparams(config.get("n_layer", config.get("num_hidden_layers")), heads, heads, hidden // heads,
+    return Hparams(_n_layer(config), heads, heads, hidden // heads,
                    bool(config.get("tie_word_embeddings", True)))
 
 

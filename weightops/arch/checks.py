@@ -2,7 +2,8 @@
 from a TencentPretrain checkpoint against its model config."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from ..errors import WeightopsError
 from .spec import ArchSpec
@@ -35,7 +36,7 @@ def check_config_shapes(spec: ArchSpec, config: dict, refs: Iterable[TensorRef],
         if hit is None or hit[0].hf not in shapes:
             continue  # unknown tensors are each command's own business (some pass them through)
         want, why = shapes[hit[0].hf]
-        if len(want) != len(ref.shape) or any(w is not None and w != s for w, s in zip(want, ref.shape)):
+        if len(want) != len(ref.shape) or any(w is not None and w != s for w, s in zip(want, ref.shape, strict=True)):
             shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ")"
             problems.append(f"tensor {ref.name!r} ({ref.source}) has shape {ref.shape}; {config_file} gives "
                             f"{shown} from {why}")

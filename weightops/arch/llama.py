@@ -181,7 +181,8 @@ def hf_config_from_tp(spec: ArchSpec, tp: dict | None, shapes: dict[str, tuple[i
     kv_rows = tp_shape(shapes, k)[0]
     if hidden % n_heads or kv_rows != kv_heads * (hidden // n_heads):
         raise WeightopsError(f"tensor {k!r} has {kv_rows} rows, but the TencentPretrain config gives {kv_heads} "
-                             f"key/value heads x head size {hidden // n_heads} (hidden {hidden} / heads_num {n_heads}); "
+                             f"key/value heads x head size {hidden // n_heads} (hidden {hidden} / heads_num "
+                             f"{n_heads}); "
                              "set local_kv_heads_num for grouped-query attention")
     return {"architectures": [spec.hf_class], "model_type": spec.name, "vocab_size": vocab,
             "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,

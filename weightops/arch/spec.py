@@ -9,10 +9,11 @@ from __future__ import annotations
 import enum
 import functools
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 from ..errors import WeightopsError
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib
 import signal
 import sys
+from collections.abc import Mapping
 
 import click
 
-from .. import progress
+from .. import console, progress
 from ..errors import WeightopsError, describe, os_error_message, shown
-
 
 # The module that defines each command, imported only when that command is used (or help
 # lists them all): `weightops inspect` then never pays for importing torch and llama.cpp's
@@ -102,7 +102,8 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 def run() -> None:
     """The `weightops` entry point: `main` plus SIGTERM handling (exit 143, as a TERM-killed
-    shell command reports)."""
+    shell command reports), with other libraries' warnings shown once each (console.py)."""
+    console.install()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         main(prog_name="weightops")
@@ -111,7 +112,7 @@ def run() -> None:
         sys.exit(143)
 
 
-def all_commands() -> dict[str, click.Command]:
+def all_commands() -> Mapping[str, click.Command]:
     """Every command, its module imported (the job runner validates steps against them)."""
     for module in sorted(set(_MODULES.values())):
         importlib.import_module(f"{__name__}.{module}")

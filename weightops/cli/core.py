@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..pipelines.inspect import inspect_checkpoint
-from ..pipelines.inspect import render
+from ..pipelines.inspect import inspect_checkpoint, render
 from ..pipelines.manifest import check_manifest, create_manifest
 from . import main
 

@@ -15,6 +15,7 @@ from . import main
               help="Replace a WORKDIR an earlier demo wrote (it says what it removes); a directory holding "
                    "anything else, or the current directory, is refused.")
 def demo(workdir: Path, force: bool) -> None:
-    """Build tiny models from nothing (no downloads) and run the release pipeline on them,
-    printing the report. WORKDIR defaults to ./weightops-demo."""
-    click.echo(demo_lib.run_demo(workdir, force=force))
+    """Build tiny models from nothing (no downloads) and run the release pipeline on them:
+    one line per step, then a summary and the report's path. WORKDIR defaults to
+    ./weightops-demo."""
+    demo_lib.run_demo(workdir, force=force)

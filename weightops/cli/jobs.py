@@ -23,6 +23,11 @@ def run(job_file: Path, resume: bool, dry_run: bool, as_json: bool) -> None:
     release-report.json (wall time and peak RSS per step, verification results, sha256 of
     every artefact) into the job's output directory.
 
+    The screen (stderr) gets one line per step (status, wall time, artefact and size, or the
+    check's KLD and top-1; a failed step's reason) and a short summary with the report's
+    path. Each step's own output, other libraries' warnings included, is in its log,
+    OUTPUT/.weightops-job/STEP.log.
+
     Each step is a weightops command with the same options as on the command line; `@name`
     refers to an input or an earlier step's output. A verify step that fails stops the
     job with exit code 3 and the report says why. See examples/release.toml.
@@ -37,6 +42,3 @@ def run(job_file: Path, resume: bool, dry_run: bool, as_json: bool) -> None:
         click.echo(json.dumps(doc, indent=2))
     elif dry_run:
         click.echo(jobs.render_plan(doc))
-    else:
-        click.echo(jobs.render_report(doc))
-        click.echo(f"report: {Path(doc['output']) / (jobs.REPORT + '.md')}", err=True)

@@ -74,9 +74,12 @@ _DEFAULTS = "; ".join(f"{k} {kld:g}/{100 * top1:g}%" for k, (kld, top1) in KINDS
 @click.option("--dtype", type=click.Choice(dtypes.DTYPE_CHOICES), default="auto",
               show_default=True, help="Compute dtype of transformers models: auto = bf16 (fp16 without bf16 "
                                       "support) on CUDA, fp32 on CPU. The same for both sides.")
-@click.option("--max-kld", type=click.FloatRange(min=0), help="Highest acceptable mean KL divergence (default: by candidate kind).")
-@click.option("--min-top1", type=click.FloatRange(0, 1), help="Lowest acceptable top-1 agreement, 0..1 (default: by candidate kind).")
-@click.option("--max-tokens", type=click.IntRange(min=1), help="Cut each prompt to this many tokens (default: the models' context).")
+@click.option("--max-kld", type=click.FloatRange(min=0),
+              help="Highest acceptable mean KL divergence (default: by candidate kind).")
+@click.option("--min-top1", type=click.FloatRange(0, 1),
+              help="Lowest acceptable top-1 agreement, 0..1 (default: by candidate kind).")
+@click.option("--max-tokens", type=click.IntRange(min=1),
+              help="Cut each prompt to this many tokens (default: the models' context).")
 @click.option("--json", "json_out", metavar="FILE",
               help="Also write the result as JSON to FILE ('-' for stdout; the table then goes to stderr). "
                    "Written before the exit code is decided, so a failed gate still leaves its report.")

@@ -53,7 +53,8 @@ def _summary(model: Path, output: Path, r: VocabReport) -> str:
               help="How new rows start: subtoken-mean = mean of the old rows of the token's pieces under the old "
                    "tokenizer (no BOS; the mean when it has none); mean = mean of all old rows; normal = "
                    "N(mean, 1e-9 x covariance of the old rows), as transformers' mean_resizing; zeros.")
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True, help="Seed of the normal init (deterministic).")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+              help="Seed of the normal init (deterministic).")
 @click.option("--pad-to-multiple", type=click.IntRange(min=1), metavar="N",
               help="Round the row count up to a multiple of N (e.g. 64 for tensor cores); padding rows get "
                    "the mean and are reported. Also keeps BLOOM's padded row count instead of shrinking.")

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import arch
-from .. import progress
+from .. import arch, progress
 from ..errors import WeightopsError
+from ..stream import TensorRef, require_unique
 from . import gguf as gguf_io
 from . import hf as hf_io
 from . import tencentpretrain as tp_io
@@ -22,7 +22,6 @@ from .outputs import Output, content
 from .paths import member, members
 from .safetensors import read_safetensors
 from .torchbin import read_torch_bin
-from ..stream import TensorRef, require_unique
 
 FORMATS = ("hf-safetensors", "hf-bin", "tencentpretrain", "gguf")
 

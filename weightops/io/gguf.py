@@ -8,9 +8,10 @@ tensor infos are written first and the data follows one tensor at a time.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import WeightopsError, names_file, writing
 from ..stream import TensorRef
@@ -125,6 +126,7 @@ def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: str | 
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            assert writer.fout is not None  # opened by write_header_to_file
             fout, align = writer.fout[0], writer.data_alignment
             for t in tensors:
                 with writing(target.path, t.name):
@@ -132,7 +134,7 @@ def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: str | 
                     written = 0
                     for piece in t.produce():
                         piece = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
-                        fout.write(memoryview(piece))
+                        fout.write(piece.data)
                         written += piece.nbytes
                         del piece
                     if written != t.nbytes:

@@ -58,9 +58,9 @@ class LazyArray(Sequence):
             return NotImplemented
         if isinstance(other, (str, bytes)) or len(other) != len(self):
             return False
-        return all(a == b for a, b in zip(self, other))
+        return all(a == b for a, b in zip(self, other, strict=True))
 
-    __hash__ = None  # mutable-sequence semantics, like list
+    # defining __eq__ leaves __hash__ None: unhashable, mutable-sequence semantics like list
 
     def __repr__(self) -> str:
         shown = ", ".join(repr(x) for x in self[:5])

@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import gguf
 from gguf import TokenType
 
 from ..errors import WeightopsError
-from .tokenizer_files import read_tokenizer_files
 from .special_vocab import SpecialVocab
+from .tokenizer_files import read_tokenizer_files
 
 # llama.cpp identifies a BPE pre-tokenizer by hashing the ids its tokenizer gives for this text.
 CHECK_TEXT = (
@@ -130,7 +131,7 @@ def quiet_gguf() -> Iterator[None]:
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
 
@@ -308,6 +309,7 @@ def _pre_from_tokenizer_json(data: dict) -> str | None:
 
 
 def _summary(model: str, pre: str, source: str, tokens: list[str], types: list[int]) -> TokenizerSummary:
-    padding = sum(1 for i, (t, k) in enumerate(zip(tokens, types)) if k == TokenType.UNUSED and t == f"[PAD{i}]")
+    padding = sum(1 for i, (t, k) in enumerate(zip(tokens, types, strict=False))
+                  if k == TokenType.UNUSED and t == f"[PAD{i}]")
     return TokenizerSummary(model, pre, source, len(tokens), padding,
-                            [t for t, k in zip(tokens, types) if k == TokenType.CONTROL])
+                            [t for t, k in zip(tokens, types, strict=False) if k == TokenType.CONTROL])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ..stream import TensorRef
 from .index import plan_shards, read_sharded, write_index
@@ -59,11 +59,11 @@ def write_hf_weights(refs: Iterable[TensorRef], directory: Path, max_shard_size:
         names = ["model.safetensors"]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for shard, name in zip(shards, names):
+    for shard, name in zip(shards, names, strict=True):
         write_safetensors(shard, directory / name, metadata={"format": "pt"}, on_tensor=on_tensor)
     written = [directory / n for n in names]
     if len(shards) > 1:
-        weight_map = {r.name: name for shard, name in zip(shards, names) for r in shard}
+        weight_map = {r.name: name for shard, name in zip(shards, names, strict=True) for r in shard}
         params = sum(r.numel for r in refs) if total_parameters is None else total_parameters
         meta = {"total_parameters": params, "total_size": sum(r.nbytes for r in refs)}
         write_index(directory / SAFETENSORS_INDEX, weight_map, meta)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from ..errors import WeightopsError, describe, names_file, shown
+from ..errors import WeightopsError, names_file, shown
 from ..stream import TensorRef
 from .paths import inside
 
@@ -70,7 +70,8 @@ def read_sharded(index_path: Path, read_file: Callable[[Path], list[TensorRef]],
         inside(root, fname, f"{index_path}: weight_map entry {first[fname]!r}")
     missing_files = [f for f in files if not (root / f).is_file()]
     if missing_files:
-        raise WeightopsError(f"{index_path}: names shard files that do not exist: {', '.join(shown(f) for f in missing_files)}")
+        raise WeightopsError(f"{index_path}: names shard files that do not exist: "
+                             f"{', '.join(shown(f) for f in missing_files)}")
     refs: list[TensorRef] = []
     problems = [f"{shown(p.name)} is not named by the index" for p in sorted(root.glob(part_glob))
                 if p.name not in files]

@@ -30,10 +30,12 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 from ..errors import WeightopsError
+from ..progress import human_size
 from .atomic import fsync_dir, fsync_tree
 
 MARKER = ".weightops-output.json"
@@ -165,15 +167,7 @@ def _measure(path: Path) -> tuple[int, int]:
 
 def _describe(path: Path) -> str:
     n, size = _measure(path)
-    return f"{path} ({n} file{'s' if n != 1 else ''}, {_size(size)})"
-
-
-def _size(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
+    return f"{path} ({n} file{'s' if n != 1 else ''}, {human_size(size)})"
 
 
 def _listing(paths: list[Path], base: Path) -> str:
@@ -442,7 +436,7 @@ class Output:
             n, size = _measure(old)
             if n:
                 _say(f"replaced {self.what} {final}; removed the previous one ({n} file{'s' if n != 1 else ''}, "
-                     f"{_size(size)})")
+                     f"{human_size(size)})")
             shutil.rmtree(trash)
         finally:
             os.close(fd)

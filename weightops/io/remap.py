@@ -2,26 +2,33 @@
 
 Only names change, except where the architecture's spec names a transform: q/k rows (HF
 rotate-half <-> TencentPretrain's interleaved pairs, per head; k with the key/value head count)
-and a fused attention input (one HF `query_key_value` <-> three TencentPretrain linears). Every input must be a known tensor and
-every expected output present: TencentPretrain loads with strict=False, so a misnamed tensor
-would be skipped there without a word and the model would run on random weights.
+and a fused attention input (one HF `query_key_value` <-> three TencentPretrain linears).
+Every input must be a known tensor and every expected output present: TencentPretrain loads
+with strict=False, so a misnamed tensor would be skipped there without a word and the model
+would run on random weights.
 
 `hf_view` is the entry point for other commands: any checkpoint as an HF-named stream.
 """
 from __future__ import annotations
 
 import json
-from typing import Iterable
+from collections.abc import Iterable
+from functools import partial
 
 import torch
 
 from ..arch import ArchSpec, Hparams, Role, TensorSpec, Transform, check_config_shapes
 from ..arch import get as get_arch
-from ..arch.transforms import fuse_qkv, permute_interleaved_to_rotary, permute_rotary_to_interleaved, rotary_heads, \
-    split_qkv
-from .checkpoint import Checkpoint
+from ..arch.transforms import (
+    fuse_qkv,
+    permute_interleaved_to_rotary,
+    permute_rotary_to_interleaved,
+    rotary_heads,
+    split_qkv,
+)
 from ..errors import WeightopsError
 from ..stream import TensorRef, matches_any
+from .checkpoint import Checkpoint
 
 HF_FORMATS = ("hf-safetensors", "hf-bin")
 _LISTED = 12  # names listed in an error before "... and N more"
@@ -95,7 +102,9 @@ def hf_to_tp(refs: Iterable[TensorRef], spec: ArchSpec | str, hparams: dict) -> 
     got = _validated(kept, spec, "hf", hp)
     out: list[tuple[tuple, TensorRef]] = []
     for name, ref in got.items():
-        row, layer, _ = spec.lookup(name, "hf")
+        hit = spec.lookup(name, "hf")
+        assert hit is not None  # _validated kept only the spec's names
+        row, layer, _ = hit
         names = [n.format(n=layer) for n in row.names("tp")]
         for part, new in enumerate(_split(row, ref, names, hp)):
             out.append((_order(spec, row, layer, part), new))
@@ -113,8 +122,10 @@ def tp_to_hf(refs: Iterable[TensorRef], spec: ArchSpec | str, hparams: dict) -> 
     got = _validated(list(refs), spec, "tp", hp)
     groups: dict[tuple[TensorSpec, int | None], list[TensorRef]] = {}
     for name, ref in got.items():
-        row, layer, pos = spec.lookup(name, "tp")
-        groups.setdefault((row, layer), [None] * len(row.names("tp")))[pos] = ref
+        hit = spec.lookup(name, "tp")
+        assert hit is not None  # _validated kept only the spec's names
+        row, layer, pos = hit
+        groups.setdefault((row, layer), [ref] * len(row.names("tp")))[pos] = ref  # placeholders: none is missing
     out = [(_order(spec, row, layer, 0), _join(row, row.hf.format(n=layer), parts, hp))
            for (row, layer), parts in groups.items()]
     return [r for _, r in sorted(out, key=lambda x: x[0])]
@@ -168,6 +179,10 @@ def _checked_tie(emb: TensorRef, head: TensorRef) -> TensorRef:
     return emb.derive(check)
 
 
+def _qkv_part(t: torch.Tensor, *, heads: int, index: int) -> torch.Tensor:
+    return split_qkv(t, heads)[index]
+
+
 def _split(row: TensorSpec, ref: TensorRef, names: list[str], hp: Hparams) -> list[TensorRef]:
     """One HF tensor -> its TencentPretrain tensor(s) (shapes checked against the config
     beforehand, by `arch.check_config_shapes`)."""
@@ -176,7 +191,7 @@ def _split(row: TensorSpec, ref: TensorRef, names: list[str], hp: Hparams) -> li
         return [ref.derive(lambda t: permute_rotary_to_interleaved(t, heads), name=names[0])]
     if row.to_tp is Transform.QKV_SPLIT:
         shape = (ref.shape[0] // 3, *ref.shape[1:])
-        return [ref.derive(lambda t, i=i: split_qkv(t, hp.heads)[i], name=n, shape=shape)
+        return [ref.derive(partial(_qkv_part, heads=hp.heads, index=i), name=n, shape=shape)
                 for i, n in enumerate(names)]
     return [ref.renamed(names[0])]
 
@@ -193,11 +208,15 @@ def _join(row: TensorSpec, name: str, parts: list[TensorRef], hp: Hparams) -> Te
                 raise WeightopsError(f"{p.source}: {p.name!r} is {p.dtype} {p.shape}, {first.name!r} "
                                      f"{first.dtype} {first.shape}; q, k and v must match to be fused")
 
+        def load() -> torch.Tensor:
+            q, k, v = (p.load() for p in parts)
+            return fuse_qkv(q, k, v, hp.heads)
+
         def release() -> None:
             for p in parts:
                 p.release()
         return TensorRef(name, (3 * first.shape[0], *first.shape[1:]), first.dtype_name, first.source,
-                         loader=lambda: fuse_qkv(*(p.load() for p in parts), hp.heads), releaser=release)
+                         loader=load, releaser=release)
     return first.renamed(name)
 
 

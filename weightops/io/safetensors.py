@@ -20,9 +20,11 @@ import math
 import mmap
 import os
 import struct
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 from .. import dtypes
 from ..errors import WeightopsError, names_file, shown, writing
@@ -193,7 +195,7 @@ def read_safetensors(path: Path) -> list[TensorRef]:
     mapping = _Mapping(path, start)
     items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
     return [TensorRef(name=name, shape=tuple(info["shape"]), dtype_name=info["dtype"], source=str(path),
-                      loader=lambda i=info: mapping.tensor(i), releaser=lambda i=info: mapping.release(i),
+                      loader=partial(mapping.tensor, info), releaser=partial(mapping.release, info),
                       span=(str(path), start + info["data_offsets"][0]))
             for name, info in items]
 
@@ -218,6 +220,7 @@ def _copy_span(ref: TensorRef, fd: int, offset: int) -> bool:
     do it; the caller then loads the tensor instead."""
     if not hasattr(os, "copy_file_range"):
         return False
+    assert ref.span is not None  # the caller copies only tensors stored in a file
     path, src_offset = ref.span
     remaining = ref.nbytes
     try:
@@ -274,7 +277,7 @@ def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str,
                         raise WeightopsError(f"tensor {r.name!r} from {shown(r.source)}: produced {t.dtype}, "
                                              f"declared {r.dtype}")
                     f.seek(offsets[r.name])
-                    f.write(memoryview(tensor_bytes(t)))
+                    f.write(tensor_bytes(t).data)
                     f.flush()
             if on_tensor:
                 on_tensor(r)

@@ -2,8 +2,8 @@
 layout of TencentPretrain's `convert_model_into_blocks.py`."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ..stream import TensorRef
 from .index import plan_shards, read_sharded, write_index
@@ -46,8 +46,8 @@ def write_tp(refs: Iterable[TensorRef], directory: Path, max_shard_size: int | N
         write_torch_bin(refs, directory / SINGLE, on_tensor=on_tensor)
         return [directory / SINGLE]
     names = [f"tencentpretrain_model-{i}.bin" for i in range(len(shards))]
-    for shard, name in zip(shards, names):
+    for shard, name in zip(shards, names, strict=True):
         write_torch_bin(shard, directory / name, on_tensor=on_tensor)
-    write_index(directory / INDEX, {r.name: n for s, n in zip(shards, names) for r in s},
+    write_index(directory / INDEX, {r.name: n for s, n in zip(shards, names, strict=True) for r in s},
                 {"total_size": sum(r.nbytes for r in refs)})
     return [*(directory / n for n in names), directory / INDEX]

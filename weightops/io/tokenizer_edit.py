@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from ..errors import WeightopsError
 from .hf import AUX_FILES
@@ -100,7 +100,7 @@ def _merge_into(directory: Path, other: Path, origin: Path) -> None:
     pieces = _proto(model.read_bytes(), model).pieces
     beyond = {t: i for t, i in load(directory).get_added_vocab().items() if i >= len(pieces)}
     if beyond:
-        raise WeightopsError(f"{origin}: tokens {sorted(beyond, key=beyond.get)} are added after the "
+        raise WeightopsError(f"{origin}: tokens {sorted(beyond, key=lambda t: beyond[t])} are added after the "
                              f"{len(pieces)} pieces of tokenizer.model; merging would move their ids. Merge "
                              f"into the plain SentencePiece tokenizer and add them afterwards (--special-token)")
     merged, _ = merge_spm(model.read_bytes(), other.read_bytes(), source=other)

@@ -12,8 +12,9 @@ import collections
 import io
 import pickle
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import IO, TYPE_CHECKING, cast
 
 from .. import dtypes
 from ..errors import WeightopsError, names_file, shown, writing
@@ -51,8 +52,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightopsError(f"{path}: entries that are not tensors: {', '.join(shown(k) for k in bad[:10])}")
     for k, v in sd.items():  # complex or quantized tensors would be cast to real numbers, losing data
         if dtypes.name_of(v.dtype) not in dtypes.SAFETENSORS_NAMES:
-            raise WeightopsError(f"{path}: tensor '{shown(k)}' is {str(v.dtype).removeprefix('torch.')}, which weightops "
-                                 "does not handle (supported: real and integer dtypes)")
+            raise WeightopsError(f"{path}: tensor '{shown(k)}' is {str(v.dtype).removeprefix('torch.')}, "
+                                 "which weightops does not handle (supported: real and integer dtypes)")
     return sd
 
 
@@ -62,9 +63,13 @@ def read_torch_bin(path: Path) -> list[TensorRef]:
     mapped; `release()` drops a consumed tensor's pages from RSS)."""
     path = Path(path)
     sd = load_state_dict(path)
-    return [TensorRef(name=k, shape=tuple(v.shape), dtype_name=dtypes.name_of(v.dtype), source=str(path),
-                      loader=lambda t=v: t, releaser=lambda t=v: drop_mapped(t.data_ptr(), t.nbytes))
-            for k, v in sd.items()]
+    return [_mapped_ref(path, k, v) for k, v in sd.items()]
+
+
+def _mapped_ref(path: Path, name: str, t: torch.Tensor) -> TensorRef:
+    """A reference to one mapped tensor (a function, so that each closure keeps its own `t`)."""
+    return TensorRef(name=name, shape=tuple(t.shape), dtype_name=dtypes.name_of(t.dtype), source=str(path),
+                     loader=lambda: t, releaser=lambda: drop_mapped(t.data_ptr(), t.nbytes))
 
 
 class _Storage:
@@ -112,7 +117,8 @@ class _Sink:
     """
 
     def __init__(self, file: io.BufferedWriter):
-        self.file, self.error, self.abandoned = file, None, False
+        self.file, self.abandoned = file, False
+        self.error: BaseException | None = None
 
     def _guarded(self, op: Callable[[], object]) -> None:
         if self.abandoned or self.error is not None:
@@ -142,13 +148,14 @@ def write_torch_bin(refs: Iterable[TensorRef], path: Path,
 
     refs = list(refs)
     storages = [_Storage(str(i), r.dtype, r.numel) for i, r in enumerate(refs)]
-    state = collections.OrderedDict((r.name, _Tensor(s, r.shape)) for r, s in zip(refs, storages))
+    state = collections.OrderedDict((r.name, _Tensor(s, r.shape)) for r, s in zip(refs, storages, strict=True))
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(state)
     data = buf.getvalue()
     with writing(path), open(path, "wb") as stream:
         sink = _Sink(stream)
-        writer = torch._C.PyTorchFileWriter(sink, True, _STORAGE_ALIGNMENT)
+        # cast: torch's writer takes any object with write() for its buffer, not only an IO
+        writer = torch._C.PyTorchFileWriter(cast("IO[bytes]", sink), True, _STORAGE_ALIGNMENT)
 
         def record(name: str, payload, size: int) -> None:
             writer.write_record(name, payload, size)
@@ -160,7 +167,7 @@ def write_torch_bin(refs: Iterable[TensorRef], path: Path,
             alignment = str(_STORAGE_ALIGNMENT)
             record(".storage_alignment", alignment, len(alignment))
             record("byteorder", sys.byteorder, len(sys.byteorder))
-            for ref, storage in zip(refs, storages):
+            for ref, storage in zip(refs, storages, strict=True):
                 with writing(path, ref.name):
                     t = ref.load()
                     if t.dtype != ref.dtype:

@@ -48,7 +48,8 @@ def embedding_name(ckpt: Checkpoint) -> str | None:
     table = arch.get(ckpt.architecture)
     scheme = {"tencentpretrain": "tp", "gguf": "gguf"}.get(ckpt.format, "hf")
     names = set(ckpt.names())
-    for candidate in table.tensor(Role.EMBEDDING).names(scheme):
+    embedding = table.tensor(Role.EMBEDDING)
+    for candidate in embedding.names(scheme) if embedding else ():
         for name in (candidate, candidate.removeprefix(table.hf_prefix)):
             if name in names:
                 return name

@@ -54,12 +54,13 @@ from typing import Any
 
 import click
 
-from .. import dtypes, progress
+from .. import console, dtypes
 from ..errors import MismatchError, WeightopsError, names_file
 from ..io import outputs
 from ..pipelines.manifest import create_manifest
 from ..verify import manifest as manifest_lib
 from ..verify.hash_cache import HashCache
+from .screen import Screen, reason, verify_detail
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -104,7 +105,8 @@ class _Problems:
     """Collects what is wrong with a job file so one refusal lists everything."""
 
     def __init__(self, job_path: Path):
-        self.job_path, self.items = job_path, []
+        self.job_path = job_path
+        self.items: list[str] = []
 
     def add(self, where: str, message: str) -> None:
         self.items.append(f"{where}: {message}")
@@ -121,7 +123,9 @@ def _commands() -> dict[str, click.Command]:
     from ..cli import all_commands
     commands = all_commands()
     cmds = {n: c for n, c in commands.items() if n not in _NO_STEP and not isinstance(c, click.Group)}
-    cmds["manifest"] = commands["manifest"].commands["create"]
+    manifest = commands["manifest"]
+    assert isinstance(manifest, click.Group)  # `manifest create|check`
+    cmds["manifest"] = manifest.commands["create"]
     return cmds
 
 
@@ -418,29 +422,25 @@ class _PeakRss(threading.Thread):
 
 
 def _run_child(argv: list[str], log: Path) -> tuple[int, float, float]:
-    """Run `python -m weightops ARGV`, forwarding its stderr live and keeping a log;
-    returns (exit code, wall seconds, peak RSS in MB)."""
+    """Run `python -m weightops -q ARGV` with its output (stdout, stderr, other libraries'
+    warnings) going to LOG only: the runner's screen shows one line per step. Returns (exit
+    code, wall seconds, peak RSS in MB)."""
     import subprocess
-    env = dict(os.environ, WEIGHTOPS_PROGRESS="1" if progress.enabled() else "0")
+    env = dict(os.environ, **console.child_env())
     start = time.perf_counter()
     with open(log, "wb") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "weightops", *argv], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "weightops", "-q", *argv], stdout=logf,
                                 stderr=subprocess.STDOUT, env=env)
         sampler = _PeakRss(proc.pid)
         sampler.start()
-        assert proc.stdout is not None
         try:
-            while chunk := proc.stdout.read1(65536):
-                logf.write(chunk)
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.flush()
+            _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:  # the runner is interrupted or terminated: so is its step
             proc.terminate()
             proc.wait()
             raise
         finally:
             sampler.stop()
-        _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     peak_kb = sampler.peak_kb or usage.ru_maxrss  # no /proc: the (inflated) kernel figure
     return proc.returncode, time.perf_counter() - start, peak_kb / 1024
@@ -456,13 +456,15 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
     cache = HashCache(state / HASH_CACHE)
     report: dict[str, Any] = {"job": job.name, "job_file": str(job.path), "output": str(job.output), "steps": [],
                               "verifications": [], "artefacts": {}, "passed": True}
+    screen = Screen(job.name, job.output, state, [s.name for s in job.steps])
     failure: WeightopsError | None = None
     for n, step in enumerate(job.steps, 1):
         entry: dict[str, Any] = {"name": step.name, "op": step.op, "output": str(step.output) if step.output else None}
         report["steps"].append(entry)
-        click.echo(f"[{n}/{len(job.steps)}] {step.name} ({step.op})", err=True)
         verify_json = state / f"{step.name}.verify.json"
+        log = state / f"{step.name}.log"
         argv = step.argv + (["--json", str(verify_json)] if step.op == "verify" else [])
+        detail = ""  # what the step's line says after its time
         inputs = _fingerprint(step.inputs, cache)  # before the step: an input changed meanwhile reruns it
         done = _completed(job, step, inputs, cache) if resume else None
         if done is not None:
@@ -475,14 +477,16 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
                 _clear(step, step.output)
             if step.op == "verify":
                 outputs.remove(verify_json, f"step {step.name!r}: verification result", announce=False)
-            log = outputs.start_file(state / f"{step.name}.log", f"step {step.name!r}: log")
-            code, wall, rss = _run_child(argv, log)
+            outputs.start_file(log, f"step {step.name!r}: log")
+            with screen.running(n, step.name, step.op):
+                code, wall, rss = _run_child(argv, log)
             entry.update(wall_s=round(wall, 3), peak_rss_mb=round(rss, 1))
             if code != 0:
-                tail = (state / f"{step.name}.log").read_text(errors="replace").strip().splitlines()[-5:]
-                entry.update(status="failed", exit_code=code, why="\n".join(tail))
+                text = log.read_text(errors="replace")
+                entry.update(status="failed", exit_code=code, why="\n".join(text.strip().splitlines()[-5:]))
+                detail = f"exit {code}: {reason(text, code)}"
                 failure = (MismatchError if code == 3 else WeightopsError)(
-                    f"step {step.name!r} ({step.op}) failed with exit code {code}: {tail[-1] if tail else ''}")
+                    f"step {step.name!r} ({step.op}) failed with exit code {code}: {reason(text, code)}")
             else:
                 entry["status"] = "ok"
                 output = None
@@ -500,10 +504,18 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
             result = json.loads(verify_json.read_text())
             report["verifications"].append({"step": step.name, **result})
             report["passed"] &= bool(result.get("passed"))
+            detail = detail or verify_detail(result)
+        elif step.name in report["artefacts"] and step.output is not None:
+            detail = screen.artefact(step.output, sum(int(f["size"]) for f in report["artefacts"][step.name].values()))
+        elif step.op == "manifest" and entry["status"] != "failed":  # it writes beside its input
+            written = manifest_lib.manifest_path(step.inputs[0])
+            detail = screen.artefact(written, written.stat().st_size) if written.is_file() else ""
+        screen.step(n, entry, detail, log)
         if failure:
             report["passed"] = False
             break
     write_report(job, report)
+    screen.summary(report, job.output / f"{REPORT}.md")
     if failure:
         raise failure
     return report
@@ -594,8 +606,10 @@ def render_report(report: dict) -> str:
 
 
 def write_report(job: Job, report: dict) -> None:
+    """Replace the report (the runner's own bookkeeping, rewritten every run: not announced)."""
     outputs.make_dir(job.output)
-    with outputs.Output(job.output / f"{REPORT}.json", kind="file", force=True).writing() as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    with outputs.Output(job.output / f"{REPORT}.md", kind="file", force=True).writing() as tmp:
-        tmp.write_text(render_report(report))
+    for path, text in ((job.output / f"{REPORT}.json", json.dumps(report, indent=2) + "\n"),
+                       (job.output / f"{REPORT}.md", render_report(report))):
+        outputs.remove(path, "the previous report", announce=False)
+        with outputs.Output(path, kind="file").writing() as tmp:
+            tmp.write_text(text)

@@ -27,12 +27,12 @@ def template() -> str:
     return resources.files("weightops.examples").joinpath("release.toml").read_text()
 
 
-def run_demo(workdir: Path, force: bool = False) -> str:
+def run_demo(workdir: Path, force: bool = False) -> dict:
     """Build the models and the job file into WORKDIR (an output like any other: `force`
-    replaces only a WORKDIR weightops wrote), then run the job there."""
+    replaces only a WORKDIR weightops wrote), then run the job there; returns the report
+    document (`jobs.run_job`), whose summary the runner has shown."""
     target = Output(workdir, kind="dir", force=force, what="WORKDIR")
     with target.writing() as tmp:
         build_models(tmp / "models")
         (tmp / "release.toml").write_text(template())
-    report = jobs.run_job(target.path / "release.toml")
-    return jobs.render_report(report)
+    return jobs.run_job(target.path / "release.toml")

@@ -13,9 +13,9 @@ that does not line up is an error naming the tensor, both shapes and both files;
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -195,7 +195,7 @@ def _norm_gains(pairs: list[_Pair]) -> list[tuple[str, torch.Tensor, torch.Tenso
     """(name, base, other) in float64 for every 1-D `*weight` pair: RMSNorm/LayerNorm gains
     (biases are named `bias`). They are tiny, so loading them all up front is cheap."""
     return [(p.other.name, p.base.load().double(), p.other.load().double()) for p in pairs
-            if len(p.other.shape) == 1 and p.other.name.endswith("weight")]
+            if p.base is not None and len(p.other.shape) == 1 and p.other.name.endswith("weight")]
 
 
 def _flagged(rows: list[tuple[str, float, float]]) -> list[str]:
@@ -266,6 +266,7 @@ def _output(pair: _Pair, sign: int, dtype: torch.dtype | None, report: DeltaRepo
     if pair.mode == "replace":
         return TensorRef(name=o.name, shape=o.shape, dtype_name=dtypes.name_of(out_dtype), source=o.source,
                          loader=_carry(o, out_dtype, report), releaser=o.release)
+    assert b is not None  # only a replaced tensor may lack a base
     lent: list[torch.Tensor] = []  # the pool buffer the loaded tensor lives in, until release
 
     def release() -> None:

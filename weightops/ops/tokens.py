@@ -2,7 +2,7 @@
 They take loaded tokenizer objects, never files."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def token_map(old_tok, new_tok) -> dict[int, int]:
@@ -26,7 +26,7 @@ def decompose(old_tok, new_tok, tokens: Iterable[str]) -> dict[str, list[int]]:
     for token in tokens:
         if token in added:
             out[token] = old_tok.encode(token, add_special_tokens=False)
-        elif direct:
+        elif direct and old_backend is not None:  # `direct` implies a backend
             out[token] = [t.id for t in old_backend.model.tokenize(token)]
         else:
             out[token] = old_tok.encode(new_tok.convert_tokens_to_string([token]), add_special_tokens=False)

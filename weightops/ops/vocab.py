@@ -8,8 +8,8 @@ config.json `vocab_size` equal to the new row count, so the vocabulary triple ag
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -145,13 +145,17 @@ def resize_matrix(old: torch.Tensor, plan: RowPlan, init: str, seed: int) -> tor
     if plan.carried:
         out[torch.tensor(list(plan.carried))] = old[torch.tensor(list(plan.carried.values()))]
     new = plan.new_tokens
+    # the old rows' mean: padding rows and new rows by every init but zeros start from it
     mean = row_mean(old) if (plan.padding or (new and init != "zeros")) else None
     if init == "normal" and new:
+        assert mean is not None
         draw = normal_sampler(old, mean, seed)
     for start in range(0, len(new), _BATCH):
         ids = new[start:start + _BATCH]
         if init == "zeros":
             values = torch.zeros((len(ids), old.shape[1]))
+        elif mean is None:  # unreachable: see above
+            raise AssertionError(init)
         elif init == "mean":
             values = mean.expand(len(ids), -1)
         elif init == "normal":
@@ -160,6 +164,7 @@ def resize_matrix(old: torch.Tensor, plan: RowPlan, init: str, seed: int) -> tor
             values = subtoken_rows(old, [plan.pieces.get(i, []) for i in ids], mean)
         out[torch.tensor(ids)] = values.to(old.dtype)
     if plan.padding:
+        assert mean is not None
         out[torch.tensor(plan.padding)] = mean.to(old.dtype)
     return out
 

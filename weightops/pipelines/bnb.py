@@ -2,9 +2,9 @@
 around the stream quantizer of `quant.bnb`."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 

@@ -19,15 +19,15 @@ import torch
 
 from .. import progress
 from ..arch import get as get_arch
-from ..io.checkpoint import open_checkpoint, save_hf
 from ..errors import WeightopsError
 from ..io import tencentpretrain as tp_io
 from ..io import tokenizer_edit
+from ..io.checkpoint import open_checkpoint, save_hf
 from ..io.index import parse_size
 from ..io.outputs import Output, content
-from ..stream import cast
 from ..io.remap import HF_FORMATS, hf_view, tp_view
 from ..io.tokenizer_files import read_tokenizer_files
+from ..stream import cast
 
 TARGETS = ("hf", "tencentpretrain")
 
@@ -72,7 +72,8 @@ def _to_hf(ckpt, target: Output, arch: str | None, tok_path: Path, explicit: boo
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
     warnings: list[str] = []
-    files, tok = hf_tokenizer_files(tok_path, config["model_type"], required=explicit)
+    tok_files, tok = hf_tokenizer_files(tok_path, config["model_type"], required=explicit)
+    files: dict[str, str | bytes] = {**tok_files}  # and the configs below, as text
     if tok is None:
         warnings.append(f"no tokenizer found beside {ckpt.path}; the output has none (pass --tokenizer: a "
                         "SentencePiece tokenizer.model for LLaMA, an HF tokenizer directory for BLOOM)")

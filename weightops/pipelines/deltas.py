@@ -3,8 +3,8 @@ stream operators of `ops.delta` (which join by name and hold only a pair in flig
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

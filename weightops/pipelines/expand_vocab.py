@@ -3,9 +3,9 @@ untied lm_head) resized by the row plan of `ops.vocab`, an HF checkpoint out."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from .. import arch
 from ..arch import Role
@@ -86,8 +86,9 @@ def expand_vocab(model: str | Path, output: str | Path, *, merge_spm: str | Path
         new_files = read_tokenizer_files(staged)
         new_files.check()
         new_size = new_files.size
-        plan = plan_rows(old_tok, new_tok, old_rows, new_size, pad_to_multiple=pad_to_multiple, allow_shrink=allow_shrink,
-                         reinit_rows=reinit_rows, subtokens=init == "subtoken-mean", what=what)
+        assert new_size is not None  # tokenizer_edit.load found tokenizer files
+        plan = plan_rows(old_tok, new_tok, old_rows, new_size, pad_to_multiple=pad_to_multiple,
+                         allow_shrink=allow_shrink, reinit_rows=reinit_rows, subtokens=init == "subtoken-mean", what=what)
         keep = [f for f in ckpt.aux_files if f.name not in tokenizer_edit.TOKENIZER_FILES]
         save_hf(resize_vocab(ckpt.tensors, names, plan, init, seed), target,
                 aux_files=keep + sorted(staged.iterdir()), max_shard_size=max_shard_size,

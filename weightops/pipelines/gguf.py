@@ -8,9 +8,10 @@ tensor at a time. Metadata keys and tokenizer follow convert_hf_to_gguf.py.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import gguf
 import numpy as np
@@ -126,7 +127,7 @@ def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
         filled = {**filled, "model_type": model_type}  # complete: skip transformers' slow import
     else:
         from transformers import AutoConfig
-        filled = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"}).to_dict()
+        filled = AutoConfig.for_model(spec.name, **{k: v for k, v in config.items() if k != "model_type"}).to_dict()
     arch.check_config_shapes(spec, filled, refs, str(ckpt.config_file or ckpt.path))
     return list(refs), filled
 
@@ -151,7 +152,7 @@ def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[
         if row.gguf is None:
             continue
         gname = row.gguf.format(n=layer)
-        out.append(ref.derive(lambda t, tf=row.to_gguf: to_gguf(tf, t, hp), name=gname)
+        out.append(ref.derive(partial(to_gguf, row.to_gguf, hp=hp), name=gname)
                    if row.to_gguf is not arch.Transform.NONE else ref.renamed(gname))
     if unknown:
         raise WeightopsError(f"{source}: tensors with no GGUF name in the {spec.name} table: "
@@ -168,11 +169,11 @@ def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[
 
 def model_order(spec: ArchSpec, layers: int) -> list[str]:
     """GGUF names layer by layer: tensors before the blocks, each block's tensors, tensors after."""
-    rows = [t for t in spec.tensors if t.gguf]
-    first = next(i for i, r in enumerate(rows) if r.in_layer)
-    head = [r.gguf for r in rows[:first]]
-    body = [r.gguf for r in rows if r.in_layer]
-    tail = [r.gguf for r in rows[first:] if not r.in_layer]
+    rows = [(t.gguf, t.in_layer) for t in spec.tensors if t.gguf is not None]
+    first = next(i for i, (_, layered) in enumerate(rows) if layered)
+    head = [g for g, _ in rows[:first]]
+    body = [g for g, layered in rows if layered]
+    tail = [g for g, layered in rows[first:] if not layered]
     return head + [g.format(n=i) for i in range(layers) for g in body] + tail
 
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-
 from pathlib import Path
 
-from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..errors import shown
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.vocabulary import embedding_name, vocab_triple
 
 

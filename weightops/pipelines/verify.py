@@ -7,16 +7,25 @@ turns a failed gate into a `MismatchError` (exit 3) naming the worst prompts.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .. import progress
 from ..errors import MismatchError, WeightopsError
 from ..verify import gate
 from ..verify.logits import LogitStore, Model, describe, load_runner
 from ..verify.metrics import TokenMetrics, summarize, token_metrics
-from ..verify.prompts import (Prompt, Tokenized, default_prompts, first_difference, hf_encoder, llama_cpp_encoder,
-                      read_prompts, tokenize)
+from ..verify.prompts import (
+    Prompt,
+    Tokenized,
+    default_prompts,
+    first_difference,
+    hf_encoder,
+    llama_cpp_encoder,
+    read_prompts,
+    tokenize,
+)
 from ..verify.structure import compare_structure, compare_tensors
 
 WORST = 3
@@ -56,7 +65,7 @@ def verify_checkpoint(reference: str | Path, candidate: str | Path, *, prompts: 
                                                                    else "given texts")
     encode, source = _reference_encoder(ref, tokenizer)
     cap = min((c for c in (max_tokens, ref.context, cand.context) if c), default=None)
-    kept = [(p, t) for p, t in zip(texts, tokenize(texts, encode, cap)) if len(t.ids) >= 2]
+    kept = [(p, t) for p, t in zip(texts, tokenize(texts, encode, cap), strict=True) if len(t.ids) >= 2]
     texts, tokenized = [p for p, _ in kept], [t for _, t in kept]
     if not tokenized:
         raise WeightopsError("no prompt has two tokens or more; nothing to compare")
@@ -169,7 +178,7 @@ def _candidate_tokenization(cand: Model, texts: list[Prompt], ref_ids: list[Toke
     except WeightopsError as e:
         return {"candidate": f"not checked ({e})", "differences": []}
     diffs = []
-    for t, other in zip(ref_ids, (o.ids for o in tokenize(texts, encode, cap))):
+    for t, other in zip(ref_ids, (o.ids for o in tokenize(texts, encode, cap)), strict=True):
         pos = first_difference(t.ids, other)
         if pos is not None:
             diffs.append({"prompt": t.name, "position": pos, "reference_id": t.ids[pos] if pos < len(t.ids) else None,

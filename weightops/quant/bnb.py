@@ -17,8 +17,9 @@ result ever serialized to a different length, the write fails rather than publis
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 
@@ -133,6 +134,7 @@ class _Quantized:
         return tensor
 
     def _check(self) -> None:
+        assert self._parts is not None  # take() has just quantized the weight
         for k, v in self._parts.items():
             if tuple(v.shape) != tuple(self.layout[k].shape):
                 raise WeightopsError(
@@ -164,7 +166,7 @@ def quantize_bnb(stream: Stream, spec: BnbSpec, select: Callable[[TensorRef], bo
         module = ref.name.removesuffix(".weight")
         for suffix, t in layout.items():
             yield TensorRef(f"{module}.{suffix}", tuple(t.shape), dtypes.name_of(t.dtype), ref.source,
-                            loader=lambda s=suffix, q=shared: q.take(s))
+                            loader=partial(shared.take, suffix))
 
 
 def linear_weights(arch: ArchSpec) -> Callable[[TensorRef], bool]:

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import torch
+
 from ..errors import WeightopsError
 from . import ggml_types
 

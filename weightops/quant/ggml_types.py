@@ -13,9 +13,10 @@ is read without it (and by `quant.ggml` itself).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 

@@ -15,7 +15,7 @@ The types and file types themselves (names, ids, sizes, fallbacks) are in `ggml_
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from gguf import GGMLQuantizationType, LlamaFileType
 

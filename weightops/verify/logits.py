@@ -16,16 +16,19 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .. import dtypes
 from ..devices import resolve_device
-from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..errors import WeightopsError
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.vocabulary import embedding_name
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 GGUF_RUNTIMES = ("llama.cpp", "transformers")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -216,7 +219,10 @@ def _tp_model(ckpt: Checkpoint, dev: torch.device, dt: torch.dtype) -> torch.nn.
     for ref in refs:
         state[ref.name] = ref.load().to(device=dev, dtype=dt if ref.dtype.is_floating_point else None)
         ref.release()
-    model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+    # Any: transformers annotates every auto mapping's values as the tokenizer mapping's (slow, fast)
+    # pair, and from_pretrained as returning the model alone even with output_loading_info
+    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model, info = model_class.from_pretrained(
         None, config=config, state_dict=state, dtype=dt, output_loading_info=True)
     del state
     missing = [k for k in info.get("missing_keys", ()) if not _tied(model, k)]
@@ -226,7 +232,7 @@ def _tp_model(ckpt: Checkpoint, dev: torch.device, dt: torch.dtype) -> torch.nn.
     return model.to(dev)
 
 
-def _tied(model: torch.nn.Module, key: str) -> bool:
+def _tied(model: PreTrainedModel, key: str) -> bool:
     out = model.get_output_embeddings()
     return key.startswith("lm_head") and out is not None and out.weight is model.get_input_embeddings().weight
 
@@ -239,7 +245,7 @@ class LogitStore:
         self.ram_bytes, self.spill_dir = ram_bytes, spill_dir
         self._items: list[np.ndarray | tuple[int, tuple[int, ...]]] = []
         self._held = 0
-        self._file = None
+        self._file: IO[bytes] | None = None
         self.spilled = 0
 
     def add(self, logits: np.ndarray) -> int:
@@ -262,6 +268,7 @@ class LogitStore:
         if isinstance(item, np.ndarray):
             return item
         offset, shape = item
+        assert self._file is not None  # spilled items are in the file
         # copy-on-write: a writable view (torch wraps it without a warning), the file never changes
         return np.memmap(self._file.name, dtype=np.float32, mode="c", offset=offset, shape=shape)
 
@@ -271,7 +278,7 @@ class LogitStore:
             self._file.close()  # deletes it
             self._file = None
 
-    def __enter__(self) -> "LogitStore":
+    def __enter__(self) -> LogitStore:
         return self
 
     def __exit__(self, *exc) -> None:

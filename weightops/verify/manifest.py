@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from .. import progress
-from ..io.checkpoint import open_checkpoint
 from ..errors import WeightopsError, names_file, shown
+from ..io.checkpoint import open_checkpoint
 from ..io.paths import check_link
 from ..stream import TensorRef
 
@@ -70,7 +70,7 @@ def sha256_tensor(ref: TensorRef) -> str:
     stored (safetensors), so hashing neither maps the model into memory nor needs torch."""
     h = hashlib.sha256()
     if ref.span is None:
-        h.update(memoryview(ref.raw()))
+        h.update(ref.raw().data)
         return h.hexdigest()
     path, offset = ref.span
     remaining = ref.nbytes

@@ -36,7 +36,7 @@ class TokenMetrics:
     max_abs_diff: np.ndarray  # float64: max_i |logit_ref(i) - logit_cand(i)|
 
     @staticmethod
-    def concat(parts: list["TokenMetrics"]) -> "TokenMetrics":
+    def concat(parts: list[TokenMetrics]) -> TokenMetrics:
         return TokenMetrics(*(np.concatenate([getattr(p, f) for p in parts]) if parts else np.zeros(0)
                               for f in TokenMetrics.__dataclass_fields__))
 

@@ -7,9 +7,9 @@ whether it would have produced other ids.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import WeightopsError, shown
 from .default_prompts import PROMPTS
@@ -66,7 +66,9 @@ def _jsonl(path: Path, lines: list[str]) -> list[Prompt]:
 
 
 def _paragraphs(path: Path, lines: list[str]) -> list[Prompt]:
-    out, start, buf = [], 0, []
+    out: list[Prompt] = []
+    buf: list[str] = []
+    start = 0
     for n, line in enumerate([*lines, ""], 1):
         if line.strip():
             if not buf:
@@ -115,7 +117,7 @@ def llama_cpp_encoder(gguf_path: Path) -> Encode:
 
 def first_difference(a: tuple[int, ...], b: tuple[int, ...]) -> int | None:
     """Index of the first differing id (the shorter length when one is a prefix), or None."""
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import arch
-from .. import progress
-from ..stream import TensorRef, matches_any
+from .. import arch, progress
 from ..io.vocabulary import vocab_triple
+from ..stream import TensorRef, matches_any
 from .logits import Model
 from .manifest import sha256_tensor
 
@@ -81,7 +80,7 @@ def special_tokens(model: Model, tokenizer_dir=None) -> dict[str, Any] | None:
         tokens, types = meta.get("tokenizer.ggml.tokens") or [], meta.get("tokenizer.ggml.token_type") or []
         roles = {role: meta.get(f"tokenizer.ggml.{key}_token_id") for role, key in
                  (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
-        special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in _SPECIAL_TOKEN_TYPES}
+        special = {t: i for i, (t, ty) in enumerate(zip(tokens, types, strict=False)) if ty in _SPECIAL_TOKEN_TYPES}
         return {"roles": roles, "special": special}
     directory = tokenizer_dir or model.tokenizer
     if directory is None:
@@ -89,7 +88,7 @@ def special_tokens(model: Model, tokenizer_dir=None) -> dict[str, Any] | None:
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(directory))
     roles = {role: getattr(tok, f"{role}_token_id") for role in ("bos", "eos", "unk", "pad")}
-    special = {t: i for t, i in zip(tok.all_special_tokens, tok.all_special_ids)}
+    special = {t: i for t, i in zip(tok.all_special_tokens, tok.all_special_ids, strict=True)}
     return {"roles": roles, "special": special}
 
 

@@ -40,21 +40,20 @@ LIBRARY_Q8_0 = """
 import sys
 import numpy as np, torch, gguf
 from gguf import GGMLQuantizationType as Q
-from weightops.arch import get, permute_rotary_to_interleaved
+from weightops.arch import get
+from weightops.arch.transforms import to_gguf
 from weightops.io.checkpoint import open_checkpoint
 from weightops.io.gguf import GGUFTensor, plan_writer, write_gguf
 from weightops.quant.policy import is_always_f32
 ckpt = open_checkpoint(sys.argv[1]); cfg = ckpt.config; table = get("llama")
-heads = {"rotary_q": cfg["num_attention_heads"], "rotary_k": cfg["num_key_value_heads"]}
+hp = table.config.hparams(cfg)
 planned = []
 for ref in ckpt.tensors:
     row, layer, _ = table.lookup(ref.name, "hf")
     name = row.gguf.format(n=layer)
     qtype = Q.F32 if is_always_f32(name, ref.shape) else Q.Q8_0
-    def produce(ref=ref, kind=row.kind, qtype=qtype):
-        x = ref.load().float()
-        if kind in heads:
-            x = permute_rotary_to_interleaved(x, heads[kind])
+    def produce(ref=ref, transform=row.to_gguf, qtype=qtype):
+        x = to_gguf(transform, ref.load().float(), hp)
         return [gguf.quants.quantize(x.numpy(), qtype)]
     planned.append(GGUFTensor(name, ref.shape, qtype, produce, ref.release))
 write_gguf(plan_writer("llama", planned), planned, sys.argv[2])

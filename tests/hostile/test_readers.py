@@ -196,18 +196,6 @@ def test_config_contradicting_tensors_is_refused_by_every_command(cli, tmp_path,
     nothing_published(out)
 
 
-def test_every_table_row_has_a_shape_rule():
-    from weightops import arch
-    from weightops.arch import bloom, llama
-
-    full = {"llama": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                      "num_key_value_heads": 2, "num_hidden_layers": 2},
-            "bloom": {"hidden_size": 64, "n_head": 4, "n_layer": 2}}
-    for mod in (llama, bloom):
-        _, shapes, problems = mod.hf_shapes(full[mod.ARCH.name])
-        assert set(shapes) == {row.hf for row in arch.get(mod.ARCH.name).rows} and problems == []
-
-
 def test_bloom_config_contradiction_is_refused(cli, tmp_path, tiny_bloom):
     model = copy_model(tiny_bloom, tmp_path / "b", n_head=5)
     out = tmp_path / "out.gguf"

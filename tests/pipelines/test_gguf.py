@@ -13,7 +13,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, TokenType
 
 from weightops import arch as arch_tables
-from weightops.arch.bloom import fuse_qkv
+from weightops.arch import Transform
+from weightops.arch.transforms import fuse_qkv, permute_interleaved_to_rotary, permute_rotary_to_interleaved
 from weightops.errors import WeightopsError
 from weightops.io.gguf import read_metadata
 from weightops.pipelines.gguf import export_gguf
@@ -198,11 +199,11 @@ def test_pre_tokenizer_flag_and_too_small_embedding(bloom, tiny_llama, spm_token
 
 def _hf_view_of(name: str, values: torch.Tensor, arch: str, config: dict) -> tuple[str, torch.Tensor]:
     row, layer, _ = arch_tables.get(arch).lookup(name, "gguf")
-    if row.kind == "rotary_q":
-        values = arch_tables.permute_interleaved_to_rotary(values, config["num_attention_heads"])
-    elif row.kind == "rotary_k":
-        values = arch_tables.permute_interleaved_to_rotary(values, config["num_key_value_heads"])
-    elif row.kind == "fused_qkv":
+    if row.to_gguf is Transform.ROTARY_Q:
+        values = permute_interleaved_to_rotary(values, config["num_attention_heads"])
+    elif row.to_gguf is Transform.ROTARY_K:
+        values = permute_interleaved_to_rotary(values, config["num_key_value_heads"])
+    elif row.to_gguf is Transform.QKV_SPLIT:
         values = fuse_qkv(*values.chunk(3), heads=config["n_head"])
     return row.hf.format(n=layer), values
 
@@ -234,8 +235,8 @@ def test_q8_0_blocks_are_llama_cpp_bytes(tiny_llama, tmp_path, load_all):
     export(tiny_llama, out, "q8_0")
     source = load_all(tiny_llama)
     stored = gguf_tensors(out)
-    q = arch_tables.permute_rotary_to_interleaved(source["model.layers.1.self_attn.q_proj.weight"].float(), 4)
-    k = arch_tables.permute_rotary_to_interleaved(source["model.layers.1.self_attn.k_proj.weight"].float(), 2)
+    q = permute_rotary_to_interleaved(source["model.layers.1.self_attn.q_proj.weight"].float(), 4)
+    k = permute_rotary_to_interleaved(source["model.layers.1.self_attn.k_proj.weight"].float(), 2)
     for name, values in [("blk.1.attn_q.weight", q), ("blk.1.attn_k.weight", k),
                          ("token_embd.weight", source["model.embed_tokens.weight"].float()),
                          ("output.weight", source["lm_head.weight"].float())]:

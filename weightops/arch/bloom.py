@@ -1,61 +1,44 @@
 """BLOOM tensor names in the HF, TencentPretrain and GGUF schemes (reference:
 shared/reference/tencentpretrain.md and gguf.md). The output head is tied to the embedding."""
+from __future__ import annotations
+
 from typing import Any
 
-from . import Architecture, Row
+from ..errors import WeightopsError
+from .checks import tp_heads, tp_shape, tp_size
+from .llama import TP_LAYERNORM_EPS
+from .spec import ArchSpec, ConfigRules, GGUFVocab, Hparams, Role, Shapes, TPRules, Transform, tensor
 
 H = "transformer.h.{n}."
 T = "encoder.transformer.{n}."
 
 
-def _wb(hf: str, tp: str, gguf: str, kind: str = "plain") -> tuple[Row, Row]:
+def _wb(role: Role, hf: str, tp: str) -> tuple:
     """A weight and its bias (TencentPretrain's LayerNorm calls them gamma/beta)."""
-    tp_w, tp_b = (tp + "gamma", tp + "beta") if tp.endswith("norm.") or tp.endswith("norm_1.") \
-        or tp.endswith("norm_2.") else (tp + "weight", tp + "bias")
-    return Row(hf + "weight", (tp_w,), gguf + "weight", kind), Row(hf + "bias", (tp_b,), gguf + "bias", kind)
+    w, b = ("gamma", "beta") if tp.endswith(("norm.", "norm_1.", "norm_2.")) else ("weight", "bias")
+    return tensor(role, hf + "weight", tp + w), tensor(role, hf + "bias", tp + b, "bias")
 
 
 _QKV = tuple(T + f"self_attn.linear_layers.{i}." for i in range(3))
-ARCH = Architecture("bloom", (
-    Row("transformer.word_embeddings.weight", ("embedding.word.embedding.weight",), "token_embd.weight"),
-    *_wb("transformer.word_embeddings_layernorm.", "embedding.layer_norm.", "token_embd_norm."),
-    *_wb(H + "input_layernorm.", T + "layer_norm_1.", "blk.{n}.attn_norm."),
-    Row(H + "self_attention.query_key_value.weight", tuple(p + "weight" for p in _QKV), "blk.{n}.attn_qkv.weight",
-        "fused_qkv"),
-    Row(H + "self_attention.query_key_value.bias", tuple(p + "bias" for p in _QKV), "blk.{n}.attn_qkv.bias",
-        "fused_qkv"),
-    *_wb(H + "self_attention.dense.", T + "self_attn.final_linear.", "blk.{n}.attn_output."),
-    *_wb(H + "post_attention_layernorm.", T + "layer_norm_2.", "blk.{n}.ffn_norm."),
-    *_wb(H + "mlp.dense_h_to_4h.", T + "feed_forward.linear_1.", "blk.{n}.ffn_up."),
-    *_wb(H + "mlp.dense_4h_to_h.", T + "feed_forward.linear_2.", "blk.{n}.ffn_down."),
-    *_wb("transformer.ln_f.", "encoder.layer_norm.", "output_norm."),
-), hf_prefix="transformer.")
-
+TENSORS = (
+    tensor(Role.EMBEDDING, "transformer.word_embeddings.weight", "embedding.word.embedding.weight"),
+    *_wb(Role.EMBEDDING_NORM, "transformer.word_embeddings_layernorm.", "embedding.layer_norm."),
+    *_wb(Role.ATTN_NORM, H + "input_layernorm.", T + "layer_norm_1."),
+    *(tensor(Role.ATTN_QKV, H + f"self_attention.query_key_value.{part}", tuple(p + part for p in _QKV), part,
+             to_gguf=Transform.QKV_SPLIT, to_tp=Transform.QKV_SPLIT) for part in ("weight", "bias")),
+    *_wb(Role.ATTN_OUT, H + "self_attention.dense.", T + "self_attn.final_linear."),
+    *_wb(Role.FFN_NORM, H + "post_attention_layernorm.", T + "layer_norm_2."),
+    *_wb(Role.FFN_UP, H + "mlp.dense_h_to_4h.", T + "feed_forward.linear_1."),
+    *_wb(Role.FFN_DOWN, H + "mlp.dense_4h_to_h.", T + "feed_forward.linear_2."),
+    *_wb(Role.OUTPUT_NORM, "transformer.ln_f.", "encoder.layer_norm."),
+    # tied to the embedding: llama.cpp's bloom reads the embedding, TencentPretrain repeats it
+    tensor(Role.OUTPUT, "lm_head.weight", "target.lm.output_layer.weight", in_gguf=False),
+)
 EMBEDDING = "transformer.word_embeddings.weight"
 
 
-def split_qkv(w, heads: int):
-    """HF fused [head][q|k|v][head_dim] -> (q, k, v), each [hidden, ...] (weights or biases)."""
-    hd = w.shape[0] // heads // 3
-    per = w.reshape(heads, 3, hd, *w.shape[1:])
-    return tuple(per[:, i].reshape(heads * hd, *w.shape[1:]) for i in range(3))
-
-
-def fuse_qkv(q, k, v, heads: int):
-    """Inverse of `split_qkv`."""
-    import torch
-    hd = q.shape[0] // heads
-    parts = [t.reshape(heads, hd, *t.shape[1:]) for t in (q, k, v)]
-    return torch.stack(parts, dim=1).reshape(3 * heads * hd, *q.shape[1:])
-
-
 # --- GGUF (llama.cpp) export: the `bloom.*` keys and tensor values convert_hf_to_gguf.py writes ---
-GGUF_ARCH = "bloom"
-GGUF_VOCABS = ("gpt2",)
-GGUF_DEFAULT_PRE = "bloom"  # an expanded BLOOM vocabulary keeps BLOOM's pre-tokenizer
-GGUF_ADD_SPACE_PREFIX = False
-GGUF_SKIP = ("lm_head.weight",)  # tied to the embedding; llama.cpp's bloom has no output tensor
-GGUF_CONFIG_KEYS = ("hidden_size", "n_head", "n_layer", "layer_norm_epsilon", "vocab_size")  # as in llama.py
+GGUF_CONFIG_KEYS = ("hidden_size", "n_head", "n_layer", "layer_norm_epsilon", "vocab_size")
 _GGUF_ALIASES = {"n_embed": "hidden_size", "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
 _GGUF_DEFAULTS = {"layer_norm_epsilon": 1e-5}  # transformers' BloomConfig default
 
@@ -78,7 +61,7 @@ def _n_layer(config: dict) -> Any:
     return config.get("n_layer", config.get("num_hidden_layers"))
 
 
-def hf_shapes(config: dict) -> tuple[int, dict[str, tuple[tuple[int | None, ...], str]], list[str]]:
+def hf_shapes(config: dict) -> Shapes:
     """(layers, HF shape of each row and why, problems of the config itself); see llama.py."""
     hidden, heads = _n_embed_heads(config)
     if hidden is None or heads is None:
@@ -93,7 +76,7 @@ def hf_shapes(config: dict) -> tuple[int, dict[str, tuple[tuple[int | None, ...]
         H + "input_layernorm.weight", H + "input_layernorm.bias", H + "self_attention.dense.bias",
         H + "post_attention_layernorm.weight", H + "post_attention_layernorm.bias", H + "mlp.dense_4h_to_h.bias",
         "transformer.ln_f.weight", "transformer.ln_f.bias")}
-    shapes = {**vector, EMBEDDING: ((None, hidden), h),
+    shapes = {**vector, EMBEDDING: ((None, hidden), h), "lm_head.weight": ((None, hidden), h),
               H + "self_attention.query_key_value.weight": ((3 * hidden, hidden), f"{h3}, {h}"),
               H + "self_attention.query_key_value.bias": ((3 * hidden,), h3),
               H + "self_attention.dense.weight": ((hidden, hidden), h),
@@ -117,23 +100,7 @@ def add_gguf_parameters(writer, config: dict, file_type: int) -> None:
     writer.add_file_type(file_type)
 
 
-def add_gguf_tokenizer_quirks(writer, directory, config: dict) -> None:
-    """convert_hf_to_gguf.py's BloomModel adds nothing to the tokenizer keys."""
-
-
-def gguf_tensor(kind: str, tensor, config: dict):
-    """HF values -> GGUF values: the fused QKV from per-head [q|k|v] to [all q; all k; all v]."""
-    import torch
-    if kind == "fused_qkv":
-        return torch.cat(split_qkv(tensor, _n_embed_heads(config)[1]))
-    return tensor
-
-
 # --- TencentPretrain model config <-> HF BloomConfig (weightops convert; reference: tencentpretrain.md) ---
-from ..errors import WeightopsError  # noqa: E402
-from . import Hparams, tp_heads, tp_shape, tp_size  # noqa: E402
-from .llama import TIED_OUTPUT, TP_LAYERNORM_EPS  # noqa: E402,F401  (the same LM head and defaults)
-
 # The fixed part of TencentPretrain's models/bloom/*_config.json. Unlike 7b1_config.json it keeps
 # the embedding LayerNorm: BLOOM has one, and TencentPretrain would silently skip its weights.
 TP_CONFIG = {"hidden_act": "gelu", "dropout": 0.0, "data_processor": "lm", "embedding": ["word"],
@@ -142,22 +109,22 @@ TP_CONFIG = {"hidden_act": "gelu", "dropout": 0.0, "data_processor": "lm", "embe
              "tie_weights": True, "alibi_position_embedding": True, "layer_number_scale": True}
 
 
-def hf_hparams(config: dict) -> Hparams:
+def hparams(config: dict) -> Hparams:
     """Head count, layers and tying of a complete BloomConfig dict."""
     hidden, heads = _n_embed_heads(config)
     return Hparams(_n_layer(config), heads, heads, hidden // heads,
                    bool(config.get("tie_word_embeddings", True)))
 
 
-def hf_config_from_tp(tp: dict | None, shapes: dict[str, tuple[int, ...]]) -> dict:
+def hf_config_from_tp(spec: ArchSpec, tp: dict | None, shapes: dict[str, tuple[int, ...]]) -> dict:
     """BloomConfig fields of a TencentPretrain BLOOM: sizes from the tensor shapes (checked
     against the TP model config `tp` when given), the head count only from `tp`."""
     tp = tp or {}
-    emb, up = (ARCH.rename(n, "hf", "tp")[0] for n in (EMBEDDING, H.format(n=0) + "mlp.dense_h_to_4h.weight"))
+    emb, up = (spec.name_of(role, "tp") for role in (Role.EMBEDDING, Role.FFN_UP))
     vocab, hidden = tp_shape(shapes, emb)
     tp_size(tp, "emb_size", hidden, emb)
     tp_size(tp, "hidden_size", hidden, emb)
-    layers = tp_size(tp, "layers_num", ARCH.layer_count(shapes, "tp"), "encoder.transformer.N.*")
+    layers = tp_size(tp, "layers_num", spec.layer_count(shapes, "tp"), "encoder.transformer.N.*")
     feedforward = tp_size(tp, "feedforward_size", tp_shape(shapes, up)[0], up)
     if feedforward != 4 * hidden:
         raise WeightopsError(f"tensor {up!r} has {feedforward} rows; Hugging Face BLOOM fixes the feed-forward "
@@ -165,17 +132,29 @@ def hf_config_from_tp(tp: dict | None, shapes: dict[str, tuple[int, ...]]) -> di
     heads = tp_heads(tp)
     if hidden % heads:
         raise WeightopsError(f"hidden size {hidden} is not a multiple of heads_num {heads}")
-    return {"architectures": ["BloomForCausalLM"], "model_type": "bloom", "vocab_size": vocab, "hidden_size": hidden,
+    return {"architectures": [spec.hf_class], "model_type": spec.name, "vocab_size": vocab, "hidden_size": hidden,
             "n_layer": layers, "n_head": heads, "layer_norm_epsilon": tp.get("layernorm_eps", TP_LAYERNORM_EPS),
             "tie_word_embeddings": True}
 
 
-def tp_config_from_hf(config: dict) -> dict:
+def tp_config_from_hf(spec: ArchSpec, config: dict) -> dict:
     """The TencentPretrain model config json (its --config_path) of a complete BloomConfig dict."""
     if config.get("apply_residual_connection_post_layernorm"):
         raise WeightopsError("apply_residual_connection_post_layernorm is set: TencentPretrain's pre-LayerNorm "
                              "BLOOM cannot compute this model")
-    hp = hf_hparams(config)
+    hp = hparams(config)
+    if not hp.tied:
+        raise WeightopsError("tie_word_embeddings is false: TencentPretrain's BLOOM ties the output head to the "
+                             "embedding")
     hidden = _n_embed_heads(config)[0]
     return {"emb_size": hidden, "feedforward_size": 4 * hidden, "hidden_size": hidden, "heads_num": hp.heads,
             "layers_num": hp.layers, **TP_CONFIG, "layernorm_eps": config["layer_norm_epsilon"]}
+
+
+CONFIG = ConfigRules(hparams=hparams, hf_shapes=hf_shapes, fill_gguf=fill_gguf_config, gguf_keys=GGUF_CONFIG_KEYS,
+                     add_gguf_parameters=add_gguf_parameters)
+SPEC = ArchSpec(
+    name="bloom", hf_class="BloomForCausalLM", gguf_arch="BLOOM", tensors=TENSORS, config=CONFIG,
+    # an expanded BLOOM vocabulary keeps BLOOM's pre-tokenizer
+    vocab=GGUFVocab(encodings=("gpt2",), default_pre="bloom", add_space_prefix=False),
+    tp=TPRules(config_from_hf=tp_config_from_hf, hf_config_from=hf_config_from_tp), hf_prefix="transformer.")

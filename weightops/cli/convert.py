@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from .. import dtypes
+from ..arch import supported
 from ..pipelines.convert import TARGETS, convert_checkpoint
 from . import main, warn
 
@@ -16,7 +17,7 @@ from . import main, warn
 @click.option("--to", "to", type=click.Choice(TARGETS), required=True,
               help="Format to write: hf (a from_pretrained directory) or tencentpretrain (a TencentPretrain "
                    "state dict plus its model config json).")
-@click.option("--arch", type=click.Choice(["llama", "bloom"]),
+@click.option("--arch", type=click.Choice(supported(tencentpretrain=True)),
               help="Architecture, when the tensor names (TencentPretrain) or config.json (HF) do not tell it.")
 @click.option("--tp-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TencentPretrain model config json of INPUT (e.g. models/llama/7b_config.json): the source of "

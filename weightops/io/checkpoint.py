@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import arch as arch_tables
-from .. import progress
+from .. import arch, progress
 from ..errors import WeightopsError
 from ..stream import TensorRef, require_unique
 from . import gguf as gguf_io
@@ -71,7 +70,7 @@ def open_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> Ch
         ckpt.config, ckpt.config_file = read_config(Path(tp_config)), Path(tp_config)
     if ckpt.architecture is None:
         scheme = {"tencentpretrain": "tp", "gguf": "gguf"}.get(ckpt.format, "hf")
-        found = arch_tables.detect(set(ckpt.names()), scheme)
+        found = arch.detect(set(ckpt.names()), scheme)
         ckpt.architecture = found.name if found else None
     return ckpt
 

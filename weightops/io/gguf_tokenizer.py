@@ -89,7 +89,10 @@ _LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p
                  "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 # BLOOM's tokenizer.json splits with this before a ByteLevel step (llama.cpp's "bloom" pre-tokenizer).
 BLOOM_SPLIT_REGEX = " ?[^(\\s|[.,!?…。，、।۔،])]+"
-_SPLIT_PRE = {_GPT2_REGEX: "gpt-2", _LLAMA3_REGEX: "llama-bpe", BLOOM_SPLIT_REGEX: "bloom"}
+# Qwen2's: LLaMA 3's with single digits (llama.cpp's "qwen2" pre-tokenizer).
+QWEN2_SPLIT_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+_SPLIT_PRE = {_GPT2_REGEX: "gpt-2", _LLAMA3_REGEX: "llama-bpe", BLOOM_SPLIT_REGEX: "bloom", QWEN2_SPLIT_REGEX: "qwen2"}
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .. import arch as arch_tables
+from .. import arch
+from ..arch import Role
 from .checkpoint import Checkpoint
 from .tokenizer_files import read_tokenizer_files
 
@@ -42,12 +43,13 @@ class VocabTriple:
 
 def embedding_name(ckpt: Checkpoint) -> str | None:
     """Name of the input embedding in this checkpoint's own naming scheme."""
-    if ckpt.architecture not in ("llama", "bloom"):
+    if not arch.is_supported(ckpt.architecture):
         return None
-    table = arch_tables.get(ckpt.architecture)
+    table = arch.get(ckpt.architecture)
     scheme = {"tencentpretrain": "tp", "gguf": "gguf"}.get(ckpt.format, "hf")
     names = set(ckpt.names())
-    for candidate in table.rows[0].names(scheme):
+    embedding = table.tensor(Role.EMBEDDING)
+    for candidate in embedding.names(scheme) if embedding else ():
         for name in (candidate, candidate.removeprefix(table.hf_prefix)):
             if name in names:
                 return name

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .. import arch as arch_tables
-from .. import dtypes
-from ..arch import llama
+from .. import arch, dtypes
+from ..arch import VOCAB_ROLES, ArchSpec, Role
 from ..errors import WeightopsError, shown
 from ..stream import BufferPool, Stream, TensorRef, matches_any, require_unique
 
@@ -30,10 +29,8 @@ from ..stream import BufferPool, Stream, TensorRef, matches_any, require_unique
 GUARD_RATIO = 0.5
 # Elements per arithmetic step: float32 temporaries stay at 16 MiB whatever the tensor.
 _CHUNK = 1 << 22
-# GGUF names are the architecture-neutral spelling of the two tensors indexed by token id.
-_VOCAB_GGUF = ("token_embd.weight", "output.weight")
-# Buffers that old transformers saved and new ones recompute (rotary inv_freq).
-_DROPPABLE = tuple(p.replace("{n}", "*") for p in llama.DROPPABLE)
+# Buffers that old transformers saved and new ones recompute (rotary inv_freq), of any architecture.
+_DROPPABLE = tuple(sorted({p.replace("{n}", "*") for name in arch.supported() for p in arch.get(name).droppable}))
 _MAX_LISTED = 20
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -106,7 +103,7 @@ def _join(base: list[TensorRef], other: list[TensorRef], replace: Sequence[str],
     """Pair tensors by (architecture-normalised) name; collect every mismatch, then fail once."""
     require_unique(base)
     require_unique(other)
-    table = arch_tables.detect({r.name for r in base} | {r.name for r in other}, "hf")
+    table = arch.detect({r.name for r in base} | {r.name for r in other}, "hf")
     key = table.normalize_hf if table else (lambda n: n)
     by_key_base = _keyed(base, key, labels[0])
     by_key_other = _keyed(other, key, labels[1])
@@ -152,19 +149,14 @@ def _keyed(refs: list[TensorRef], key: Callable[[str], str], label: str) -> dict
     return out
 
 
-def _vocab_keys(table: arch_tables.Architecture | None, keys: set[str]) -> dict[str, str]:
-    """Keys of the embedding and output head (rows indexed by token id) -> their GGUF name."""
+def _vocab_keys(table: ArchSpec | None, keys: set[str]) -> dict[str, Role]:
+    """Keys of the embedding and output head (rows indexed by token id) -> their role."""
     if table is None:
         return {}
-    found = {}
-    for k in keys:
-        hit = table.lookup(k, "hf")
-        if hit and hit[0].gguf in _VOCAB_GGUF:
-            found[k] = hit[0].gguf
-    return found
+    return {k: role for k in keys if (role := table.role(k, "hf")) in VOCAB_ROLES}
 
 
-def _unpaired(key: str, ref: TensorRef, have: str, lack: str, lacking: dict[str, TensorRef], vocab: dict[str, str],
+def _unpaired(key: str, ref: TensorRef, have: str, lack: str, lacking: dict[str, TensorRef], vocab: dict[str, Role],
               report: DeltaReport | None) -> list[str]:
     """A tensor on one side only: tied/untied heads and everything else are errors; buffers
     that transformers recomputes are dropped with a warning."""
@@ -173,7 +165,7 @@ def _unpaired(key: str, ref: TensorRef, have: str, lack: str, lacking: dict[str,
             report.warnings.append(f"dropped {ref.name!r} ({ref.source}): only {have} has it, and transformers "
                                    "recomputes this buffer on load")
         return []
-    if vocab.get(key) == _VOCAB_GGUF[1] and any(vocab.get(k) == _VOCAB_GGUF[0] for k in lacking):
+    if vocab.get(key) is Role.OUTPUT and any(vocab.get(k) is Role.EMBEDDING for k in lacking):
         return [f"tied vs untied embeddings: {have} has a separate output head {ref.name!r} ({ref.source}) but "
                 f"{lack} has none (its output head is tied to the embedding); the two are not the same model "
                 "layout and cannot be combined"]

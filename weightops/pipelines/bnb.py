@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 
 from .. import dtypes, progress
-from ..arch import check_config_shapes
+from ..arch import Role, check_config_shapes, supported
 from ..arch import get as get_arch
 from ..devices import resolve_device
 from ..errors import WeightopsError
 from ..io.checkpoint import open_checkpoint, save_hf
 from ..io.outputs import Output
 from ..io.remap import complete_hf_config
-from ..quant.bnb import OUTPUT_HEAD, BnbSpec, linear_weights, quantize_bnb
+from ..quant.bnb import BnbSpec, linear_weights, quantize_bnb
 from ..stream import Stream, TensorRef, cast, matches_any
 
 
@@ -62,10 +62,10 @@ def export_bnb(model: str | Path, output: str | Path, *, bits: int, quant_type: 
                              "unquantized model")
     if ckpt.architecture is None:
         raise WeightopsError(f"{ckpt.path}: unknown architecture, so which tensors are linear layers is unknown "
-                             "(supported: llama, bloom)")
+                             f"(supported: {', '.join(supported())})")
     table = get_arch(ckpt.architecture)
     tensors = [r.renamed(table.normalize_hf(r.name)) for r in ckpt.tensors]  # as the loaded model names them
-    check_config_shapes(ckpt.architecture, complete_hf_config({"model_type": ckpt.architecture, **ckpt.config}),
+    check_config_shapes(table, complete_hf_config({"model_type": ckpt.architecture, **ckpt.config}),
                         tensors, str(ckpt.config_file))
     linear = linear_weights(table)
     skipped = [r.name for r in tensors if linear(r) and matches_any(r.name, skip)]
@@ -73,7 +73,8 @@ def export_bnb(model: str | Path, output: str | Path, *, bits: int, quant_type: 
     if unused:
         raise WeightopsError(f"--skip {', '.join(repr(g) for g in unused)} matches no linear weight of {ckpt.path} "
                              "(globs are matched against tensor names, e.g. 'model.layers.*.mlp.down_proj.weight')")
-    skip_modules = [OUTPUT_HEAD, *(n.removesuffix(".weight") for n in skipped)] if skipped else None
+    head = table.name_of(Role.OUTPUT, "hf").removesuffix(".weight")  # transformers never quantizes it
+    skip_modules = [head, *(n.removesuffix(".weight") for n in skipped)] if skipped else None
     dev = resolve_device(device)
     dtype = model_dtype(ckpt.config, tensors)
     kept = set(skipped)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import progress
+from ..arch import get as get_arch
 from ..errors import WeightopsError
 from ..io import tencentpretrain as tp_io
 from ..io import tokenizer_edit
@@ -109,17 +110,18 @@ def hf_tokenizer_files(path: Path, model_type: str, *, required: bool) -> tuple[
     they are), or a directory with only tokenizer.model (HF files are generated for it).
     Nothing found gives ({}, None), or an error when `required`.
     """
+    spm = "sentencepiece" in get_arch(model_type).vocab.encodings  # a tokenizer.model is enough
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if path.is_file():
-            if model_type != "llama":
+            if not spm:
                 raise WeightopsError(f"--tokenizer {path}: {model_type} needs an HF tokenizer directory, "
                                      "not a SentencePiece model file")
             shutil.copyfile(path, tmp / "tokenizer.model")
             write_spm_tokenizer_files(tmp)
         elif (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
             tokenizer_edit.copy_tokenizer_files(path, tmp)
-        elif (path / "tokenizer.model").is_file() and model_type == "llama":
+        elif (path / "tokenizer.model").is_file() and spm:
             shutil.copyfile(path / "tokenizer.model", tmp / "tokenizer.model")
             write_spm_tokenizer_files(tmp)
         elif required:

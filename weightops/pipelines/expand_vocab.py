@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import arch as arch_tables
+from .. import arch
+from ..arch import Role
 from ..errors import WeightopsError
 from ..io import tokenizer_edit
 from ..io.checkpoint import Checkpoint, open_checkpoint, save_hf
@@ -18,14 +19,13 @@ from ..ops.vocab import INIT_RULES, plan_rows, resize_vocab
 
 
 def vocab_tensor_names(ckpt: Checkpoint) -> list[str]:
-    """The input embedding and, when the checkpoint has one, the (untied) lm_head."""
+    """The input embedding and, when the checkpoint has one, the (untied) output head."""
     emb = embedding_name(ckpt)
     if emb is None:
         raise WeightopsError(f"{ckpt.path}: no input embedding found (architecture "
-                             f"{ckpt.architecture or 'unknown'}; supported: llama, bloom)")
-    assert ckpt.architecture is not None  # embedding_name found its embedding
-    table = arch_tables.get(ckpt.architecture)
-    heads = [n for n in ckpt.names() if (hit := table.lookup(n, "hf")) and hit[0].hf == "lm_head.weight"]
+                             f"{ckpt.architecture or 'unknown'}; supported: {', '.join(arch.supported())})")
+    spec = arch.get(ckpt.architecture)
+    heads = [n for n in ckpt.names() if spec.role(n, "hf") is Role.OUTPUT]
     return [emb, *heads]
 
 

@@ -1,8 +1,8 @@
 """Checkpoint -> llama.cpp GGUF in one streaming pass.
 
 Any checkpoint the core reads (HF safetensors or .bin, TencentPretrain through the remap
-view) is renamed with the architecture's table, its values moved to llama.cpp's layout
-(q/k interleaving, BLOOM's QKV order), typed by `quant.policy`, encoded (F32/F16/BF16 or
+view) is renamed with the architecture's spec, its values moved to llama.cpp's layout
+(the spec's transforms: q/k interleaving, a fused QKV's order), typed by `quant.policy`, encoded (F32/F16/BF16 or
 GGML blocks quantized from the source values) and written by `io.gguf.write_gguf`, one
 tensor at a time. Metadata keys and tokenizer follow convert_hf_to_gguf.py.
 """
@@ -12,15 +12,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from types import ModuleType
 
 import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from .. import arch as arch_tables
-from .. import progress
+from .. import arch, progress
+from ..arch import ArchSpec, Role
+from ..arch.transforms import to_gguf
 from ..devices import resolve_device
 from ..errors import WeightopsError, shown
 from ..io.checkpoint import Checkpoint, open_checkpoint
@@ -71,9 +71,14 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
     target = Output(output, [ckpt.path, tokenizer, tp_config], kind="file", force=force)
     output = target.path
     hf_refs, config = hf_stream(ckpt)
-    mod, refs = gguf_stream(hf_refs, config, ckpt.path)
-    embedding = arch_tables.get(config["model_type"]).rows[0].gguf  # present: gguf_stream checks
+    spec, refs = gguf_stream(hf_refs, config, ckpt.path)
+    embedding = spec.name_of(Role.EMBEDDING, "gguf")  # present: gguf_stream checks
     n_vocab = next(r for r in refs if r.name == embedding).shape[0]
+    window = spec.config.sliding_window(config)
+    if window is not None and window < config["max_position_embeddings"]:
+        note(f"{spec.name} attends to the last {window} positions only (sliding_window); llama.cpp's "
+             f"{spec.gguf_name} attends to all of them (convert_hf_to_gguf.py writes the same file), so its outputs "
+             f"differ from transformers' beyond {window} tokens")
     config_vocab = config.get("vocab_size")
     if config_vocab != n_vocab:
         note(f"config vocab_size is {config_vocab} but the embedding has {n_vocab} rows; "
@@ -83,22 +88,22 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
     types = policy.assign_types(((r.name, r.shape) for r in refs), qtype_name, pure=pure, overrides=overrides,
                                 warn=note)
     planned = [GGUFTensor(r.name, r.shape, types[r.name], _producer(r, types[r.name], dev), r.release) for r in refs]
-    writer = plan_writer(mod.GGUF_ARCH, planned)
+    writer = plan_writer(spec.gguf_name, planned)
     writer.add_type(gguf.GGUFType.MODEL)
     _add_general(writer, ckpt)
-    mod.add_gguf_parameters(writer, config, int(file_type))
+    spec.config.add_gguf_parameters(writer, config, int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tok_dir = Path(tokenizer) if tokenizer else ckpt.directory
     tok_dir = tok_dir if tok_dir.is_dir() else tok_dir.parent
-    summary = add_tokenizer(writer, tok_dir, n_vocab=n_vocab, encodings=mod.GGUF_VOCABS,
-                            default_pre=mod.GGUF_DEFAULT_PRE, add_space_prefix=mod.GGUF_ADD_SPACE_PREFIX,
+    summary = add_tokenizer(writer, tok_dir, n_vocab=n_vocab, encodings=spec.vocab.encodings,
+                            default_pre=spec.vocab.default_pre, add_space_prefix=spec.vocab.add_space_prefix,
                             pre_tokenizer=pre_tokenizer, config_vocab=config_vocab,
                             embedding=f"{embedding} of {ckpt.path}", warn=note)
-    mod.add_gguf_tokenizer_quirks(writer, tok_dir, config)
+    spec.vocab.quirks(writer, tok_dir, config)
     total = sum(t.nbytes for t in planned)
     with progress.bar(total, f"gguf {qtype_name}") as bar:
         write_gguf(writer, planned, target, on_tensor=lambda t: bar.update(t.nbytes))
-    return GGUFReport(output, mod.GGUF_ARCH, file_type.name, {t.name: t.ggml_type.name for t in planned},
+    return GGUFReport(output, spec.gguf_name, file_type.name, {t.name: t.ggml_type.name for t in planned},
                       summary, output.stat().st_size, warnings)
 
 
@@ -113,58 +118,62 @@ def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
     if not config:
         raise WeightopsError(f"{ckpt.path}: no config.json next to the weights; GGUF needs the hyper-parameters")
     model_type = config.get("model_type") or ckpt.architecture
-    if model_type not in ("llama", "bloom"):
-        raise WeightopsError(f"{ckpt.path}: architecture {model_type!r} cannot be exported to GGUF "
-                             "(supported: llama, bloom)")
-    mod = arch_tables.module(model_type)
-    filled = mod.fill_gguf_config(config)
-    if all(k in filled for k in mod.GGUF_CONFIG_KEYS):
+    try:
+        spec = arch.get(model_type)
+    except WeightopsError as e:
+        raise WeightopsError(f"{ckpt.path}: cannot be exported to GGUF: {e}") from None
+    filled = spec.config.fill_gguf(config)
+    if all(k in filled for k in spec.config.gguf_keys):
         filled = {**filled, "model_type": model_type}  # complete: skip transformers' slow import
     else:
         from transformers import AutoConfig
-        filled = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"}).to_dict()
-    arch_tables.check_config_shapes(model_type, filled, refs, str(ckpt.config_file or ckpt.path))
+        filled = AutoConfig.for_model(spec.name, **{k: v for k, v in config.items() if k != "model_type"}).to_dict()
+    arch.check_config_shapes(spec, filled, refs, str(ckpt.config_file or ckpt.path))
     return list(refs), filled
 
 
-def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[ModuleType, list[TensorRef]]:
-    """HF tensors renamed to GGUF names (from the architecture table) with llama.cpp's values,
-    in llama.cpp's model order (embedding, blocks, output norm, output)."""
-    name = config["model_type"]
-    table, mod = arch_tables.get(name), arch_tables.module(name)
-    skip = [p.replace("{n}", "*") for p in mod.GGUF_SKIP]
-    layers = config.get("num_hidden_layers", config.get("n_layer"))
-    assert layers is not None  # hf_stream completed the config and checked its shapes
-    order = {n: i for i, n in enumerate(model_order(table, layers))}
+def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[ArchSpec, list[TensorRef]]:
+    """HF tensors renamed to GGUF names (from the architecture's spec) with llama.cpp's values,
+    in llama.cpp's model order (embedding, blocks, output norm, output). Tensors llama.cpp does
+    not store (old rotary buffers, a tied output head it reads from the embedding) are left out."""
+    spec = arch.get(config["model_type"])
+    hp = spec.config.hparams(config)
+    skip = [p.replace("{n}", "*") for p in spec.droppable]
+    order = {n: i for i, n in enumerate(model_order(spec, hp.layers))}
     out, unknown = [], []
     for ref in refs:
-        if matches_any(table.normalize_hf(ref.name), skip) or matches_any(ref.name, skip):
+        if matches_any(spec.normalize_hf(ref.name), skip):
             continue
-        found = table.lookup(ref.name, "hf")
+        found = spec.lookup(ref.name, "hf")
         if found is None:
             unknown.append(ref.name)
             continue
         row, layer, _ = found
+        if row.gguf is None:
+            continue
         gname = row.gguf.format(n=layer)
-        out.append(ref.derive(partial(mod.gguf_tensor, row.kind, config=config), name=gname)
-                   if row.kind != "plain" else ref.renamed(gname))
+        out.append(ref.derive(partial(to_gguf, row.to_gguf, hp=hp), name=gname)
+                   if row.to_gguf is not arch.Transform.NONE else ref.renamed(gname))
     if unknown:
-        raise WeightopsError(f"{source}: tensors with no GGUF name in the {name} table: "
+        raise WeightopsError(f"{source}: tensors with no GGUF name in the {spec.name} table: "
                              f"{', '.join(shown(n) for n in sorted(unknown))}")
-    missing = [n for n in order if n not in {r.name for r in out} and n != "output.weight"]
+    output = spec.tensor(Role.OUTPUT)
+    optional = output.gguf if output else None  # llama.cpp reads the embedding when it is absent (tied)
+    missing = [n for n in order if n not in {r.name for r in out} and n != optional]
     if missing:
         raise WeightopsError(f"{source}: checkpoint lacks tensors llama.cpp needs: {', '.join(missing[:8])}"
                              + (" ..." if len(missing) > 8 else ""))
     out.sort(key=lambda r: order.get(r.name, len(order)))
-    return mod, out
+    return spec, out
 
 
-def model_order(table: arch_tables.Architecture, layers: int) -> list[str]:
-    """GGUF names layer by layer: rows before the blocks, each block's rows, rows after."""
-    first = next(i for i, r in enumerate(table.rows) if "{n}" in r.gguf)
-    head = [r.gguf for r in table.rows[:first]]
-    body = [r.gguf for r in table.rows if "{n}" in r.gguf]
-    tail = [r.gguf for r in table.rows[first:] if "{n}" not in r.gguf]
+def model_order(spec: ArchSpec, layers: int) -> list[str]:
+    """GGUF names layer by layer: tensors before the blocks, each block's tensors, tensors after."""
+    rows = [(t.gguf, t.in_layer) for t in spec.tensors if t.gguf is not None]
+    first = next(i for i, (_, layered) in enumerate(rows) if layered)
+    head = [g for g, _ in rows[:first]]
+    body = [g for g, layered in rows if layered]
+    tail = [g for g, layered in rows[first:] if not layered]
     return head + [g.format(n=i) for i in range(layers) for g in body] + tail
 
 

@@ -24,14 +24,13 @@ from functools import partial
 import torch
 
 from .. import dtypes
-from ..arch import Architecture
+from ..arch import ArchSpec
 from ..errors import WeightopsError, shown
 from ..stream import Stream, TensorRef
 
 BITS = (8, 4)
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64  # what Params4bit uses (BitsAndBytesConfig has no setting for it)
-OUTPUT_HEAD = "lm_head"  # transformers never quantizes the output head (get_keys_to_not_convert)
 Parts = dict[str, torch.Tensor]  # suffix after the module name ("weight", "SCB", "weight.absmax", ...) -> tensor
 
 
@@ -170,7 +169,7 @@ def quantize_bnb(stream: Stream, spec: BnbSpec, select: Callable[[TensorRef], bo
                             loader=partial(shared.take, suffix))
 
 
-def linear_weights(arch: Architecture) -> Callable[[TensorRef], bool]:
+def linear_weights(arch: ArchSpec) -> Callable[[TensorRef], bool]:
     """Matrices of the decoder layers (`*.weight` rows of the architecture table inside a
     layer): the modules transformers turns into bitsandbytes Linear layers."""
     def select(ref: TensorRef) -> bool:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import arch as arch_tables
-from .. import progress
+from .. import arch, progress
 from ..io.vocabulary import vocab_triple
 from ..stream import TensorRef, matches_any
 from .logits import Model
@@ -30,17 +29,18 @@ def hf_named(model: Model, other_is_gguf: bool = False) -> dict[str, TensorRef]:
     if ckpt.format == "tencentpretrain":
         from ..io.remap import hf_view
         return {r.name: r for r in hf_view(ckpt)[0]}
-    if ckpt.architecture not in ("llama", "bloom"):
+    if not arch.is_supported(ckpt.architecture):
         return {r.name: r for r in ckpt.tensors}
-    table, mod = arch_tables.get(ckpt.architecture), arch_tables.module(ckpt.architecture)
+    table = arch.get(ckpt.architecture)
     if ckpt.format == "gguf":
         out = {}
         for r in ckpt.tensors:
             hit = table.lookup(r.name, "gguf")
             out[hit[0].hf.format(n=hit[1]) if hit else r.name] = r
         return out
-    skip = [p.replace("{n}", "*") for p in (*getattr(mod, "DROPPABLE", ()), *(mod.GGUF_SKIP if other_is_gguf else ()))]
-    return {table.normalize_hf(r.name): r for r in ckpt.tensors if not matches_any(table.normalize_hf(r.name), skip)}
+    skip = [p.replace("{n}", "*") for p in table.droppable]
+    return {table.normalize_hf(r.name): r for r in ckpt.tensors if not matches_any(table.normalize_hf(r.name), skip)
+            and not (other_is_gguf and (hit := table.lookup(r.name, "hf")) and not hit[0].in_gguf)}
 
 
 def _digest(ref: TensorRef) -> str:

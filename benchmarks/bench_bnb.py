@@ -12,6 +12,7 @@ A baseline row is an interpreter that only imports torch, bitsandbytes and trans
 the memory floor both contenders start from. The two outputs are then compared file by
 file: the benchmark fails if they are not byte-identical.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,10 @@ from common import Measured, measure, python, synthetic_llama
 SPECS = {
     "int8": (["--bits", "8"], "load_in_8bit=True"),
     "nf4": (["--bits", "4", "--quant-type", "nf4"], "load_in_4bit=True, bnb_4bit_quant_type='nf4'"),
-    "nf4-dq": (["--bits", "4", "--quant-type", "nf4", "--double-quant"],
-               "load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True"),
+    "nf4-dq": (
+        ["--bits", "4", "--quant-type", "nf4", "--double-quant"],
+        "load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True",
+    ),
 }
 
 OURS = """
@@ -55,8 +58,12 @@ def _run(cmd: list[str]) -> tuple[Measured, float]:
 
 
 def _best(runs: list[tuple[Measured, float]]) -> tuple[Measured, float]:
-    return (Measured(min(m.wall_s for m, _ in runs), max(m.peak_rss_mb for m, _ in runs),
-                     max(m.peak_anon_mb for m, _ in runs), 0), min(cpu for _, cpu in runs))
+    return (
+        Measured(
+            min(m.wall_s for m, _ in runs), max(m.peak_rss_mb for m, _ in runs), max(m.peak_anon_mb for m, _ in runs), 0
+        ),
+        min(cpu for _, cpu in runs),
+    )
 
 
 def _same_files(a: Path, b: Path) -> bool:
@@ -75,8 +82,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="weightops-bench-bnb-"))
-    src = synthetic_llama(work / f"llama-{args.layers}x{args.hidden}", args.layers, hidden=args.hidden,
-                          intermediate=args.hidden * 11 // 4, heads=args.hidden // 64, kv_heads=args.hidden // 64)
+    src = synthetic_llama(
+        work / f"llama-{args.layers}x{args.hidden}",
+        args.layers,
+        hidden=args.hidden,
+        intermediate=args.hidden * 11 // 4,
+        heads=args.hidden // 64,
+        kv_heads=args.hidden // 64,
+    )
     size = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
     print(f"model: {args.layers} layers, hidden {args.hidden}, {size:.2f} GB bf16 ({src})")
     base, base_cpu = _run(python(IMPORTS))
@@ -95,9 +108,11 @@ def main() -> None:
         print(f"\n{spec}: outputs byte-identical: {identical}")
         print(f"{ours.row('weightops bnb')}   CPU {ours_cpu:6.2f} s")
         print(f"{theirs.row('transformers load+quantize+save')}   CPU {theirs_cpu:6.2f} s")
-        print(f"weightops / transformers: wall {ours.wall_s / theirs.wall_s:.2f}x   CPU {ours_cpu / theirs_cpu:.2f}x   "
-              f"peak RSS {ours.peak_rss_mb / theirs.peak_rss_mb:.2f}x   "
-              f"peak anon {ours.peak_anon_mb / theirs.peak_anon_mb:.2f}x")
+        print(
+            f"weightops / transformers: wall {ours.wall_s / theirs.wall_s:.2f}x   CPU {ours_cpu / theirs_cpu:.2f}x   "
+            f"peak RSS {ours.peak_rss_mb / theirs.peak_rss_mb:.2f}x   "
+            f"peak anon {ours.peak_anon_mb / theirs.peak_anon_mb:.2f}x"
+        )
         if not identical:
             raise SystemExit(f"{spec}: weightops and transformers outputs differ")
     if args.workdir is None:

@@ -8,6 +8,7 @@ Each contender runs in a fresh interpreter; wall time and peak memory (VmHWM and
 RssAnon, see common.py) come from /proc. Target (issue 4): peak anonymous RSS a few
 tensors, not the model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,10 @@ def main() -> None:
     startup = measure(python("import weightops.cli, transformers; transformers.AutoConfig"))
     to_tp = measure(python(OURS) + ["convert", str(src), str(tp), "--to", "tencentpretrain"])
     shutil.copyfile(tp / "tencentpretrain_config.json", tp_config)
-    to_hf = measure(python(OURS) + ["convert", str(tp / "tencentpretrain_model.bin"), str(hf), "--to", "hf",
-                                    "--tp-config", str(tp_config)])
+    to_hf = measure(
+        python(OURS)
+        + ["convert", str(tp / "tencentpretrain_model.bin"), str(hf), "--to", "hf", "--tp-config", str(tp_config)]
+    )
     peer = measure(python(WHOLE_HF_TO_TP) + [str(src), str(whole), str(heads), str(kv_heads), str(args.layers)])
 
     print(f"\nsynthetic LLaMA: {args.layers} layers, hidden 2048, {heads}/{kv_heads} heads, bf16, {size:.2f} GB")
@@ -75,8 +78,10 @@ def main() -> None:
     print(to_tp.row("weightops convert HF -> TencentPretrain"))
     print(to_hf.row("weightops convert TencentPretrain -> HF"))
     print(peer.row("whole-model HF -> TP (TencentPretrain's way)"))
-    print(f"HF -> TP wall: {to_tp.wall_s / cp.wall_s:.2f}x cp, {to_tp.wall_s / peer.wall_s:.2f}x whole-model; "
-          f"peak anon RSS {to_tp.peak_anon_mb:.0f} MB vs whole-model {peer.peak_anon_mb:.0f} MB")
+    print(
+        f"HF -> TP wall: {to_tp.wall_s / cp.wall_s:.2f}x cp, {to_tp.wall_s / peer.wall_s:.2f}x whole-model; "
+        f"peak anon RSS {to_tp.peak_anon_mb:.0f} MB vs whole-model {peer.peak_anon_mb:.0f} MB"
+    )
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

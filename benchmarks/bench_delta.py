@@ -21,6 +21,7 @@ highest memory peaks are reported. Targets (issue 3): peak anonymous RSS flat in
 `--hidden 4096 --intermediate 11008 --layers 16 32` gives LLaMA-7B-shaped checkpoints of 7.0
 and 13.5 GB; there the baseline needs both models in RAM (27 GB at 32 layers): `--no-baseline`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,8 +89,11 @@ def run(cmd: list[str], first: Path, second: Path, out: Path, cache: str) -> tup
 
 def contenders(job: str, baseline: bool) -> dict[str, list[str]]:
     fn = {"apply": "apply_delta", "make": "make_delta"}[job]
-    found = {"ours": python(OURS.format(fn=fn)), "baseline": python(BASELINE.format(job=job)),
-             "floor": ["sh", "-c", FLOOR, "floor"]}
+    found = {
+        "ours": python(OURS.format(fn=fn)),
+        "baseline": python(BASELINE.format(job=job)),
+        "floor": ["sh", "-c", FLOOR, "floor"],
+    }
     if not baseline:
         del found["baseline"]
     return found
@@ -98,13 +102,15 @@ def contenders(job: str, baseline: bool) -> dict[str, list[str]]:
 def same_tensors(a: Path, b: Path) -> bool:
     """Our output against the baseline's: float32 arithmetic rounded once equals in-place bf16."""
     from weightops.io.checkpoint import open_checkpoint
+
     ours = {r.name: r for r in open_checkpoint(a).tensors}
     theirs = {r.name: r for r in open_checkpoint(b).tensors}
     return ours.keys() == theirs.keys() and all(ours[n].raw().tobytes() == theirs[n].raw().tobytes() for n in ours)
 
 
-def run_size(work: Path, layers: int, repeat: int, cache: str, shape: dict[str, int],
-             baseline: bool) -> dict[tuple[str, str], Best]:
+def run_size(
+    work: Path, layers: int, repeat: int, cache: str, shape: dict[str, int], baseline: bool
+) -> dict[tuple[str, str], Best]:
     base = synthetic_llama(work / f"base-{layers}", layers, seed=0, **shape)
     target = synthetic_llama(work / f"target-{layers}", layers, seed=1, **shape)
     delta = work / f"delta-{layers}"
@@ -126,8 +132,10 @@ def run_size(work: Path, layers: int, repeat: int, cache: str, shape: dict[str, 
             ours_out = delta if job == "make" else work / "apply-ours"
             print(f"{job}-delta: ours == baseline bit for bit: {same_tensors(ours_out, work / f'{job}-baseline')}")
             b = res[job, "baseline"]
-            print(f"{job}-delta: ours/baseline wall {o.wall / b.wall:.2f}x (work {o.work / b.work:.2f}x); "
-                  f"baseline/ours peak RSS {b.rss / o.rss:.1f}x, peak anon {b.anon / o.anon:.1f}x")
+            print(
+                f"{job}-delta: ours/baseline wall {o.wall / b.wall:.2f}x (work {o.work / b.work:.2f}x); "
+                f"baseline/ours peak RSS {b.rss / o.rss:.1f}x, peak anon {b.anon / o.anon:.1f}x"
+            )
     for p in (base, target, delta, *work.glob("apply-*"), *work.glob("make-*")):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
     return res
@@ -137,21 +145,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--cache", choices=("cold", "warm"), default="cold")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per contender; the fastest wall and the largest "
-                                                          "memory peaks are reported")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs per contender; the fastest wall and the largest memory peaks are reported",
+    )
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
-    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
-                    help="skip the load-everything baseline (it needs both models in RAM)")
+    ap.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the load-everything baseline (it needs both models in RAM)",
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     shape = {"hidden": args.hidden, "intermediate": args.intermediate}
     work = args.workdir or Path(tempfile.mkdtemp(prefix="weightops-bench-delta-"))
-    print(f"inputs {args.cache} in the page cache, {os.cpu_count()} CPUs; peak RSS = VmHWM (mapped input pages "
-          "included), peak anon = RssAnon")
+    print(
+        f"inputs {args.cache} in the page cache, {os.cpu_count()} CPUs; peak RSS = VmHWM (mapped input pages "
+        "included), peak anon = RssAnon"
+    )
     try:
-        results = {layers: run_size(work, layers, args.repeat, args.cache, shape, args.baseline)
-                   for layers in args.layers}
+        results = {
+            layers: run_size(work, layers, args.repeat, args.cache, shape, args.baseline) for layers in args.layers
+        }
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -160,9 +179,11 @@ def main() -> None:
     for job in ("make", "apply"):
         for name in ("ours", "baseline") if args.baseline else ("ours",):
             a, b = results[lo][job, name], results[hi][job, name]
-            print(f"{job}-delta {name}: {lo} -> {hi} layers, peak RSS {a.rss:.0f} -> {b.rss:.0f} MB "
-                  f"({(b.rss / a.rss - 1) * 100:+.0f}%), peak anon {a.anon:.0f} -> {b.anon:.0f} MB "
-                  f"({(b.anon / a.anon - 1) * 100:+.0f}%)")
+            print(
+                f"{job}-delta {name}: {lo} -> {hi} layers, peak RSS {a.rss:.0f} -> {b.rss:.0f} MB "
+                f"({(b.rss / a.rss - 1) * 100:+.0f}%), peak anon {a.anon:.0f} -> {b.anon:.0f} MB "
+                f"({(b.anon / a.anon - 1) * 100:+.0f}%)"
+            )
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

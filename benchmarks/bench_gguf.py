@@ -21,6 +21,7 @@ Contenders, each a fresh child process (wall time and peak RSS / anonymous RSS s
 Targets (issue 6): whole HF -> Q4_0 job <= 0.5x the two-pass pipeline; peak (anonymous) RSS
 flat in model size (8 vs 16 layers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,12 +101,22 @@ def convert_script_command(script: Path, model: Path, tokenizer: Path, f16: Path
         link = with_tokenizer / f.name
         if not link.exists():
             link.symlink_to(f.resolve())
-    return ["env", f"PYTHONPATH={script.resolve().parent / 'gguf-py'}", sys.executable, str(script),
-            str(with_tokenizer), "--outtype", "f16", "--outfile", str(f16)]
+    return [
+        "env",
+        f"PYTHONPATH={script.resolve().parent / 'gguf-py'}",
+        sys.executable,
+        str(script),
+        str(with_tokenizer),
+        "--outtype",
+        "f16",
+        "--outfile",
+        str(f16),
+    ]
 
 
-def bench_model(name: str, model: Path, tokenizer: Path, work: Path, library: bool, repeat: int,
-                convert_script: Path | None) -> dict[str, Run]:
+def bench_model(
+    name: str, model: Path, tokenizer: Path, work: Path, library: bool, repeat: int, convert_script: Path | None
+) -> dict[str, Run]:
     """Every contender once per round, `repeat` rounds (interleaved, so that a busy spell on a
     shared machine hits all of them alike); each contender's median-wall run is reported."""
     out, f16 = work / "out.gguf", work / "f16.gguf"
@@ -128,25 +139,40 @@ def bench_model(name: str, model: Path, tokenizer: Path, work: Path, library: bo
     r = {label: sorted(rs, key=lambda x: x.m.wall_s)[len(rs) // 2] for label, rs in runs.items()}
     q8_size, q4_size = sizes["ours q8_0"], sizes["ours q4_0"]
     one, two = next(v for k, v in r.items() if k.startswith("pass 1")), r["pass 2: llama.cpp quantize"]
-    r["two-pass total"] = Run(Measured(one.m.wall_s + two.m.wall_s, max(one.m.peak_rss_mb, two.m.peak_rss_mb),
-                                       max(one.m.peak_anon_mb, two.m.peak_anon_mb), 0), one.cpu_s + two.cpu_s)
+    r["two-pass total"] = Run(
+        Measured(
+            one.m.wall_s + two.m.wall_s,
+            max(one.m.peak_rss_mb, two.m.peak_rss_mb),
+            max(one.m.peak_anon_mb, two.m.peak_anon_mb),
+            0,
+        ),
+        one.cpu_s + two.cpu_s,
+    )
     f16.unlink()
     out.unlink()
     size = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
-    print(f"\n== {name}: {size:.3f} GB bf16 safetensors; Q8_0 file {q8_size / 1e9:.3f} GB, "
-          f"pure Q4_0 file {q4_size / 1e9:.3f} GB; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"\n== {name}: {size:.3f} GB bf16 safetensors; Q8_0 file {q8_size / 1e9:.3f} GB, "
+        f"pure Q4_0 file {q4_size / 1e9:.3f} GB; load average {os.getloadavg()[0]:.1f}"
+    )
     for label, m in r.items():
         print(m.row(label))
     ours, pipeline = r["ours q4_0"], r["two-pass total"]
     if library:
-        print(f"q8_0: weightops / library path: wall {r['ours q8_0'].m.wall_s / r['library q8_0'].m.wall_s:.2f}x, "
-              f"CPU {r['ours q8_0'].cpu_s / r['library q8_0'].cpu_s:.2f}x")
+        print(
+            f"q8_0: weightops / library path: wall {r['ours q8_0'].m.wall_s / r['library q8_0'].m.wall_s:.2f}x, "
+            f"CPU {r['ours q8_0'].cpu_s / r['library q8_0'].cpu_s:.2f}x"
+        )
     params = sum(t.numel for t in open_checkpoint(model).tensors)
-    print(f"throughput, M values per wall second / per CPU second: llama.cpp quantizer alone (pass 2, reading the "
-          f"f16 file) {params / two.m.wall_s / 1e6:.1f} / {params / two.cpu_s / 1e6:.1f}; weightops whole job "
-          f"(reading bf16, writing Q4_0) {params / ours.m.wall_s / 1e6:.1f} / {params / ours.cpu_s / 1e6:.1f}")
-    print(f"q4_0: weightops one pass / two-pass pipeline: wall {ours.m.wall_s / pipeline.m.wall_s:.2f}x, "
-          f"CPU {ours.cpu_s / pipeline.cpu_s:.2f}x (target <= 0.5x)")
+    print(
+        f"throughput, M values per wall second / per CPU second: llama.cpp quantizer alone (pass 2, reading the "
+        f"f16 file) {params / two.m.wall_s / 1e6:.1f} / {params / two.cpu_s / 1e6:.1f}; weightops whole job "
+        f"(reading bf16, writing Q4_0) {params / ours.m.wall_s / 1e6:.1f} / {params / ours.cpu_s / 1e6:.1f}"
+    )
+    print(
+        f"q4_0: weightops one pass / two-pass pipeline: wall {ours.m.wall_s / pipeline.m.wall_s:.2f}x, "
+        f"CPU {ours.cpu_s / pipeline.cpu_s:.2f}x (target <= 0.5x)"
+    )
     return r
 
 
@@ -158,20 +184,26 @@ def kernel_throughput() -> None:
     import torch
 
     from weightops.quant import ggml
+
     x = torch.randn(5632, 2048, generator=torch.Generator().manual_seed(0)) * 0.02
-    print("\n== kernels on one 5632 x 2048 float32 tensor (11.5 M values), CPU, "
-          f"{torch.get_num_threads()} torch threads; M values per wall second / per CPU second")
+    print(
+        "\n== kernels on one 5632 x 2048 float32 tensor (11.5 M values), CPU, "
+        f"{torch.get_num_threads()} torch threads; M values per wall second / per CPU second"
+    )
     for qtype in ("q8_0", "q4_0"):
         ours = min((_timed(lambda q=qtype: ggml.quantize(x, q)) for _ in range(3)), key=lambda t: t[1])
         numpy = _timed(lambda q=qtype: gguf.quants.quantize(x.numpy(), getattr(gguf.GGMLQuantizationType, q.upper())))
         n = x.numel() / 1e6
-        print(f"{qtype}: weightops.quant.ggml {n / ours[0]:7.1f} / {n / ours[1]:7.1f}   "
-              f"gguf.quants (numpy) {n / numpy[0]:7.1f} / {n / numpy[1]:7.1f}")
+        print(
+            f"{qtype}: weightops.quant.ggml {n / ours[0]:7.1f} / {n / ours[1]:7.1f}   "
+            f"gguf.quants (numpy) {n / numpy[0]:7.1f} / {n / numpy[1]:7.1f}"
+        )
 
 
 def _timed(fn) -> tuple[float, float]:
     """(wall, CPU) seconds of fn()."""
     import time
+
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
@@ -182,14 +214,23 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--skip-library", action="store_true", help="skip the (slow) numpy library path on big models")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="rounds of runs (contenders interleaved); each contender's median wall time is reported")
-    ap.add_argument("--convert-script", type=Path, default=None,
-                    help="llama.cpp's convert_hf_to_gguf.py, for pass 1 of the two-pass pipeline")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of runs (contenders interleaved); each contender's median wall time is reported",
+    )
+    ap.add_argument(
+        "--convert-script",
+        type=Path,
+        default=None,
+        help="llama.cpp's convert_hf_to_gguf.py, for pass 1 of the two-pass pipeline",
+    )
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="weightops-bench-gguf-"))
     work.mkdir(parents=True, exist_ok=True)
     from weightops import tiny
+
     spm = work / "spm"
     if not (spm / "tokenizer.model").is_file():
         tiny.spm_tokenizer_dir(spm)
@@ -201,15 +242,24 @@ def main() -> None:
     results = {}
     for layers in args.layers:
         model = synthetic_llama(work / f"llama-{layers}", layers, kv_heads=4)
-        results[layers] = bench_model(f"synthetic LLaMA, {layers} layers, hidden 2048", model, spm, work,
-                                      not args.skip_library, args.repeat, args.convert_script)
+        results[layers] = bench_model(
+            f"synthetic LLaMA, {layers} layers, hidden 2048",
+            model,
+            spm,
+            work,
+            not args.skip_library,
+            args.repeat,
+            args.convert_script,
+        )
     if len(results) >= 2:
         lo, hi = min(results), max(results)
         for label in ("ours q8_0", "ours q4_0"):
             a, b = results[lo][label].m, results[hi][label].m
-            print(f"{label}: peak anon RSS {lo} -> {hi} layers {a.peak_anon_mb:.0f} -> {b.peak_anon_mb:.0f} MB "
-                  f"({(b.peak_anon_mb / a.peak_anon_mb - 1) * 100:+.1f}%), peak RSS {a.peak_rss_mb:.0f} -> "
-                  f"{b.peak_rss_mb:.0f} MB")
+            print(
+                f"{label}: peak anon RSS {lo} -> {hi} layers {a.peak_anon_mb:.0f} -> {b.peak_anon_mb:.0f} MB "
+                f"({(b.peak_anon_mb / a.peak_anon_mb - 1) * 100:+.1f}%), peak RSS {a.peak_rss_mb:.0f} -> "
+                f"{b.peak_rss_mb:.0f} MB"
+            )
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

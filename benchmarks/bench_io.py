@@ -11,6 +11,7 @@ must be durable before it is published), so `cp -r && sync` is shown as well.
 Targets (issue 2): peak anonymous RSS does not grow with layer count (within 10%);
 wall <= 1.5x `cp`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,11 @@ print(f"{time.perf_counter() - t1:.3f}", file=open(sys.argv[3], "w"))
 
 
 def contenders(src: Path, out: Path, clock: Path) -> dict[str, list[str]]:
-    return {"cp -r": ["cp", "-r", str(src), str(out)],
-            "cp -r && sync": ["sh", "-c", 'cp -r "$1" "$2" && sync "$2"/*', "cp", str(src), str(out)],
-            "weightops stream copy": python(COPY) + [str(src), str(out), str(clock)]}
+    return {
+        "cp -r": ["cp", "-r", str(src), str(out)],
+        "cp -r && sync": ["sh", "-c", 'cp -r "$1" "$2" && sync "$2"/*', "cp", str(src), str(out)],
+        "weightops stream copy": python(COPY) + [str(src), str(out), str(clock)],
+    }
 
 
 def run_size(work: Path, layers: int, repeat: int, cache: str) -> dict[str, Best]:
@@ -53,9 +56,11 @@ def run_size(work: Path, layers: int, repeat: int, cache: str) -> dict[str, Best
     for name, best in res.items():
         print(best.row(name))
     ours = res["weightops stream copy"]
-    print(f"wall ratio weightops / cp: {ours.wall / res['cp -r'].wall:.2f}x "
-          f"(work alone {ours.work / res['cp -r'].wall:.2f}x); "
-          f"weightops / (cp && sync): {ours.wall / res['cp -r && sync'].wall:.2f}x")
+    print(
+        f"wall ratio weightops / cp: {ours.wall / res['cp -r'].wall:.2f}x "
+        f"(work alone {ours.work / res['cp -r'].wall:.2f}x); "
+        f"weightops / (cp && sync): {ours.wall / res['cp -r && sync'].wall:.2f}x"
+    )
     shutil.rmtree(out, ignore_errors=True)
     return res
 
@@ -76,8 +81,10 @@ def main() -> None:
     if len(results) >= 2:
         lo, hi = min(results), max(results)
         a, b = results[lo]["weightops stream copy"], results[hi]["weightops stream copy"]
-        print(f"\npeak anon RSS {lo} -> {hi} layers: {a.anon:.1f} -> {b.anon:.1f} MB "
-              f"({(b.anon / a.anon - 1) * 100:+.1f}%); peak RSS {a.rss:.1f} -> {b.rss:.1f} MB")
+        print(
+            f"\npeak anon RSS {lo} -> {hi} layers: {a.anon:.1f} -> {b.anon:.1f} MB "
+            f"({(b.anon / a.anon - 1) * 100:+.1f}%); peak RSS {a.rss:.1f} -> {b.rss:.1f} MB"
+        )
 
 
 if __name__ == "__main__":

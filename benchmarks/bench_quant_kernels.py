@@ -14,6 +14,7 @@ throughput / theirs (> 1: we are faster), against our run on the same input dtyp
 bytes are checked to be identical too.
 Target (issue 6): our kernels >= llama.cpp's quantizer throughput on the same cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,13 @@ from gguf import GGUFReader, GGUFWriter, quants
 
 from weightops.quant import ggml
 
-FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-          "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
-          "q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1}
+FTYPES = {
+    "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+    "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+    "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
+    "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
+    "q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1,
+}
 NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -45,8 +50,15 @@ def libggml_quantize_chunk() -> Callable[..., int]:
     lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
     fn = lib.ggml_quantize_chunk  # (type, src, dst, start, nrows, n_per_row, imatrix) -> bytes
     fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_void_p]
+    fn.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     return fn
 
 
@@ -54,9 +66,13 @@ def libggml(fn, a: np.ndarray, qtype: str, threads: int) -> np.ndarray:
     """Quantize float32 `a` with libggml, its rows split over `threads` threads (ctypes drops the GIL)."""
     out = np.empty((a.shape[0], ggml.row_bytes(a.shape[1], qtype)), dtype=np.uint8)
     bounds = np.linspace(0, a.shape[0], threads + 1).astype(int)
-    workers = [threading.Thread(target=fn, args=(int(ggml.QTYPES[qtype]), a[lo:hi].ctypes.data,
-                                                 out[lo:hi].ctypes.data, 0, hi - lo, a.shape[1], None))
-               for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    workers = [
+        threading.Thread(
+            target=fn,
+            args=(int(ggml.QTYPES[qtype]), a[lo:hi].ctypes.data, out[lo:hi].ctypes.data, 0, hi - lo, a.shape[1], None),
+        )
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
     for w in workers:
         w.start()
     for w in workers:
@@ -144,8 +160,10 @@ def run(args: argparse.Namespace, work: Path) -> None:
     write_gguf(f16_file, mats, np.float16)
     chunk = libggml_quantize_chunk()
     mb = sum(m.nbytes for m in mats) / 1e6
-    print(f"{args.matrices} matrices {args.size}x{args.size} ({mb:.1f} MB float32), {args.threads} threads, "
-          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.matrices} matrices {args.size}x{args.size} ({mb:.1f} MB float32), {args.threads} threads, "
+        f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'type':6} {'contender':44} {'ms/matrix':>10} {'MB/s':>8} {'ours/them':>10}")
 
     for qtype in args.types:
@@ -155,10 +173,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
             "weightops torch kernels (float32 input)": lambda q=qtype: [ggml.quantize(t, q) for t in tensors],
             "weightops torch kernels (float16 input)": lambda q=qtype: [ggml.quantize(t, q) for t in tensors16],
             "libggml ggml_quantize_chunk (kernel)": lambda q=qtype: [libggml(chunk, m, q, args.threads) for m in mats],
-            "llama_model_quantize, F32 GGUF (tool)":
-                lambda q=qtype, out=out_f32: llama_quantize(f32_file, out, q, args.threads),
-            "llama_model_quantize, F16 GGUF (tool)":
-                lambda q=qtype, out=out_f16: llama_quantize(f16_file, out, q, args.threads),
+            "llama_model_quantize, F32 GGUF (tool)": lambda q=qtype, out=out_f32: llama_quantize(
+                f32_file, out, q, args.threads
+            ),
+            "llama_model_quantize, F16 GGUF (tool)": lambda q=qtype, out=out_f16: llama_quantize(
+                f16_file, out, q, args.threads
+            ),
         }
         best = {name: float("inf") for name in contenders}
         for _ in range(args.repeat):
@@ -174,15 +194,19 @@ def run(args: argparse.Namespace, work: Path) -> None:
         ours = [ggml.quantize(t, qtype).numpy() for t in tensors]
         ours16 = [ggml.quantize(t, qtype).numpy().reshape(-1) for t in tensors16]
         tool32, tool16 = read_tensors(out_f32), read_tensors(out_f16)
-        identical = (np.array_equal(ours[0], reference)
-                     and all(np.array_equal(o, libggml(chunk, m, qtype, args.threads))
-                             for o, m in zip(ours, mats, strict=True))
-                     and all(np.array_equal(o.reshape(-1), tool32[n]) for o, n in zip(ours, names, strict=True))
-                     and all(np.array_equal(o, tool16[n]) for o, n in zip(ours16, names, strict=True)))
+        identical = (
+            np.array_equal(ours[0], reference)
+            and all(np.array_equal(o, libggml(chunk, m, qtype, args.threads)) for o, m in zip(ours, mats, strict=True))
+            and all(np.array_equal(o.reshape(-1), tool32[n]) for o, n in zip(ours, names, strict=True))
+            and all(np.array_equal(o, tool16[n]) for o, n in zip(ours16, names, strict=True))
+        )
         for name, seconds in best.items():
             per = seconds / args.matrices * 1e3
-            ours_s = best["weightops torch kernels (float16 input)" if "F16" in name
-                          else "weightops torch kernels (float32 input)"]
+            ours_s = best[
+                "weightops torch kernels (float16 input)"
+                if "F16" in name
+                else "weightops torch kernels (float32 input)"
+            ]
             ratio = "" if name.startswith("weightops") else f"{seconds / ours_s:9.2f}x"
             print(f"{qtype:6} {name:44} {per:10.2f} {mb / seconds:8.0f} {ratio:>10}")
         print(f"{qtype:6} bytes identical (ours = gguf.quants = libggml = llama_model_quantize files): {identical}")

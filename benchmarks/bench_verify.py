@@ -14,6 +14,7 @@ Each contender runs in a fresh process (peak memory measured from /proc):
 
     python benchmarks/bench_verify.py [--layers 16] [--hidden 1024] [--max-tokens 32] [--repeat 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,20 +78,32 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from weightops import tiny
+
         tok = work / "tokenizer"
         if not tok.is_dir():
             tiny.spm_tokenizer_dir(tok)
-        shape = dict(layers=args.layers, hidden=args.hidden, intermediate=args.hidden * 11 // 4 // 32 * 32,
-                     heads=args.hidden // 64, kv_heads=args.hidden // 64, vocab=32000)
+        shape = dict(
+            layers=args.layers,
+            hidden=args.hidden,
+            intermediate=args.hidden * 11 // 4 // 32 * 32,
+            heads=args.hidden // 64,
+            kv_heads=args.hidden // 64,
+            vocab=32000,
+        )
         ref = synthetic_llama(work / "reference", dtype=torch.bfloat16, **shape)
         cand = synthetic_llama(work / "candidate", dtype=torch.float16, **shape)
         size = sum(f.stat().st_size for f in ref.glob("*.safetensors")) / 1e9
         params = size / 2
-        print(f"{args.layers} layers, hidden {args.hidden}: {params * 1e3:.0f} M parameters, {size:.2f} GB per "
-              f"checkpoint (float32 in RAM: {params * 4:.2f} GB per model); {os.cpu_count()} CPUs, CPU only, "
-              f"load average {os.getloadavg()[0]:.1f}")
-        contenders = {"ours (one at a time)": (OURS, 1 << 30), "ours, logits spilled": (OURS, 0),
-                      "both models at once": (BOTH, 0)}
+        print(
+            f"{args.layers} layers, hidden {args.hidden}: {params * 1e3:.0f} M parameters, {size:.2f} GB per "
+            f"checkpoint (float32 in RAM: {params * 4:.2f} GB per model); {os.cpu_count()} CPUs, CPU only, "
+            f"load average {os.getloadavg()[0]:.1f}"
+        )
+        contenders = {
+            "ours (one at a time)": (OURS, 1 << 30),
+            "ours, logits spilled": (OURS, 0),
+            "both models at once": (BOTH, 0),
+        }
         best: dict[str, list] = {}
         for _ in range(args.repeat):
             for name, (code, ram) in contenders.items():
@@ -98,18 +111,26 @@ def main() -> None:
                 b = best.setdefault(name, [float("inf"), float("inf"), 0.0, 0.0, doc])
                 b[0], b[1] = min(b[0], m.wall_s), min(b[1], doc["work_s"])
                 b[2], b[3] = max(b[2], m.peak_rss_mb), max(b[3], m.peak_anon_mb)
-        print(f"\n{'contender':<24}{'wall s':>9}{'work s':>9}{'peak RSS MB':>13}{'peak anon MB':>14}"
-              f"{'tokens':>8}{'mean KLD':>11}{'top-1':>8}")
+        print(
+            f"\n{'contender':<24}{'wall s':>9}{'work s':>9}{'peak RSS MB':>13}{'peak anon MB':>14}"
+            f"{'tokens':>8}{'mean KLD':>11}{'top-1':>8}"
+        )
         for name, (wall, work_s, rss, anon, doc) in best.items():
-            print(f"{name:<24}{wall:>9.2f}{work_s:>9.2f}{rss:>13.0f}{anon:>14.0f}{doc['tokens']:>8}"
-                  f"{doc['kld_mean']:>11.3g}{doc['top1_agreement']:>8.3f}")
+            print(
+                f"{name:<24}{wall:>9.2f}{work_s:>9.2f}{rss:>13.0f}{anon:>14.0f}{doc['tokens']:>8}"
+                f"{doc['kld_mean']:>11.3g}{doc['top1_agreement']:>8.3f}"
+            )
         ours, both = best["ours (one at a time)"], best["both models at once"]
-        print(f"\nboth-at-once / ours: peak RSS {both[2] / ours[2]:.2f}x, peak anon {both[3] / ours[3]:.2f}x; "
-              f"ours / both-at-once wall {ours[0] / both[0]:.2f}x")
+        print(
+            f"\nboth-at-once / ours: peak RSS {both[2] / ours[2]:.2f}x, peak anon {both[3] / ours[3]:.2f}x; "
+            f"ours / both-at-once wall {ours[0] / both[0]:.2f}x"
+        )
         if "timing" in ours[4]:
-            print(f"ours: reference {ours[4]['timing']['reference_s']:.1f} s, candidate "
-                  f"{ours[4]['timing']['candidate_s']:.1f} s, spilled "
-                  f"{best['ours, logits spilled'][4]['reference_logits_spilled_bytes'] / 2**20:.0f} MiB of logits")
+            print(
+                f"ours: reference {ours[4]['timing']['reference_s']:.1f} s, candidate "
+                f"{ours[4]['timing']['candidate_s']:.1f} s, spilled "
+                f"{best['ours, logits spilled'][4]['reference_logits_spilled_bytes'] / 2**20:.0f} MiB of logits"
+            )
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     finally:
         if args.workdir is None:

@@ -16,6 +16,7 @@ process with the inputs in the page cache:
 
     python benchmarks/bench_vocab.py [--layers 8 24] [--hidden 1024] [--workdir DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,7 @@ def synthetic_spm(path: Path, pieces: list[str]) -> Path:
 
     from weightops import tiny
     from weightops.io.tokenizer_edit import merge_spm
+
     base = tiny.train_spm(path.with_suffix(".base.model"), 400).read_bytes()
     extra = pb.ModelProto()
     for p in pieces:
@@ -62,11 +64,20 @@ def tokenizer_dir(directory: Path, model: Path) -> Path:
     import json
 
     from transformers import AutoTokenizer
+
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model, directory / "tokenizer.model")
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "legacy": False}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "legacy": False,
+            }
+        )
+    )
     AutoTokenizer.from_pretrained(directory).save_pretrained(directory)
     return directory
 
@@ -86,20 +97,28 @@ def main() -> None:
         merged_tok.mkdir()
         shutil.copyfile(tok / "tokenizer_config.json", merged_tok / "tokenizer_config.json")
         from weightops.io import tokenizer_edit
+
         tokenizer_edit.copy_tokenizer_files(tok, merged_tok)
         tokenizer_edit.edit(merged_tok, merge=chinese)  # the baseline gets this for free
         merged_size = len(tokenizer_edit.load(merged_tok))
         for layers in args.layers:
-            model = synthetic_llama(work / f"model-{layers}", layers, hidden=args.hidden,
-                                    intermediate=args.hidden * 11 // 4, heads=args.hidden // 128,
-                                    kv_heads=args.hidden // 128)
+            model = synthetic_llama(
+                work / f"model-{layers}",
+                layers,
+                hidden=args.hidden,
+                intermediate=args.hidden * 11 // 4,
+                heads=args.hidden // 128,
+                kv_heads=args.hidden // 128,
+            )
             tokenizer_edit.copy_tokenizer_files(tok, model)
             size = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
             print(f"\n{layers} layers, hidden {args.hidden}, {size:.2f} GB; vocab 32000 -> {merged_size}")
-            runs = {"ours (normal)": (python(OURS.format(init="normal")), chinese),
-                    "ours (subtoken-mean)": (python(OURS.format(init="subtoken-mean")), chinese),
-                    "baseline (transformers)": (python(BASELINE.format(mean_resizing=True)), merged_tok),
-                    "baseline-plain (transformers)": (python(BASELINE.format(mean_resizing=False)), merged_tok)}
+            runs = {
+                "ours (normal)": (python(OURS.format(init="normal")), chinese),
+                "ours (subtoken-mean)": (python(OURS.format(init="subtoken-mean")), chinese),
+                "baseline (transformers)": (python(BASELINE.format(mean_resizing=True)), merged_tok),
+                "baseline-plain (transformers)": (python(BASELINE.format(mean_resizing=False)), merged_tok),
+            }
             res = {}
             for name, (cmd, extra) in runs.items():
                 out = work / f"out-{layers}-{name.split()[0]}-{len(res)}"
@@ -111,8 +130,10 @@ def main() -> None:
             o = res["ours (normal)"]
             for name in ("baseline (transformers)", "baseline-plain (transformers)"):
                 b = res[name]
-                print(f"{name.split()[0]}/ours (normal): wall {b.wall_s / o.wall_s:.2f}x, peak RSS "
-                      f"{b.peak_rss_mb / o.peak_rss_mb:.2f}x, peak anon {b.peak_anon_mb / o.peak_anon_mb:.2f}x")
+                print(
+                    f"{name.split()[0]}/ours (normal): wall {b.wall_s / o.wall_s:.2f}x, peak RSS "
+                    f"{b.peak_rss_mb / o.peak_rss_mb:.2f}x, peak anon {b.peak_anon_mb / o.peak_anon_mb:.2f}x"
+                )
             shutil.rmtree(model, ignore_errors=True)
     finally:
         if args.workdir is None:

@@ -5,6 +5,7 @@ Peak memory is reported two ways: total RSS (VmHWM; includes pages of memory-map
 inputs, which the kernel can reclaim) and anonymous RSS (RssAnon, sampled), which is what
 a user's machine cannot give back and what must stay flat as models grow.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,25 +26,45 @@ from weightops.io.checkpoint import save_hf  # noqa: E402
 from weightops.stream import TensorRef  # noqa: E402
 
 
-def llama_shapes(layers: int, hidden: int = 2048, intermediate: int = 5632, vocab: int = 32000,
-                 kv_heads: int = 16, heads: int = 16) -> dict[str, tuple[int, ...]]:
+def llama_shapes(
+    layers: int, hidden: int = 2048, intermediate: int = 5632, vocab: int = 32000, kv_heads: int = 16, heads: int = 16
+) -> dict[str, tuple[int, ...]]:
     kv = hidden // heads * kv_heads
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
-                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                       p + "mlp.gate_proj.weight": (intermediate, hidden),
-                       p + "mlp.up_proj.weight": (intermediate, hidden),
-                       p + "mlp.down_proj.weight": (hidden, intermediate),
-                       p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (hidden, hidden),
+                p + "self_attn.k_proj.weight": (kv, hidden),
+                p + "self_attn.v_proj.weight": (kv, hidden),
+                p + "self_attn.o_proj.weight": (hidden, hidden),
+                p + "mlp.gate_proj.weight": (intermediate, hidden),
+                p + "mlp.up_proj.weight": (intermediate, hidden),
+                p + "mlp.down_proj.weight": (hidden, intermediate),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        )
     return shapes
 
 
-def synthetic_llama(directory: Path, layers: int, hidden: int = 2048, intermediate: int = 5632, vocab: int = 32000,
-                    heads: int = 16, kv_heads: int = 16, seed: int = 0, max_shard_size: str = "2GB",
-                    dtype: torch.dtype = torch.bfloat16) -> Path:
+def synthetic_llama(
+    directory: Path,
+    layers: int,
+    hidden: int = 2048,
+    intermediate: int = 5632,
+    vocab: int = 32000,
+    heads: int = 16,
+    kv_heads: int = 16,
+    seed: int = 0,
+    max_shard_size: str = "2GB",
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
     """A random LLaMA checkpoint with config.json, generated and written one tensor at a time."""
     directory = Path(directory)
     if (directory / "config.json").is_file():
@@ -56,14 +77,27 @@ def synthetic_llama(directory: Path, layers: int, hidden: int = 2048, intermedia
             if len(shape) == 1:
                 return (1 + 0.1 * torch.randn(shape, generator=g)).to(dtype)
             return (0.02 * torch.randn(shape, generator=g)).to(dtype)
+
         return load
 
     refs = [TensorRef(n, s, name_of(dtype), "synthetic", loader=make(i, s)) for i, (n, s) in enumerate(shapes.items())]
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "num_key_value_heads": kv_heads, "vocab_size": vocab, "rms_norm_eps": 1e-5,
-              "max_position_embeddings": 2048, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-              "torch_dtype": str(dtype).removeprefix("torch."), "hidden_act": "silu"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "hidden_act": "silu",
+    }
     save_hf(refs, directory, max_shard_size=max_shard_size, extra_files={"config.json": json.dumps(config, indent=2)})
     return directory
 
@@ -103,26 +137,30 @@ class Measured:
     returncode: int
 
     def row(self, label: str) -> str:
-        return (f"{label:<44} wall {self.wall_s:7.2f} s   peak RSS {self.peak_rss_mb:8.1f} MB   "
-                f"peak anon {self.peak_anon_mb:8.1f} MB")
+        return (
+            f"{label:<44} wall {self.wall_s:7.2f} s   peak RSS {self.peak_rss_mb:8.1f} MB   "
+            f"peak anon {self.peak_anon_mb:8.1f} MB"
+        )
 
 
 @dataclass
 class Best:
     """The fastest of the repeated runs and the highest memory peaks among them."""
 
-    wall: float = float("inf")   # the whole process, interpreter start and imports included
-    work: float = float("inf")   # the work alone
-    rss: float = 0.0             # MB, VmHWM
-    anon: float = 0.0            # MB, RssAnon
+    wall: float = float("inf")  # the whole process, interpreter start and imports included
+    work: float = float("inf")  # the work alone
+    rss: float = 0.0  # MB, VmHWM
+    anon: float = 0.0  # MB, RssAnon
 
     def add(self, m: Measured, work: float) -> None:
         self.wall, self.work = min(self.wall, m.wall_s), min(self.work, work)
         self.rss, self.anon = max(self.rss, m.peak_rss_mb), max(self.anon, m.peak_anon_mb)
 
     def row(self, label: str) -> str:
-        return (f"{label:<22} wall {self.wall:6.2f} s (work {self.work:6.2f} s)   peak RSS {self.rss:7.1f} MB   "
-                f"peak anon {self.anon:7.1f} MB")
+        return (
+            f"{label:<22} wall {self.wall:6.2f} s (work {self.work:6.2f} s)   peak RSS {self.rss:7.1f} MB   "
+            f"peak anon {self.anon:7.1f} MB"
+        )
 
 
 def _status(pid: int) -> dict[str, int]:

@@ -1,5 +1,6 @@
 """Every shared fixture, in one place: tiny models and tokenizers made once per session (no
 downloads), and the models each command's tests derive from them."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,9 @@ def tiny_llama(tmp_path_factory, spm_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_tied(tmp_path_factory, spm_tokenizer) -> Path:
     """bf16 LLaMA with tied embeddings and no GQA."""
-    return tiny.tiny_llama(tmp_path_factory.mktemp("llama_tied") / "model", spm_tokenizer, kv_heads=4, tied=True,
-                           seed=1)
+    return tiny.tiny_llama(
+        tmp_path_factory.mktemp("llama_tied") / "model", spm_tokenizer, kv_heads=4, tied=True, seed=1
+    )
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +69,10 @@ class CliResult:
 @pytest.fixture
 def cli():
     """Run `weightops ARGS...` in-process; returns exit code, stdout and stderr."""
+
     def run(*args: str | Path) -> CliResult:
         return CliResult(CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True))
+
     return run
 
 
@@ -79,6 +83,7 @@ def load_all():
 
     def load(path: Path) -> dict[str, torch.Tensor]:
         return {r.name: r.load().clone() for r in open_checkpoint(path).tensors}
+
     return load
 
 
@@ -100,21 +105,43 @@ def llama_cpp_source() -> Path:
     root = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
     if not (root / "conversion" / "__init__.py").is_file():  # the script imports its `conversion` package
         with tempfile.TemporaryDirectory() as tmp:
-            got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
-                                  f"llama-cpp-python=={version}", "-d", tmp], capture_output=True, text=True)
+            got = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-binary",
+                    ":all:",
+                    "--no-deps",
+                    f"llama-cpp-python=={version}",
+                    "-d",
+                    tmp,
+                ],
+                capture_output=True,
+                text=True,
+            )
             sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
             if got.returncode or not sdists:
                 pytest.skip(f"llama-cpp-python {version} source not available: {got.stderr.strip()[-300:]}")
             prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
             with tarfile.open(sdists[0]) as tar:
-                wanted = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
-                    m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith((prefix + "gguf-py/",
-                                                                                      prefix + "conversion/")))]
+                wanted = [
+                    m
+                    for m in tar.getmembers()
+                    if m.name.startswith(prefix)
+                    and (
+                        m.name == prefix + "convert_hf_to_gguf.py"
+                        or m.name.startswith((prefix + "gguf-py/", prefix + "conversion/"))
+                    )
+                ]
                 tar.extractall(cache, members=wanted, filter="data")
     return root
 
 
 # --- convert: an untied LLaMA without GQA, the shape TencentPretrain's own HF -> TP script handles ---
+
 
 @pytest.fixture(scope="session")
 def tiny_llama_mha(tmp_path_factory, spm_tokenizer) -> Path:
@@ -173,8 +200,13 @@ def llama_f32(tmp_path_factory, spm_tokenizer) -> Path:
 def merged_llama(tmp_path_factory, tiny_llama, other_spm) -> Path:
     """tiny_llama with `other_spm` merged in and normal + special tokens added (default init)."""
     out = tmp_path_factory.mktemp("merged") / "model"
-    expand_vocab(tiny_llama, out, merge_spm=other_spm, add_tokens=["weightops", "hello there"],
-                 special_tokens=["<|End|>", "<|Human|>"])
+    expand_vocab(
+        tiny_llama,
+        out,
+        merge_spm=other_spm,
+        add_tokens=["weightops", "hello there"],
+        special_tokens=["<|End|>", "<|Human|>"],
+    )
     return out
 
 
@@ -191,14 +223,20 @@ CHAT_TEMPLATE = "{% for m in messages %}<|Human|>{{ m['content'] }}<|End|>{% end
 def _bpe(directory: Path, pre_tokenizer) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(tiny.corpus(), trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(directory)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    ).save_pretrained(directory)
     return Path(directory)
 
 
@@ -206,8 +244,13 @@ def _bpe(directory: Path, pre_tokenizer) -> Path:
 def bloom_tokenizer(tmp_path_factory) -> Path:
     """Byte-level BPE with BLOOM's pre-tokenizer (its own vocabulary, so llama.cpp's hash does not know it)."""
     from tokenizers import Regex, pre_tokenizers
-    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(BLOOM_SPLIT), behavior="isolated"),
-                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+    pre = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(BLOOM_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     return _bpe(tmp_path_factory.mktemp("bloom_tok"), pre)
 
 
@@ -215,6 +258,7 @@ def bloom_tokenizer(tmp_path_factory) -> Path:
 def gpt2_tokenizer(tmp_path_factory) -> Path:
     """Byte-level BPE with GPT-2's pre-tokenizer regex (what a BPE LLaMA such as SmolLM uses)."""
     from tokenizers import pre_tokenizers
+
     return _bpe(tmp_path_factory.mktemp("gpt2_tok"), pre_tokenizers.ByteLevel(add_prefix_space=False))
 
 
@@ -234,6 +278,7 @@ def yayi_bloom(tmp_path_factory, bloom, bloom_tokenizer) -> Path:
     """A YaYi-style BLOOM: 4 added special tokens, one added normal token, a chat template, and an
     embedding padded to 416 rows (more rows than the tokenizer has ids)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     out = tmp_path_factory.mktemp("yayi") / "model"
     tok = AutoTokenizer.from_pretrained(bloom_tokenizer)
     tok.add_special_tokens({"additional_special_tokens": YAYI_SPECIAL})
@@ -256,10 +301,19 @@ def llama_cpp_run():
     llama_cpp = pytest.importorskip("llama_cpp")
 
     def run(path: Path, ids: list[int]):
-        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, verbose=False, type_k=0, type_v=0,
-                              flash_attn=False, n_threads=2)
+        llm = llama_cpp.Llama(
+            model_path=str(path),
+            logits_all=True,
+            n_ctx=128,
+            verbose=False,
+            type_k=0,
+            type_v=0,
+            flash_attn=False,
+            n_threads=2,
+        )
         llm.eval(ids)
-        return np.array(llm.scores[:len(ids)], dtype=np.float32), llm
+        return np.array(llm.scores[: len(ids)], dtype=np.float32), llm
+
     return run
 
 
@@ -272,6 +326,7 @@ def hf_logits():
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         with torch.no_grad():
             return model(torch.tensor([ids])).logits[0].numpy()
+
     return run
 
 
@@ -324,14 +379,19 @@ def calm_llama(tmp_path_factory, tiny_llama) -> Path:
     transformers running the dequantized weights as much as in llama.cpp. Calmed like this it
     reacts to quantization as trained checkpoints do (Q8_0: KLD ~2e-4, top-1 ~98 %), so the
     default gates apply to it unchanged."""
-    return scaled_copy(tiny_llama, tmp_path_factory.mktemp("calm") / "model",
-                       lambda n: n.startswith("model.layers.") and "norm" not in n, 0.3)
+    return scaled_copy(
+        tiny_llama,
+        tmp_path_factory.mktemp("calm") / "model",
+        lambda n: n.startswith("model.layers.") and "norm" not in n,
+        0.3,
+    )
 
 
 @pytest.fixture(scope="session")
 def tp_llama(tmp_path_factory, tiny_llama) -> Path:
     """The tiny LLaMA converted to TencentPretrain by `weightops convert`'s library function."""
     from weightops.pipelines.convert import convert_checkpoint
+
     out = tmp_path_factory.mktemp("tp") / "model"
     convert_checkpoint(tiny_llama, out, to="tencentpretrain")
     return out
@@ -341,6 +401,7 @@ def tp_llama(tmp_path_factory, tiny_llama) -> Path:
 def q8_gguf(tmp_path_factory, calm_llama) -> Path:
     """`calm_llama` as GGUF Q8_0, written by `weightops gguf`'s library function."""
     from weightops.pipelines.gguf import export_gguf
+
     out = tmp_path_factory.mktemp("gguf") / "calm-q8_0.gguf"
     export_gguf(calm_llama, out, type="q8_0")
     return out
@@ -351,6 +412,7 @@ def int8_llama(tmp_path_factory, calm_llama) -> Path:
     """`calm_llama` as bitsandbytes int8, written by `weightops bnb`'s library function."""
     pytest.importorskip("bitsandbytes")
     from weightops.pipelines.bnb import export_bnb
+
     out = tmp_path_factory.mktemp("int8") / "model"
     export_bnb(calm_llama, out, bits=8)
     return out
@@ -404,5 +466,6 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if _KLD:
         terminalreporter.section("bitsandbytes: weightops verify, original bf16 model vs quantized")
         for label, (mean, worst, top1, tokens) in sorted(_KLD.items()):
-            terminalreporter.write_line(f"{label:<20} KLD mean {mean:.6f}  max {worst:.6f}  top-1 {top1:6.1%}  "
-                                        f"({tokens} tokens)")
+            terminalreporter.write_line(
+                f"{label:<20} KLD mean {mean:.6f}  max {worst:.6f}  top-1 {top1:6.1%}  ({tokens} tokens)"
+            )

@@ -1,5 +1,6 @@
 """`weightops/__init__.py` is the public API: every name resolves to the pipeline that defines it,
 and importing the package (what every CLI start does) loads none of torch, transformers or gguf."""
+
 from __future__ import annotations
 
 import subprocess

@@ -1,5 +1,6 @@
 """The manual stays whole: a short README, links that resolve, a page for every command that
 names every one of its options."""
+
 from __future__ import annotations
 
 import re
@@ -79,6 +80,9 @@ def test_every_option_is_documented() -> None:
     undocumented = []
     for name, command in all_commands().items():
         text = pages[name].read_text(encoding="utf-8")
-        undocumented += [f"{name} {o} ({pages[name].name})" for o in _options(command)
-                         if not re.search(re.escape(o) + r"(?![\w-])", text)]
+        undocumented += [
+            f"{name} {o} ({pages[name].name})"
+            for o in _options(command)
+            if not re.search(re.escape(o) + r"(?![\w-])", text)
+        ]
     assert not undocumented, f"options missing from their docs page: {', '.join(undocumented)}"

@@ -1,5 +1,6 @@
 """`--dtype` choices come from `weightops.dtypes`: every command offers the same ones, they map
 to the same torch dtypes, and no other module keeps its own list."""
+
 from __future__ import annotations
 
 import ast
@@ -52,8 +53,9 @@ def test_no_other_module_lists_dtype_choices():
     for path in sorted(root.rglob("*.py")):
         if path.name == "dtypes.py" and path.parent == root:
             continue
-        found = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)
-                 and n.value in choices}
+        found = {
+            n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and n.value in choices
+        }
         if len(found) > 1:
             offenders[str(path.relative_to(root))] = sorted(found)
     assert not offenders, f"--dtype choices listed outside weightops/dtypes.py: {offenders}"

@@ -1,6 +1,7 @@
 """The package's layers, read from its imports: cli -> jobs -> pipelines -> ops · quant · verify
 -> io -> stream · arch (design.md "Layout"). A module may import its own layer and those below,
 never one above; and ops/ (stream -> stream) never imports io/ (file formats)."""
+
 from __future__ import annotations
 
 import ast
@@ -12,22 +13,33 @@ PACKAGE = Path(__file__).resolve().parents[1] / "weightops"
 
 # top-level package or module -> rank (higher may import lower)
 RANKS = {
-    "errors": 0, "dtypes": 0, "progress": 0, "console": 0, "stream": 0, "arch": 0, "devices": 0,
+    "errors": 0,
+    "dtypes": 0,
+    "progress": 0,
+    "console": 0,
+    "stream": 0,
+    "arch": 0,
+    "devices": 0,
     "io": 1,
-    "ops": 2, "quant": 2, "verify": 2,
-    "pipelines": 3, "tiny": 3,  # tiny builds checkpoints for tests and the demo
-    "jobs": 4, "examples": 4,
-    "cli": 5, "__main__": 5,
+    "ops": 2,
+    "quant": 2,
+    "verify": 2,
+    "pipelines": 3,
+    "tiny": 3,  # tiny builds checkpoints for tests and the demo
+    "jobs": 4,
+    "examples": 4,
+    "cli": 5,
+    "__main__": 5,
 }
 
 # Upward imports not yet removed, each with what removes it. An entry that no longer holds fails
 # `test_known_upward_imports_still_exist`, so the list only shrinks.
 KNOWN_UPWARD = {
     ("weightops.jobs", "weightops.cli"): "step options are validated against the click commands; "
-                                         "declare each command's options once below the CLI (issue 15)",
+    "declare each command's options once below the CLI (issue 15)",
     ("weightops.arch.llama", "weightops.io.gguf_tokenizer"): "GGUF tokenizer quirks (CodeLlama infill, "
-                                                              "SmolLM's add_bos) belong with the GGUF tokenizer "
-                                                              "in io/; the arch registry should only name them",
+    "SmolLM's add_bos) belong with the GGUF tokenizer "
+    "in io/; the arch registry should only name them",
     ("weightops.arch.llama", "weightops.io.special_vocab"): "as above",
 }
 
@@ -48,7 +60,7 @@ def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
-            base = package[:len(package) - node.level + 1] if node.level else []
+            base = package[: len(package) - node.level + 1] if node.level else []
             module = ".".join(base + ([node.module] if node.module else []))
             if module == "weightops":  # `from .. import jobs`: the names are the modules
                 found |= {f"{module}.{a.name}" for a in node.names}
@@ -71,8 +83,11 @@ def test_every_module_has_a_layer():
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_nothing_imports_upward(path):
     layer = _layer(_name(path))
-    upward = sorted(m for m in _imports(path) if _layer(m) in RANKS and RANKS[_layer(m)] > RANKS[layer]
-                    and (_name(path), m) not in KNOWN_UPWARD)
+    upward = sorted(
+        m
+        for m in _imports(path)
+        if _layer(m) in RANKS and RANKS[_layer(m)] > RANKS[layer] and (_name(path), m) not in KNOWN_UPWARD
+    )
     assert not upward, f"{_name(path)} ({layer}, layer {RANKS[layer]}) imports a higher layer: {upward}"
 
 
@@ -101,7 +116,9 @@ def test_the_import_parser_sees_relative_and_nested_imports():
 def test_every_import_names_a_module_of_this_package(path):
     """A stale name (a module that moved) must fail here, not be served by another copy of the
     package an editable install points at."""
+
     def exists(module: str) -> bool:
         base = PACKAGE.parent / module.replace(".", "/")
         return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
     assert not sorted(m for m in _imports(path) if not exists(m))

@@ -1,4 +1,5 @@
 """BufferPool: computed tensors reuse released memory instead of mapping fresh pages."""
+
 import torch
 
 from weightops.stream import BufferPool
@@ -11,11 +12,11 @@ def test_released_buffers_are_reused_smallest_fit_first():
     assert t_big.shape == (1000,) and t_big.dtype == torch.float32 and t_small.shape == (10, 10)
     pool.give(big)
     pool.give(small)
-    again, t = pool.take((50,), torch.float16)        # 100 bytes: the 200-byte buffer fits best
+    again, t = pool.take((50,), torch.float16)  # 100 bytes: the 200-byte buffer fits best
     assert again.data_ptr() == small.data_ptr() and t.data_ptr() == small.data_ptr()
     again2, _ = pool.take((1000,), torch.float32)
     assert again2.data_ptr() == big.data_ptr()
-    fresh, _ = pool.take((1000,), torch.float32)      # nothing free: new memory
+    fresh, _ = pool.take((1000,), torch.float32)  # nothing free: new memory
     assert fresh.data_ptr() not in (big.data_ptr(), small.data_ptr())
 
 

@@ -4,6 +4,7 @@ The public library API: one function per command (see `weightops.pipelines`) plu
 checkpoint reader and writer they share. Names are resolved on first use, so that
 `import weightops` (and every CLI start) stays free of torch, transformers and llama.cpp.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -39,6 +40,7 @@ _API = {
 }
 
 __all__ = sorted(_API)
+
 
 def __getattr__(name: str) -> Any:
     if name not in _API:

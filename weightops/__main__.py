@@ -1,4 +1,5 @@
 """`python -m weightops` = the `weightops` command (the job runner starts steps this way)."""
+
 from .cli import run
 
 run()

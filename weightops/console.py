@@ -8,6 +8,7 @@ message once; a message we know to matter is restated in our words (NOTES). A jo
 log;
 the runner then restates the known ones once on its own screen (`notes_in`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,6 +27,7 @@ _MODE = "WEIGHTOPS_WARNINGS"  # "log": warnings in their source's words, with so
 @dataclass(frozen=True)
 class Note:
     """A third-party warning that matters to the user, and what we say about it instead."""
+
     pattern: re.Pattern[str]
     text: str  # str.format'ted with the pattern's groups
 
@@ -33,9 +35,11 @@ class Note:
 NOTES = (
     # The int8 check measures the model as users will serve it, cast included; fp16's range
     # (65504) is the one thing a user of a bf16-trained model may want to know about.
-    Note(re.compile(r"MatMul8bitLt: inputs will be cast from (?:torch\.)?(\w+) to float16"),
-         "bitsandbytes int8 layers compute in float16 (their {0} inputs are cast), as they will when served; "
-         "the measured KLD includes it"),
+    Note(
+        re.compile(r"MatMul8bitLt: inputs will be cast from (?:torch\.)?(\w+) to float16"),
+        "bitsandbytes int8 layers compute in float16 (their {0} inputs are cast), as they will when served; "
+        "the measured KLD includes it",
+    ),
 )
 
 

@@ -1,5 +1,6 @@
 """Where tensors compute: the one `--device` choice (auto / cpu / cuda) that gguf, bnb and
 verify share, resolved here so that every command refuses a missing GPU the same way."""
+
 from __future__ import annotations
 
 import torch

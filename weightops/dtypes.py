@@ -4,6 +4,7 @@ Names are safetensors' header spellings ("BF16", "F32", ...). Importing torch ta
 than `cp` of a 1 GB checkpoint (benchmarks/README.md); a pass-through copy never needs it, so
 torch dtypes are looked up (and torch imported) only when asked for.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -15,11 +16,21 @@ if TYPE_CHECKING:
 
 # name -> (torch attribute, bytes per element, floating point)
 _TABLE: dict[str, tuple[str, int, bool]] = {
-    "BOOL": ("bool", 1, False), "U8": ("uint8", 1, False), "I8": ("int8", 1, False),
-    "I16": ("int16", 2, False), "U16": ("uint16", 2, False), "F16": ("float16", 2, True),
-    "BF16": ("bfloat16", 2, True), "I32": ("int32", 4, False), "U32": ("uint32", 4, False),
-    "F32": ("float32", 4, True), "F64": ("float64", 8, True), "I64": ("int64", 8, False),
-    "U64": ("uint64", 8, False), "F8_E5M2": ("float8_e5m2", 1, True), "F8_E4M3": ("float8_e4m3fn", 1, True),
+    "BOOL": ("bool", 1, False),
+    "U8": ("uint8", 1, False),
+    "I8": ("int8", 1, False),
+    "I16": ("int16", 2, False),
+    "U16": ("uint16", 2, False),
+    "F16": ("float16", 2, True),
+    "BF16": ("bfloat16", 2, True),
+    "I32": ("int32", 4, False),
+    "U32": ("uint32", 4, False),
+    "F32": ("float32", 4, True),
+    "F64": ("float64", 8, True),
+    "I64": ("int64", 8, False),
+    "U64": ("uint64", 8, False),
+    "F8_E5M2": ("float8_e5m2", 1, True),
+    "F8_E4M3": ("float8_e4m3fn", 1, True),
 }
 SAFETENSORS_NAMES = frozenset(_TABLE)
 # What `--dtype` (apply/make-delta, convert, verify) and bnb's `--compute-dtype` accept, in

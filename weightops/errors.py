@@ -1,6 +1,7 @@
 """Exceptions that the CLI maps to exit codes (design.md: 1 error, 3 mismatch), and the two
 helpers every message uses: `shown` (strings from files, escaped) and `os_error_message`
 (an OSError as one line naming the path)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,7 @@ def shown(text: object) -> str:
     s = os.fsdecode(text) if isinstance(text, (bytes, os.PathLike)) else str(text)
     if s.isprintable():
         return s
-    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
-                   for c in s)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in s)
 
 
 def os_error_message(e: OSError, path: object = None) -> str:
@@ -66,6 +66,7 @@ def names_file(what: str) -> Callable[[F], F]:
     """Decorate a reader whose first argument is the file it reads: any failure that is not
     already a WeightopsError becomes one naming that file (`what` says what it should have
     been), so a malformed input never surfaces as a bare `KeyError: 'data_offsets'`."""
+
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(path, *args, **kwargs):
@@ -77,7 +78,9 @@ def names_file(what: str) -> Callable[[F], F]:
                 raise WeightopsError(os_error_message(e, path)) from e
             except Exception as e:  # a malformed file can make any parser fail
                 raise WeightopsError(f"{shown(path)}: not a readable {what}: {describe(e)}") from e
+
         return wrapper  # type: ignore[return-value]
+
     return decorate
 
 
@@ -95,5 +98,6 @@ def writing(path: object, tensor: str | None = None) -> Iterator[None]:
     except OSError as e:
         raise WeightopsError(f"{os_error_message(e, path)}{where}") from e
     except Exception as e:
-        raise WeightopsError(f"{shown(path)}: " + (f"tensor {tensor!r}: " if tensor is not None else "")
-                             + describe(e)) from e
+        raise WeightopsError(
+            f"{shown(path)}: " + (f"tensor {tensor!r}: " if tensor is not None else "") + describe(e)
+        ) from e

@@ -1,5 +1,6 @@
 """Progress bars and a job step's live line on stderr, silent when stderr is not a terminal or
 when asked to be quiet."""
+
 from __future__ import annotations
 
 import sys
@@ -29,8 +30,17 @@ def enabled() -> bool:
 
 def bar(total: int | None = None, desc: str = "", unit: str = "B") -> tqdm:
     """A byte (default) or item counter that users see only on an interactive stderr."""
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024 if unit == "B" else 1000,
-                disable=not enabled(), file=sys.stderr, leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit == "B",
+        unit_divisor=1024 if unit == "B" else 1000,
+        disable=not enabled(),
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 def iterate(items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "tensor") -> Iterator[T]:

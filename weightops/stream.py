@@ -4,6 +4,7 @@ A reference knows its name, shape and dtype without reading data, so writers can
 headers (safetensors, GGUF) before a single tensor is loaded, and operators can be chained
 without ever holding more than the tensor being processed.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -47,14 +48,17 @@ class TensorRef:
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype_name, str):
-            raise TypeError(f"TensorRef {self.name!r}: dtype_name must be a name such as 'BF16' "
-                            f"(weightops.dtypes.name_of), not {self.dtype_name!r}")
+            raise TypeError(
+                f"TensorRef {self.name!r}: dtype_name must be a name such as 'BF16' "
+                f"(weightops.dtypes.name_of), not {self.dtype_name!r}"
+            )
 
     def load(self) -> torch.Tensor:
         tensor = self._call(self.loader)
         if tuple(tensor.shape) != self.shape:
             raise WeightopsError(
-                f"{shown(self.source)}: tensor {self.name!r} has shape {tuple(tensor.shape)}, header says {self.shape}")
+                f"{shown(self.source)}: tensor {self.name!r} has shape {tuple(tensor.shape)}, header says {self.shape}"
+            )
         return tensor
 
     def _call(self, fn: Callable[[], T]) -> T:
@@ -106,13 +110,26 @@ class TensorRef:
     def nbytes(self) -> int:
         return self.numel * dtypes.itemsize(self.dtype_name)
 
-    def derive(self, fn: Callable[[torch.Tensor], torch.Tensor], *, name: str | None = None,
-               shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> TensorRef:
+    def derive(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        name: str | None = None,
+        shape: tuple[int, ...] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> TensorRef:
         """A new lazy reference whose data is `fn(self.load())`; declare any new shape/dtype."""
         upstream = self.load
-        return replace(self, name=name or self.name, shape=tuple(shape) if shape is not None else self.shape,
-                       dtype_name=dtypes.name_of(dtype) if dtype is not None else self.dtype_name,
-                       loader=lambda: fn(upstream()), ggml_type=None, raw_loader=None, span=None)
+        return replace(
+            self,
+            name=name or self.name,
+            shape=tuple(shape) if shape is not None else self.shape,
+            dtype_name=dtypes.name_of(dtype) if dtype is not None else self.dtype_name,
+            loader=lambda: fn(upstream()),
+            ggml_type=None,
+            raw_loader=None,
+            span=None,
+        )
 
     def renamed(self, name: str) -> TensorRef:
         """The same data under another name (a load error still names the tensor as its file has it)."""

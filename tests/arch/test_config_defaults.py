@@ -1,5 +1,6 @@
 """GGUF export fills missing config keys itself (no 3 s transformers import); the values must
 be exactly what transformers' AutoConfig would have given."""
+
 import pytest
 from transformers import AutoConfig
 
@@ -7,17 +8,46 @@ from weightops import arch
 
 LLAMA_CONFIGS = [
     # Llama-1-7B's config.json (transformers 4.28 era): no GQA key, no rope keys, no head_dim
-    {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
-     "max_position_embeddings": 2048, "rms_norm_eps": 1e-06, "vocab_size": 32000},
+    {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-06,
+        "vocab_size": 32000,
+    },
     # Llama-2 style: explicit nulls and rope_theta
-    {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2,
-     "num_hidden_layers": 2, "rope_scaling": None, "rope_theta": 500000.0, "vocab_size": 1000, "head_dim": None},
+    {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 2,
+        "rope_scaling": None,
+        "rope_theta": 500000.0,
+        "vocab_size": 1000,
+        "head_dim": None,
+    },
     # a minimal one, as the benchmarks write
-    {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 8, "num_attention_heads": 16,
-     "num_key_value_heads": 4, "vocab_size": 32000, "rms_norm_eps": 1e-05},
+    {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "vocab_size": 32000,
+        "rms_norm_eps": 1e-05,
+    },
     # explicit head_dim different from hidden / heads
-    {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_hidden_layers": 2,
-     "head_dim": 32, "vocab_size": 500},
+    {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "head_dim": 32,
+        "vocab_size": 500,
+    },
 ]
 BLOOM_CONFIGS = [
     {"n_embed": 1024, "n_head": 16, "n_layer": 24, "vocab_size": 250880, "layer_norm_epsilon": 1e-05},

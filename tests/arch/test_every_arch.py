@@ -1,5 +1,6 @@
 """Every command that applies, over every architecture in the registry: a new architecture is
 tested by adding its spec and a tiny builder to BUILDERS (a spec without one fails here)."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,13 @@ def test_every_architecture_has_a_builder():
 
 
 def test_every_tensor_has_a_shape_rule():
-    llama_like = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-                  "num_hidden_layers": 2}
+    llama_like = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 2,
+    }
     configs = {"bloom": {"hidden_size": 64, "n_head": 4, "n_layer": 2}}
     for name in arch.supported():
         spec = arch.get(name)
@@ -42,6 +48,7 @@ def test_every_tensor_has_a_shape_rule():
 
 def test_unknown_model_type_lists_the_supported_ones():
     from weightops.errors import WeightopsError
+
     with pytest.raises(WeightopsError, match="unknown architecture 'gpt2'; supported: llama, bloom, mistral, qwen2"):
         arch.get("gpt2")
 
@@ -56,6 +63,7 @@ def model(request, tmp_path_factory) -> tuple[str, Path]:
 def gguf_f32(model, tmp_path_factory) -> tuple[Path, list[str]]:
     """The model exported as an F32 GGUF (once per architecture) and the export's warnings."""
     from weightops.pipelines.gguf import export_gguf
+
     warnings: list[str] = []
     out = tmp_path_factory.mktemp("gguf") / f"{model[0]}-f32.gguf"
     export_gguf(model[1], out, type="f32", warn=warnings.append)
@@ -68,11 +76,13 @@ def _ok(result) -> None:
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     from weightops.io.checkpoint import open_checkpoint
+
     return {r.name: r.load().clone() for r in open_checkpoint(path).tensors}
 
 
 def _hf_ids(directory: Path) -> list[int]:
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(directory)(PROMPT)["input_ids"]
 
 
@@ -129,18 +139,29 @@ def test_gguf_runs_in_llama_cpp(model, gguf_f32, monkeypatch):
     float32 logits (within LLaMA's tolerance)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM
+
     name, path = model
     ids = _hf_ids(path)
-    llm = llama_cpp.Llama(model_path=str(gguf_f32[0]), logits_all=True, n_ctx=128, verbose=False, type_k=0, type_v=0,
-                          flash_attn=False, n_threads=2)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_f32[0]),
+        logits_all=True,
+        n_ctx=128,
+        verbose=False,
+        type_k=0,
+        type_v=0,
+        flash_attn=False,
+        n_threads=2,
+    )
     bos = llm.token_bos() if ids and ids[0] == llm.token_bos() else None
     assert llm.tokenize(PROMPT.encode(), add_bos=bos is not None, special=False) == ids
     llm.eval(ids)
-    got = np.array(llm.scores[:len(ids)], dtype=np.float32)
+    got = np.array(llm.scores[: len(ids)], dtype=np.float32)
     if name == "bloom":  # llama.cpp's CPU GELU reads an fp16 table; round the reference alike (see tests/gguf)
         import transformers.models.bloom.modeling_bloom as modeling
-        monkeypatch.setattr(modeling.BloomGelu, "forward",
-                            lambda self, x: modeling.bloom_gelu_forward(x.half().float()).half().float())
+
+        monkeypatch.setattr(
+            modeling.BloomGelu, "forward", lambda self, x: modeling.bloom_gelu_forward(x.half().float()).half().float()
+        )
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(got - ref).max() < 1e-3
@@ -153,17 +174,31 @@ def test_gguf_is_what_convert_hf_to_gguf_writes(model, gguf_f32, llama_cpp_sourc
     from gguf import GGUFReader
 
     from weightops.io.gguf import read_metadata
+
     name, path = model
     ours = read_metadata(gguf_f32[0])
     theirs_path = tmp_path / "oracle.gguf"
-    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']\n"
-            "import conversion.base as base\n"
-            "pre = sys.argv[2]\n"
-            "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre\n"
-            "sys.argv = ['convert_hf_to_gguf.py', sys.argv[3], '--outtype', 'f32', '--outfile', sys.argv[4]]\n"
-            "import convert_hf_to_gguf; convert_hf_to_gguf.main()")
-    done = subprocess.run([sys.executable, "-c", code, str(llama_cpp_source), ours.get("tokenizer.ggml.pre", "default"),
-                           str(path), str(theirs_path)], capture_output=True, text=True)
+    code = (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']\n"
+        "import conversion.base as base\n"
+        "pre = sys.argv[2]\n"
+        "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre\n"
+        "sys.argv = ['convert_hf_to_gguf.py', sys.argv[3], '--outtype', 'f32', '--outfile', sys.argv[4]]\n"
+        "import convert_hf_to_gguf; convert_hf_to_gguf.main()"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(llama_cpp_source),
+            ours.get("tokenizer.ggml.pre", "default"),
+            str(path),
+            str(theirs_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     theirs = read_metadata(theirs_path)
     assert ours == theirs
@@ -187,13 +222,14 @@ def test_bnb(model, cli, tmp_path):
     for n, t in _tensors(path).items():  # layer matrices quantized; biases, norms and the rest kept
         hit = spec.lookup(n, "hf")
         if hit and hit[1] is not None and t.dim() == 2:
-                    assert n + ".absmax" in names, n
+            assert n + ".absmax" in names, n
         else:
             assert n in names, n
 
 
 def test_manifest(model, cli, tmp_path):
     import shutil
+
     name, path = model
     copy = tmp_path / "m"
     shutil.copytree(path, copy)

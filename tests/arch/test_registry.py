@@ -1,5 +1,6 @@
 """The registry's own rules: detection by tensor names, aliases, and what an alias changes
 (Mistral's sliding window: carried as llama.cpp's converter carries it, refused by TencentPretrain)."""
+
 from __future__ import annotations
 
 from weightops import arch, tiny
@@ -17,6 +18,7 @@ def test_detect_prefers_the_architecture_that_names_every_tensor():
 
 def test_gguf_names_come_from_gguf_py_and_gguf_architecture_names_resolve():
     import gguf
+
     q = arch.get("qwen2").tensor(Role.ATTN_Q, "bias")
     assert q.gguf == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_Q].format(bid="{n}") + ".bias"
     assert arch.get("mistral").gguf_name == "llama" and arch.get("mistral").alias_of == "llama"
@@ -33,5 +35,6 @@ def test_mistral_sliding_window_shorter_than_the_context(tmp_path, cli, spm_toke
 
 
 def test_every_spec_names_only_tensors_its_llama_cpp_architecture_has():
-    assert {name: arch.get(name).gguf_problems() for name in arch.supported()} == \
-        {name: [] for name in arch.supported()}
+    assert {name: arch.get(name).gguf_problems() for name in arch.supported()} == {
+        name: [] for name in arch.supported()
+    }

@@ -1,6 +1,7 @@
 """Hostile inputs for every command: each must fail with exit 1 (2 for usage), one error line
 naming the file (and the tensor where there is one), no traceback, no bare exception type,
 and no raw control character from a file reaching the terminal."""
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ _BARE = re.compile(r"^error: [A-Za-z]*(Error|Exception)\b")
 
 
 # --- building bad inputs ----------------------------------------------------------------------
+
 
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
@@ -42,6 +44,7 @@ def edit_config(model: Path, **changes) -> Path:
 
 def rewrite_tensors(model: Path, fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> Path:
     from safetensors.torch import load_file
+
     path = model / "model.safetensors"
     tensors = fn(load_file(path))
     path.unlink()
@@ -63,6 +66,7 @@ def _garbage_file(name: str, data: bytes) -> Callable:
     def build(tmp: Path, m: dict) -> list:
         (tmp / name).write_bytes(data)
         return ["inspect", tmp / name]
+
     return build
 
 
@@ -71,6 +75,7 @@ def _model_with(fn: Callable[[Path], object], command: Callable[[Path, Path, dic
         model = copy_model(m["llama"], tmp / "model")
         fn(model)
         return command(model, tmp, m)
+
     return build
 
 
@@ -125,8 +130,9 @@ def _header_offsets_text(tmp: Path, m: dict) -> list:
 
 def _short_window(tmp: Path, m: dict) -> list:
     """A window shorter than shape x dtype: reading the tensor fails (or the header check does)."""
-    raw_safetensors(tmp / "model.safetensors", {"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 8]}},
-                    b"\0" * 8)
+    raw_safetensors(
+        tmp / "model.safetensors", {"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 8]}}, b"\0" * 8
+    )
     return ["manifest", "create", tmp / "model.safetensors"]
 
 
@@ -136,7 +142,8 @@ def _index_weight_map_list(model: Path) -> None:
 
 def _index_evil_shard(model: Path) -> None:
     (model / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"lm_head.weight": "shard\n\x1b[31m.safetensors"}}))
+        json.dumps({"weight_map": {"lm_head.weight": "shard\n\x1b[31m.safetensors"}})
+    )
 
 
 def _config_list(model: Path) -> None:
@@ -170,6 +177,7 @@ def _delta_nan(tmp: Path, m: dict) -> list:
         w = torch.zeros_like(t["model.layers.0.mlp.up_proj.weight"])
         w[3, 5] = float("nan")
         return {k: (w if k == "model.layers.0.mlp.up_proj.weight" else torch.zeros_like(v)) for k, v in t.items()}
+
     rewrite_tensors(delta, poison)
     return ["apply-delta", m["llama"], delta, tmp / "out"]
 
@@ -189,6 +197,7 @@ def _tp_config_zero_heads(tmp: Path, m: dict) -> list:
     from click.testing import CliRunner
 
     from weightops.cli import main
+
     assert CliRunner().invoke(main, ["convert", str(m["llama"]), str(tp), "--to", "tencentpretrain"]).exit_code == 0
     return ["convert", tp, tmp / "hf", "--to", "hf", "--tp-config", tmp / "cfg.json"]
 
@@ -216,10 +225,12 @@ def _tokens_evil(tmp: Path, m: dict) -> list:
 CASES = {
     # readers: garbage, truncation, wrong JSON shapes
     "inspect-garbage-safetensors": Case(_garbage_file("model.safetensors", b"\x07" * 5), ["model.safetensors"]),
-    "inspect-huge-header-length": Case(_garbage_file("model.safetensors", struct.pack("<Q", 2**40) + b"{}"),
-                                       ["model.safetensors"]),
-    "inspect-header-not-json": Case(_garbage_file("model.safetensors", struct.pack("<Q", 4) + b"\xff\xfe{["),
-                                    ["model.safetensors"]),
+    "inspect-huge-header-length": Case(
+        _garbage_file("model.safetensors", struct.pack("<Q", 2**40) + b"{}"), ["model.safetensors"]
+    ),
+    "inspect-header-not-json": Case(
+        _garbage_file("model.safetensors", struct.pack("<Q", 4) + b"\xff\xfe{["), ["model.safetensors"]
+    ),
     "inspect-header-list": Case(_header_list, ["model.safetensors"]),
     "inspect-header-no-offsets": Case(_header_without_offsets, ["model.safetensors"]),
     "inspect-header-offsets-text": Case(_header_offsets_text, ["model.safetensors"]),
@@ -233,34 +244,39 @@ CASES = {
     "manifest-check-wrong-types": Case(_manifest_check_bad, ["weightops-manifest.json"]),
     # configs that contradict arithmetic
     "gguf-zero-heads": Case(_model_with(lambda p: edit_config(p, num_attention_heads=0), _gguf), ["config.json"]),
-    "gguf-heads-text": Case(_model_with(lambda p: edit_config(p, num_attention_heads="four"), _gguf),
-                            ["config.json"]),
+    "gguf-heads-text": Case(_model_with(lambda p: edit_config(p, num_attention_heads="four"), _gguf), ["config.json"]),
     "gguf-zero-layers": Case(_model_with(lambda p: edit_config(p, num_hidden_layers=0), _gguf), ["config.json"]),
     "gguf-eps-text": Case(_model_with(lambda p: edit_config(p, rms_norm_eps="small"), _gguf), ["config.json"]),
-    "convert-zero-heads": Case(_model_with(lambda p: edit_config(p, num_attention_heads=0), _to_tp),
-                               ["config.json"]),
-    "convert-kv-heads-list": Case(_model_with(lambda p: edit_config(p, num_key_value_heads=[2]), _to_tp),
-                                  ["config.json"]),
+    "convert-zero-heads": Case(_model_with(lambda p: edit_config(p, num_attention_heads=0), _to_tp), ["config.json"]),
+    "convert-kv-heads-list": Case(
+        _model_with(lambda p: edit_config(p, num_key_value_heads=[2]), _to_tp), ["config.json"]
+    ),
     "convert-tp-config-zero-heads": Case(_tp_config_zero_heads, ["cfg.json"]),
     "bnb-dtype-number": Case(_model_with(lambda p: edit_config(p, dtype=5), _bnb), ["config.json"]),
-    "expand-vocab-size-text": Case(_model_with(lambda p: edit_config(p, vocab_size="lots"), _expand),
-                                   ["config.json"]),
+    "expand-vocab-size-text": Case(_model_with(lambda p: edit_config(p, vocab_size="lots"), _expand), ["config.json"]),
     "expand-vocab-tokens-not-utf8": Case(_tokens_evil, ["tokens.txt"]),
     # tensors: hostile names, zero-sized, NaN/inf deltas
     "gguf-evil-name": Case(_model_with(lambda p: rewrite_tensors(p, _evil_names), _gguf), ["model"]),
-    "apply-delta-evil-name": Case(_model_with(lambda p: rewrite_tensors(p, _evil_names), _apply_to_original),
-                                  ["model.safetensors", "evil\\n"]),
-    "gguf-zero-sized": Case(_model_with(lambda p: rewrite_tensors(p, _zero_sized_linear), _gguf),
-                            ["config.json", "model.layers.1.mlp.down_proj.weight"]),  # caught before writing
-    "bnb-zero-sized": Case(_model_with(lambda p: rewrite_tensors(p, _zero_sized_linear), _bnb),
-                           ["config.json", "model.layers.1.mlp.down_proj.weight"]),
+    "apply-delta-evil-name": Case(
+        _model_with(lambda p: rewrite_tensors(p, _evil_names), _apply_to_original), ["model.safetensors", "evil\\n"]
+    ),
+    "gguf-zero-sized": Case(
+        _model_with(lambda p: rewrite_tensors(p, _zero_sized_linear), _gguf),
+        ["config.json", "model.layers.1.mlp.down_proj.weight"],
+    ),  # caught before writing
+    "bnb-zero-sized": Case(
+        _model_with(lambda p: rewrite_tensors(p, _zero_sized_linear), _bnb),
+        ["config.json", "model.layers.1.mlp.down_proj.weight"],
+    ),
     "apply-delta-nan": Case(_delta_nan, ["model.layers.0.mlp.up_proj.weight", "delta"]),
     "make-delta-overflow": Case(_make_delta_overflow, ["model.layers.1.self_attn.o_proj.weight", "--dtype float32"]),
     # options and other files
-    "verify-max-tokens-negative": Case(lambda t, m: ["verify", m["llama"], m["llama"], "--max-tokens", "-5"],
-                                       ["--max-tokens"], code=2),
-    "verify-max-tokens-zero": Case(lambda t, m: ["verify", m["llama"], m["llama"], "--max-tokens", "0"],
-                                   ["--max-tokens"], code=2),
+    "verify-max-tokens-negative": Case(
+        lambda t, m: ["verify", m["llama"], m["llama"], "--max-tokens", "-5"], ["--max-tokens"], code=2
+    ),
+    "verify-max-tokens-zero": Case(
+        lambda t, m: ["verify", m["llama"], m["llama"], "--max-tokens", "0"], ["--max-tokens"], code=2
+    ),
     "verify-prompts-wrong-types": Case(_prompts_binary, ["prompts.jsonl"]),
     "run-wrong-types": Case(_job_wrong_types, ["job.toml"]),
     "run-garbage": Case(_job_garbage, ["job.toml"]),
@@ -301,11 +317,13 @@ def test_hostile_input_fails_cleanly(case: str, tmp_path: Path, models: dict[str
 
 # --- outputs that cannot be written: one line naming the path and the system's reason ---------
 
+
 @pytest.fixture
 def read_only_dir(tmp_path: Path, models: dict[str, Path]):
     """A directory holding a copy of the model, bind-mounted read-only onto itself (EROFS).
     Tests run as root, where chmod 0o500 stops nothing; skipped where mounting is not allowed."""
     import subprocess
+
     ro = tmp_path / "ro"
     copy_model(models["llama"], ro / "model")
     steps = [["mount", "--bind", str(ro), str(ro)], ["mount", "-o", "remount,bind,ro", str(ro)]]
@@ -322,9 +340,12 @@ def read_only_dir(tmp_path: Path, models: dict[str, Path]):
 @pytest.mark.parametrize("command", ["gguf", "apply-delta", "convert", "manifest"])
 def test_read_only_output(command: str, read_only_dir: Path, models: dict[str, Path], cli) -> None:
     model, out = models["llama"], read_only_dir / "out"
-    args = {"gguf": ["gguf", model, out], "apply-delta": ["apply-delta", model, model, out, "--allow-suspicious-delta"],
-            "convert": ["convert", model, out, "--to", "tencentpretrain"],
-            "manifest": ["manifest", "create", read_only_dir / "model"]}[command]  # writes into the model
+    args = {
+        "gguf": ["gguf", model, out],
+        "apply-delta": ["apply-delta", model, model, out, "--allow-suspicious-delta"],
+        "convert": ["convert", model, out, "--to", "tencentpretrain"],
+        "manifest": ["manifest", "create", read_only_dir / "model"],
+    }[command]  # writes into the model
     err = check_error(cli(*args), [str(read_only_dir)], 1)
     assert "Read-only file system" in err
     assert sorted(p.name for p in read_only_dir.iterdir()) == ["model"]
@@ -342,6 +363,7 @@ def test_output_parent_is_a_file(command: str, tmp_path: Path, models: dict[str,
 def test_inspect_escapes_names_from_files(tmp_path: Path, models: dict[str, Path], cli) -> None:
     """A shard whose file name holds a newline and an ANSI sequence: listed, escaped, on one line."""
     from safetensors import safe_open
+
     model = copy_model(models["llama"], tmp_path / "model")
     shard = "w\x1b[31m\nfiles         forged.safetensors"
     (model / "model.safetensors").rename(model / shard)

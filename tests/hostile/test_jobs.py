@@ -1,5 +1,6 @@
 """Hostile job files and tampered resumes: `weightops run` refuses before anything runs, and
 `--resume` decides on the bytes on disk now, never on a manifest or marker alone."""
+
 from __future__ import annotations
 
 import hashlib
@@ -49,28 +50,64 @@ def _gguf(name: str, output: str, model: str = "@base") -> str:
 
 
 BAD_JOBS = {
-    "output is .": (_gguf("g", "."), 'output = "out"', "step 1 ('g'): output '.'",
-                    "is the job's output directory itself"),
-    "output and job output are .": (_gguf("g", "."), 'output = "."', "step 1 ('g'): output '.'",
-                                    "[job]: output '.' is the job file's own directory"),
-    "output is the job output": (_gguf("g", "../out"), 'output = "out"', "step 1 ('g')",
-                                 "is the job's output directory itself"),
-    "output is ..": (_gguf("g", ".."), 'output = "out"', "step 1 ('g'): output '..'",
-                     "must be a relative path inside the job's output directory"),
-    "output is absolute": (_gguf("g", "{tmp}/elsewhere.gguf"), 'output = "out"', "step 1 ('g')",
-                           "must be a relative path inside the job's output directory"),
+    "output is .": (
+        _gguf("g", "."),
+        'output = "out"',
+        "step 1 ('g'): output '.'",
+        "is the job's output directory itself",
+    ),
+    "output and job output are .": (
+        _gguf("g", "."),
+        'output = "."',
+        "step 1 ('g'): output '.'",
+        "[job]: output '.' is the job file's own directory",
+    ),
+    "output is the job output": (
+        _gguf("g", "../out"),
+        'output = "out"',
+        "step 1 ('g')",
+        "is the job's output directory itself",
+    ),
+    "output is ..": (
+        _gguf("g", ".."),
+        'output = "out"',
+        "step 1 ('g'): output '..'",
+        "must be a relative path inside the job's output directory",
+    ),
+    "output is absolute": (
+        _gguf("g", "{tmp}/elsewhere.gguf"),
+        'output = "out"',
+        "step 1 ('g')",
+        "must be a relative path inside the job's output directory",
+    ),
     "output is an input": (_gguf("g", "base"), 'output = "."', "step 1 ('g'): output 'base'", "overlaps input 'base'"),
     "output inside an input": (_gguf("g", "base/x.gguf"), 'output = "."', "step 1 ('g')", "overlaps input 'base'"),
     "output is the job file": (_gguf("g", "job.toml"), 'output = "."', "step 1 ('g')", "overlaps the job file"),
     "output is a reference": (_gguf("g", "@base"), 'output = "out"', "step 1 ('g'): output '@base'", "not a reference"),
-    "output is an earlier output": (_gguf("g", "m.gguf") + _gguf("h", "m.gguf"), 'output = "out"',
-                                    "step 2 ('h'): output 'm.gguf'", "overlaps the output of step 'g'"),
-    "output inside an earlier output": (_gguf("g", "m") + _gguf("h", "m/inner.gguf"), 'output = "out"',
-                                        "step 2 ('h')", "overlaps the output of step 'g'"),
-    "output is the state directory": (_gguf("g", ".weightops-job"), 'output = "out"', "step 1 ('g')",
-                                      "overlaps .weightops-job, which the runner writes"),
-    "job output inside an input": (_gguf("g", "g.gguf"), 'output = "base/release"', "[job]",
-                                   "lies inside input 'base'"),
+    "output is an earlier output": (
+        _gguf("g", "m.gguf") + _gguf("h", "m.gguf"),
+        'output = "out"',
+        "step 2 ('h'): output 'm.gguf'",
+        "overlaps the output of step 'g'",
+    ),
+    "output inside an earlier output": (
+        _gguf("g", "m") + _gguf("h", "m/inner.gguf"),
+        'output = "out"',
+        "step 2 ('h')",
+        "overlaps the output of step 'g'",
+    ),
+    "output is the state directory": (
+        _gguf("g", ".weightops-job"),
+        'output = "out"',
+        "step 1 ('g')",
+        "overlaps .weightops-job, which the runner writes",
+    ),
+    "job output inside an input": (
+        _gguf("g", "g.gguf"),
+        'output = "base/release"',
+        "[job]",
+        "lies inside input 'base'",
+    ),
     "job output holds the job file": (_gguf("g", "g.gguf"), 'output = ".."', "[job]", "contains the job file"),
     "name ../../x": (_gguf("../../x", "x.gguf"), 'output = "out"', "step 1 ('../../x')", "is not a plain file name"),
     "name /abs": (_gguf("/abs", "x.gguf"), 'output = "out"', "step 1 ('/abs')", "is not a plain file name"),
@@ -78,12 +115,24 @@ BAD_JOBS = {
     "name empty": (_gguf("", "x.gguf"), 'output = "out"', "step 1 ('')", "is not a plain file name"),
     "name .": (_gguf(".", "x.gguf"), 'output = "out"', "step 1 ('.')", "is not a plain file name"),
     "name ..": (_gguf("..", "x.gguf"), 'output = "out"', "step 1 ('..')", "is not a plain file name"),
-    "name with a newline and ANSI": (_gguf("ok\n\x1b[31mforged", "x.gguf"), 'output = "out"',
-                                     "step 1 ('ok\\n\\x1b[31mforged')", "is not a plain file name"),
-    "duplicate names": (_gguf("g", "g1.gguf") + _gguf("g", "g2.gguf"), 'output = "out"', "step 2 ('g')",
-                        "name 'g' is already used"),
-    "names differing in case": (_gguf("g", "g1.gguf") + _gguf("G", "g2.gguf"), 'output = "out"', "step 2 ('G')",
-                                "only in case"),
+    "name with a newline and ANSI": (
+        _gguf("ok\n\x1b[31mforged", "x.gguf"),
+        'output = "out"',
+        "step 1 ('ok\\n\\x1b[31mforged')",
+        "is not a plain file name",
+    ),
+    "duplicate names": (
+        _gguf("g", "g1.gguf") + _gguf("g", "g2.gguf"),
+        'output = "out"',
+        "step 2 ('g')",
+        "name 'g' is already used",
+    ),
+    "names differing in case": (
+        _gguf("g", "g1.gguf") + _gguf("G", "g2.gguf"),
+        'output = "out"',
+        "step 2 ('G')",
+        "only in case",
+    ),
     "name of an input": (_gguf("base", "g1.gguf"), 'output = "out"', "step 1 ('base')", "name 'base' is already used"),
 }
 
@@ -117,19 +166,26 @@ def test_output_through_a_symlink_into_an_input_is_refused(cli, tmp_path, jobdir
 
 
 def test_every_problem_is_listed_at_once(cli, tmp_path, jobdir):
-    steps = (_gguf("../../x", ".") + _gguf("g", "base") + _gguf("g", "g.gguf", model="@nope")
-             + '[[steps]]\nname = "v"\nop = "verify"\nreference = "@base"\ncandidate = "@base"\njson = "/tmp/r.json"\n')
+    steps = (
+        _gguf("../../x", ".")
+        + _gguf("g", "base")
+        + _gguf("g", "g.gguf", model="@nope")
+        + '[[steps]]\nname = "v"\nop = "verify"\nreference = "@base"\ncandidate = "@base"\njson = "/tmp/r.json"\n'
+    )
     job = _write_job(jobdir, steps, head='output = "."')
     before = _tree(tmp_path)
     r = cli("run", job)
     assert r.exit_code == 1
-    for expected in ("[job]: output '.' is the job file's own directory",
-                     "step 1 ('../../x'): name '../../x' is not a plain file name",
-                     "step 1 ('../../x'): output '.'",
-                     "step 2 ('g'): output 'base'", "overlaps input 'base'",
-                     "step 3 ('g'): name 'g' is already used",
-                     "step 3 ('g'): model refers to '@nope'",
-                     "step 4 ('v'): option 'json' is set by the runner"):
+    for expected in (
+        "[job]: output '.' is the job file's own directory",
+        "step 1 ('../../x'): name '../../x' is not a plain file name",
+        "step 1 ('../../x'): output '.'",
+        "step 2 ('g'): output 'base'",
+        "overlaps input 'base'",
+        "step 3 ('g'): name 'g' is already used",
+        "step 3 ('g'): model refers to '@nope'",
+        "step 4 ('v'): option 'json' is set by the runner",
+    ):
         assert expected in r.stderr, (expected, r.stderr)
     assert "problems (nothing was run)" in r.stderr
     assert _tree(tmp_path) == before
@@ -149,8 +205,9 @@ def release(tmp_path, tiny_llama) -> Path:
     base = tmp_path / "base"
     shutil.copytree(tiny_llama, base)
     create_manifest(base)
-    steps = _gguf("g", "g.gguf") + ('[[steps]]\nname = "tp"\nop = "convert"\ninput = "@base"\noutput = "tp"\n'
-                                    'to = "tencentpretrain"\n')
+    steps = _gguf("g", "g.gguf") + (
+        '[[steps]]\nname = "tp"\nop = "convert"\ninput = "@base"\noutput = "tp"\nto = "tencentpretrain"\n'
+    )
     return _write_job(tmp_path, steps)
 
 
@@ -209,7 +266,8 @@ def test_output_manifest_edited_reruns_its_step(release):
     resumed = jobs.run_job(release, resume=True)
     assert _statuses(resumed) == {"g": "skipped (complete)", "tp": "ok"}
     assert json.loads(mpath.read_text())["files"]["tencentpretrain_model.bin"]["sha256"] == _sha256(
-        release.parent / "out" / "tp" / "tencentpretrain_model.bin")
+        release.parent / "out" / "tp" / "tencentpretrain_model.bin"
+    )
 
 
 def test_untouched_job_is_skipped_without_rehashing(release, monkeypatch):
@@ -224,14 +282,17 @@ def test_untouched_job_is_skipped_without_rehashing(release, monkeypatch):
     def counting(path, bar=None):
         hashed.append(Path(path))
         return real(path, bar)
+
     monkeypatch.setattr(manifest, "sha256_file", counting)
     again = jobs.run_job(release, resume=True)
     assert _statuses(again) == {"g": "skipped (complete)", "tp": "skipped (complete)"}
     assert hashed == []
     assert again["artefacts"] == first["artefacts"]
     cache = json.loads((release.parent / "out" / jobs.STATE_DIR / jobs.HASH_CACHE).read_text())["files"]
-    assert {str((release.parent / p).resolve()) for p in ("out/g.gguf", "out/tp/tencentpretrain_model.bin",
-                                                          "base/config.json")} <= cache.keys()
+    assert {
+        str((release.parent / p).resolve())
+        for p in ("out/g.gguf", "out/tp/tencentpretrain_model.bin", "base/config.json")
+    } <= cache.keys()
 
     # one changed input file is the only file read again (and the steps that read it rerun)
     config = release.parent / "base" / "config.json"
@@ -257,7 +318,7 @@ def test_stat_cache_rehashes_a_file_hashed_within_its_write_tick(tmp_path, monke
     assert cache.sha256(f) == _sha256(f) == hashlib.sha256(b"B" + b"A" * 4095).hexdigest()
 
     calls = []
-    monkeypatch.setattr(hash_cache, "_now_ns", lambda: time.time_ns() + 10 ** 10)  # hashed long after
+    monkeypatch.setattr(hash_cache, "_now_ns", lambda: time.time_ns() + 10**10)  # hashed long after
     cache.sha256(f)
     cache.save()
     reloaded = hash_cache.HashCache(tmp_path / "cache.json")

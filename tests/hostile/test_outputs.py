@@ -3,6 +3,7 @@
 Every bad situation is built from scratch here: user files where an output goes, inputs
 inside outputs, outputs that appear mid-run, signals, stale temporaries, umasks.
 """
+
 from __future__ import annotations
 
 import json
@@ -197,6 +198,7 @@ def _stream_that_runs(tiny_llama: Path, action) -> list[TensorRef]:
     def load():
         action()
         return victim.load()
+
     refs[2] = TensorRef(victim.name, victim.shape, victim.dtype_name, victim.source, loader=load)
     return refs
 
@@ -251,8 +253,10 @@ def test_inputs_given_by_option_are_never_inside_the_output(cli, tmp_path, tiny_
         (("expand-vocab", tiny_llama, tmp_path / "x", "--new-tokenizer", tmp_path), "is inside the input"),
         (("convert", out, out, "--to", "hf"), "is the input"),
         (("convert", tiny_llama, out, "--to", "tencentpretrain", "--tokenizer", out), "is the input"),
-        (("convert", tiny_llama, out, "--to", "tencentpretrain", "--tp-config", out / "tencentpretrain_config.json"),
-         "lies inside the output"),
+        (
+            ("convert", tiny_llama, out, "--to", "tencentpretrain", "--tp-config", out / "tencentpretrain_config.json"),
+            "lies inside the output",
+        ),
     ]
     for args, message in cases:
         r = cli(*args, "--force")
@@ -296,16 +300,25 @@ run()
 
 def _held(tmp_path: Path, *args) -> subprocess.Popen:
     env = dict(os.environ, FLAG=str(tmp_path / "go"), PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", _HELD, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HELD, *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
     return proc
 
 
 def _weightops(*args, umask: int | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "weightops", *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)),
-                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+    return subprocess.run(
+        [sys.executable, "-m", "weightops", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        preexec_fn=None if umask is None else (lambda: os.umask(umask)),
+    )
 
 
 def test_sigterm_removes_the_temporary_and_publishes_nothing(tmp_path, tiny_llama):
@@ -332,8 +345,9 @@ def test_sigkill_leaves_a_temporary_the_next_run_removes(tmp_path, tiny_llama):
     (trash / "m.gguf").write_bytes(b"\x01" * 10)
     r = _weightops("gguf", tiny_llama, out)
     assert r.returncode == 0, r.stderr
-    assert f"removing a temporary left by an interrupted run: {tmp_path / temp} (1 file, {human_size(size)})" \
-        in r.stderr
+    assert (
+        f"removing a temporary left by an interrupted run: {tmp_path / temp} (1 file, {human_size(size)})" in r.stderr
+    )
     assert f"removing a temporary left by an interrupted run: {trash} (1 file, 10 B)" in r.stderr
     assert _temps(tmp_path) == [] and out.is_file()
 
@@ -372,8 +386,10 @@ def test_published_outputs_follow_the_umask(tmp_path, tiny_llama, umask):
 
 def _gguf_job(tmp_path: Path, model: Path, output: str) -> Path:
     job = tmp_path / "job.toml"
-    job.write_text(f'[job]\nname = "t"\noutput = "out"\n[inputs]\nmodel = "{model}"\n'
-                   f'[[steps]]\nname = "q"\nop = "gguf"\nmodel = "@model"\noutput = "{output}"\n')
+    job.write_text(
+        f'[job]\nname = "t"\noutput = "out"\n[inputs]\nmodel = "{model}"\n'
+        f'[[steps]]\nname = "q"\nop = "gguf"\nmodel = "@model"\noutput = "{output}"\n'
+    )
     return job
 
 

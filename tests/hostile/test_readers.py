@@ -1,6 +1,7 @@
 """Hostile inputs for the readers (issue 14, items 9-13 and part of 16): every bad file is
 built here from bytes; each case checks the exit code, that the message names the file (and
 tensor), and that nothing was published."""
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ from weightops.errors import WeightopsError
 from weightops.io.checkpoint import open_checkpoint
 
 # --- helpers -------------------------------------------------------------------------------
+
 
 def st_bytes(header: dict | list | str | bytes, data: bytes) -> bytes:
     """A safetensors file: 8-byte little-endian header length, header, data."""
@@ -68,8 +70,9 @@ def good_safetensors(path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
 
 # --- item 10: safetensors headers, with the library as the oracle ---------------------------
 
-DUPLICATE = ('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
-             '"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}')
+DUPLICATE = (
+    '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}'
+)
 MALFORMED = {  # case -> (file bytes, a tensor/key the message must name, what it must say)
     "negative offset": (st_bytes({"a": f32([1], [-4, 0])}, bytes(4)), "'a'", "non-negative"),
     "overlapping windows": (st_bytes({"a": f32([2], [0, 8]), "b": f32([2], [4, 12])}, bytes(12)), "'b'", "overlap"),
@@ -83,12 +86,17 @@ MALFORMED = {  # case -> (file bytes, a tensor/key the message must name, what i
     "shape of strings": (st_bytes({"a": f32(["1"], [0, 4])}, bytes(4)), "'a'", "shape"),
     "shape of floats": (st_bytes({"a": f32([1.0], [0, 4])}, bytes(4)), "'a'", "shape"),
     "three offsets": (st_bytes({"a": f32([1], [0, 4, 4])}, bytes(4)), "'a'", "data_offsets"),
-    "metadata not strings": (st_bytes({"__metadata__": {"x": 1}, "a": f32([1], [0, 4])}, bytes(4)), "__metadata__",
-                             "strings"),
-    "NaN in header": (st_bytes('{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,4]}}', bytes(4)), "header",
-                      "NaN"),
-    "header not UTF-8": (st_bytes(b'{"\xff":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', bytes(4)), "header",
-                         "utf-8"),
+    "metadata not strings": (
+        st_bytes({"__metadata__": {"x": 1}, "a": f32([1], [0, 4])}, bytes(4)),
+        "__metadata__",
+        "strings",
+    ),
+    "NaN in header": (st_bytes('{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,4]}}', bytes(4)), "header", "NaN"),
+    "header not UTF-8": (
+        st_bytes(b'{"\xff":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', bytes(4)),
+        "header",
+        "utf-8",
+    ),
     "bytes after the data": (st_bytes({"a": f32([1], [0, 4])}, bytes(8)), "last tensor", "4 bytes after"),
     "truncated data": (st_bytes({"a": f32([2], [0, 8])}, bytes(4)), "a", "truncated"),
     "header length past the end": (struct.pack("<Q", 1000) + b"{}", "header length", "exceeds"),
@@ -137,6 +145,7 @@ def test_identical_duplicate_key_is_refused_though_the_library_keeps_one(tmp_pat
 
 # --- item 16: complex tensors and config values of the wrong JSON type ---------------------
 
+
 def test_complex_tensor_is_refused_not_cast(cli, tmp_path, tiny_llama):
     model = tmp_path / "c"
     model.mkdir()
@@ -151,9 +160,18 @@ def test_complex_tensor_is_refused_not_cast(cli, tmp_path, tiny_llama):
     failed(cli("inspect", tmp_path / "c64"), "'z'", "C64")
 
 
-@pytest.mark.parametrize("key,value", [("vocab_size", "400"), ("hidden_size", 64.0), ("num_attention_heads", 0),
-                                       ("num_hidden_layers", True), ("rms_norm_eps", "1e-6"),
-                                       ("tie_word_embeddings", "false"), ("model_type", 5)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("vocab_size", "400"),
+        ("hidden_size", 64.0),
+        ("num_attention_heads", 0),
+        ("num_hidden_layers", True),
+        ("rms_norm_eps", "1e-6"),
+        ("tie_word_embeddings", "false"),
+        ("model_type", 5),
+    ],
+)
 def test_config_value_of_wrong_type_is_refused(cli, tmp_path, tiny_llama, key, value):
     model = copy_model(tiny_llama, tmp_path / "m", **{key: value})
     failed(cli("inspect", model), model / "config.json", key)
@@ -205,6 +223,7 @@ def test_bloom_config_contradiction_is_refused(cli, tmp_path, tiny_bloom):
 
 # --- item 9: index entries and symlinks that leave the model directory ---------------------
 
+
 def _sharded(tmp_path: Path, index_name: str, entry: str) -> Path:
     model = tmp_path / "m"
     model.mkdir()
@@ -212,9 +231,14 @@ def _sharded(tmp_path: Path, index_name: str, entry: str) -> Path:
     return model
 
 
-@pytest.mark.parametrize("index_name,suffix", [("model.safetensors.index.json", ".safetensors"),
-                                               ("pytorch_model.bin.index.json", ".bin"),
-                                               ("tencentpretrain_model.bin.index.json", ".bin")])
+@pytest.mark.parametrize(
+    "index_name,suffix",
+    [
+        ("model.safetensors.index.json", ".safetensors"),
+        ("pytorch_model.bin.index.json", ".bin"),
+        ("tencentpretrain_model.bin.index.json", ".bin"),
+    ],
+)
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
 def test_index_entries_outside_the_directory_are_refused(cli, tmp_path, index_name, suffix, how):
     outside = tmp_path / f"outside{suffix}"
@@ -289,6 +313,7 @@ def test_links_inside_the_directory_and_the_hub_cache_are_read(cli, tmp_path):
 
 # --- item 12: no tensors is not a model -----------------------------------------------------
 
+
 def test_empty_weight_map_is_refused(cli, tmp_path, tiny_llama):
     model = _sharded(tmp_path, "model.safetensors.index.json", "x")
     (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
@@ -317,16 +342,23 @@ def test_checkpoint_of_zero_tensors_is_refused(cli, tmp_path, tiny_llama):
 
 # --- item 11: GGUF headers bounded by the file size ----------------------------------------
 
+
 def gguf_str(s: str | bytes) -> bytes:
     b = s.encode() if isinstance(s, str) else s
     return struct.pack("<Q", len(b)) + b
 
 
-def gguf_bytes(kvs: list[bytes], tensors: list[tuple[str, list[int], int, int]], data: bytes = b"",
-               n_kv: int | None = None, n_tensors: int | None = None) -> bytes:
+def gguf_bytes(
+    kvs: list[bytes],
+    tensors: list[tuple[str, list[int], int, int]],
+    data: bytes = b"",
+    n_kv: int | None = None,
+    n_tensors: int | None = None,
+) -> bytes:
     """Magic, version 3, counts, key/values (already encoded), tensor infos, padding to 32, data."""
-    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors) if n_tensors is None else n_tensors,
-                                len(kvs) if n_kv is None else n_kv)
+    out = b"GGUF" + struct.pack(
+        "<IQQ", 3, len(tensors) if n_tensors is None else n_tensors, len(kvs) if n_kv is None else n_kv
+    )
     out += b"".join(kvs)
     for name, dims, ggml_type, offset in tensors:
         out += gguf_str(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
@@ -349,14 +381,20 @@ BAD_GGUF = {
     "2^40 token strings in 100 bytes": (gguf_bytes([kv_tokens(2**40)], [EMB], EMB_DATA), "2^40"),
     "2^60 keys": (gguf_bytes([], [EMB], EMB_DATA, n_kv=2**60), "keys"),
     "2^50 tensor infos": (gguf_bytes([], [], b"", n_tensors=2**50), "tensor infos"),
-    "string longer than the file": (gguf_bytes([kv_string("general.name", "x")[:-9] + struct.pack("<Q", 2**62)], []),
-                                    "general.name"),
-    "duplicate key": (gguf_bytes([kv_string("general.name", "a"), kv_string("general.name", "b")], [EMB], EMB_DATA),
-                      "'general.name' appears twice"),
+    "string longer than the file": (
+        gguf_bytes([kv_string("general.name", "x")[:-9] + struct.pack("<Q", 2**62)], []),
+        "general.name",
+    ),
+    "duplicate key": (
+        gguf_bytes([kv_string("general.name", "a"), kv_string("general.name", "b")], [EMB], EMB_DATA),
+        "'general.name' appears twice",
+    ),
     "unknown GGML type": (gguf_bytes([], [("token_embd.weight", [8, 4], 999, 0)], EMB_DATA), "'token_embd.weight'"),
     "data past the end": (gguf_bytes([], [EMB], EMB_DATA[:64]), "'token_embd.weight'"),
-    "misplaced data offset": (gguf_bytes([], [("token_embd.weight", [8, 4], 0, 32)], EMB_DATA + bytes(32)),
-                              "'token_embd.weight'"),
+    "misplaced data offset": (
+        gguf_bytes([], [("token_embd.weight", [8, 4], 0, 32)], EMB_DATA + bytes(32)),
+        "'token_embd.weight'",
+    ),
     "five dimensions": (gguf_bytes([], [("token_embd.weight", [2, 2, 2, 2, 2], 0, 0)], EMB_DATA), "5 dimensions"),
 }
 
@@ -384,8 +422,7 @@ def test_many_token_strings_are_not_materialised(cli, tmp_path):
     count = 500_000
     items = b"".join(gguf_str(f"t{i % 10}") for i in range(count))
     path = tmp_path / "many.gguf"
-    path.write_bytes(gguf_bytes([kv_string("general.architecture", "llama"), kv_tokens(count, items)], [EMB],
-                                EMB_DATA))
+    path.write_bytes(gguf_bytes([kv_string("general.architecture", "llama"), kv_tokens(count, items)], [EMB], EMB_DATA))
     tracemalloc.start()
     try:
         ckpt = open_checkpoint(path)

@@ -2,6 +2,7 @@
 Ctrl-C, a full disk. torch's zip writer used to be left unclosed on the error path and
 aborted the process from its destructor (`terminate called ...`, exit 134) with the
 temporary output left behind. Each case runs the real CLI in a subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 # Runs `weightops ARGS` after arranging one failure. argv: MODE ARG -- weightops args.
-DRIVER = r'''
+DRIVER = r"""
 import builtins, errno, os, signal, sys
 import weightops.io.torchbin as torchbin
 import weightops.stream as stream
@@ -59,15 +60,21 @@ else:  # Ctrl-C or a full disk at the ARG-th write the zip writer makes to its f
 from weightops.cli import run
 sys.argv = ["weightops", *sys.argv[4:]]
 run()
-'''
+"""
 
 
-def convert_to_tp(model: Path, output: Path, mode: str = "none", arg: str = "-", *extra: str,
-                  driver: Path | None = None) -> subprocess.CompletedProcess:
+def convert_to_tp(
+    model: Path, output: Path, mode: str = "none", arg: str = "-", *extra: str, driver: Path | None = None
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(driver), mode, arg, "--"] if driver else [sys.executable, "-m", "weightops"]
-    return subprocess.run([*cmd, "convert", str(model), str(output), "--to", "tencentpretrain", *extra],
-                          capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        [*cmd, "convert", str(model), str(output), "--to", "tencentpretrain", *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 @pytest.fixture
@@ -127,8 +134,9 @@ def test_disk_full_on_a_real_file_system(tiny_llama: Path, tmp_path: Path) -> No
     """A 256 KiB tmpfs (needs root and mount; skipped otherwise) and a float32 model of ~1 MB."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
-                             capture_output=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True, check=False
+    )
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:

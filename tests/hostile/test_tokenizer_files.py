@@ -7,6 +7,7 @@ vocabulary must see the two files disagree, name both with both sizes, and (exce
 which reports) refuse before writing anything. Trained rows are never re-initialised without
 --reinit-rows.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,6 +31,7 @@ def _digest(directory: Path) -> dict[str, str]:
 def split_model(tmp_path_factory) -> Path:
     """A 400-row LLaMA whose tokenizer.json was rewritten by LlamaTokenizer(vocab_file=...).save_pretrained."""
     from transformers import LlamaTokenizer
+
     root = tmp_path_factory.mktemp("split")
     model = tiny.tiny_llama(root / "model", tiny.spm_tokenizer_dir(root / "tok"))
     LlamaTokenizer(vocab_file=str(model / "tokenizer.model")).save_pretrained(model)
@@ -98,15 +100,25 @@ def test_added_tokens_that_differ_between_files(spm_tokenizer, tmp_path, cli):
     d = tmp_path / "tok"
     shutil.copytree(spm_tokenizer, d)
     data = json.loads((d / "tokenizer.json").read_text())
-    data["added_tokens"].append({"id": 400, "content": "<|a|>", "single_word": False, "lstrip": False,
-                                 "rstrip": False, "normalized": False, "special": True})
+    data["added_tokens"].append(
+        {
+            "id": 400,
+            "content": "<|a|>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
     (d / "tokenizer.json").write_text(json.dumps(data))
     (d / "added_tokens.json").write_text(json.dumps({"<|b|>": 400}))
     files = read_tokenizer_files(d)
     assert files.conflicts == (f"{d}: token id 400 is '<|b|>' in added_tokens.json but '<|a|>' in tokenizer.json",)
     (d / "added_tokens.json").write_text(json.dumps({"<|a|>": 400, "<|c|>": 401}))
     assert read_tokenizer_files(d).conflicts == (
-        f"{d}: added_tokens.json defines token '<|c|>' (id 401) that tokenizer.json (401 tokens) lacks",)
+        f"{d}: added_tokens.json defines token '<|c|>' (id 401) that tokenizer.json (401 tokens) lacks",
+    )
     (d / "added_tokens.json").write_text(json.dumps({"<|a|>": 400}))
     assert read_tokenizer_files(d).conflicts == () and read_tokenizer_files(d).size == 401
 
@@ -122,8 +134,10 @@ def test_vocab_and_merges_files_against_tokenizer_json(bpe_tokenizer, tmp_path):
     (d / "vocab.json").write_text(json.dumps(short))
     (d / "merges.txt").write_text("\n".join(" ".join(m) for m in model["merges"][:10]) + "\n")
     conflicts = read_tokenizer_files(d).conflicts
-    assert conflicts == (f"{d}: vocab.json's vocabulary has 300 tokens but tokenizer.json's 400",
-                         f"{d}: merges.txt's list has 10 merges but tokenizer.json's {len(model['merges'])}")
+    assert conflicts == (
+        f"{d}: vocab.json's vocabulary has 300 tokens but tokenizer.json's 400",
+        f"{d}: merges.txt's list has 10 merges but tokenizer.json's {len(model['merges'])}",
+    )
 
 
 def test_unreadable_tokenizer_files_are_named(spm_tokenizer, tmp_path, cli, tiny_llama):
@@ -146,9 +160,9 @@ def other_tokenizer(tmp_path_factory) -> Path:
     return tiny.spm_tokenizer_dir(tmp_path_factory.mktemp("other"), lines=lines)
 
 
-def test_remap_never_reinitialises_trained_rows_without_the_flag(tiny_llama, other_tokenizer, cli, tmp_path,
-                                                                 load_all):
+def test_remap_never_reinitialises_trained_rows_without_the_flag(tiny_llama, other_tokenizer, cli, tmp_path, load_all):
     from transformers import AutoTokenizer
+
     out = tmp_path / "out"
     r = cli("expand-vocab", tiny_llama, out, "--new-tokenizer", other_tokenizer, "--init", "mean")
     assert r.exit_code == 1 and "--reinit-rows" in r.stderr and "would be re-initialised" in r.stderr

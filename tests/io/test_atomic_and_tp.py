@@ -1,4 +1,5 @@
 """Atomic publication, output safety checks, TencentPretrain layout, GGUF reading."""
+
 import numpy as np
 import pytest
 import torch
@@ -63,9 +64,13 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
 @pytest.mark.parametrize("shard", [None, 20_000])
 def test_tencentpretrain_layout_round_trip(tmp_path, shard):
     g = torch.Generator().manual_seed(0)
-    names = ["embedding.word.embedding.weight", "encoder.transformer.0.layer_norm_1.weight",
-             "encoder.transformer.0.self_attn.linear_layers.0.weight", "encoder.layer_norm.weight",
-             "target.lm.output_layer.weight"]
+    names = [
+        "embedding.word.embedding.weight",
+        "encoder.transformer.0.layer_norm_1.weight",
+        "encoder.transformer.0.self_attn.linear_layers.0.weight",
+        "encoder.layer_norm.weight",
+        "target.lm.output_layer.weight",
+    ]
     tensors = {n: torch.randn(64, 64, generator=g).half() for n in names}
     refs = [TensorRef(k, tuple(v.shape), name_of(v.dtype), "m", loader=lambda v=v: v) for k, v in tensors.items()]
     tmp_path.joinpath("tp").mkdir()
@@ -82,6 +87,7 @@ def test_tencentpretrain_layout_round_trip(tmp_path, shard):
 def test_gguf_reader_exposes_types_and_dequantizes(tmp_path):
     import gguf
     from gguf.quants import dequantize, quantize
+
     w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     path = tmp_path / "t.gguf"
     writer = gguf.GGUFWriter(path, "llama")

@@ -1,4 +1,5 @@
 """safetensors reader/writer and the HF directory layout."""
+
 import json
 
 import pytest
@@ -20,10 +21,16 @@ def _refs(tensors: dict) -> list[TensorRef]:
 
 def test_writer_is_byte_identical_to_save_file(tmp_path):
     g = torch.Generator().manual_seed(0)
-    tensors = {"b.w": torch.randn(3, 5, generator=g).half(), "a.w": torch.randn(4, generator=g),
-               "z": torch.randn(2, 2, generator=g).bfloat16(), "ids": torch.arange(7),
-               "mask": torch.tensor([True, False]),
-               "i8": torch.tensor([-3, 4], dtype=torch.int8), "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5)}
+    tensors = {
+        "b.w": torch.randn(3, 5, generator=g).half(),
+        "a.w": torch.randn(4, generator=g),
+        "z": torch.randn(2, 2, generator=g).bfloat16(),
+        "ids": torch.arange(7),
+        "mask": torch.tensor([True, False]),
+        "i8": torch.tensor([-3, 4], dtype=torch.int8),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5),
+    }
     save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
     write_safetensors(_refs(tensors), tmp_path / "ours.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
@@ -34,9 +41,14 @@ def test_unchanged_tensors_are_copied_file_to_file(tmp_path, monkeypatch, kernel
     """A stream copy mixes kernel-copied tensors with computed ones and keeps the library's
     bytes; where copy_file_range fails, the tensors are loaded instead."""
     import os
+
     g = torch.Generator().manual_seed(1)
-    tensors = {"a": torch.randn(300, 7, generator=g).bfloat16(), "b": torch.randn(5, generator=g),
-               "c": torch.arange(11), "d": torch.randn(2, 3, generator=g).half()}
+    tensors = {
+        "a": torch.randn(300, 7, generator=g).bfloat16(),
+        "b": torch.randn(5, generator=g),
+        "c": torch.arange(11),
+        "d": torch.randn(2, 3, generator=g).half(),
+    }
     save_file(tensors, tmp_path / "src.safetensors")
     copies, loads = [], []
     real = os.copy_file_range
@@ -46,6 +58,7 @@ def test_unchanged_tensors_are_copied_file_to_file(tmp_path, monkeypatch, kernel
         if not kernel_copy:
             raise OSError(18, "Invalid cross-device link")
         return real(*args)
+
     monkeypatch.setattr(os, "copy_file_range", copy)
     refs = read_safetensors(tmp_path / "src.safetensors")
     refs = [r.derive(lambda t: t * 2) if r.name == "b" else r for r in refs]
@@ -87,6 +100,7 @@ def test_plan_shards_matches_huggingface_hub_rule():
 
 def test_sharded_round_trip_loads_in_transformers(tmp_path, tiny_llama, load_all):
     from transformers import AutoModelForCausalLM
+
     src = open_checkpoint(tiny_llama)
     out = tmp_path / "sharded"
     save_hf(src.tensors, out, aux_files=src.aux_files, inputs=[tiny_llama], max_shard_size="60KB")
@@ -111,6 +125,7 @@ def test_sharded_round_trip_loads_in_transformers(tmp_path, tiny_llama, load_all
 def test_same_layout_as_save_pretrained(tmp_path, tiny_llama):
     """Given tensors in the model's state_dict order, our shards equal save_pretrained's."""
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "hf", max_shard_size="60KB")
     sd = model.state_dict()
@@ -126,7 +141,8 @@ def test_single_shard_is_model_safetensors(tmp_path, tiny_bloom):
     src = open_checkpoint(tiny_bloom)
     save_hf(src.tensors, tmp_path / "o", aux_files=src.aux_files)
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(
-        [MARKER, "model.safetensors", *(f.name for f in src.aux_files)])
+        [MARKER, "model.safetensors", *(f.name for f in src.aux_files)]
+    )
 
 
 def test_truncated_shard_is_named(tmp_path, tiny_llama):
@@ -175,6 +191,7 @@ def test_dtype_names_match_torch_and_safetensors():
     from safetensors.torch import _TYPES  # the library's own name -> torch dtype table
 
     from weightops import dtypes
+
     for name, torch_dtype in _TYPES.items():
         if name not in dtypes.SAFETENSORS_NAMES:
             continue  # complex and FNUZ float8: no LLM checkpoint of ours holds them
@@ -191,11 +208,18 @@ def test_pass_through_copy_never_imports_torch(tmp_path, tiny_llama):
     copy only; importing torch would cost more than `cp` of a 1 GB model (issue 2)."""
     import subprocess
     import sys
-    code = ("import sys; from weightops.io.checkpoint import open_checkpoint, save_hf; c = open_checkpoint(sys.argv[1]); "
-            "save_hf(c.tensors, sys.argv[2], aux_files=c.aux_files, inputs=[c.path]); "
-            "print(sorted(m for m in ('torch', 'numpy', 'gguf', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(tmp_path / "copy")],
-                         capture_output=True, text=True, check=True)
+
+    code = (
+        "import sys; from weightops.io.checkpoint import open_checkpoint, save_hf; c = open_checkpoint(sys.argv[1]); "
+        "save_hf(c.tensors, sys.argv[2], aux_files=c.aux_files, inputs=[c.path]); "
+        "print(sorted(m for m in ('torch', 'numpy', 'gguf', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_llama), str(tmp_path / "copy")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     for f in tiny_llama.glob("*.safetensors"):
         assert (tmp_path / "copy" / f.name).read_bytes() == f.read_bytes()

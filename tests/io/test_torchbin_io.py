@@ -1,4 +1,5 @@
 """PyTorch .bin reading (never unpickling code) and the streaming torch.save writer."""
+
 import collections
 import json
 import os
@@ -20,9 +21,16 @@ def _refs(sd):
 
 def test_writer_equals_torch_save(tmp_path):
     g = torch.Generator().manual_seed(0)
-    sd = collections.OrderedDict([("a", torch.randn(3, 4, generator=g).bfloat16()), ("b", torch.arange(5)),
-                                  ("c", torch.randn(2, 2, 2, generator=g)), ("s", torch.tensor(3.0)),
-                                  ("h", torch.randn(7, generator=g).half()), ("e", torch.zeros(0, 4))])
+    sd = collections.OrderedDict(
+        [
+            ("a", torch.randn(3, 4, generator=g).bfloat16()),
+            ("b", torch.arange(5)),
+            ("c", torch.randn(2, 2, 2, generator=g)),
+            ("s", torch.tensor(3.0)),
+            ("h", torch.randn(7, generator=g).half()),
+            ("e", torch.zeros(0, 4)),
+        ]
+    )
     with open(tmp_path / "ref.bin", "wb") as f:  # a stream, so the archive name is the default one
         torch.save(sd, f)
     write_torch_bin(_refs(sd), tmp_path / "ours.bin")
@@ -72,8 +80,9 @@ def test_sharded_bin_round_trip(tmp_path, tiny_llama, load_all):
     parts = {"pytorch_model-00001-of-00002.bin": names[:half], "pytorch_model-00002-of-00002.bin": names[half:]}
     for fname, keys in parts.items():
         write_torch_bin(_refs({k: original[k] for k in keys}), out / fname)
-    (out / "pytorch_model.bin.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": 0}, "weight_map": {k: f for f, ks in parts.items() for k in ks}}))
+    (out / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": {k: f for f, ks in parts.items() for k in ks}})
+    )
     ckpt = open_checkpoint(out)
     assert ckpt.format == "hf-bin"
     loaded = {r.name: r.load() for r in ckpt.tensors}

@@ -1,4 +1,5 @@
 """Release jobs: validation, dry run, end-to-end report, resume after a kill, failing gate."""
+
 import json
 import os
 import signal
@@ -18,14 +19,14 @@ PROMPTS = "The quick brown fox jumps over the lazy dog.\n\n我们发布了中文
 
 def _job(tmp_path: Path, steps: str, inputs: dict[str, Path]) -> Path:
     (tmp_path / "prompts.txt").write_text(PROMPTS, encoding="utf-8")
-    lines = ['[job]', 'name = "test"', 'output = "out"', '[inputs]']
+    lines = ["[job]", 'name = "test"', 'output = "out"', "[inputs]"]
     lines += [f'{k} = "{v}"' for k, v in inputs.items()]
     path = tmp_path / "job.toml"
     path.write_text("\n".join(lines) + "\n" + steps)
     return path
 
 
-DELTA_STEPS = '''
+DELTA_STEPS = """
 [[steps]]
 name = "delta"
 op = "make-delta"
@@ -47,9 +48,9 @@ op = "gguf"
 model = "@merged"
 output = "merged-q8_0.gguf"
 type = "q8_0"
-'''
+"""
 
-GATE = '''
+GATE = """
 [[steps]]
 name = "gate"
 op = "verify"
@@ -58,26 +59,37 @@ candidate = "@merged"
 prompts = "prompts.txt"
 max-kld = 0.0
 min-top1 = 1.0
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory, tiny_llama) -> Path:
     from weightops import tiny
+
     return tiny.finetune(tiny_llama, tmp_path_factory.mktemp("target") / "m")
 
 
-@pytest.mark.parametrize("bad,message", [
-    ('[[steps]]\nname = "d"\nop = "make-delta"\nbase = "@base"\ntarget = "@target"\noutput = "d"\n'
-     'max-shard-sise = "1GB"\n', "unknown option 'max-shard-sise' for make-delta (did you mean 'max_shard_size'?)"),
-    ('[[steps]]\nname = "d"\nop = "make-detla"\n', "unknown op 'make-detla' (did you mean 'make-delta'?)"),
-    ('[[steps]]\nname = "d"\nop = "make-delta"\nbase = "@bsae"\ntarget = "@target"\noutput = "d"\n',
-     "refers to '@bsae', which is neither an input nor an earlier step (did you mean 'base'?)"),
-    ('[[steps]]\nname = "d"\nop = "make-delta"\nbase = "@base"\ntarget = "@target"\noutput = "/tmp/x"\n',
-     "must be a relative path inside the job's output directory"),
-    ('[jbo]\nname = "x"\n', "unknown table 'jbo' (did you mean 'job'?)"),
-    ('[[steps]]\nname = "d"\nop = "apply-delta"\nbase = "@base"\noutput = "d"\n', "apply-delta needs `delta`"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (
+            '[[steps]]\nname = "d"\nop = "make-delta"\nbase = "@base"\ntarget = "@target"\noutput = "d"\n'
+            'max-shard-sise = "1GB"\n',
+            "unknown option 'max-shard-sise' for make-delta (did you mean 'max_shard_size'?)",
+        ),
+        ('[[steps]]\nname = "d"\nop = "make-detla"\n', "unknown op 'make-detla' (did you mean 'make-delta'?)"),
+        (
+            '[[steps]]\nname = "d"\nop = "make-delta"\nbase = "@bsae"\ntarget = "@target"\noutput = "d"\n',
+            "refers to '@bsae', which is neither an input nor an earlier step (did you mean 'base'?)",
+        ),
+        (
+            '[[steps]]\nname = "d"\nop = "make-delta"\nbase = "@base"\ntarget = "@target"\noutput = "/tmp/x"\n',
+            "must be a relative path inside the job's output directory",
+        ),
+        ('[jbo]\nname = "x"\n', "unknown table 'jbo' (did you mean 'job'?)"),
+        ('[[steps]]\nname = "d"\nop = "apply-delta"\nbase = "@base"\noutput = "d"\n', "apply-delta needs `delta`"),
+    ],
+)
 def test_typos_are_errors(cli, tmp_path, tiny_llama, target, bad, message):
     job = _job(tmp_path, bad, {"base": tiny_llama, "target": target})
     r = cli("run", job, "--dry-run")
@@ -100,8 +112,12 @@ def test_dry_run_writes_nothing(cli, tmp_path, tiny_llama, target):
 
 
 def _runner(job: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "weightops", "run", str(job), *extra], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "weightops", "run", str(job), *extra],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_job_report_and_resume_after_kill(tmp_path, tiny_llama, target):
@@ -150,18 +166,22 @@ def test_job_report_and_resume_after_kill(tmp_path, tiny_llama, target):
 def test_failing_gate_stops_with_exit_3_and_says_why(cli, tmp_path, tiny_llama):
     bad = tmp_path / "bad"
     import shutil
+
     shutil.copytree(tiny_llama, bad)
     tensors = load_file(bad / "model.safetensors")
     name = "model.layers.1.mlp.down_proj.weight"
     tensors[name] = (tensors[name].float() * 3).to(tensors[name].dtype)
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
-    steps = GATE.replace("@merged", "@bad") + '''
+    steps = (
+        GATE.replace("@merged", "@bad")
+        + """
 [[steps]]
 name = "after"
 op = "gguf"
 model = "@bad"
 output = "never.gguf"
-'''
+"""
+    )
     job = _job(tmp_path, steps, {"target": tiny_llama, "bad": bad})
     r = cli("run", job)
     assert r.exit_code == 3, r.stderr

@@ -1,6 +1,7 @@
 """What `weightops run` shows: one line per step, a short summary with the report's path, other
 libraries' warnings in the step logs (restated once by us where they matter), and a failed
 step's reason, escaped. Run through the real entry point, as users run it."""
+
 import json
 import re
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 
 from weightops.jobs.screen import reason
 
-INT8_STEPS = '''
+INT8_STEPS = """
 [[steps]]
 name = "int8"
 op = "bnb"
@@ -27,7 +28,7 @@ candidate = "@int8"
 max-tokens = 16
 max-kld = 1.0
 min-top1 = 0.0
-'''
+"""
 
 
 def _job(d: Path, inputs: dict[str, str], steps: str) -> Path:
@@ -39,8 +40,9 @@ def _job(d: Path, inputs: dict[str, str], steps: str) -> Path:
 
 
 def _weightops(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "weightops", *map(str, args)], capture_output=True, text=True,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "weightops", *map(str, args)], capture_output=True, text=True, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,9 @@ def test_run_shows_one_line_per_step_then_a_summary(int8_run):
     steps = [line for line in lines if re.match(r"\[\d/2\] ", line)]
     assert len(steps) == 2 and lines[:2] == steps, r.stderr
     assert re.match(r"\[1/2\] ok +int8 +bnb +[\d.]+s +int8 +[\d.]+ kB$", steps[0]), steps[0]
-    assert re.match(r"\[2/2\] ok +check-int8 +verify +[\d.]+s +KLD [\d.e-]+ \(max 1\), top-1 [\d.]+% \(min 0\.0%\)$",
-                    steps[1]), steps[1]
+    assert re.match(
+        r"\[2/2\] ok +check-int8 +verify +[\d.]+s +KLD [\d.e-]+ \(max 1\), top-1 [\d.]+% \(min 0\.0%\)$", steps[1]
+    ), steps[1]
     assert lines[2].startswith("PASSED  screen test: 2 steps, all ok, in ")
     report = d / "out" / "release-report.md"
     assert f"  report     {report}" in lines and report.is_file()
@@ -85,8 +88,7 @@ def test_resume_says_skipped_and_stays_quiet(int8_run):
 
 def test_standalone_verify_shows_a_library_warning_once(int8_run, tiny_llama):
     d, _ = int8_run
-    r = _weightops("verify", tiny_llama, d / "out" / "int8", "--max-tokens", "16", "--max-kld", "1",
-                   "--min-top1", "0")
+    r = _weightops("verify", tiny_llama, d / "out" / "int8", "--max-tokens", "16", "--max-kld", "1", "--min-top1", "0")
     assert r.returncode == 0, r.stderr
     assert "MatMul8bitLt" not in r.stderr
     assert r.stderr.count("note: bitsandbytes int8 layers compute in float16") == 1, r.stderr
@@ -95,8 +97,11 @@ def test_standalone_verify_shows_a_library_warning_once(int8_run, tiny_llama):
 def test_failed_step_shows_its_reason_escaped(tmp_path):
     hostile = tmp_path / "in\x1b]0;pwned\x07put"  # sets the terminal's title if echoed raw (click strips CSI only)
     hostile.mkdir()
-    job = _job(tmp_path, {"model": hostile.name},
-               '[[steps]]\nname = "q8"\nop = "gguf"\nmodel = "@model"\noutput = "m.gguf"\ntype = "q8_0"\n')
+    job = _job(
+        tmp_path,
+        {"model": hostile.name},
+        '[[steps]]\nname = "q8"\nop = "gguf"\nmodel = "@model"\noutput = "m.gguf"\ntype = "q8_0"\n',
+    )
     r = _weightops("run", job)
     assert r.returncode == 1, r.stderr
     assert "\x1b" not in r.stderr and "\x07" not in r.stderr and "Traceback" not in r.stderr
@@ -108,11 +113,14 @@ def test_failed_step_shows_its_reason_escaped(tmp_path):
     assert json.loads((tmp_path / "out" / "release-report.json").read_text())["steps"][0]["status"] == "failed"
 
 
-@pytest.mark.parametrize("log,code,expected", [
-    ("wrote x\nwarning (torch): UserWarning: y\nerror: bad \x1b[31mname\nwarning: ours\n", 1, "bad \\x1b[31mname"),
-    ("Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: boom\n", 1, "ValueError: boom"),
-    ("warning (bitsandbytes): noise\n", -9, "killed by SIGKILL"),
-    ("", 1, "it wrote nothing to its log"),
-])
+@pytest.mark.parametrize(
+    "log,code,expected",
+    [
+        ("wrote x\nwarning (torch): UserWarning: y\nerror: bad \x1b[31mname\nwarning: ours\n", 1, "bad \\x1b[31mname"),
+        ('Traceback (most recent call last):\n  File "x.py", line 1\nValueError: boom\n', 1, "ValueError: boom"),
+        ("warning (bitsandbytes): noise\n", -9, "killed by SIGKILL"),
+        ("", 1, "it wrote nothing to its log"),
+    ],
+)
 def test_reason_is_the_last_meaningful_line(log, code, expected):
     assert reason(log, code) == expected

@@ -1,6 +1,7 @@
 """apply-delta / make-delta: exact round trips, vocabulary and --replace conventions, every
 mismatch and guard rail, inputs sharded differently and in mixed formats, and fp16 equality
 with the reference scripts' in-place `param += delta`."""
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ def _finetune(src: Path, dst: Path, *, seed: int, new_rows: int = 0) -> Path:
     """A 'fine-tuned' target: every weight nudged as training would, optionally with new
     vocabulary rows (transformers' resize_token_embeddings), saved with save_pretrained."""
     from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -96,6 +98,7 @@ def _save(tensors: dict, out: Path, like: Path, **kw) -> Path:
 
 # --- round trips and conventions -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_float32_delta_round_trips_bit_for_bit(case, request, tmp_path, load_all):
     base, target = (request.getfixturevalue(n) for n in CASES[case])
@@ -125,8 +128,9 @@ def test_float32_delta_round_trips_bit_for_bit(case, request, tmp_path, load_all
         assert (tmp_path / "out" / f).read_bytes() == (target / f).read_bytes()
 
 
-def test_16bit_delta_warns_with_the_fraction_that_does_not_round_trip(cli, tmp_path, tiny_llama, llama_ft_vocab,
-                                                                      load_all):
+def test_16bit_delta_warns_with_the_fraction_that_does_not_round_trip(
+    cli, tmp_path, tiny_llama, llama_ft_vocab, load_all
+):
     report = deltas.make_delta(tiny_llama, llama_ft_vocab, tmp_path / "delta")  # auto: target's bf16
     b, t = load_all(tiny_llama), load_all(llama_ft_vocab)
     expected = {}
@@ -191,13 +195,14 @@ def test_bloom_names_with_and_without_the_transformer_prefix_are_joined(tmp_path
 
 # --- mismatches --------------------------------------------------------------------------------
 
+
 def test_every_mismatch_is_reported_naming_tensor_shapes_and_files(tmp_path, tiny_llama, llama_ft, load_all):
     deltas.make_delta(tiny_llama, llama_ft, tmp_path / "delta", dtype=torch.float32)
     d = load_all(tmp_path / "delta")
     k = "model.layers.0.self_attn.k_proj.weight"
     assert d[k].shape == (32, 64)
-    d[k] = torch.zeros(64, 64)                                  # shape mismatch
-    del d["model.layers.1.mlp.up_proj.weight"]                  # missing from the delta
+    d[k] = torch.zeros(64, 64)  # shape mismatch
+    del d["model.layers.1.mlp.up_proj.weight"]  # missing from the delta
     d["model.layers.2.mlp.up_proj.weight"] = torch.zeros(128, 64)  # extra in the delta
     d["model.embed_tokens.weight"] = d["model.embed_tokens.weight"][:300]  # fewer vocabulary rows
     _save(d, tmp_path / "bad", tmp_path / "delta")
@@ -235,15 +240,19 @@ def test_tied_vs_untied_embeddings_is_an_error(untied_side, tmp_path, tiny_llama
     untied = tiny_llama if untied_side == "BASE" else tmp_path / "delta"
     tied = _save({k: v for k, v in load_all(untied).items() if k != "lm_head.weight"}, tmp_path / "tied", untied)
     base, delta = (untied, tied) if untied_side == "BASE" else (tied, untied)
-    with pytest.raises(WeightopsError, match=rf"tied vs untied embeddings: {untied_side} .* separate output head "
-                                             r"'lm_head.weight' \(.*model.safetensors\)"):
+    with pytest.raises(
+        WeightopsError,
+        match=rf"tied vs untied embeddings: {untied_side} .* separate output head "
+        r"'lm_head.weight' \(.*model.safetensors\)",
+    ):
         deltas.apply_delta(base, delta, tmp_path / "out")
 
 
 def test_checkpoints_in_other_naming_schemes_are_refused(tmp_path, tiny_llama):
     tp = tmp_path / "tp.bin"
-    write_torch_bin([TensorRef("embedding.word.embedding.weight", (4, 4), "F32", "m",
-                               loader=lambda: torch.zeros(4, 4))], tp)
+    write_torch_bin(
+        [TensorRef("embedding.word.embedding.weight", (4, 4), "F32", "m", loader=lambda: torch.zeros(4, 4))], tp
+    )
     with pytest.raises(WeightopsError, match=r"BASE .*tp.bin is a tencentpretrain checkpoint.*convert"):
         deltas.apply_delta(tp, tiny_llama, tmp_path / "out")
 
@@ -279,8 +288,11 @@ def test_guard_base_is_itself_a_delta(tmp_path, tiny_llama, llama_ft, load_all):
     g = torch.Generator().manual_seed(5)
     other = {k: 0.02 * torch.randn(v.shape, generator=g) for k, v in load_all(tmp_path / "d1").items()}
     _save(other, tmp_path / "other", tmp_path / "d1")  # another fine-tune's delta, independent of d1
-    with pytest.raises(WeightopsError, match=r"DELTA .*'s norm weights are \d\.\d\dx the base's.* BASE .* is itself "
-                                             r"a delta.*model\.norm\.weight"):
+    with pytest.raises(
+        WeightopsError,
+        match=r"DELTA .*'s norm weights are \d\.\d\dx the base's.* BASE .* is itself "
+        r"a delta.*model\.norm\.weight",
+    ):
         deltas.apply_delta(tmp_path / "d1", tmp_path / "other", tmp_path / "out")
     with pytest.raises(WeightopsError, match=r"refusing to apply: BASE .*looks like a delta \(were BASE and DELTA"):
         deltas.apply_delta(tmp_path / "d1", llama_ft, tmp_path / "out")
@@ -305,11 +317,12 @@ def test_guard_accepts_a_fine_tune_with_frozen_norms(tmp_path, tiny_llama, load_
 
 # --- sharding, formats, memory ----------------------------------------------------------------
 
+
 def _write_bin_shards(tensors: dict, out: Path, like: Path, per_shard: int) -> Path:
     """A sharded pytorch_model-*.bin directory, tensors in reverse name order, `per_shard` per file."""
     out.mkdir()
     names = sorted(tensors, reverse=True)
-    groups = [names[i:i + per_shard] for i in range(0, len(names), per_shard)]
+    groups = [names[i : i + per_shard] for i in range(0, len(names), per_shard)]
     weight_map = {}
     for i, group in enumerate(groups):
         fname = f"pytorch_model-{i + 1:05d}-of-{len(groups):05d}.bin"
@@ -358,10 +371,13 @@ def test_each_input_tensor_is_read_once_while_streaming(tmp_path, tiny_llama, ll
             def load():
                 loads[f"{path.name}:{r.name}"] = loads.get(f"{path.name}:{r.name}", 0) + 1
                 return r.load()
+
             return TensorRef(r.name, r.shape, r.dtype_name, r.source, loader=load)
+
         return [wrap(r) for r in open_checkpoint(path).tensors]
 
     from weightops.pipelines.deltas import DeltaReport
+
     report = DeltaReport()
     refs = make_delta(counted(tiny_llama), counted(llama_ft), report=report)
     assert loads == {k: 1 for k in loads} and all("norm" in k for k in loads)  # guard: norm gains only
@@ -374,6 +390,7 @@ def test_each_input_tensor_is_read_once_while_streaming(tmp_path, tiny_llama, ll
 
 # --- agreement with the reference scripts and with transformers -------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16bit_apply_equals_in_place_param_plus_delta(dtype, tmp_path, tiny_llama, load_all):
     """FastChat/ChatYuan load both models in fp16 and do `param += delta` on CPU; we match it bit for bit."""
@@ -381,8 +398,9 @@ def test_16bit_apply_equals_in_place_param_plus_delta(dtype, tmp_path, tiny_llam
     base, delta = {}, {}
     for name, v in load_all(tiny_llama).items():
         is_norm = v.dim() == 1
-        base[name] = ((1 + 0.1 * torch.randn(v.shape, generator=g)) if is_norm
-                      else torch.randn(v.shape, generator=g)).to(dtype)
+        base[name] = (
+            (1 + 0.1 * torch.randn(v.shape, generator=g)) if is_norm else torch.randn(v.shape, generator=g)
+        ).to(dtype)
         delta[name] = ((0.01 if is_norm else 0.3) * torch.randn(v.shape, generator=g)).to(dtype)
     _save(base, tmp_path / "base", tiny_llama)
     _save(delta, tmp_path / "delta", tiny_llama)
@@ -401,11 +419,20 @@ def test_16bit_apply_equals_in_place_param_plus_delta(dtype, tmp_path, tiny_llam
 
 def test_cli_round_trip_gives_identical_logits_in_transformers(cli, tmp_path, tiny_llama, llama_ft_vocab):
     from transformers import AutoModelForCausalLM
+
     r = cli("make-delta", tiny_llama, llama_ft_vocab, tmp_path / "delta", "--dtype", "float32")
     assert r.exit_code == 0, r.stderr
     assert "warning" not in r.stderr
-    r = cli("apply-delta", tiny_llama, tmp_path / "delta", tmp_path / "out", "--dtype", "bfloat16",
-            "--max-shard-size", "100KB")
+    r = cli(
+        "apply-delta",
+        tiny_llama,
+        tmp_path / "delta",
+        tmp_path / "out",
+        "--dtype",
+        "bfloat16",
+        "--max-shard-size",
+        "100KB",
+    )
     assert r.exit_code == 0, r.stderr
     assert "model.embed_tokens.weight" in r.stdout and "lm_head.weight" in r.stdout
     ids = torch.tensor([[1, 5, 77, 399, 400, 431, 12, 3]])  # includes ids of the added rows

@@ -1,5 +1,6 @@
 """`weightops bnb` writes exactly what transformers saves after quantizing with
 BitsAndBytesConfig, and the result loads and runs like transformers' in-memory model."""
+
 from __future__ import annotations
 
 import json
@@ -20,12 +21,20 @@ from weightops.quant import bnb as bnb_lib  # noqa: E402
 SPECS = {
     "int8": (["--bits", "8"], dict(load_in_8bit=True)),
     "nf4": (["--bits", "4", "--quant-type", "nf4"], dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
-    "nf4-dq-bf16": (["--bits", "4", "--double-quant", "--compute-dtype", "bfloat16"],
-                    dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                         bnb_4bit_compute_dtype=torch.bfloat16)),
+    "nf4-dq-bf16": (
+        ["--bits", "4", "--double-quant", "--compute-dtype", "bfloat16"],
+        dict(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+    ),
     "fp4": (["--bits", "4", "--quant-type", "fp4"], dict(load_in_4bit=True, bnb_4bit_quant_type="fp4")),
-    "fp4-dq": (["--bits", "4", "--quant-type", "fp4", "--double-quant"],
-               dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True)),
+    "fp4-dq": (
+        ["--bits", "4", "--quant-type", "fp4", "--double-quant"],
+        dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
+    ),
 }
 IDS = torch.randint(4, 400, (1, 32), generator=torch.Generator().manual_seed(0))
 
@@ -37,8 +46,9 @@ def _logits(model) -> torch.Tensor:
 
 def _transformers(src: Path, out: Path, max_shard_size: str = "5GB", **bnb_args) -> torch.Tensor:
     """transformers' own path: quantize while loading, save_pretrained; its in-memory logits."""
-    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=BitsAndBytesConfig(**bnb_args),
-                                                 device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=BitsAndBytesConfig(**bnb_args), device_map="cpu"
+    )
     model.save_pretrained(out, max_shard_size=max_shard_size)
     return _logits(model)
 
@@ -64,8 +74,10 @@ def models(tiny_llama, tiny_bloom) -> dict[str, Path]:
 def prompts(tmp_path_factory) -> Path:
     """Two short prompts (English, Chinese) for `weightops verify`."""
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog model weights tensor stream merge delta\n\n"
-                    "我们发布了中文模型的权重和词表扩展以及量化版本今天天气很好\n")
+    path.write_text(
+        "the quick brown fox jumps over the lazy dog model weights tensor stream merge delta\n\n"
+        "我们发布了中文模型的权重和词表扩展以及量化版本今天天气很好\n"
+    )
     return path
 
 
@@ -96,13 +108,30 @@ def test_identical_to_transformers(arch, label, models, prompts, tmp_path, cli, 
     # KLD vs the original through `weightops verify` (gate opened: tiny random models quantize badly).
     # bf16, the model's dtype: transformers 5.23 loads a pre-quantized BLOOM with dtype=float32 half
     # cast (LayerNorm weights bf16, biases fp32) and cannot run it, whoever wrote the file.
-    r = cli("verify", src, tmp_path / "ours", "--device", "cpu", "--dtype", "bfloat16", "--prompts", prompts,
-            "--max-kld", "100", "--min-top1", "0", "--json", tmp_path / "verify.json")
+    r = cli(
+        "verify",
+        src,
+        tmp_path / "ours",
+        "--device",
+        "cpu",
+        "--dtype",
+        "bfloat16",
+        "--prompts",
+        prompts,
+        "--max-kld",
+        "100",
+        "--min-top1",
+        "0",
+        "--json",
+        tmp_path / "verify.json",
+    )
     assert r.exit_code == 0, r.output
     v = json.loads((tmp_path / "verify.json").read_text())
     assert v["thresholds"]["candidate_kind"] == ("q8" if label == "int8" else "q4")
-    print(f"{arch} {label}: weightops verify: KLD mean {v['kld_mean']:.6f} max {v['kld_max']:.6f} "
-          f"top-1 {v['top1_agreement']:.1%} over {v['tokens']} tokens")
+    print(
+        f"{arch} {label}: weightops verify: KLD mean {v['kld_mean']:.6f} max {v['kld_max']:.6f} "
+        f"top-1 {v['top1_agreement']:.1%} over {v['tokens']} tokens"
+    )
     kld_report[f"{arch} {label}"] = (v["kld_mean"], v["kld_max"], v["top1_agreement"], v["tokens"])
     assert 0 < v["kld_mean"] < float("inf")  # quantized, and still a distribution
 
@@ -126,8 +155,14 @@ def test_skip_is_recorded_so_loading_keeps_it(tiny_llama, tmp_path, cli, load_al
 def test_sharded_output_matches_save_pretrained(tiny_llama, tmp_path, cli):
     """Shards, index and its total_parameters as save_pretrained writes them; double quant's
     variable-length quant states are sized before the shard headers are written."""
-    _transformers(tiny_llama, tmp_path / "theirs", "40KB", load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                  bnb_4bit_use_double_quant=True)
+    _transformers(
+        tiny_llama,
+        tmp_path / "theirs",
+        "40KB",
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+    )
     r = cli("bnb", tiny_llama, tmp_path / "ours", "--bits", "4", "--double-quant", "--max-shard-size", "40KB")
     assert r.exit_code == 0, r.output
     names = sorted(p.name for p in (tmp_path / "theirs").glob("model*"))
@@ -156,12 +191,10 @@ def test_streams_one_weight_at_a_time_and_is_deterministic(tiny_bloom, tmp_path,
 
     monkeypatch.setattr(bnb_lib, "quantize_tensor", counting_quantize)
     monkeypatch.setattr(bnb_lib._Quantized, "take", tracking_take)
-    report = export_bnb(tiny_bloom, tmp_path / "a", bits=4, double_quant=True, device="cpu",
-                                    max_shard_size="30KB")
+    report = export_bnb(tiny_bloom, tmp_path / "a", bits=4, double_quant=True, device="cpu", max_shard_size="30KB")
     assert len(calls) == len(report.quantized) == 8
     assert peak[0] == 1 and all(q._parts is None for q in alive)
-    export_bnb(tiny_bloom, tmp_path / "b", bits=4, double_quant=True, device="cpu",
-                           max_shard_size="30KB")
+    export_bnb(tiny_bloom, tmp_path / "b", bits=4, double_quant=True, device="cpu", max_shard_size="30KB")
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
     for name in files:
@@ -194,8 +227,9 @@ def test_planned_layout_is_what_bitsandbytes_produces(shape, dtype):
         offset = bnb_lib.absmax_mean(w) if spec.double_quant else None
         plan = bnb_lib.plan_tensor(shape, dtype, spec, offset)
         real = bnb_lib.quantize_tensor(w, spec)
-        assert {k: (tuple(v.shape), v.dtype) for k, v in plan.items()} == \
-            {k: (tuple(v.shape), v.dtype) for k, v in real.items()}
+        assert {k: (tuple(v.shape), v.dtype) for k, v in plan.items()} == {
+            k: (tuple(v.shape), v.dtype) for k, v in real.items()
+        }
         if spec.double_quant:
             state = real[f"weight.quant_state.bitsandbytes__{spec.quant_type}"]
             assert json.loads(bytes(state.tolist()))["nested_offset"] == offset
@@ -206,6 +240,7 @@ def test_tensors_are_cast_to_the_config_dtype_first(label, spm_tokenizer, tmp_pa
     """float32 tensors whose config says float16: from_pretrained(dtype="auto") quantizes (and
     saves the rest) in float16, so we do too; the 4-bit quant state records float16."""
     from weightops import tiny
+
     src = tiny.tiny_llama(tmp_path / "src", spm_tokenizer, dtype=torch.float32, seed=3)
     cfg = _config(src)
     cfg["dtype"] = "float16"
@@ -222,6 +257,7 @@ def test_tensors_are_cast_to_the_config_dtype_first(label, spm_tokenizer, tmp_pa
 def test_bloom_without_the_transformer_prefix_gets_the_names_transformers_saves(tiny_bloom, tmp_path, cli, load_all):
     """Old BLOOM checkpoints omit `transformer.`; the loaded model (and so save_pretrained) has it."""
     from safetensors.torch import save_file
+
     src = tmp_path / "src"
     src.mkdir()
     for f in tiny_bloom.iterdir():

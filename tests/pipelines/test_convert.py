@@ -4,6 +4,7 @@ TencentPretrain checkpoints here are made independently of weightops, by the ref
 doc's formulas and torch.save, as TencentPretrain writes them; the HF models they came
 from are the proof: converted back, every tensor and the logits must be identical.
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,6 +28,7 @@ TEXT = "the quick brown fox 1234. 我们发布了中文模型"
 
 
 # --- reference formulas (shared/reference/tencentpretrain.md), written independently of weightops ---
+
 
 def interleave(w: torch.Tensor, heads: int) -> torch.Tensor:
     """HF -> TP row order: W.reshape(h, 2, hd // 2, d).transpose(1, 2).reshape(h * hd, d)."""
@@ -84,11 +86,28 @@ def tp_bloom_oracle(hf: dict[str, torch.Tensor], layers: int, heads: int) -> dic
 
 def llama_tp_config(heads: int = 4, kv_heads: int | None = None, **extra) -> dict:
     """models/llama/*_config.json as TencentPretrain ships it, with the tiny model's sizes."""
-    cfg = {"emb_size": 64, "feedforward_size": 128, "hidden_size": 64, "hidden_act": "silu", "heads_num": heads,
-           "layers_num": 2, "dropout": 0.1, "data_processor": "lm", "max_seq_length": 512, "embedding": ["word"],
-           "remove_transformer_bias": True, "remove_embedding_layernorm": True, "rotary_position_embedding": True,
-           "encoder": "transformer", "feed_forward": "gated", "mask": "causal", "layernorm_positioning": "pre",
-           "layernorm": "rms", "target": ["lm"], **extra}
+    cfg = {
+        "emb_size": 64,
+        "feedforward_size": 128,
+        "hidden_size": 64,
+        "hidden_act": "silu",
+        "heads_num": heads,
+        "layers_num": 2,
+        "dropout": 0.1,
+        "data_processor": "lm",
+        "max_seq_length": 512,
+        "embedding": ["word"],
+        "remove_transformer_bias": True,
+        "remove_embedding_layernorm": True,
+        "rotary_position_embedding": True,
+        "encoder": "transformer",
+        "feed_forward": "gated",
+        "mask": "causal",
+        "layernorm_positioning": "pre",
+        "layernorm": "rms",
+        "target": ["lm"],
+        **extra,
+    }
     if kv_heads is not None:
         cfg["local_kv_heads_num"] = kv_heads
     return cfg
@@ -96,17 +115,36 @@ def llama_tp_config(heads: int = 4, kv_heads: int | None = None, **extra) -> dic
 
 def bloom_tp_config(**extra) -> dict:
     """models/bloom/7b1_config.json with the tiny model's sizes."""
-    return {"emb_size": 64, "feedforward_size": 256, "hidden_size": 64, "hidden_act": "gelu", "heads_num": 4,
-            "layers_num": 2, "dropout": 0.0, "data_processor": "lm", "embedding": ["word"],
-            "remove_transformer_bias": False, "has_lmtarget_bias": False, "remove_embedding_layernorm": True,
-            "encoder": "transformer", "mask": "causal", "layernorm_positioning": "pre", "target": ["lm"],
-            "tie_weights": True, "alibi_position_embedding": True, "layer_number_scale": True, **extra}
+    return {
+        "emb_size": 64,
+        "feedforward_size": 256,
+        "hidden_size": 64,
+        "hidden_act": "gelu",
+        "heads_num": 4,
+        "layers_num": 2,
+        "dropout": 0.0,
+        "data_processor": "lm",
+        "embedding": ["word"],
+        "remove_transformer_bias": False,
+        "has_lmtarget_bias": False,
+        "remove_embedding_layernorm": True,
+        "encoder": "transformer",
+        "mask": "causal",
+        "layernorm_positioning": "pre",
+        "target": ["lm"],
+        "tie_weights": True,
+        "alibi_position_embedding": True,
+        "layer_number_scale": True,
+        **extra,
+    }
 
 
 # --- helpers ---
 
+
 def hf_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     return load_file(path / "model.safetensors")
 
 
@@ -133,6 +171,7 @@ def assert_same(got: dict, want: dict) -> None:
 
 def logits(path: Path) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(IDS).logits
@@ -151,12 +190,18 @@ def failed(r, *needles: str) -> str:
 
 # --- LLaMA ---
 
+
 def test_llama_hf_to_tp_equals_tencentpretrain_formula(cli, tmp_path, tiny_llama_mha):
     out = tmp_path / "tp"
     ok(cli("convert", tiny_llama_mha, out, "--to", "tencentpretrain"))
-    assert sorted(p.name for p in out.iterdir()) == [MARKER, "tencentpretrain_config.json",
-                                                      "tencentpretrain_model.bin", "tokenizer.json", "tokenizer.model",
-                                                      "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        MARKER,
+        "tencentpretrain_config.json",
+        "tencentpretrain_model.bin",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     ours = torch.load(out / "tencentpretrain_model.bin", weights_only=True)
     assert_same(ours, tp_llama_oracle(hf_state(tiny_llama_mha), 2, 4, 4))
     cfg = json.loads((out / "tencentpretrain_config.json").read_text())
@@ -165,19 +210,31 @@ def test_llama_hf_to_tp_equals_tencentpretrain_formula(cli, tmp_path, tiny_llama
     assert cfg["layernorm_eps"] == 1e-5 and "local_kv_heads_num" not in cfg and "tie_weights" not in cfg
 
 
-@pytest.mark.parametrize("model, kv_heads, tied", [("tiny_llama_mha", 4, False), ("tiny_llama", 2, False),
-                                                   ("tiny_llama_tied", 4, True)])
-def test_llama_tp_to_hf_gives_identical_logits_and_back(request, cli, tmp_path, spm_tokenizer, model, kv_heads,
-                                                        tied):
+@pytest.mark.parametrize(
+    "model, kv_heads, tied", [("tiny_llama_mha", 4, False), ("tiny_llama", 2, False), ("tiny_llama_tied", 4, True)]
+)
+def test_llama_tp_to_hf_gives_identical_logits_and_back(request, cli, tmp_path, spm_tokenizer, model, kv_heads, tied):
     src = request.getfixturevalue(model)
     hf = hf_state(src)
     oracle = tp_llama_oracle(hf, 2, 4, kv_heads)
     assert ("target.lm.output_layer.weight" in oracle) is not tied
-    tp_file, tp_cfg = save_tp(oracle, tmp_path / "tp", llama_tp_config(kv_heads=kv_heads if kv_heads != 4 else None,
-                                                                       layernorm_eps=1e-5))
+    tp_file, tp_cfg = save_tp(
+        oracle, tmp_path / "tp", llama_tp_config(kv_heads=kv_heads if kv_heads != 4 else None, layernorm_eps=1e-5)
+    )
     out = tmp_path / "hf"
-    ok(cli("convert", tp_file, out, "--to", "hf", "--tp-config", tp_cfg, "--tokenizer",
-           spm_tokenizer / "tokenizer.model"))
+    ok(
+        cli(
+            "convert",
+            tp_file,
+            out,
+            "--to",
+            "hf",
+            "--tp-config",
+            tp_cfg,
+            "--tokenizer",
+            spm_tokenizer / "tokenizer.model",
+        )
+    )
     assert_same(hf_state(out), hf)
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["vocab_size"], cfg["num_key_value_heads"], cfg["tie_word_embeddings"]) == (400, kv_heads, tied)
@@ -186,6 +243,7 @@ def test_llama_tp_to_hf_gives_identical_logits_and_back(request, cli, tmp_path, 
 
     import sentencepiece as spm
     from transformers import AutoTokenizer
+
     sp = spm.SentencePieceProcessor(model_file=str(spm_tokenizer / "tokenizer.model"))
     assert AutoTokenizer.from_pretrained(out)(TEXT).input_ids == [sp.bos_id()] + sp.encode(TEXT)
 
@@ -202,8 +260,18 @@ def test_llama_hf_tp_hf_bit_exact_every_dtype(cli, tmp_path, spm_tokenizer, dtyp
     ok(cli("convert", tmp_path / "tp", tmp_path / "hf", "--to", "hf"))  # config + tokenizer found beside it
     assert_same(hf_state(tmp_path / "hf"), hf_state(src))
     a, b = (json.loads((p / "config.json").read_text()) for p in (src, tmp_path / "hf"))
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings", "dtype")
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+        "dtype",
+    )
     assert {k: b[k] for k in keys} == {k: a[k] for k in keys}
     ok(cli("convert", tmp_path / "hf", tmp_path / "tp2", "--to", "tencentpretrain"))
     assert_same(tp_state(tmp_path / "tp2"), tp_state(tmp_path / "tp"))
@@ -230,7 +298,7 @@ def test_tp_layout_is_what_tencentpretrain_rope_expects(cli, tmp_path, tiny_llam
     def hf_rope(w, heads):
         q = (x @ w.float().T).reshape(6, heads, hd)
         cos, sin = (torch.cat([angles, angles], -1).cos()[:, None], torch.cat([angles, angles], -1).sin()[:, None])
-        return q * cos + torch.cat([-q[..., hd // 2:], q[..., :hd // 2]], -1) * sin
+        return q * cos + torch.cat([-q[..., hd // 2 :], q[..., : hd // 2]], -1) * sin
 
     def tp_rope(w, heads):
         q = torch.view_as_complex((x @ w.float().T).reshape(6, heads, hd // 2, 2).contiguous())
@@ -247,12 +315,17 @@ def test_tp_layout_is_what_tencentpretrain_rope_expects(cli, tmp_path, tiny_llam
 
 
 def test_sizes_inferred_and_defaults_without_eps(cli, tmp_path, tiny_llama_mha):
-    tp_file, tp_cfg = save_tp(tp_llama_oracle(hf_state(tiny_llama_mha), 2, 4, 4), tmp_path / "tp",
-                              {"heads_num": 4})  # only the head count: everything else from the tensors
+    tp_file, tp_cfg = save_tp(
+        tp_llama_oracle(hf_state(tiny_llama_mha), 2, 4, 4), tmp_path / "tp", {"heads_num": 4}
+    )  # only the head count: everything else from the tensors
     ok(cli("convert", tp_file, tmp_path / "hf", "--to", "hf", "--tp-config", tp_cfg))
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (64, 128, 2,
-                                                                                                          400)
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (
+        64,
+        128,
+        2,
+        400,
+    )
     assert cfg["rms_norm_eps"] == 1e-6 and cfg["max_position_embeddings"] == 2048  # TencentPretrain's defaults
     assert cfg["tie_word_embeddings"] is False and cfg["num_key_value_heads"] == 4
 
@@ -266,6 +339,7 @@ def test_dtype_option(cli, tmp_path, tiny_llama):
 
 
 # --- BLOOM ---
+
 
 def test_bloom_hf_to_tp_equals_formula(cli, tmp_path, tiny_bloom):
     ok(cli("convert", tiny_bloom, tmp_path / "tp", "--to", "tencentpretrain"))
@@ -290,8 +364,11 @@ def test_bloom_tp_to_hf_logits_and_back(cli, tmp_path, tiny_bloom, bpe_tokenizer
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 3)
     assert torch.equal(logits(tmp_path / "hf"), logits(tiny_bloom))
     from transformers import AutoTokenizer
-    assert AutoTokenizer.from_pretrained(tmp_path / "hf")(TEXT).input_ids == \
-        AutoTokenizer.from_pretrained(bpe_tokenizer)(TEXT).input_ids
+
+    assert (
+        AutoTokenizer.from_pretrained(tmp_path / "hf")(TEXT).input_ids
+        == AutoTokenizer.from_pretrained(bpe_tokenizer)(TEXT).input_ids
+    )
     ok(cli("convert", tmp_path / "hf", tmp_path / "tp2", "--to", "tencentpretrain"))
     assert_same(tp_state(tmp_path / "tp2"), oracle)
 
@@ -300,8 +377,11 @@ def test_bloom_tied_copy_that_differs_is_refused(cli, tmp_path, tiny_bloom):
     state = tp_bloom_oracle(hf_state(tiny_bloom), 2, 4)
     state["target.lm.output_layer.weight"] = state["embedding.word.embedding.weight"] + 1
     tp_file, tp_cfg = save_tp(state, tmp_path / "tp", bloom_tp_config())
-    failed(cli("convert", tp_file, tmp_path / "hf", "--to", "hf", "--tp-config", tp_cfg),
-           "target.lm.output_layer.weight", "differs")
+    failed(
+        cli("convert", tp_file, tmp_path / "hf", "--to", "hf", "--tp-config", tp_cfg),
+        "target.lm.output_layer.weight",
+        "differs",
+    )
     assert not (tmp_path / "hf").exists()
 
 
@@ -323,12 +403,14 @@ def test_bloom_fuse_is_lazy_and_loads_only_its_three_tensors(tiny_bloom):
 
 # --- hf_view, the entry point other commands use ---
 
+
 def test_hf_view(tmp_path, tiny_llama):
     ckpt = open_checkpoint(tiny_llama)
     refs, config = hf_view(ckpt)
     assert refs == ckpt.tensors and config == json.loads((tiny_llama / "config.json").read_text())
-    tp_file, tp_cfg = save_tp(tp_llama_oracle(hf_state(tiny_llama), 2, 4, 2), tmp_path / "tp",
-                              llama_tp_config(kv_heads=2, layernorm_eps=1e-5))
+    tp_file, tp_cfg = save_tp(
+        tp_llama_oracle(hf_state(tiny_llama), 2, 4, 2), tmp_path / "tp", llama_tp_config(kv_heads=2, layernorm_eps=1e-5)
+    )
     refs, config = hf_view(open_checkpoint(tp_file), json.loads(tp_cfg.read_text()))
     assert_same({r.name: r.load() for r in refs}, hf_state(tiny_llama))
     assert (config["model_type"], config["num_key_value_heads"], config["vocab_size"]) == ("llama", 2, 400)
@@ -338,21 +420,27 @@ def test_hf_view(tmp_path, tiny_llama):
 
 # --- errors ---
 
+
 def test_unknown_and_missing_tensors_are_listed(cli, tmp_path, tiny_llama_mha):
     state = tp_llama_oracle(hf_state(tiny_llama_mha), 2, 4, 4)
     state["encoder.transformer.0.self_attn.extra.weight"] = torch.zeros(2)
     del state["encoder.transformer.1.feed_forward.linear_2.weight"]
     tp_file, tp_cfg = save_tp(state, tmp_path / "tp", llama_tp_config())
-    failed(cli("convert", tp_file, tmp_path / "hf", "--to", "hf", "--tp-config", tp_cfg),
-           "unknown tensor(s): encoder.transformer.0.self_attn.extra.weight",
-           "missing tensor(s): encoder.transformer.1.feed_forward.linear_2.weight", str(tp_file))
+    failed(
+        cli("convert", tp_file, tmp_path / "hf", "--to", "hf", "--tp-config", tp_cfg),
+        "unknown tensor(s): encoder.transformer.0.self_attn.extra.weight",
+        "missing tensor(s): encoder.transformer.1.feed_forward.linear_2.weight",
+        str(tp_file),
+    )
     assert not (tmp_path / "hf").exists()
 
     src = open_checkpoint(tiny_llama_mha)
     extra = TensorRef("model.layers.0.mlp.extra.weight", (2,), "F32", "mem", loader=lambda: torch.zeros(2))
     save_hf([*src.tensors, extra], tmp_path / "hf-extra", aux_files=src.aux_files)
-    failed(cli("convert", tmp_path / "hf-extra", tmp_path / "tp-out", "--to", "tencentpretrain"),
-           "unknown tensor(s): model.layers.0.mlp.extra.weight")
+    failed(
+        cli("convert", tmp_path / "hf-extra", tmp_path / "tp-out", "--to", "tencentpretrain"),
+        "unknown tensor(s): model.layers.0.mlp.extra.weight",
+    )
 
 
 def test_config_problems_are_clear(cli, tmp_path, tiny_llama):
@@ -366,8 +454,13 @@ def test_config_problems_are_clear(cli, tmp_path, tiny_llama):
     failed(cli("convert", tp_file, tmp_path / "d", "--to", "tencentpretrain"), "already")
 
 
-@pytest.mark.parametrize("rope", [{"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}},  # transformers 5
-                                  {"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}},  # transformers 5
+        {"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0}},
+    ],
+)
 def test_rope_tencentpretrain_cannot_compute_is_refused(cli, tmp_path, tiny_llama, rope):
     src = open_checkpoint(tiny_llama)
     config = {k: v for k, v in src.config.items() if k != "rope_parameters"} | rope
@@ -403,6 +496,7 @@ def test_existing_output_needs_force_and_must_be_ours(cli, tmp_path, tiny_llama)
 
 # --- sharded TencentPretrain checkpoints, inspect ---
 
+
 def test_sharded_tp_output_and_input(cli, tmp_path, tiny_llama):
     ok(cli("convert", tiny_llama, tmp_path / "single", "--to", "tencentpretrain", "--max-shard-size", "10MB"))
     assert not (tmp_path / "single" / "tencentpretrain_model.bin.index.json").exists()  # not exceeded: one file
@@ -428,8 +522,12 @@ def test_sharded_tp_output_and_input(cli, tmp_path, tiny_llama):
 def test_inspect_tencentpretrain(cli, tmp_path, tiny_llama, tiny_bloom):
     ok(cli("convert", tiny_llama, tmp_path / "tp", "--to", "tencentpretrain"))
     doc = json.loads(cli("inspect", tmp_path / "tp", "--json").stdout)
-    assert (doc["format"], doc["architecture"], doc["layers"], doc["hidden_size"]) == ("tencentpretrain", "llama",
-                                                                                         2, 64)
+    assert (doc["format"], doc["architecture"], doc["layers"], doc["hidden_size"]) == (
+        "tencentpretrain",
+        "llama",
+        2,
+        64,
+    )
     assert (doc["heads"], doc["kv_heads"], doc["vocab"]["embedding_rows"]) == (4, 2, 400)
     bare, cfg = save_tp(tp_state(tmp_path / "tp"), tmp_path / "bare", llama_tp_config(kv_heads=2))
     r = cli("inspect", bare)
@@ -453,12 +551,16 @@ def test_vocab_size_is_embedding_rows_and_tokenizer_must_fit(cli, tmp_path, tiny
     for name in ("embedding.word.embedding.weight", "target.lm.output_layer.weight"):
         state[name] = state[name][:300]
     tp_file, tp_cfg = save_tp(state, tmp_path / "tp-small", llama_tp_config())
-    failed(cli("convert", tp_file, tmp_path / "hf2", "--to", "hf", "--tp-config", tp_cfg, "--tokenizer",
-               spm_tokenizer), "400 tokens", "300 rows")
+    failed(
+        cli("convert", tp_file, tmp_path / "hf2", "--to", "hf", "--tp-config", tp_cfg, "--tokenizer", spm_tokenizer),
+        "400 tokens",
+        "300 rows",
+    )
 
 
 def test_bloom_names_without_transformer_prefix(tiny_bloom):
     from weightops.io.remap import hf_to_tp
+
     ckpt = open_checkpoint(tiny_bloom)
     bare = [r.renamed(r.name.removeprefix("transformer.")) for r in ckpt.tensors]
     assert all(not r.name.startswith("transformer.") for r in bare)

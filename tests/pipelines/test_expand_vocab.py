@@ -1,5 +1,6 @@
 """expand-vocab: SentencePiece merge, added (special) tokens, remapping, init rules,
 streaming pass-through, and the model still computing the same logits for old tokens."""
+
 from __future__ import annotations
 
 import json
@@ -44,6 +45,7 @@ def _reference_merge(base: Path, other: Path) -> list[str]:
 
 
 # --- SentencePiece merge ---------------------------------------------------------------
+
 
 def test_merge_keeps_base_ids_and_appends_in_order(spm_tokenizer, other_spm):
     base_path = spm_tokenizer / "tokenizer.model"
@@ -98,6 +100,7 @@ def test_merge_needs_a_sentencepiece_model(tiny_bloom, other_spm, cli, tmp_path)
 
 # --- added and special tokens ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bloom"])
 def test_special_tokens_are_single_ids_never_split(fixture, request, cli, tmp_path):
     model = request.getfixturevalue(fixture)
@@ -136,6 +139,7 @@ def test_special_tokens_are_single_ids_never_split(fixture, request, cli, tmp_pa
 
 # --- remapping to another tokenizer --------------------------------------------------------
 
+
 def test_new_tokenizer_carries_rows_bit_identical(tiny_llama, other_tokenizer, tmp_path, load_all):
     out = tmp_path / "out"
     # the other tokenizer lacks some old tokens: their trained rows go only with --reinit-rows
@@ -168,6 +172,7 @@ def test_shrink_refused_unless_allowed(tiny_llama, small_tokenizer, cli, tmp_pat
 
 
 # --- initialisation rules ------------------------------------------------------------------
+
 
 def _expand(model: Path, out: Path, **kw) -> tuple[dict, dict, list[int]]:
     """Expand with two added tokens and padding to 64; returns (old, new) embeddings+heads
@@ -256,13 +261,16 @@ def test_subtoken_fallback_and_carry_in_resize_matrix():
 
 # --- streaming and the model afterwards ----------------------------------------------------
 
+
 def test_only_embedding_and_head_are_loaded_others_pass_through(tiny_llama):
     loaded: list[str] = []
     ckpt = open_checkpoint(tiny_llama)
 
     def spy(ref: TensorRef) -> TensorRef:
-        return TensorRef(ref.name, ref.shape, ref.dtype_name, ref.source,
-                         lambda r=ref: loaded.append(r.name) or r.load())
+        return TensorRef(
+            ref.name, ref.shape, ref.dtype_name, ref.source, lambda r=ref: loaded.append(r.name) or r.load()
+        )
+
     refs = [spy(r) for r in ckpt.tensors]
     plan = RowPlan(400, 410, {i: i for i in range(400)}, {}, ())
     out = list(resize_vocab(refs, vocab_tensor_names(ckpt), plan, "mean"))
@@ -310,9 +318,20 @@ def test_cli_summary_and_inspect_triple_agree(tiny_llama, cli, tmp_path):
     assert "400 -> 401" in r.stdout and "'<|End|>'" in r.stdout and "vocab_size = 401" in r.stdout
     r = cli("inspect", out, "--json")
     vocab = json.loads(r.stdout)["vocab"]
-    assert vocab == {"config": 401, "tokenizer": 401, "embedding_rows": 401, "padding_rows": 0, "agree": True,
-                     "tokenizer_files": {"tokenizer.model": 400, "tokenizer.json": 401, "added_tokens.json": 401,
-                                         "tokenizer_config.json": 401}, "conflicts": []}
+    assert vocab == {
+        "config": 401,
+        "tokenizer": 401,
+        "embedding_rows": 401,
+        "padding_rows": 0,
+        "agree": True,
+        "tokenizer_files": {
+            "tokenizer.model": 400,
+            "tokenizer.json": 401,
+            "added_tokens.json": 401,
+            "tokenizer_config.json": 401,
+        },
+        "conflicts": [],
+    }
 
 
 def test_existing_output_refused_before_any_work(tiny_llama, cli, tmp_path):

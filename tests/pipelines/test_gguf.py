@@ -1,5 +1,6 @@
 """GGUF export: llama.cpp loads our files, tokenizes like the HF tokenizer and computes the
 same logits as transformers; transformers reads them back; types, metadata, determinism."""
+
 from __future__ import annotations
 
 import hashlib
@@ -31,6 +32,7 @@ def export(model: Path, out: Path, type: str = "f32", **kw):
 
 def hf_ids(directory: Path, text: str = PROMPT) -> list[int]:
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(directory)(text)["input_ids"]
 
 
@@ -47,6 +49,7 @@ def gguf_tensors(path: Path) -> dict[str, tuple[Q, np.ndarray]]:
 
 
 # ---------------------------------------------------------------- llama.cpp accepts the files
+
 
 def test_llama_spm_gqa_f32_matches_transformers(tiny_llama, tmp_path, llama_cpp_run, hf_logits):
     out = tmp_path / "llama-f32.gguf"
@@ -122,15 +125,19 @@ def test_bloom_f32_matches_transformers(bloom, tmp_path, llama_cpp_run, hf_logit
     # llama.cpp's CPU GELU reads an fp16 table (fp16(gelu(fp16(x)))), worth ~2e-3 here; with the
     # same rounding in the reference, what is left is the file's own fidelity.
     import transformers.models.bloom.modeling_bloom as modeling
-    monkeypatch.setattr(modeling.BloomGelu, "forward",
-                        lambda self, x: modeling.bloom_gelu_forward(x.half().float()).half().float())
+
+    monkeypatch.setattr(
+        modeling.BloomGelu, "forward", lambda self, x: modeling.bloom_gelu_forward(x.half().float()).half().float()
+    )
     assert np.abs(got - hf_logits(bloom, ids)).max() < 1e-3
 
 
 # ---------------------------------------------------------------- vocabulary
 
+
 def test_expanded_vocab_and_special_tokens(yayi_bloom, tmp_path, llama_cpp_run):
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(yayi_bloom)
     out = tmp_path / "yayi.gguf"
     result, warnings = export(yayi_bloom, out, "f16")
@@ -158,6 +165,7 @@ def test_sentencepiece_added_tokens(tiny_llama, tmp_path, llama_cpp_run):
     import shutil
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model_dir = tmp_path / "model"
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     tok.add_special_tokens({"additional_special_tokens": ["<|End|>"]})
@@ -186,6 +194,7 @@ def test_pre_tokenizer_flag_and_too_small_embedding(bloom, tiny_llama, spm_token
     assert warnings == []
     # a tokenizer with more ids than the embedding has rows: refused, naming what to do
     from transformers import AutoTokenizer
+
     big = tmp_path / "bigtok"
     tok = AutoTokenizer.from_pretrained(bloom_tokenizer)
     tok.add_tokens(["extra-token"])
@@ -196,6 +205,7 @@ def test_pre_tokenizer_flag_and_too_small_embedding(bloom, tiny_llama, spm_token
 
 
 # ---------------------------------------------------------------- transformers reads them back
+
 
 def _hf_view_of(name: str, values: torch.Tensor, arch: str, config: dict) -> tuple[str, torch.Tensor]:
     row, layer, _ = arch_tables.get(arch).lookup(name, "gguf")
@@ -211,10 +221,12 @@ def _hf_view_of(name: str, values: torch.Tensor, arch: str, config: dict) -> tup
 @pytest.mark.parametrize("model_fixture,qtype", [("tiny_llama", "q8_0"), ("bloom", "q4_1")])
 def test_transformers_reads_our_gguf(model_fixture, qtype, request, tmp_path):
     from transformers import AutoModelForCausalLM
+
     model = request.getfixturevalue(model_fixture)
     out = tmp_path / "m.gguf"
     result, _ = export(model, out, qtype)
     import json
+
     config = json.loads((model / "config.json").read_text())
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name).state_dict()
     reader = GGUFReader(out)
@@ -228,6 +240,7 @@ def test_transformers_reads_our_gguf(model_fixture, qtype, request, tmp_path):
 
 # ---------------------------------------------------------------- exact bytes, types, metadata
 
+
 def test_q8_0_blocks_are_llama_cpp_bytes(tiny_llama, tmp_path, load_all):
     """Each quantized tensor is gguf.quants.quantize (bit-exact with libggml) of the float32
     source values in llama.cpp's layout: quantized from the source, not from an F16 copy."""
@@ -237,9 +250,12 @@ def test_q8_0_blocks_are_llama_cpp_bytes(tiny_llama, tmp_path, load_all):
     stored = gguf_tensors(out)
     q = permute_rotary_to_interleaved(source["model.layers.1.self_attn.q_proj.weight"].float(), 4)
     k = permute_rotary_to_interleaved(source["model.layers.1.self_attn.k_proj.weight"].float(), 2)
-    for name, values in [("blk.1.attn_q.weight", q), ("blk.1.attn_k.weight", k),
-                         ("token_embd.weight", source["model.embed_tokens.weight"].float()),
-                         ("output.weight", source["lm_head.weight"].float())]:
+    for name, values in [
+        ("blk.1.attn_q.weight", q),
+        ("blk.1.attn_k.weight", k),
+        ("token_embd.weight", source["model.embed_tokens.weight"].float()),
+        ("output.weight", source["lm_head.weight"].float()),
+    ]:
         qtype, data = stored[name]
         assert qtype == Q.Q8_0
         assert np.array_equal(data, gguf.quants.quantize(values.numpy(), Q.Q8_0)), name
@@ -249,12 +265,17 @@ def test_blocks_equal_llama_cpp_quantizer(tiny_llama, tmp_path):
     """Our one-pass file holds exactly the blocks llama.cpp's own quantizer writes from an F32 file
     of the same model (llama-quantize --pure on F32 = quantizing from the source values)."""
     import ctypes
+
     llama_cpp = pytest.importorskip("llama_cpp")
     f32 = tmp_path / "f32.gguf"
     export(tiny_llama, f32, "f32")
-    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-              "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
-              "q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1}
+    ftypes = {
+        "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+        "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+        "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
+        "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
+        "q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1,
+    }
     for name, ftype in ftypes.items():
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype, params.nthread, params.pure = ftype, 2, True
@@ -270,25 +291,49 @@ def test_blocks_equal_llama_cpp_quantizer(tiny_llama, tmp_path):
 
 
 def test_type_policy():
-    shapes = [("token_embd.weight", (400, 64)), ("blk.0.attn_norm.weight", (64,)), ("blk.0.attn_qkv.bias", (192,)),
-              ("blk.0.ffn_down.weight", (64, 128)), ("blk.0.attn_v.weight", (32, 64)), ("output.weight", (400, 64)),
-              ("blk.0.odd.weight", (64, 48))]
+    shapes = [
+        ("token_embd.weight", (400, 64)),
+        ("blk.0.attn_norm.weight", (64,)),
+        ("blk.0.attn_qkv.bias", (192,)),
+        ("blk.0.ffn_down.weight", (64, 128)),
+        ("blk.0.attn_v.weight", (32, 64)),
+        ("output.weight", (400, 64)),
+        ("blk.0.odd.weight", (64, 48)),
+    ]
     warned: list[str] = []
     q8 = policy.assign_types(shapes, "q8_0", warn=warned.append)
-    assert q8 == {"token_embd.weight": Q.Q8_0, "blk.0.attn_norm.weight": Q.F32, "blk.0.attn_qkv.bias": Q.F32,
-                  "blk.0.ffn_down.weight": Q.Q8_0, "blk.0.attn_v.weight": Q.Q8_0, "output.weight": Q.Q8_0,
-                  "blk.0.odd.weight": Q.F16}
+    assert q8 == {
+        "token_embd.weight": Q.Q8_0,
+        "blk.0.attn_norm.weight": Q.F32,
+        "blk.0.attn_qkv.bias": Q.F32,
+        "blk.0.ffn_down.weight": Q.Q8_0,
+        "blk.0.attn_v.weight": Q.Q8_0,
+        "output.weight": Q.Q8_0,
+        "blk.0.odd.weight": Q.F16,
+    }
     assert len(warned) == 1 and "blk.0.odd.weight" in warned[0] and "F16" in warned[0]
     q4 = policy.assign_types(shapes, "q4_0")
     assert (q4["token_embd.weight"], q4["output.weight"], q4["blk.0.ffn_down.weight"]) == (Q.Q8_0, Q.Q8_0, Q.Q4_0)
     pure = policy.assign_types(shapes, "q5_1", pure=True)
     assert pure["token_embd.weight"] == pure["output.weight"] == Q.Q5_1
-    over = policy.assign_types(shapes, "q4_0", overrides=policy.parse_overrides(
-        ["blk.*.ffn_down.weight=q8_0", "output.weight=f16", "*attn_v*=q5_0", "*attn_v*=q4_1"]))
-    assert (over["blk.0.ffn_down.weight"], over["output.weight"], over["blk.0.attn_v.weight"]) == \
-        (Q.Q8_0, Q.F16, Q.Q4_1)
-    assert int(policy.file_type("q4_0")) == 2 and int(policy.file_type("bf16")) == 32 and \
-        int(policy.file_type("q5_1")) == 9 and int(policy.file_type("q8_0")) == 7
+    over = policy.assign_types(
+        shapes,
+        "q4_0",
+        overrides=policy.parse_overrides(
+            ["blk.*.ffn_down.weight=q8_0", "output.weight=f16", "*attn_v*=q5_0", "*attn_v*=q4_1"]
+        ),
+    )
+    assert (over["blk.0.ffn_down.weight"], over["output.weight"], over["blk.0.attn_v.weight"]) == (
+        Q.Q8_0,
+        Q.F16,
+        Q.Q4_1,
+    )
+    assert (
+        int(policy.file_type("q4_0")) == 2
+        and int(policy.file_type("bf16")) == 32
+        and int(policy.file_type("q5_1")) == 9
+        and int(policy.file_type("q8_0")) == 7
+    )
     with pytest.raises(WeightopsError, match="GLOB=TYPE"):
         policy.parse_overrides(["q8_0"])
 
@@ -298,19 +343,44 @@ def test_metadata_keys_as_convert_hf_to_gguf(tiny_llama, tmp_path):
     export(tiny_llama, out, "q8_0")
     meta = read_metadata(out)
     assert list(meta) == [
-        "general.architecture", "general.type", "general.name", "general.size_label", "llama.block_count",
-        "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
-        "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
-        "llama.attention.layer_norm_rms_epsilon", "llama.attention.key_length", "llama.attention.value_length",
-        "general.file_type", "llama.vocab_size", "llama.rope.dimension_count", "general.quantization_version",
-        "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
-        "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-        "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_sep_token"]
+        "general.architecture",
+        "general.type",
+        "general.name",
+        "general.size_label",
+        "llama.block_count",
+        "llama.context_length",
+        "llama.embedding_length",
+        "llama.feed_forward_length",
+        "llama.attention.head_count",
+        "llama.attention.head_count_kv",
+        "llama.rope.freq_base",
+        "llama.attention.layer_norm_rms_epsilon",
+        "llama.attention.key_length",
+        "llama.attention.value_length",
+        "general.file_type",
+        "llama.vocab_size",
+        "llama.rope.dimension_count",
+        "general.quantization_version",
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.scores",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.unknown_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.add_sep_token",
+    ]
     assert (meta["general.file_type"], meta["general.quantization_version"]) == (7, 2)
     assert (meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]) == (4, 2)
     assert (meta["llama.rope.dimension_count"], meta["llama.rope.freq_base"]) == (16, 10000.0)
-    assert meta["tokenizer.ggml.token_type"][:4] == [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL,
-                                                     TokenType.BYTE]
+    assert meta["tokenizer.ggml.token_type"][:4] == [
+        TokenType.UNKNOWN,
+        TokenType.CONTROL,
+        TokenType.CONTROL,
+        TokenType.BYTE,
+    ]
     names = [t.name for t in GGUFReader(out).tensors]
     assert names[:3] == ["token_embd.weight", "blk.0.attn_norm.weight", "blk.0.attn_q.weight"]
     assert names[-2:] == ["output_norm.weight", "output.weight"]
@@ -321,6 +391,7 @@ def test_writer_streams_and_fails_cleanly(tmp_path):
     """The writer asks for each tensor's bytes only while writing (never all at once), and a
     failing or short tensor leaves no output and no temporary file behind."""
     from weightops.io.gguf import GGUFTensor, plan_writer, write_gguf
+
     live, peak = [0], [0]
 
     def tensor(name: str, fail: str | None = None) -> GGUFTensor:
@@ -333,6 +404,7 @@ def test_writer_streams_and_fails_cleanly(tmp_path):
 
         def release():
             live[0] -= 1
+
         return GGUFTensor(name, (64, 32), Q.F32, produce, release)
 
     good = [tensor(f"t{i}.weight") for i in range(6)]
@@ -352,6 +424,7 @@ def test_old_config_gets_transformers_defaults(tiny_llama, tmp_path):
     with transformers' defaults, as convert_hf_to_gguf.py's AutoConfig does: same file."""
     import json
     import shutil
+
     old = tmp_path / "old" / tiny_llama.name  # general.name comes from the directory name
     shutil.copytree(tiny_llama, old)
     config = json.loads((old / "config.json").read_text())
@@ -382,6 +455,7 @@ def test_tencentpretrain_to_gguf_in_one_pass(model_fixture, request, tmp_path):
     from weightops.io.checkpoint import open_checkpoint
     from weightops.io.remap import tp_view
     from weightops.io.tencentpretrain import write_tp
+
     model = request.getfixturevalue(model_fixture)
     refs, tp_config = tp_view(open_checkpoint(model))
     tp_dir = tmp_path / "tp"
@@ -398,6 +472,7 @@ def test_tencentpretrain_to_gguf_in_one_pass(model_fixture, request, tmp_path):
 
 
 # ---------------------------------------------------------------- command line
+
 
 def test_cli(cli, tiny_llama, tmp_path):
     out = tmp_path / "x.gguf"

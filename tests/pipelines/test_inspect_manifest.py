@@ -1,4 +1,5 @@
 """inspect, manifest and the CLI's error contract."""
+
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from weightops.verify import manifest
 
 def test_inspect_parameter_count_matches_transformers(cli, tiny_llama, tiny_bloom):
     from transformers import AutoModelForCausalLM
+
     files = {"llama": {"tokenizer.model": 400, "tokenizer.json": 400}, "bloom": {"tokenizer.json": 400}}
     for path, arch in ((tiny_llama, "llama"), (tiny_bloom, "bloom")):
         r = cli("inspect", path, "--json")
@@ -22,8 +24,15 @@ def test_inspect_parameter_count_matches_transformers(cli, tiny_llama, tiny_bloo
         model = AutoModelForCausalLM.from_pretrained(path)
         assert doc["parameter_count"] == sum(p.numel() for p in model.parameters())
         assert doc["format"] == "hf-safetensors" and doc["architecture"] == arch
-        assert doc["vocab"] == {"config": 400, "tokenizer": 400, "embedding_rows": 400, "padding_rows": 0,
-                                "agree": True, "tokenizer_files": files[arch], "conflicts": []}
+        assert doc["vocab"] == {
+            "config": 400,
+            "tokenizer": 400,
+            "embedding_rows": 400,
+            "padding_rows": 0,
+            "agree": True,
+            "tokenizer_files": files[arch],
+            "conflicts": [],
+        }
         assert doc["dtypes"] == {"bfloat16": doc["tensor_count"]}
         assert {"format", "architecture", "tensor_count", "parameter_count", "dtypes", "files", "vocab"} <= doc.keys()
 
@@ -40,6 +49,7 @@ def test_inspect_flags_vocab_disagreement(cli, tmp_path, tiny_llama):
 
 def test_vocab_triple_padding_is_not_drift():
     from weightops.io.vocabulary import VocabTriple
+
     assert VocabTriple(512, 400, 512).agree and VocabTriple(512, 400, 512).padding_rows == 112
     assert not VocabTriple(512, 513, 512).agree  # a token without a row
     assert not VocabTriple(400, 400, 512).agree  # config drifted from the embedding
@@ -121,7 +131,8 @@ def test_demo_runs_the_release_template(cli, tmp_path):
     exact = {v["step"]: v["kld_max"] for v in report["verifications"]}
     assert exact["check-merged"] == 0 and exact["check-tencentpretrain"] == 0
     assert (tmp_path / "demo" / "release.toml").read_text() == (
-        Path(__file__).parents[2] / "examples" / "release.toml").read_text()
+        Path(__file__).parents[2] / "examples" / "release.toml"
+    ).read_text()
     assert cli("demo", tmp_path / "demo").exit_code == 1  # exists, needs --force
 
 
@@ -131,6 +142,7 @@ def test_tensor_hash_is_of_the_stored_bytes_however_read(tmp_path, tiny_llama):
     import hashlib
 
     from safetensors.torch import load_file
+
     src = open_checkpoint(tiny_llama)
     stored = {}
     for f in tiny_llama.glob("*.safetensors"):
@@ -151,13 +163,16 @@ def test_command_modules_are_where_the_lazy_group_looks(tmp_path, tiny_llama):
     import sys
 
     from weightops import cli
+
     commands = cli.all_commands()
     assert set(commands) == set(cli._MODULES)
     assert {n: c.callback.__module__.rsplit(".", 1)[1] for n, c in commands.items()} == cli._MODULES
-    code = ("import sys; from weightops.cli import main\n"
-            "for argv in (['inspect', sys.argv[1]], ['manifest', 'create', sys.argv[1]]):\n"
-            "    main(['-q', *argv], standalone_mode=False)\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'gguf') if m in sys.modules))")
+    code = (
+        "import sys; from weightops.cli import main\n"
+        "for argv in (['inspect', sys.argv[1]], ['manifest', 'create', sys.argv[1]]):\n"
+        "    main(['-q', *argv], standalone_mode=False)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'gguf') if m in sys.modules))"
+    )
     src = open_checkpoint(tiny_llama)
     copy = tmp_path / "m"  # manifest create writes into the model
     save_hf(src.tensors, copy, aux_files=src.aux_files)

@@ -12,6 +12,7 @@ recognised. The converter is run with its hash table left as it is but with "not
 turned into the value `unrecognised-<its chkhsh>`; the test then checks that our hash of the
 check text is the converter's own chkhsh, and that our fallback is the documented one.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,10 @@ from weightops import tiny
 from weightops.io.gguf_tokenizer import CHECK_TEXT, check_hash, load_fast_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+LLAMA3_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 
 # convert_hf_to_gguf.py as it is, except that an unrecognised BPE pre-tokenizer hash gives
 # "unrecognised-<chkhsh>" (captured from the converter's own sha256 call) instead of stopping.
@@ -61,11 +64,16 @@ def _bpe_tokenizer(directory: Path, pre_tokenizer, post_processor, specials: lis
     """A byte-level BPE trained on tiny.corpus(), saved as transformers saves it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(tiny.corpus(), trainer)
     tok.post_processor = post_processor(tok)
     PreTrainedTokenizerFast(tokenizer_object=tok, **special_kw).save_pretrained(directory)
@@ -75,33 +83,64 @@ def _bpe_tokenizer(directory: Path, pre_tokenizer, post_processor, specials: lis
 def llama3_style_tokenizer(directory: Path) -> Path:
     """LLaMA-3 layout: split regex + ByteLevel, BOS added by a TemplateProcessing, a chat template."""
     from tokenizers import Regex, pre_tokenizers, processors
-    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+    pre = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     bos = "<|begin_of_text|>"
 
     def template(tok):
-        return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
-                                             special_tokens=[(bos, tok.token_to_id(bos))])
-    return _bpe_tokenizer(directory, pre, template, [bos, "<|end_of_text|>", "<|eot_id|>"], bos_token=bos,
-                          eos_token="<|end_of_text|>",
-                          chat_template="{% for m in messages %}{{ m['content'] }}<|eot_id|>{% endfor %}")
+        return processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+
+    return _bpe_tokenizer(
+        directory,
+        pre,
+        template,
+        [bos, "<|end_of_text|>", "<|eot_id|>"],
+        bos_token=bos,
+        eos_token="<|end_of_text|>",
+        chat_template="{% for m in messages %}{{ m['content'] }}<|eot_id|>{% endfor %}",
+    )
 
 
 def bytelevel_tokenizer(directory: Path) -> Path:
     """GPT-2/BLOOM layout: ByteLevel pre-tokenizer and post-processor (adds no special token)."""
     from tokenizers import pre_tokenizers, processors
-    return _bpe_tokenizer(directory, pre_tokenizers.ByteLevel(add_prefix_space=False),
-                          lambda tok: processors.ByteLevel(trim_offsets=False), ["<unk>", "<s>", "</s>", "<pad>"],
-                          unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+    return _bpe_tokenizer(
+        directory,
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        lambda tok: processors.ByteLevel(trim_offsets=False),
+        ["<unk>", "<s>", "</s>", "<pad>"],
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
 
 
 def llama_49152(directory: Path, tokenizer_dir: Path) -> Path:
     """A LLaMA with 49152 embedding rows (tied, 1 layer) and a 400-token tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     LlamaForCausalLM(config).save_pretrained(directory)
     for f in tokenizer_dir.iterdir():
         shutil.copyfile(f, Path(directory) / f.name)
@@ -126,14 +165,20 @@ def tokenizer_keys(path: Path) -> dict[str, object]:
 
 def reference_gguf(llama_cpp_source: Path, model: Path, out: Path) -> Path:
     env = {**os.environ, "PYTHONPATH": str(llama_cpp_source / "gguf-py")}
-    got = subprocess.run([sys.executable, "-c", CONVERTER, str(llama_cpp_source), str(model), "--outtype", "f32",
-                          "--outfile", str(out)], env=env, capture_output=True, text=True)
+    got = subprocess.run(
+        [sys.executable, "-c", CONVERTER, str(llama_cpp_source), str(model), "--outtype", "f32", "--outfile", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert got.returncode == 0, got.stderr[-3000:]
     return out
 
 
-@pytest.mark.parametrize("case, pre", [("spm", "default"), ("bpe-template", "llama-bpe"),
-                                       ("bpe-bytelevel", "gpt-2"), ("bpe-49152", "llama-bpe")])
+@pytest.mark.parametrize(
+    "case, pre",
+    [("spm", "default"), ("bpe-template", "llama-bpe"), ("bpe-bytelevel", "gpt-2"), ("bpe-49152", "llama-bpe")],
+)
 def test_tokenizer_keys_as_convert_hf_to_gguf(case, pre, models, llama_cpp_source, cli, tmp_path):
     model = models[case]
     ref = tokenizer_keys(reference_gguf(llama_cpp_source, model, tmp_path / "ref.gguf"))
@@ -147,17 +192,19 @@ def test_tokenizer_keys_as_convert_hf_to_gguf(case, pre, models, llama_cpp_sourc
         assert ours.pop("tokenizer.ggml.pre") == pre
     else:
         assert ours.pop("tokenizer.ggml.pre") == ref_pre == pre
-    assert sorted(ours) == sorted(ref), f"keys only in ours: {sorted(set(ours) - set(ref))}; " \
-                                        f"only in the converter's: {sorted(set(ref) - set(ours))}"
+    assert sorted(ours) == sorted(ref), (
+        f"keys only in ours: {sorted(set(ours) - set(ref))}; only in the converter's: {sorted(set(ref) - set(ours))}"
+    )
     different = [k for k in ref if ours[k] != ref[k]]
-    assert not different, "; ".join(f"{k}: ours {str(ours[k])[:80]} vs converter {str(ref[k])[:80]}"
-                                    for k in different)
+    assert not different, "; ".join(f"{k}: ours {str(ours[k])[:80]} vs converter {str(ref[k])[:80]}" for k in different)
     # the cases exercise what they are meant to
     flags = {k.removeprefix("tokenizer.ggml."): v for k, v in ref.items() if k.startswith("tokenizer.ggml.add_")}
-    expected = {"spm": {"add_bos_token": True, "add_sep_token": False},
-                "bpe-template": {"add_bos_token": True, "add_sep_token": False},
-                "bpe-bytelevel": {"add_bos_token": False, "add_eos_token": False},
-                "bpe-49152": {"add_bos_token": False, "add_sep_token": False}}[case]
+    expected = {
+        "spm": {"add_bos_token": True, "add_sep_token": False},
+        "bpe-template": {"add_bos_token": True, "add_sep_token": False},
+        "bpe-bytelevel": {"add_bos_token": False, "add_eos_token": False},
+        "bpe-49152": {"add_bos_token": False, "add_sep_token": False},
+    }[case]
     assert flags == expected
     if case == "bpe-template":
         assert "<|eot_id|>" in ref["tokenizer.chat_template"]
@@ -166,10 +213,12 @@ def test_tokenizer_keys_as_convert_hf_to_gguf(case, pre, models, llama_cpp_sourc
 @pytest.mark.parametrize("case", ["bpe-template", "bpe-bytelevel"])
 def test_gguf_never_imports_transformers(case, models, tmp_path):
     out = tmp_path / "m.gguf"
-    code = ("import sys\n"
-            "from weightops.cli import main\n"
-            f"main(['gguf', {str(models[case])!r}, {str(out)!r}, '--type', 'q8_0'], standalone_mode=False)\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n")
+    code = (
+        "import sys\n"
+        "from weightops.cli import main\n"
+        f"main(['gguf', {str(models[case])!r}, {str(out)!r}, '--type', 'q8_0'], standalone_mode=False)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert got.returncode == 0, got.stderr[-3000:]
@@ -182,6 +231,7 @@ def test_pre_tokenizer_hash_equals_transformers(case, models):
     """The converter hashes the ids transformers' AutoTokenizer gives (special tokens added);
     the tokenizers library alone gives the same ids, hence the same hash."""
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(models[case])
     expected = sha256(str(tok.encode(CHECK_TEXT)).encode()).hexdigest()
     assert check_hash(load_fast_tokenizer(models[case])) == expected

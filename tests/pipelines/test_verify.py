@@ -1,6 +1,7 @@
 """weightops verify: metrics against hand-computed values, prompt files, the gate defaults, and
 end-to-end comparisons of the tiny LLaMA with itself, a perturbed copy, its TencentPretrain
 conversion, its GGUF Q8_0 export run by llama.cpp, and candidates with the wrong tokenizer."""
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,22 @@ from weightops.verify.logits import LogitStore
 from weightops.verify.metrics import percentile, summarize, token_metrics
 from weightops.verify.prompts import default_prompts, first_difference, read_prompts
 
-DESIGN_KEYS = ("tokens", "kld_mean", "kld_p99", "kld_max", "top1_agreement", "ppl_reference", "ppl_candidate",
-               "max_abs_logit_diff", "passed")
+DESIGN_KEYS = (
+    "tokens",
+    "kld_mean",
+    "kld_p99",
+    "kld_max",
+    "top1_agreement",
+    "ppl_reference",
+    "ppl_candidate",
+    "max_abs_logit_diff",
+    "passed",
+)
 PROMPT_TEXT = "the quick brown fox jumps over the lazy dog 1234."
 
 
 # ---------------------------------------------------------------------------------------------- metrics
+
 
 def test_token_metrics_match_hand_computed_values():
     ln3, e2 = math.log(3), math.exp(2)
@@ -49,7 +60,7 @@ def test_token_metrics_match_hand_computed_values():
     assert agg["kld_p99"] == pytest.approx(klds[1] + 0.98 * (klds[2] - klds[1]), rel=1e-6)  # index 0.99 * 2
     assert agg["kld_max"] == pytest.approx(klds[2], rel=1e-6)
     assert agg["top1_agreement"] == pytest.approx(2 / 3)
-    assert agg["rms_dp"] == pytest.approx(math.sqrt((0.25 ** 2 + (2 * s - 1) ** 2) / 3), rel=1e-6)
+    assert agg["rms_dp"] == pytest.approx(math.sqrt((0.25**2 + (2 * s - 1) ** 2) / 3), rel=1e-6)
     ppl_ref = math.exp((math.log(2) + math.log(4) + math.log(1 + e2)) / 3)
     ppl_cand = math.exp((2 * math.log(4) + math.log(1 + 1 / e2)) / 3)
     assert agg["ppl_reference"] == pytest.approx(ppl_ref, rel=1e-6)
@@ -87,14 +98,17 @@ def test_percentile_is_llama_perplexity_interpolation():
 
 # ---------------------------------------------------------------------------------------------- prompts, gate, store
 
+
 def test_prompt_files_jsonl_and_paragraphs(tmp_path):
     jl = tmp_path / "p.jsonl"
     jl.write_text('{"text": "one"}\n\n{"text": "two", "name": "second"}\n', encoding="utf-8")
     assert [(p.name, p.text) for p in read_prompts(jl)] == [("p.jsonl:1", "one"), ("second", "two")]
     txt = tmp_path / "p.txt"
     txt.write_text("first line\nstill first\n\n\nsecond paragraph\n", encoding="utf-8")
-    assert [(p.name, p.text) for p in read_prompts(txt)] == [("p.txt:1", "first line\nstill first"),
-                                                            ("p.txt:5", "second paragraph")]
+    assert [(p.name, p.text) for p in read_prompts(txt)] == [
+        ("p.txt:1", "first line\nstill first"),
+        ("p.txt:5", "second paragraph"),
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "no text field"}\n')
     with pytest.raises(WeightopsError, match=r"bad.jsonl:1: .*\"text\""):
@@ -146,6 +160,7 @@ def test_logit_store_spills_to_disk_and_reads_back():
 
 # ---------------------------------------------------------------------------------------------- end to end
 
+
 def test_identical_models_pass_with_zero_divergence(cli, tiny_llama, prompts_file):
     r = cli("verify", tiny_llama, tiny_llama, "--prompts", prompts_file, "--json", "-")
     assert r.exit_code == 0, r.output
@@ -160,8 +175,9 @@ def test_identical_models_pass_with_zero_divergence(cli, tiny_llama, prompts_fil
     assert "PASSED" in r.stderr and "mean KLD" in r.stderr
 
 
-def test_perturbed_candidate_fails_naming_prompts_and_tensor(cli, tmp_path, tiny_llama, perturbed_llama,
-                                                             prompts_file, scaled_tensor):
+def test_perturbed_candidate_fails_naming_prompts_and_tensor(
+    cli, tmp_path, tiny_llama, perturbed_llama, prompts_file, scaled_tensor
+):
     report = tmp_path / "report.json"
     r = cli("verify", tiny_llama, perturbed_llama, "--prompts", prompts_file, "--json", report)
     assert r.exit_code == 3, r.output
@@ -213,12 +229,15 @@ def test_structure_only_detects_a_foreign_vocabulary(tiny_llama, small_vocab_lla
     assert any("shapes" in f for f in doc["failures"])
 
 
-def test_hf_vs_gguf_q8_0_through_llama_cpp_passes_the_default_gate(gguf_available, calm_llama, q8_gguf,
-                                                                   prompts_file):
+def test_hf_vs_gguf_q8_0_through_llama_cpp_passes_the_default_gate(gguf_available, calm_llama, q8_gguf, prompts_file):
     doc = verify_checkpoint(calm_llama, q8_gguf, prompts=prompts_file)
     assert doc["candidate"]["runtime"].startswith("llama.cpp")
-    assert doc["thresholds"] == {"max_kld": gate.KINDS["q8"][0], "min_top1": gate.KINDS["q8"][1],
-                                 "candidate_kind": "q8", "source": "default for q8"}
+    assert doc["thresholds"] == {
+        "max_kld": gate.KINDS["q8"][0],
+        "min_top1": gate.KINDS["q8"][1],
+        "candidate_kind": "q8",
+        "source": "default for q8",
+    }
     assert doc["tokenizer"]["differences"] == []  # llama.cpp tokenises the prompts as transformers does
     assert doc["passed"], doc["failures"]
     assert 1e-6 < doc["kld_mean"] <= gate.KINDS["q8"][0]  # quantization is visible, and small
@@ -256,8 +275,9 @@ def test_foreign_tokenizer_candidate_is_detected(cli, tiny_llama, foreign_tokeni
     diffs = doc["tokenizer"]["differences"]  # ... but the candidate's tokenizer gives other ids
     assert {d["prompt"] for d in diffs} == {"english", "chinese", "chat"}
     assert "tokenises 3 prompt(s) differently" in r.stderr
-    relaxed = cli("verify", tiny_llama, foreign_tokenizer_llama, "--prompts", prompts_file,
-                  "--allow-tokenizer-mismatch")
+    relaxed = cli(
+        "verify", tiny_llama, foreign_tokenizer_llama, "--prompts", prompts_file, "--allow-tokenizer-mismatch"
+    )
     assert relaxed.exit_code == 0 and "note: the candidate's tokenizer" in relaxed.stdout
 
 
@@ -296,9 +316,9 @@ def test_reference_logits_spilled_to_disk_give_the_same_result(tiny_llama, pertu
         assert spilled[key] == in_ram[key]
 
 
-def test_job_runner_sees_the_json_of_a_failed_gate(tmp_path, tiny_llama, perturbed_llama, prompts_file,
-                                                   scaled_tensor):
+def test_job_runner_sees_the_json_of_a_failed_gate(tmp_path, tiny_llama, perturbed_llama, prompts_file, scaled_tensor):
     from weightops.jobs import run_job
+
     job = tmp_path / "job.toml"
     job.write_text(f"""[job]
 name = "gate"

@@ -5,6 +5,7 @@ Where llama-cpp-python is installed, every case is also checked against libggml'
 quantizer (`ggml_quantize_chunk`, what llama-quantize runs). The two references differ only
 in the sign of a zero scale or minimum in blocks of signed zeros; there we follow libggml
 (test_signed_zero_blocks_follow_libggml)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -21,8 +22,10 @@ from weightops.errors import WeightopsError
 from weightops.quant import ggml, ggml_types
 
 TYPES = list(ggml_types.BLOCK_NAMES)
-DEVICES = [pytest.param("cpu"),
-           pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+DEVICES = [
+    pytest.param("cpu"),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
 # d = scale / DIVISOR: Q8_0 max|x| / 127, Q4_0 m / -8, Q5_0 m / -16, Q4_1 range / 15, Q5_1 range / 31
 DIVISOR = {"q8_0": 127.0, "q4_0": -8.0, "q5_0": -16.0, "q4_1": 15.0, "q5_1": 31.0}
 F32 = np.float32
@@ -36,8 +39,15 @@ def _libggml_quantize_chunk():
     lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
     fn = lib.ggml_quantize_chunk  # (type, src, dst, start, nrows, n_per_row, imatrix) -> bytes written
     fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_void_p]
+    fn.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     return fn
 
 
@@ -49,8 +59,9 @@ def libggml(a: np.ndarray, qtype: str) -> np.ndarray:
     a = np.ascontiguousarray(a, dtype=F32)
     out = np.empty(quant_shape_to_byte_shape(a.shape, ggml_types.parse(qtype).ggml), dtype=np.uint8)
     rows = a.reshape(-1, a.shape[-1])
-    written = QUANTIZE_CHUNK(int(ggml_types.parse(qtype).ggml), rows.ctypes.data, out.ctypes.data, 0, rows.shape[0],
-                             rows.shape[1], None)
+    written = QUANTIZE_CHUNK(
+        int(ggml_types.parse(qtype).ggml), rows.ctypes.data, out.ctypes.data, 0, rows.shape[0], rows.shape[1], None
+    )
     assert written == out.nbytes
     return out
 
@@ -75,8 +86,10 @@ def assert_same_bytes(a: np.ndarray, qtype: str, device: str = "cpu") -> np.ndar
 
 def assert_equal_bytes(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
     bad = np.argwhere(ours != ref)
-    assert bad.size == 0, f"{what}: {len(bad)} bytes differ, first at {bad[0].tolist()}: ours {ours[tuple(bad[0])]} " \
-                          f"reference {ref[tuple(bad[0])]}"
+    assert bad.size == 0, (
+        f"{what}: {len(bad)} bytes differ, first at {bad[0].tolist()}: ours {ours[tuple(bad[0])]} "
+        f"reference {ref[tuple(bad[0])]}"
+    )
 
 
 def blocks(*rows: list[float]) -> np.ndarray:
@@ -96,8 +109,16 @@ def test_random_normal(qtype, scale):
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_zero_and_constant_blocks(qtype):
-    rows = [np.zeros(32), np.full(32, 1.0), np.full(32, -1.0), np.full(32, 0.37), np.full(32, -1e5),
-            np.full(32, 65504.0), np.full(32, 1e-7), np.full(32, -3e-40)]
+    rows = [
+        np.zeros(32),
+        np.full(32, 1.0),
+        np.full(32, -1.0),
+        np.full(32, 0.37),
+        np.full(32, -1e5),
+        np.full(32, 65504.0),
+        np.full(32, 1e-7),
+        np.full(32, -3e-40),
+    ]
     assert_same_bytes(blocks(*rows), qtype)
 
 
@@ -105,8 +126,14 @@ def signed_zero_blocks() -> np.ndarray:
     z = np.zeros(32)
     rows = [z, -z, np.where(np.arange(32) % 3, 0.0, -0.0), np.where(np.arange(32) % 3, -0.0, 0.0)]
     ramp = np.linspace(0.0, 1.0, 32)
-    rows += [ramp, np.r_[-0.0, ramp[1:]], -ramp, np.r_[0.0, -ramp[1:]], np.r_[ramp[3:], -0.0, 0.0, -0.0],
-             np.r_[-ramp[3:], 0.0, -0.0, 0.0]]
+    rows += [
+        ramp,
+        np.r_[-0.0, ramp[1:]],
+        -ramp,
+        np.r_[0.0, -ramp[1:]],
+        np.r_[ramp[3:], -0.0, 0.0, -0.0],
+        np.r_[-ramp[3:], 0.0, -0.0, 0.0],
+    ]
     return blocks(*rows)
 
 
@@ -124,8 +151,9 @@ def test_signed_zero_blocks_follow_libggml(qtype):
     sign_bytes = [i + 1 for i in FP16_FIELDS[qtype]]
     other = np.setdiff1d(np.arange(ref.shape[1]), sign_bytes)
     assert_equal_bytes(ours[:, other], ref[:, other], f"{qtype} vs gguf.quants (all but fp16 sign bits)")
-    assert_equal_bytes(ours[:, sign_bytes] & 0x7F, ref[:, sign_bytes] & 0x7F,
-                       f"{qtype} vs gguf.quants (fp16 high bytes but the sign)")
+    assert_equal_bytes(
+        ours[:, sign_bytes] & 0x7F, ref[:, sign_bytes] & 0x7F, f"{qtype} vs gguf.quants (fp16 high bytes but the sign)"
+    )
     if qtype in ("q4_0", "q5_0"):  # a zero block's d is 0.0 / -8 = -0.0: fp16 0x8000
         assert ours[0, :2].tolist() == ours[1, :2].tolist() == [0, 0x80]
     if QUANTIZE_CHUNK is None:
@@ -177,13 +205,13 @@ def test_exact_ties_for_largest_magnitude(qtype):
 @pytest.mark.parametrize("exponent", [-20, -3, 0, 7])
 def test_rounding_boundaries(qtype, exponent):
     """Values where x * id lands exactly on a rounding boundary (and one float either side)."""
-    s = 2.0 ** exponent
-    if qtype == "q8_0":       # d = s, id = 1/s: x * id = k + 0.5
+    s = 2.0**exponent
+    if qtype == "q8_0":  # d = s, id = 1/s: x * id = k + 0.5
         grid, anchor = np.arange(-15.5, 16.0, 1.0), 127.0
     elif qtype in ("q4_0", "q5_0"):  # d = s, x * id + 8.5 (16.5) = integer
         half = -DIVISOR[qtype]
         grid, anchor = np.arange(0, 32) % (2 * half) - half + 0.5, -half
-    else:                     # min = 0, d = s: (x - min) * id + 0.5 = integer
+    else:  # min = 0, d = s: (x - min) * id + 0.5 = integer
         top = DIVISOR[qtype]
         grid, anchor = np.arange(0, 32) % top + 0.5, top
     rows = []
@@ -194,7 +222,7 @@ def test_rounding_boundaries(qtype, exponent):
         if qtype in ("q4_1", "q5_1"):
             r[1] = 0.0
         rows.append(r)
-    q8_extra = np.full(32, 0.5 - 2.0 ** -25) * s
+    q8_extra = np.full(32, 0.5 - 2.0**-25) * s
     q8_extra[0] = 127.0 * s  # x * id just below 0.5: must round to 0, not 1
     rows.append(q8_extra)
     assert_same_bytes(blocks(*rows), qtype)
@@ -205,7 +233,7 @@ def test_random_mixed_magnitudes(qtype):
     """Many blocks, each at a random scale from float32 subnormals to near float32 max, with zeros."""
     rng = np.random.default_rng(11)
     exps = rng.uniform(-45, 38, size=(4096, 1))
-    a = rng.standard_normal((4096, 32)) * 10.0 ** exps
+    a = rng.standard_normal((4096, 32)) * 10.0**exps
     a[rng.random(a.shape) < 0.05] = 0.0
     a[rng.random(a.shape) < 0.02] *= -0.0
     assert_same_bytes(np.clip(a, -3.4e38, 3.4e38).reshape(64, 2048), qtype)

@@ -1,5 +1,6 @@
 """The GGML type table: its facts agree with gguf-py and llama.cpp, its names round-trip,
 every record's kernels work, and no other module keeps its own list of types."""
+
 from __future__ import annotations
 
 import ast
@@ -53,8 +54,10 @@ def test_file_type_names_round_trip(name):
 
 
 def test_unknown_names_list_the_known_ones():
-    for parse, names in ((ggml_types.parse, ggml_types.NAMES),
-                         (ggml_types.parse_file_type, ggml_types.FILE_TYPE_NAMES)):
+    for parse, names in (
+        (ggml_types.parse, ggml_types.NAMES),
+        (ggml_types.parse_file_type, ggml_types.FILE_TYPE_NAMES),
+    ):
         with pytest.raises(WeightopsError, match="unknown GGUF type 'q9_9'; choose one of " + ", ".join(names)):
             parse("q9_9")
     assert ggml_types.find("q6_k") is None and ggml_types.find_file_type("q4_k_m") is None
@@ -145,8 +148,9 @@ def _type_facts(tree: ast.AST) -> tuple[set[str], set[str]]:
     members = {m.name for m in GGMLQuantizationType} | {m.name for m in LlamaFileType}
     names = set(RECORDS) | set(FILE_TYPES)
     attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in members}
-    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-               and n.value in names}
+    strings = {
+        n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in names
+    }
     return attrs, strings
 
 

@@ -1,6 +1,7 @@
 """LLaMA (and Mistral, an alias: the same tensors, with sliding-window attention in its
 config): tensor names in the HF, TencentPretrain and GGUF schemes (reference:
 shared/reference/tencentpretrain.md and gguf.md), config translation and GGUF keys."""
+
 from __future__ import annotations
 
 from ..errors import WeightopsError
@@ -12,10 +13,20 @@ T = "encoder.transformer.{n}."
 TENSORS = (
     tensor(Role.EMBEDDING, "model.embed_tokens.weight", "embedding.word.embedding.weight"),
     tensor(Role.ATTN_NORM, L + "input_layernorm.weight", T + "layer_norm_1.weight"),
-    tensor(Role.ATTN_Q, L + "self_attn.q_proj.weight", T + "self_attn.linear_layers.0.weight",
-           to_gguf=Transform.ROTARY_Q, to_tp=Transform.ROTARY_Q),
-    tensor(Role.ATTN_K, L + "self_attn.k_proj.weight", T + "self_attn.linear_layers.1.weight",
-           to_gguf=Transform.ROTARY_K, to_tp=Transform.ROTARY_K),
+    tensor(
+        Role.ATTN_Q,
+        L + "self_attn.q_proj.weight",
+        T + "self_attn.linear_layers.0.weight",
+        to_gguf=Transform.ROTARY_Q,
+        to_tp=Transform.ROTARY_Q,
+    ),
+    tensor(
+        Role.ATTN_K,
+        L + "self_attn.k_proj.weight",
+        T + "self_attn.linear_layers.1.weight",
+        to_gguf=Transform.ROTARY_K,
+        to_tp=Transform.ROTARY_K,
+    ),
     tensor(Role.ATTN_V, L + "self_attn.v_proj.weight", T + "self_attn.linear_layers.2.weight"),
     tensor(Role.ATTN_OUT, L + "self_attn.o_proj.weight", T + "self_attn.final_linear.weight"),
     tensor(Role.FFN_NORM, L + "post_attention_layernorm.weight", T + "layer_norm_2.weight"),
@@ -32,9 +43,18 @@ DROPPABLE = (L + "self_attn.rotary_emb.inv_freq",)
 # --- GGUF (llama.cpp) export: the keys and tensor values convert_hf_to_gguf.py writes ---
 # config.json keys add_gguf_parameters reads; `fill_gguf` derives the usual missing ones,
 # and when one is still missing transformers fills its default
-GGUF_CONFIG_KEYS = ("num_hidden_layers", "max_position_embeddings", "hidden_size", "intermediate_size",
-                    "num_attention_heads", "num_key_value_heads", "rope_parameters", "rms_norm_eps", "head_dim",
-                    "vocab_size")
+GGUF_CONFIG_KEYS = (
+    "num_hidden_layers",
+    "max_position_embeddings",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rope_parameters",
+    "rms_norm_eps",
+    "head_dim",
+    "vocab_size",
+)
 _DEFAULT_ROPE_THETA = 10000.0
 
 
@@ -43,6 +63,7 @@ def filler(defaults: dict):
     transformers' config class does (`defaults`, GQA heads, head_dim, rope_parameters from
     rope_theta), so an export needs no transformers import (a slow one). Legacy
     `rope_scaling` is left to transformers."""
+
     def fill(config: dict) -> dict:
         out = {**defaults, **{k: v for k, v in config.items() if v is not None}}
         heads = out.get("num_attention_heads")
@@ -51,9 +72,12 @@ def filler(defaults: dict):
             if "hidden_size" in out:
                 out.setdefault("head_dim", out["hidden_size"] // heads)
         if "rope_parameters" not in out and "rope_scaling" not in out:
-            out["rope_parameters"] = {"rope_type": "default",
-                                      "rope_theta": float(out.get("rope_theta", _DEFAULT_ROPE_THETA))}
+            out["rope_parameters"] = {
+                "rope_type": "default",
+                "rope_theta": float(out.get("rope_theta", _DEFAULT_ROPE_THETA)),
+            }
         return out
+
     return fill
 
 
@@ -78,8 +102,10 @@ def hf_shapes(config: dict) -> Shapes:
     kv = f"num_key_value_heads {kv_heads} x head_dim {hd}"
     i = f"intermediate_size {inter}"
     shapes = {
-        "model.embed_tokens.weight": ((None, hidden), h), "lm_head.weight": ((None, hidden), h),
-        L + "input_layernorm.weight": ((hidden,), h), L + "post_attention_layernorm.weight": ((hidden,), h),
+        "model.embed_tokens.weight": ((None, hidden), h),
+        "lm_head.weight": ((None, hidden), h),
+        L + "input_layernorm.weight": ((hidden,), h),
+        L + "post_attention_layernorm.weight": ((hidden,), h),
         "model.norm.weight": ((hidden,), h),
         L + "self_attn.q_proj.weight": ((n_heads * hd, hidden), f"{q}, {h}"),
         L + "self_attn.k_proj.weight": ((kv_heads * hd, hidden), f"{kv}, {h}"),
@@ -96,6 +122,7 @@ def add_text_parameters(writer, config: dict, file_type: int) -> None:
     """The keys convert_hf_to_gguf.py's TextModel writes for every RMSNorm/RoPE decoder, in
     its order; `config` is a transformers config dict with defaults filled in."""
     from gguf import RopeScalingType
+
     n_heads, kv_heads = heads(config)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -109,8 +136,9 @@ def add_text_parameters(writer, config: dict, file_type: int) -> None:
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
     elif rope_type not in (None, "default", "dynamic"):
-        raise WeightopsError(f"RoPE scaling type {rope_type!r} is not supported for GGUF export yet "
-                             "(supported: none, linear)")
+        raise WeightopsError(
+            f"RoPE scaling type {rope_type!r} is not supported for GGUF export yet (supported: none, linear)"
+        )
     theta = rope.get("rope_theta", config.get("rope_theta"))
     if theta is not None:
         writer.add_rope_freq_base(theta)
@@ -134,11 +162,13 @@ def add_gguf_tokenizer_quirks(writer, directory, config: dict) -> None:
     SmolLM/SmolLM2, which share the size)."""
     from ..io.gguf_tokenizer import quiet_gguf
     from ..io.special_vocab import SpecialVocab
+
     vocab_size = config.get("vocab_size", 32000)
     if vocab_size == 32016:
         with quiet_gguf():
-            infill = SpecialVocab(directory, load_merges=False, special_token_types=["prefix", "suffix", "middle",
-                                                                                     "eot"])
+            infill = SpecialVocab(
+                directory, load_merges=False, special_token_types=["prefix", "suffix", "middle", "eot"]
+            )
             for typ, token_id in (("prefix", 32007), ("suffix", 32008), ("middle", 32009), ("eot", 32010)):
                 infill._set_special_token(typ, token_id)
             infill.add_to_gguf(writer, quiet=True)
@@ -151,19 +181,31 @@ def hparams(config: dict) -> Hparams:
     """Head counts, layers and tying of a LlamaConfig-like dict."""
     n_heads, kv_heads = heads(config)
     head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
-    return Hparams(config["num_hidden_layers"], n_heads, kv_heads, head_dim,
-                   bool(config.get("tie_word_embeddings", False)))
+    return Hparams(
+        config["num_hidden_layers"], n_heads, kv_heads, head_dim, bool(config.get("tie_word_embeddings", False))
+    )
 
 
 # --- TencentPretrain model config <-> HF LlamaConfig (weightops convert; reference: tencentpretrain.md) ---
 # The fixed part of TencentPretrain's models/llama/*_config.json (sizes are filled in per model).
-TP_CONFIG = {"hidden_act": "silu", "dropout": 0.0, "data_processor": "lm", "embedding": ["word"],
-             "remove_transformer_bias": True, "remove_embedding_layernorm": True, "rotary_position_embedding": True,
-             "encoder": "transformer", "feed_forward": "gated", "mask": "causal", "layernorm_positioning": "pre",
-             "layernorm": "rms", "target": ["lm"]}
-TP_LAYERNORM_EPS = 1e-6   # TencentPretrain's default when its config sets no layernorm_eps
+TP_CONFIG = {
+    "hidden_act": "silu",
+    "dropout": 0.0,
+    "data_processor": "lm",
+    "embedding": ["word"],
+    "remove_transformer_bias": True,
+    "remove_embedding_layernorm": True,
+    "rotary_position_embedding": True,
+    "encoder": "transformer",
+    "feed_forward": "gated",
+    "mask": "causal",
+    "layernorm_positioning": "pre",
+    "layernorm": "rms",
+    "target": ["lm"],
+}
+TP_LAYERNORM_EPS = 1e-6  # TencentPretrain's default when its config sets no layernorm_eps
 TP_MAX_SEQ_LENGTH = 2048  # LLaMA's context, for a TP checkpoint converted without a config
-TP_ROPE_THETA = 10000.0   # fixed in TencentPretrain's precompute_freqs_cis; it has no RoPE scaling
+TP_ROPE_THETA = 10000.0  # fixed in TencentPretrain's precompute_freqs_cis; it has no RoPE scaling
 
 
 def hf_config_from_tp(spec: ArchSpec, tp: dict | None, shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -180,18 +222,27 @@ def hf_config_from_tp(spec: ArchSpec, tp: dict | None, shapes: dict[str, tuple[i
     kv_heads = int(tp.get("local_kv_heads_num", n_heads))
     kv_rows = tp_shape(shapes, k)[0]
     if hidden % n_heads or kv_rows != kv_heads * (hidden // n_heads):
-        raise WeightopsError(f"tensor {k!r} has {kv_rows} rows, but the TencentPretrain config gives {kv_heads} "
-                             f"key/value heads x head size {hidden // n_heads} (hidden {hidden} / heads_num "
-                             f"{n_heads}); "
-                             "set local_kv_heads_num for grouped-query attention")
-    return {"architectures": [spec.hf_class], "model_type": spec.name, "vocab_size": vocab,
-            "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
-            "num_attention_heads": n_heads, "num_key_value_heads": kv_heads,
-            "hidden_act": tp.get("hidden_act", TP_CONFIG["hidden_act"]),
-            "max_position_embeddings": tp.get("max_seq_length", TP_MAX_SEQ_LENGTH),
-            "rms_norm_eps": tp.get("layernorm_eps", TP_LAYERNORM_EPS),
-            "tie_word_embeddings": spec.name_of(Role.OUTPUT, "tp") not in shapes or bool(tp.get("tie_weights")),
-            **spec.hf_fields}
+        raise WeightopsError(
+            f"tensor {k!r} has {kv_rows} rows, but the TencentPretrain config gives {kv_heads} "
+            f"key/value heads x head size {hidden // n_heads} (hidden {hidden} / heads_num "
+            f"{n_heads}); "
+            "set local_kv_heads_num for grouped-query attention"
+        )
+    return {
+        "architectures": [spec.hf_class],
+        "model_type": spec.name,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": kv_heads,
+        "hidden_act": tp.get("hidden_act", TP_CONFIG["hidden_act"]),
+        "max_position_embeddings": tp.get("max_seq_length", TP_MAX_SEQ_LENGTH),
+        "rms_norm_eps": tp.get("layernorm_eps", TP_LAYERNORM_EPS),
+        "tie_word_embeddings": spec.name_of(Role.OUTPUT, "tp") not in shapes or bool(tp.get("tie_weights")),
+        **spec.hf_fields,
+    }
 
 
 def tp_config_from_hf(spec: ArchSpec, config: dict) -> dict:
@@ -201,21 +252,34 @@ def tp_config_from_hf(spec: ArchSpec, config: dict) -> dict:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     theta = float(rope.get("rope_theta", config.get("rope_theta", TP_ROPE_THETA)))
     if rope_type != "default" or theta != TP_ROPE_THETA:
-        raise WeightopsError(f"TencentPretrain computes rotary embeddings with theta {TP_ROPE_THETA:g} and no "
-                             f"scaling; this model has rope_type {rope_type!r}, theta {theta:g}, so it would "
-                             "compute different outputs there")
+        raise WeightopsError(
+            f"TencentPretrain computes rotary embeddings with theta {TP_ROPE_THETA:g} and no "
+            f"scaling; this model has rope_type {rope_type!r}, theta {theta:g}, so it would "
+            "compute different outputs there"
+        )
     window = spec.config.sliding_window(config)
     if window is not None and window < config["max_position_embeddings"]:
-        raise WeightopsError(f"this {spec.name} model attends to the last {window} positions only (sliding_window), "
-                             f"within a context of {config['max_position_embeddings']}; TencentPretrain's LLaMA "
-                             "attends to every earlier position, so it would compute different outputs there")
+        raise WeightopsError(
+            f"this {spec.name} model attends to the last {window} positions only (sliding_window), "
+            f"within a context of {config['max_position_embeddings']}; TencentPretrain's LLaMA "
+            "attends to every earlier position, so it would compute different outputs there"
+        )
     if hp.head_dim * hp.heads != config["hidden_size"]:
-        raise WeightopsError(f"head_dim {hp.head_dim} x {hp.heads} heads != hidden_size {config['hidden_size']}: "
-                             "TencentPretrain derives the head size from hidden_size / heads_num")
-    out = {"emb_size": config["hidden_size"], "feedforward_size": config["intermediate_size"],
-           "hidden_size": config["hidden_size"], "heads_num": hp.heads, "layers_num": hp.layers,
-           "max_seq_length": config["max_position_embeddings"], **TP_CONFIG, "hidden_act": config["hidden_act"],
-           "layernorm_eps": config["rms_norm_eps"]}
+        raise WeightopsError(
+            f"head_dim {hp.head_dim} x {hp.heads} heads != hidden_size {config['hidden_size']}: "
+            "TencentPretrain derives the head size from hidden_size / heads_num"
+        )
+    out = {
+        "emb_size": config["hidden_size"],
+        "feedforward_size": config["intermediate_size"],
+        "hidden_size": config["hidden_size"],
+        "heads_num": hp.heads,
+        "layers_num": hp.layers,
+        "max_seq_length": config["max_position_embeddings"],
+        **TP_CONFIG,
+        "hidden_act": config["hidden_act"],
+        "layernorm_eps": config["rms_norm_eps"],
+    }
     if hp.kv_heads != hp.heads:
         out["local_kv_heads_num"] = hp.kv_heads
     if hp.tied:
@@ -228,11 +292,25 @@ def mistral_window(config: dict) -> int | None:
     return config.get("sliding_window")
 
 
-CONFIG = ConfigRules(hparams=hparams, hf_shapes=hf_shapes,
-                     fill_gguf=filler({"max_position_embeddings": 2048, "rms_norm_eps": 1e-6}),  # LlamaConfig's
-                     gguf_keys=GGUF_CONFIG_KEYS, add_gguf_parameters=add_gguf_parameters)
+CONFIG = ConfigRules(
+    hparams=hparams,
+    hf_shapes=hf_shapes,
+    fill_gguf=filler({"max_position_embeddings": 2048, "rms_norm_eps": 1e-6}),  # LlamaConfig's
+    gguf_keys=GGUF_CONFIG_KEYS,
+    add_gguf_parameters=add_gguf_parameters,
+)
 SPEC = ArchSpec(
-    name="llama", hf_class="LlamaForCausalLM", gguf_arch="LLAMA", tensors=TENSORS, config=CONFIG,
-    vocab=GGUFVocab(encodings=("sentencepiece", "llama-hf", "gpt2"), default_pre="default", add_space_prefix=True,
-                    quirks=add_gguf_tokenizer_quirks),
-    tp=TPRules(config_from_hf=tp_config_from_hf, hf_config_from=hf_config_from_tp), droppable=DROPPABLE)
+    name="llama",
+    hf_class="LlamaForCausalLM",
+    gguf_arch="LLAMA",
+    tensors=TENSORS,
+    config=CONFIG,
+    vocab=GGUFVocab(
+        encodings=("sentencepiece", "llama-hf", "gpt2"),
+        default_pre="default",
+        add_space_prefix=True,
+        quirks=add_gguf_tokenizer_quirks,
+    ),
+    tp=TPRules(config_from_hf=tp_config_from_hf, hf_config_from=hf_config_from_tp),
+    droppable=DROPPABLE,
+)

@@ -1,5 +1,6 @@
 """model_type -> ArchSpec. Adding an architecture is adding its spec (and, for a variant that
 is tensor for tensor another one, one `register_alias` line)."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,6 +4,7 @@ config rules, tokenizer defaults and GGUF architecture. Operators and formats as
 role; they never name a concrete architecture. GGUF names come from gguf-py's tables, so
 they are llama.cpp's own spelling; gguf-py is imported only when a GGUF name is asked for
 (inspect and manifest never import it)."""
+
 from __future__ import annotations
 
 import enum
@@ -90,11 +91,20 @@ class TensorSpec:
 def gguf_name(role: Role, part: str = "weight") -> str:
     """llama.cpp's name of `role` (gguf-py's TENSOR_NAMES), with `{n}` for the block index."""
     import gguf
+
     return gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[role.value]].format(bid="{n}") + "." + part
 
 
-def tensor(role: Role, hf: str, tp: str | tuple[str, ...] | None, part: str = "weight", *,
-           to_gguf: Transform = Transform.NONE, to_tp: Transform = Transform.NONE, in_gguf: bool = True) -> TensorSpec:
+def tensor(
+    role: Role,
+    hf: str,
+    tp: str | tuple[str, ...] | None,
+    part: str = "weight",
+    *,
+    to_gguf: Transform = Transform.NONE,
+    to_tp: Transform = Transform.NONE,
+    in_gguf: bool = True,
+) -> TensorSpec:
     """A TensorSpec whose GGUF name is taken from gguf-py."""
     tps = (tp,) if isinstance(tp, str) else tp
     return TensorSpec(role, part, hf, tps, in_gguf, to_gguf, to_tp)
@@ -119,10 +129,10 @@ Shapes = tuple[int, dict[str, tuple[tuple[int | None, ...], str]], list[str]]
 class ConfigRules:
     """How an HF config dict becomes sizes, GGUF metadata and checks."""
 
-    hparams: Callable[[dict], Hparams]                     # of a complete config dict
-    hf_shapes: Callable[[dict], Shapes]                    # for arch.check_config_shapes
-    fill_gguf: Callable[[dict], dict]                      # defaults an older config.json lacks
-    gguf_keys: tuple[str, ...]                             # complete when all present (else AutoConfig)
+    hparams: Callable[[dict], Hparams]  # of a complete config dict
+    hf_shapes: Callable[[dict], Shapes]  # for arch.check_config_shapes
+    fill_gguf: Callable[[dict], dict]  # defaults an older config.json lacks
+    gguf_keys: tuple[str, ...]  # complete when all present (else AutoConfig)
     add_gguf_parameters: Callable[[Any, dict, int], None]  # (writer, filled config, file type)
     sliding_window: Callable[[dict], int | None] = lambda config: None  # attention window, if any
 
@@ -141,8 +151,8 @@ class GGUFVocab:
     """How llama.cpp's converter writes this architecture's tokenizer."""
 
     encodings: tuple[str, ...]  # tried in this order: sentencepiece, llama-hf, gpt2
-    default_pre: str            # tokenizer.ggml.pre for a BPE tokenizer llama.cpp does not recognise
-    add_space_prefix: bool      # tokenizer_config.json's add_prefix_space -> tokenizer.ggml.add_space_prefix
+    default_pre: str  # tokenizer.ggml.pre for a BPE tokenizer llama.cpp does not recognise
+    add_space_prefix: bool  # tokenizer_config.json's add_prefix_space -> tokenizer.ggml.add_space_prefix
     # (writer, tokenizer directory, config): keys the converter's model class adds after the vocabulary
     quirks: Callable[[Any, Path, dict], None] = lambda writer, directory, config: None
 
@@ -155,14 +165,14 @@ def _regex(pattern: str) -> re.Pattern:
 class ArchSpec:
     """One architecture (an HF model_type), declared once."""
 
-    name: str                       # HF model_type
-    hf_class: str                   # config.json `architectures`
-    gguf_arch: str                  # gguf.MODEL_ARCH member name
+    name: str  # HF model_type
+    hf_class: str  # config.json `architectures`
+    gguf_arch: str  # gguf.MODEL_ARCH member name
     tensors: tuple[TensorSpec, ...]
     config: ConfigRules
     vocab: GGUFVocab
     tp: TPRules | None = None
-    hf_prefix: str = ""             # HF checkpoints may omit it (BLOOM's `transformer.`)
+    hf_prefix: str = ""  # HF checkpoints may omit it (BLOOM's `transformer.`)
     droppable: tuple[str, ...] = ()  # HF buffers old transformers saved and new ones recompute
     alias_of: str | None = None
     hf_fields: dict = field(default_factory=dict)  # extra HF config fields of a converted checkpoint
@@ -174,11 +184,13 @@ class ArchSpec:
     def gguf_name(self) -> str:
         """general.architecture of the GGUF file."""
         import gguf
+
         return gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[self.gguf_arch]]
 
     def gguf_problems(self) -> list[str]:
         """Roles llama.cpp's architecture has no tensor for (a spec's own consistency check)."""
         import gguf
+
         known = gguf.MODEL_TENSORS[gguf.MODEL_ARCH[self.gguf_arch]]
         return [t.role.name for t in self.tensors if t.in_gguf and gguf.MODEL_TENSOR[t.role.value] not in known]
 
@@ -187,8 +199,11 @@ class ArchSpec:
         """The TencentPretrain rules, or a clear refusal."""
         if self.tp is None:
             from .registry import supported
-            raise WeightopsError(f"TencentPretrain cannot compute {self.name} models (it has no such architecture); "
-                                 f"TencentPretrain conversion supports {', '.join(supported(tencentpretrain=True))}")
+
+            raise WeightopsError(
+                f"TencentPretrain cannot compute {self.name} models (it has no such architecture); "
+                f"TencentPretrain conversion supports {', '.join(supported(tencentpretrain=True))}"
+            )
         return self.tp
 
     def tensor(self, role: Role, part: str = "weight") -> TensorSpec | None:
@@ -205,8 +220,9 @@ class ArchSpec:
     def _patterns(self, scheme: str) -> list[tuple[re.Pattern, TensorSpec, int]]:
         """(regex, tensor, position) of every name in `scheme`, built on first use."""
         if scheme not in self._pattern_cache:
-            self._pattern_cache[scheme] = [(_regex(name), t, i) for t in self.tensors
-                                           for i, name in enumerate(t.names(scheme))]
+            self._pattern_cache[scheme] = [
+                (_regex(name), t, i) for t in self.tensors for i, name in enumerate(t.names(scheme))
+            ]
         return self._pattern_cache[scheme]
 
     def normalize_hf(self, name: str) -> str:
@@ -255,4 +271,3 @@ class ArchSpec:
         """Highest layer index named + 1 (0 when no name belongs to a layer)."""
         layers = [hit[1] for n in names if (hit := self.lookup(n, scheme)) and hit[1] is not None]
         return max(layers) + 1 if layers else 0
-

@@ -1,4 +1,5 @@
 """The value transforms between HF and the other layouts (see `spec.Transform`)."""
+
 from __future__ import annotations
 
 import torch

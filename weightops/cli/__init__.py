@@ -1,5 +1,6 @@
 """The `weightops` command line: parses options, calls the library, maps errors to exit
 codes (0 ok, 1 error, 2 usage, 3 verification or manifest mismatch)."""
+
 from __future__ import annotations
 
 import importlib
@@ -15,9 +16,19 @@ from ..errors import WeightopsError, describe, os_error_message, shown
 # The module that defines each command, imported only when that command is used (or help
 # lists them all): `weightops inspect` then never pays for importing torch and llama.cpp's
 # bindings, which it does not touch (measured: benchmarks/README.md).
-_MODULES = {"inspect": "core", "manifest": "core", "demo": "demo", "run": "jobs", "apply-delta": "delta",
-            "make-delta": "delta", "expand-vocab": "vocab", "gguf": "gguf", "bnb": "bnb", "convert": "convert",
-            "verify": "verify"}
+_MODULES = {
+    "inspect": "core",
+    "manifest": "core",
+    "demo": "demo",
+    "run": "jobs",
+    "apply-delta": "delta",
+    "make-delta": "delta",
+    "expand-vocab": "vocab",
+    "gguf": "gguf",
+    "bnb": "bnb",
+    "convert": "convert",
+    "verify": "verify",
+}
 
 
 class Terminated(BaseException):

@@ -1,4 +1,5 @@
 """Core commands: inspect, manifest."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,11 @@ from . import main
 @main.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-@click.option("--tp-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="TencentPretrain model config json, for a TencentPretrain checkpoint.")
+@click.option(
+    "--tp-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TencentPretrain model config json, for a TencentPretrain checkpoint.",
+)
 def inspect(path: Path, as_json: bool, tp_config: Path | None) -> None:
     """Show format, architecture, tensor and parameter counts, dtypes, files and the
     vocabulary triple (config vocab_size / tokenizer size / embedding rows) of PATH.

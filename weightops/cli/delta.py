@@ -1,4 +1,5 @@
 """apply-delta and make-delta: rebuild a model released as `target − base`, or make such a delta."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,21 +34,40 @@ _SEMANTICS = """
 
 
 def _options(fn):
-    fn = click.option("--allow-suspicious-delta", is_flag=True,
-                      help="Go on even when the norm-weight guard rail says the inputs do not look like a model "
-                           "and its delta (see above).")(fn)
-    fn = click.option("--force", is_flag=True,
-                      help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything "
-                           "else at OUTPUT is refused.")(fn)
-    fn = click.option("--max-shard-size", default="5GB", show_default=True,
-                      help="Largest output shard (decimal KB/MB/GB or binary KiB/MiB/GiB), as save_pretrained "
-                           "shards.")(fn)
-    fn = click.option("--replace", "replace", multiple=True, metavar="GLOB",
-                      help="Tensor names (shell globs, repeatable) carried whole instead of as differences, "
-                           "e.g. '*embed_tokens*', 'lm_head*', '*rotary_emb.inv_freq'. A glob that matches "
-                           "nothing is an error.")(fn)
-    fn = click.option("--dtype", type=click.Choice(dtypes.DTYPE_CHOICES), default="auto", show_default=True,
-                      help="dtype of the written tensors; the arithmetic is float32 either way.")(fn)
+    fn = click.option(
+        "--allow-suspicious-delta",
+        is_flag=True,
+        help="Go on even when the norm-weight guard rail says the inputs do not look like a model "
+        "and its delta (see above).",
+    )(fn)
+    fn = click.option(
+        "--force",
+        is_flag=True,
+        help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything "
+        "else at OUTPUT is refused.",
+    )(fn)
+    fn = click.option(
+        "--max-shard-size",
+        default="5GB",
+        show_default=True,
+        help="Largest output shard (decimal KB/MB/GB or binary KiB/MiB/GiB), as save_pretrained shards.",
+    )(fn)
+    fn = click.option(
+        "--replace",
+        "replace",
+        multiple=True,
+        metavar="GLOB",
+        help="Tensor names (shell globs, repeatable) carried whole instead of as differences, "
+        "e.g. '*embed_tokens*', 'lm_head*', '*rotary_emb.inv_freq'. A glob that matches "
+        "nothing is an error.",
+    )(fn)
+    fn = click.option(
+        "--dtype",
+        type=click.Choice(dtypes.DTYPE_CHOICES),
+        default="auto",
+        show_default=True,
+        help="dtype of the written tensors; the arithmetic is float32 either way.",
+    )(fn)
     return fn
 
 
@@ -62,7 +82,9 @@ def _finish(output: Path, report: DeltaReport) -> None:
     click.echo(f"wrote {output} ({len(report.files)} files)" + (f"; {'; '.join(extra)}" if extra else ""))
 
 
-@main.command("apply-delta", help=f"""Rebuild a model released as a delta: OUTPUT = BASE + DELTA.
+@main.command(
+    "apply-delta",
+    help=f"""Rebuild a model released as a delta: OUTPUT = BASE + DELTA.
 
     BASE is the original model (e.g. LLaMA-7B in HF format), DELTA the published difference
     (e.g. ChatYuan-7B). OUTPUT is a Hugging Face directory (sharded safetensors) with the
@@ -73,19 +95,38 @@ def _finish(output: Path, report: DeltaReport) -> None:
     \b
     Example:
       weightops apply-delta llama-7b-hf chatyuan-7b-delta chatyuan-7b --dtype float16
-""")
+""",
+)
 @click.argument("base", type=click.Path(exists=True, path_type=Path))
 @click.argument("delta", type=click.Path(exists=True, path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
 @_options
-def apply_delta(base: Path, delta: Path, output: Path, dtype: str, replace: tuple[str, ...], max_shard_size: str,
-                force: bool, allow_suspicious_delta: bool) -> None:
-    report = deltas.apply_delta(base, delta, output, dtype=dtypes.from_choice(dtype), replace=replace, force=force,
-                                    allow_suspicious=allow_suspicious_delta, max_shard_size=max_shard_size)
+def apply_delta(
+    base: Path,
+    delta: Path,
+    output: Path,
+    dtype: str,
+    replace: tuple[str, ...],
+    max_shard_size: str,
+    force: bool,
+    allow_suspicious_delta: bool,
+) -> None:
+    report = deltas.apply_delta(
+        base,
+        delta,
+        output,
+        dtype=dtypes.from_choice(dtype),
+        replace=replace,
+        force=force,
+        allow_suspicious=allow_suspicious_delta,
+        max_shard_size=max_shard_size,
+    )
     _finish(output, report)
 
 
-@main.command("make-delta", help=f"""Publish a fine-tune as a delta: OUTPUT = TARGET - BASE.
+@main.command(
+    "make-delta",
+    help=f"""Publish a fine-tune as a delta: OUTPUT = TARGET - BASE.
 
     OUTPUT is a Hugging Face directory with the target's config and tokenizer files;
     `weightops apply-delta BASE OUTPUT REBUILT` gives TARGET back. --dtype auto keeps each
@@ -96,13 +137,30 @@ def apply_delta(base: Path, delta: Path, output: Path, dtype: str, replace: tupl
     \b
     Example:
       weightops make-delta llama-7b-hf my-finetune my-finetune-delta --dtype float32
-""")
+""",
+)
 @click.argument("base", type=click.Path(exists=True, path_type=Path))
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
 @_options
-def make_delta(base: Path, target: Path, output: Path, dtype: str, replace: tuple[str, ...], max_shard_size: str,
-               force: bool, allow_suspicious_delta: bool) -> None:
-    report = deltas.make_delta(base, target, output, dtype=dtypes.from_choice(dtype), replace=replace, force=force,
-                                   allow_suspicious=allow_suspicious_delta, max_shard_size=max_shard_size)
+def make_delta(
+    base: Path,
+    target: Path,
+    output: Path,
+    dtype: str,
+    replace: tuple[str, ...],
+    max_shard_size: str,
+    force: bool,
+    allow_suspicious_delta: bool,
+) -> None:
+    report = deltas.make_delta(
+        base,
+        target,
+        output,
+        dtype=dtypes.from_choice(dtype),
+        replace=replace,
+        force=force,
+        allow_suspicious=allow_suspicious_delta,
+        max_shard_size=max_shard_size,
+    )
     _finish(output, report)

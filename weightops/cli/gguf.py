@@ -1,4 +1,5 @@
 """gguf: write a llama.cpp GGUF file from any checkpoint in one streaming pass."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -14,7 +15,8 @@ from . import main, warn
 _KEPT = "/".join(f.name for f in FILE_TYPES if f.embed_output_type)  # the --type values --pure changes
 
 
-@main.command(help="""Write MODEL as a llama.cpp GGUF file, quantized, in one pass.
+@main.command(
+    help="""Write MODEL as a llama.cpp GGUF file, quantized, in one pass.
 
     MODEL is an HF directory (safetensors or .bin, sharded or not) or a TencentPretrain
     checkpoint (with --tp-config). The file is what llama.cpp's convert_hf_to_gguf.py
@@ -48,42 +50,102 @@ _KEPT = "/".join(f.name for f in FILE_TYPES if f.embed_output_type)  # the --typ
       weightops gguf yayi-7b yayi-q8_0.gguf --type q8_0
       weightops gguf tp-llama.bin out.gguf --tp-config llama_7b_config.json \\
           --tokenizer chinese-llama-tokenizer --type q5_1 --pure
-""".replace("{plain}", "/".join(f.name for f in FILE_TYPES if not f.embed_output_type)).replace("{kept}", _KEPT))
+""".replace("{plain}", "/".join(f.name for f in FILE_TYPES if not f.embed_output_type)).replace("{kept}", _KEPT)
+)
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--type", "qtype", type=click.Choice(FILE_TYPE_NAMES, case_sensitive=False), default="f16",
-              show_default=True, help="GGUF type of the 2-D weights (see above for the exceptions).")
-@click.option("--pure", is_flag=True,
-              help=f"With {_KEPT}: quantize token_embd and output too instead of keeping them Q8_0 "
-                   "(smaller file, somewhat worse quality).")
-@click.option("--tensor-type", "tensor_types", multiple=True, metavar="GLOB=TYPE",
-              help="Override the type of matching tensors (GGUF names, shell globs; repeatable), e.g. "
-                   "'blk.*.ffn_down.weight=q8_0' or 'output.weight=f16'.")
-@click.option("--quality", type=click.Choice(QUALITIES), default="reference", show_default=True,
-              help="Quantization rounding: 'reference' is llama.cpp's own (bit-identical blocks).")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-              help="Where the quantization kernels run: auto = CUDA when available, else CPU. "
-                   "The bytes are the same either way.")
-@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
-              help="Directory with the HF tokenizer files (default: MODEL's directory). Needed for "
-                   "TencentPretrain checkpoints, which carry no tokenizer.")
-@click.option("--pre-tokenizer", metavar="NAME",
-              help="llama.cpp pre-tokenizer name for a BPE tokenizer (e.g. bloom, gpt-2, llama-bpe); default: "
-                   "recognised as llama.cpp does, else from tokenizer.json or the architecture.")
-@click.option("--tp-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="TencentPretrain model config JSON, for a TencentPretrain MODEL.")
-@click.option("--force", is_flag=True,
-              help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
-                   "OUTPUT is refused.")
-def gguf(model: Path, output: Path, qtype: str, pure: bool, tensor_types: tuple[str, ...], quality: str,
-         device: str, tokenizer: Path | None, pre_tokenizer: str | None, tp_config: Path | None,
-         force: bool) -> None:
-    result = export_gguf(model, output, type=qtype, pure=pure, tensor_types=tensor_types, quality=quality,
-                         device=device, tokenizer=tokenizer, pre_tokenizer=pre_tokenizer, tp_config=tp_config,
-                         force=force, warn=warn)
+@click.option(
+    "--type",
+    "qtype",
+    type=click.Choice(FILE_TYPE_NAMES, case_sensitive=False),
+    default="f16",
+    show_default=True,
+    help="GGUF type of the 2-D weights (see above for the exceptions).",
+)
+@click.option(
+    "--pure",
+    is_flag=True,
+    help=f"With {_KEPT}: quantize token_embd and output too instead of keeping them Q8_0 "
+    "(smaller file, somewhat worse quality).",
+)
+@click.option(
+    "--tensor-type",
+    "tensor_types",
+    multiple=True,
+    metavar="GLOB=TYPE",
+    help="Override the type of matching tensors (GGUF names, shell globs; repeatable), e.g. "
+    "'blk.*.ffn_down.weight=q8_0' or 'output.weight=f16'.",
+)
+@click.option(
+    "--quality",
+    type=click.Choice(QUALITIES),
+    default="reference",
+    show_default=True,
+    help="Quantization rounding: 'reference' is llama.cpp's own (bit-identical blocks).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="Where the quantization kernels run: auto = CUDA when available, else CPU. The bytes are the same either way.",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, path_type=Path),
+    help="Directory with the HF tokenizer files (default: MODEL's directory). Needed for "
+    "TencentPretrain checkpoints, which carry no tokenizer.",
+)
+@click.option(
+    "--pre-tokenizer",
+    metavar="NAME",
+    help="llama.cpp pre-tokenizer name for a BPE tokenizer (e.g. bloom, gpt-2, llama-bpe); default: "
+    "recognised as llama.cpp does, else from tokenizer.json or the architecture.",
+)
+@click.option(
+    "--tp-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TencentPretrain model config JSON, for a TencentPretrain MODEL.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
+    "OUTPUT is refused.",
+)
+def gguf(
+    model: Path,
+    output: Path,
+    qtype: str,
+    pure: bool,
+    tensor_types: tuple[str, ...],
+    quality: str,
+    device: str,
+    tokenizer: Path | None,
+    pre_tokenizer: str | None,
+    tp_config: Path | None,
+    force: bool,
+) -> None:
+    result = export_gguf(
+        model,
+        output,
+        type=qtype,
+        pure=pure,
+        tensor_types=tensor_types,
+        quality=quality,
+        device=device,
+        tokenizer=tokenizer,
+        pre_tokenizer=pre_tokenizer,
+        tp_config=tp_config,
+        force=force,
+        warn=warn,
+    )
     counts = Counter(result.tensor_types.values())
     tok = result.tokenizer
-    click.echo(f"wrote {result.output} ({result.bytes_written / 2**20:.1f} MiB, {result.architecture}, "
-               f"{result.file_type}): " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
-               + f"; tokenizer {tok.model}/{tok.pre} ({tok.pre_source}), {tok.tokens} tokens"
-               + (f", {tok.padding} [PAD] fillers" if tok.padding else ""))
+    click.echo(
+        f"wrote {result.output} ({result.bytes_written / 2**20:.1f} MiB, {result.architecture}, "
+        f"{result.file_type}): "
+        + ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+        + f"; tokenizer {tok.model}/{tok.pre} ({tok.pre_source}), {tok.tokens} tokens"
+        + (f", {tok.padding} [PAD] fillers" if tok.padding else "")
+    )

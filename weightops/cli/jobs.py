@@ -1,4 +1,5 @@
 """`weightops run`: release jobs from a TOML file."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,13 @@ from . import main
 
 @main.command()
 @click.argument("job_file", metavar="JOB.toml", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--resume", is_flag=True,
-              help="Skip steps that are complete: finished marker, unchanged options, and inputs and output files "
-                   "that hash now as they did when the step finished (unchanged files are not read again); redo "
-                   "anything else from scratch.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Skip steps that are complete: finished marker, unchanged options, and inputs and output files "
+    "that hash now as they did when the step finished (unchanged files are not read again); redo "
+    "anything else from scratch.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan (steps, inputs, outputs, expected sizes); write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan or report as JSON on stdout.")
 def run(job_file: Path, resume: bool, dry_run: bool, as_json: bool) -> None:

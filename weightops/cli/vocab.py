@@ -1,5 +1,6 @@
 """`weightops expand-vocab`: grow or remap a model's vocabulary, tokenizer and embeddings
 in one streaming step."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,39 +39,87 @@ def _summary(model: Path, output: Path, r: VocabReport) -> str:
 @main.command("expand-vocab")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--merge-spm", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="SentencePiece model whose pieces MODEL's tokenizer.model lacks are appended, in that model's "
-                   "order, as normal pieces with score 0 (Chinese-LLaMA's rule); existing ids never move.")
-@click.option("--add-tokens", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="File with one token per line, added as normal tokens (after any --merge-spm pieces).")
-@click.option("--special-token", "special_tokens", multiple=True, metavar="TOKEN",
-              help="Add TOKEN as a special token: never split, marked special, listed in "
-                   "special_tokens_map.json. Repeat for several (e.g. --special-token '<|End|>').")
-@click.option("--new-tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Directory of another tokenizer to remap to: rows of tokens both vocabularies share are "
-                   "carried (bit-identical) to their new ids, the rest initialised.")
-@click.option("--init", type=click.Choice(INIT_RULES), default="subtoken-mean", show_default=True,
-              help="How new rows start: subtoken-mean = mean of the old rows of the token's pieces under the old "
-                   "tokenizer (no BOS; the mean when it has none); mean = mean of all old rows; normal = "
-                   "N(mean, 1e-9 x covariance of the old rows), as transformers' mean_resizing; zeros.")
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
-              help="Seed of the normal init (deterministic).")
-@click.option("--pad-to-multiple", type=click.IntRange(min=1), metavar="N",
-              help="Round the row count up to a multiple of N (e.g. 64 for tensor cores); padding rows get "
-                   "the mean and are reported. Also keeps BLOOM's padded row count instead of shrinking.")
+@click.option(
+    "--merge-spm",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="SentencePiece model whose pieces MODEL's tokenizer.model lacks are appended, in that model's "
+    "order, as normal pieces with score 0 (Chinese-LLaMA's rule); existing ids never move.",
+)
+@click.option(
+    "--add-tokens",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File with one token per line, added as normal tokens (after any --merge-spm pieces).",
+)
+@click.option(
+    "--special-token",
+    "special_tokens",
+    multiple=True,
+    metavar="TOKEN",
+    help="Add TOKEN as a special token: never split, marked special, listed in "
+    "special_tokens_map.json. Repeat for several (e.g. --special-token '<|End|>').",
+)
+@click.option(
+    "--new-tokenizer",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Directory of another tokenizer to remap to: rows of tokens both vocabularies share are "
+    "carried (bit-identical) to their new ids, the rest initialised.",
+)
+@click.option(
+    "--init",
+    type=click.Choice(INIT_RULES),
+    default="subtoken-mean",
+    show_default=True,
+    help="How new rows start: subtoken-mean = mean of the old rows of the token's pieces under the old "
+    "tokenizer (no BOS; the mean when it has none); mean = mean of all old rows; normal = "
+    "N(mean, 1e-9 x covariance of the old rows), as transformers' mean_resizing; zeros.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**64 - 1),
+    default=0,
+    show_default=True,
+    help="Seed of the normal init (deterministic).",
+)
+@click.option(
+    "--pad-to-multiple",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Round the row count up to a multiple of N (e.g. 64 for tensor cores); padding rows get "
+    "the mean and are reported. Also keeps BLOOM's padded row count instead of shrinking.",
+)
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
-@click.option("--allow-shrink", is_flag=True,
-              help="Allow a new tokenizer smaller than the embedding to cut rows off (they are dropped).")
-@click.option("--force", is_flag=True,
-              help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
-                   "OUTPUT is refused.")
-@click.option("--reinit-rows", is_flag=True,
-              help="Allow re-initialising the trained rows of tokens the new tokenizer lacks (with --new-tokenizer); "
-                   "without it such a remap is refused.")
-def expand_vocab_cmd(model: Path, output: Path, merge_spm: Path | None, add_tokens: Path | None,
-                     special_tokens: tuple[str, ...], new_tokenizer: Path | None, init: str, seed: int,
-                     pad_to_multiple: int | None, max_shard_size: str, allow_shrink: bool, force: bool,
-                     reinit_rows: bool) -> None:
+@click.option(
+    "--allow-shrink",
+    is_flag=True,
+    help="Allow a new tokenizer smaller than the embedding to cut rows off (they are dropped).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
+    "OUTPUT is refused.",
+)
+@click.option(
+    "--reinit-rows",
+    is_flag=True,
+    help="Allow re-initialising the trained rows of tokens the new tokenizer lacks (with --new-tokenizer); "
+    "without it such a remap is refused.",
+)
+def expand_vocab_cmd(
+    model: Path,
+    output: Path,
+    merge_spm: Path | None,
+    add_tokens: Path | None,
+    special_tokens: tuple[str, ...],
+    new_tokenizer: Path | None,
+    init: str,
+    seed: int,
+    pad_to_multiple: int | None,
+    max_shard_size: str,
+    allow_shrink: bool,
+    force: bool,
+    reinit_rows: bool,
+) -> None:
     """Grow or remap MODEL's vocabulary and write OUTPUT (an HF safetensors directory).
 
     The tokenizer is edited (merge a SentencePiece model, add tokens, add special tokens)
@@ -91,9 +140,20 @@ def expand_vocab_cmd(model: Path, output: Path, merge_spm: Path | None, add_toke
           --special-token '<|Human|>' --special-token '<|YaYi|>' --special-token '<|End|>' \\
           --pad-to-multiple 512
     """
-    report = expand_vocab(model, output, merge_spm=merge_spm, add_tokens=_read_tokens(add_tokens) if add_tokens else (),
-                          special_tokens=special_tokens, new_tokenizer=new_tokenizer, init=init, seed=seed,
-                          pad_to_multiple=pad_to_multiple, max_shard_size=max_shard_size, force=force,
-                          allow_shrink=allow_shrink, read_files=[add_tokens] if add_tokens else [],
-                          reinit_rows=reinit_rows)
+    report = expand_vocab(
+        model,
+        output,
+        merge_spm=merge_spm,
+        add_tokens=_read_tokens(add_tokens) if add_tokens else (),
+        special_tokens=special_tokens,
+        new_tokenizer=new_tokenizer,
+        init=init,
+        seed=seed,
+        pad_to_multiple=pad_to_multiple,
+        max_shard_size=max_shard_size,
+        force=force,
+        allow_shrink=allow_shrink,
+        read_files=[add_tokens] if add_tokens else [],
+        reinit_rows=reinit_rows,
+    )
     click.echo(_summary(model, output, report))

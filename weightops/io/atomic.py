@@ -1,5 +1,6 @@
 """Durability for atomic publishing (`io.outputs`): flush a written file set before the rename
 that makes it visible, so a crash never leaves a published output with missing data."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 `open_checkpoint` detects the format from the path (directory contents, suffix, GGUF
 magic) and returns lazy references; `save_hf` writes a complete HF directory atomically.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -33,9 +34,9 @@ class Checkpoint:
     tensors: list[TensorRef]
     weight_files: list[Path]
     aux_files: list[Path] = field(default_factory=list)
-    config: dict[str, Any] | None = None      # HF config.json, TP model config, or GGUF metadata
+    config: dict[str, Any] | None = None  # HF config.json, TP model config, or GGUF metadata
     architecture: str | None = None
-    config_file: Path | None = None           # where `config` was read (named in errors)
+    config_file: Path | None = None  # where `config` was read (named in errors)
 
     def tensor(self, name: str) -> TensorRef:
         for r in self.tensors:
@@ -61,8 +62,9 @@ def open_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> Ch
     else:
         ckpt = _open_dir(path)
     if not ckpt.tensors:
-        raise WeightopsError(f"{path}: holds no tensors ({', '.join(map(str, ckpt.weight_files))}); "
-                             "not a model checkpoint")
+        raise WeightopsError(
+            f"{path}: holds no tensors ({', '.join(map(str, ckpt.weight_files))}); not a model checkpoint"
+        )
     require_unique(ckpt.tensors)
     if tp_config is None and ckpt.format == "tencentpretrain":
         tp_config = member(ckpt.directory, tp_io.CONFIG)  # written beside it by `weightops convert`
@@ -79,11 +81,24 @@ def _open_file(path: Path) -> Checkpoint:
     if gguf_io.is_gguf(path):
         reader = gguf_io.open_reader(path)
         meta = gguf_io.read_metadata(path, reader)
-        return Checkpoint(path, "gguf", gguf_io.read_gguf(path, reader), [path], config=meta,
-                          architecture=meta.get("general.architecture"), config_file=path)
+        return Checkpoint(
+            path,
+            "gguf",
+            gguf_io.read_gguf(path, reader),
+            [path],
+            config=meta,
+            architecture=meta.get("general.architecture"),
+            config_file=path,
+        )
     if path.suffix == ".safetensors":
-        return Checkpoint(path, "hf-safetensors", read_safetensors(path), [path], hf_io.aux_files(path.parent),
-                          *_hf_config(path.parent))
+        return Checkpoint(
+            path,
+            "hf-safetensors",
+            read_safetensors(path),
+            [path],
+            hf_io.aux_files(path.parent),
+            *_hf_config(path.parent),
+        )
     if path.suffix in (".bin", ".pt", ".pth"):
         refs = read_torch_bin(path)
         if tp_io.looks_like_tp(r.name for r in refs):
@@ -115,15 +130,26 @@ def _open_dir(path: Path) -> Checkpoint:
         ggufs = members(path, "*.gguf")
         if len(ggufs) == 1:
             return _open_file(ggufs[0])
-        raise WeightopsError(f"{path}: no checkpoint found (looked for *.safetensors, pytorch_model.bin, "
-                             f"their index files, {tp_io.INDEX}, a TencentPretrain .bin, or one .gguf)") from None
+        raise WeightopsError(
+            f"{path}: no checkpoint found (looked for *.safetensors, pytorch_model.bin, "
+            f"their index files, {tp_io.INDEX}, a TencentPretrain .bin, or one .gguf)"
+        ) from None
     return Checkpoint(path, fmt, refs, files, hf_io.aux_files(path), *_hf_config(path))
 
 
-def save_hf(refs: Iterable[TensorRef], output: str | Path | Output, *, aux_files: Iterable[Path] = (),
-            inputs: Iterable[Path] = (), force: bool = False, max_shard_size: str | int = "5GB",
-            config_update: dict | None = None, extra_files: dict[str, str | bytes] | None = None, desc: str = "writing",
-            total_parameters: int | None = None) -> list[Path]:
+def save_hf(
+    refs: Iterable[TensorRef],
+    output: str | Path | Output,
+    *,
+    aux_files: Iterable[Path] = (),
+    inputs: Iterable[Path] = (),
+    force: bool = False,
+    max_shard_size: str | int = "5GB",
+    config_update: dict | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
+    desc: str = "writing",
+    total_parameters: int | None = None,
+) -> list[Path]:
     """Stream `refs` into a new HF directory at `output`, atomically.
 
     Config and tokenizer files are copied from `aux_files` (`config_update` patches
@@ -137,8 +163,9 @@ def save_hf(refs: Iterable[TensorRef], output: str | Path | Output, *, aux_files
     require_unique(refs)
     limit = parse_size(max_shard_size)
     with target.writing() as tmp, progress.bar(sum(r.nbytes for r in refs), desc) as b:
-        hf_io.write_hf_weights(refs, tmp, limit, on_tensor=lambda r: b.update(r.nbytes),
-                               total_parameters=total_parameters)
+        hf_io.write_hf_weights(
+            refs, tmp, limit, on_tensor=lambda r: b.update(r.nbytes), total_parameters=total_parameters
+        )
         hf_io.copy_aux(aux_files, tmp, config_update)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)

@@ -6,6 +6,7 @@ or "four" would otherwise surface far away as a bare ZeroDivisionError or TypeEr
 size written as `"32000"` would compare unequal to the tensors ("32000 vs 32000"). Keys
 that are absent or null are left alone (the readers fill in defaults).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,14 +17,30 @@ from typing import Any
 from ..errors import WeightopsError, shown
 
 # HF (LLaMA, BLOOM) and TencentPretrain spellings of the counts and sizes: positive integers.
-POSITIVE_INTS = frozenset({
-    "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "hidden_size", "intermediate_size",
-    "vocab_size", "max_position_embeddings", "head_dim", "n_head", "n_layer", "n_embed", "seq_length",
-    "heads_num", "local_kv_heads_num", "layers_num", "emb_size", "feedforward_size", "max_seq_length",
-})
+POSITIVE_INTS = frozenset(
+    {
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+        "head_dim",
+        "n_head",
+        "n_layer",
+        "n_embed",
+        "seq_length",
+        "heads_num",
+        "local_kv_heads_num",
+        "layers_num",
+        "emb_size",
+        "feedforward_size",
+        "max_seq_length",
+    }
+)
 # Epsilons and RoPE bases: positive finite numbers.
-POSITIVE_NUMBERS = frozenset({"rms_norm_eps", "layer_norm_epsilon", "layernorm_eps", "rope_theta",
-                              "initializer_range"})
+POSITIVE_NUMBERS = frozenset({"rms_norm_eps", "layer_norm_epsilon", "layernorm_eps", "rope_theta", "initializer_range"})
 STRINGS = frozenset({"model_type", "dtype", "torch_dtype", "hidden_act"})
 FLAGS = frozenset({"tie_word_embeddings", "tie_weights"})
 OBJECTS = frozenset({"rope_parameters", "rope_scaling", "quantization_config"})
@@ -60,10 +77,18 @@ def check_config(config: object, path: Path | str) -> dict[str, Any]:
 
 
 def _bad(path: Path | str, key: str, value: Any, wanted: str) -> None:
-    raise WeightopsError(f"{shown(path)}: {shown(key)} is {shown(json.dumps(value))[:80]} ({_kind(value)}); "
-                         f"it must be {wanted}")
+    raise WeightopsError(
+        f"{shown(path)}: {shown(key)} is {shown(json.dumps(value))[:80]} ({_kind(value)}); it must be {wanted}"
+    )
 
 
 def _kind(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)

@@ -6,6 +6,7 @@ dequantizes to float32 with `gguf.quants`, `raw()` gives the stored blocks.
 Writer: every tensor's byte size follows from its shape and type, so header, metadata and
 tensor infos are written first and the data follows one tensor at a time.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +52,7 @@ def read_gguf(path: Path, reader: Header | None = None) -> list[TensorRef]:
     header = reader or open_reader(path)
     refs = []
     for t in header.tensors:
+
         def raw(t=t) -> np.ndarray:
             import numpy as np
 
@@ -65,8 +67,17 @@ def read_gguf(path: Path, reader: Header | None = None) -> list[TensorRef]:
             values = dequantize(blocks, t.ggml_type)
             return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(t.shape)
 
-        refs.append(TensorRef(name=t.name, shape=t.shape, dtype_name="F32", source=str(path), loader=load,
-                              ggml_type=t.ggml_type.name, raw_loader=raw))
+        refs.append(
+            TensorRef(
+                name=t.name,
+                shape=t.shape,
+                dtype_name="F32",
+                source=str(path),
+                loader=load,
+                ggml_type=t.ggml_type.name,
+                raw_loader=raw,
+            )
+        )
     return refs
 
 
@@ -112,8 +123,12 @@ def plan_writer(arch: str, tensors: Sequence[GGUFTensor]) -> GGUFWriter:
     return writer
 
 
-def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: str | Path | Output,
-               on_tensor: Callable[[GGUFTensor], None] | None = None) -> None:
+def write_gguf(
+    writer: GGUFWriter,
+    tensors: Sequence[GGUFTensor],
+    output: str | Path | Output,
+    on_tensor: Callable[[GGUFTensor], None] | None = None,
+) -> None:
     """Write header, metadata and tensor infos, then each tensor's bytes in turn (each padded
     to the 32-byte alignment, as GGUFWriter pads), into a temporary sibling that becomes
     `output` only at the end. `output` is a path, or an `Output` the caller planned (and
@@ -138,8 +153,10 @@ def write_gguf(writer: GGUFWriter, tensors: Sequence[GGUFTensor], output: str | 
                         written += piece.nbytes
                         del piece
                     if written != t.nbytes:
-                        raise WeightopsError(f"{target.path}: tensor {t.name!r} {t.shape} as {t.ggml_type.name} "
-                                             f"produced {written} bytes, expected {t.nbytes}")
+                        raise WeightopsError(
+                            f"{target.path}: tensor {t.name!r} {t.shape} as {t.ggml_type.name} "
+                            f"produced {written} bytes, expected {t.nbytes}"
+                        )
                     fout.write(bytes(-written % align))
                 if t.release:
                     t.release()

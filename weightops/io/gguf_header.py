@@ -9,6 +9,7 @@ map. Tensor infos are checked as llama.cpp's gguf.cpp checks them (known type, a
 dimensions, rows whole blocks, data laid out in order at the aligned offsets it expects,
 inside the file), so what weightops reads is what llama.cpp would load.
 """
+
 from __future__ import annotations
 
 import array
@@ -28,9 +29,8 @@ DEFAULT_ALIGNMENT = 32
 _STRING, _ARRAY = 8, 9
 # GGUF value type -> struct format of one scalar (little-endian)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
-          12: "<f8"}
-_MIN_KV = 8 + 4 + 1             # empty key, type, a one-byte value
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_MIN_KV = 8 + 4 + 1  # empty key, type, a one-byte value
 _MIN_TENSOR_INFO = 8 + 4 + 4 + 8  # empty name, no dims, type, offset
 
 
@@ -71,8 +71,8 @@ class LazyArray(Sequence):
 class TensorInfo:
     name: str
     shape: tuple[int, ...]  # torch order (the file stores it reversed)
-    ggml_type: Any          # gguf.GGMLQuantizationType
-    offset: int             # absolute file offset of the data
+    ggml_type: Any  # gguf.GGMLQuantizationType
+    offset: int  # absolute file offset of the data
     nbytes: int
 
 
@@ -108,7 +108,7 @@ class _Cursor:
     def string_bytes(self, what: str) -> bytes:
         n = self.scalar("<Q", f"length of {what}")
         self.need(n, what)
-        out = self.buf[self.pos:self.pos + n]
+        out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -155,7 +155,8 @@ def _value(cur: _Cursor, vtype: int, key: str) -> Any:
     def item(i: int) -> str:
         start = starts[i]
         (n,) = struct.unpack_from("<Q", buf, start)
-        return _decode(buf[start + 8:start + 8 + n])
+        return _decode(buf[start + 8 : start + 8 + n])
+
     return LazyArray(count, item)
 
 
@@ -223,12 +224,16 @@ def read_header(path: Path) -> Header:
         if dims and dims[0] % block:
             raise WeightopsError(f"{where}: rows of {dims[0]} values are not whole {qtype.name} blocks of {block}")
         if offset != expected:
-            raise WeightopsError(f"{where}: data offset {offset}, llama.cpp expects {expected} (tensors are "
-                                 f"stored in order, each padded to {alignment} bytes)")
+            raise WeightopsError(
+                f"{where}: data offset {offset}, llama.cpp expects {expected} (tensors are "
+                f"stored in order, each padded to {alignment} bytes)"
+            )
         nbytes = numel // block * type_size
         if data_start + offset + nbytes > size:
-            raise WeightopsError(f"{where}: data ends at byte {data_start + offset + nbytes}, past the end of "
-                                 f"the file ({size} bytes); the file is truncated")
+            raise WeightopsError(
+                f"{where}: data ends at byte {data_start + offset + nbytes}, past the end of "
+                f"the file ({size} bytes); the file is truncated"
+            )
         expected += -(-nbytes // alignment) * alignment
         tensors.append(TensorInfo(name, tuple(reversed(dims)), qtype, data_start + offset, nbytes))
     return Header(path, version, metadata, tensors, buf)

@@ -13,6 +13,7 @@ add_sep, merges and the chat template are read by gguf's `SpecialVocab` as the p
 converter runs it (`special_vocab`). The BPE vocabulary and its pre-tokenizer hash come from
 the `tokenizers` library directly: transformers (seconds to import) is never loaded here.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,8 @@ CHECK_TEXT = (
     "3.3 3..3 3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 "
     "?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= \u043d\u0435\u0449\u043e \u043d\u0430 "
     "\u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 ''''''```````\"\"\"\"......!!!!!!?????? I've been "
-    "'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL")
+    "'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
 
 # sha256 of str(ids of CHECK_TEXT) -> tokenizer.ggml.pre, from llama.cpp's convert_hf_to_gguf.py
 # (a selection: the LLaMA/BLOOM families and widely used byte-level BPE tokenizers).
@@ -85,13 +87,17 @@ PRE_NAMES = sorted(set(KNOWN_PRE.values()) | {"default"})
 
 # tokenizer.json Split regexes whose llama.cpp pre-tokenizer is known (for unknown vocabularies).
 _GPT2_REGEX = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
-_LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-                 "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+_LLAMA3_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 # BLOOM's tokenizer.json splits with this before a ByteLevel step (llama.cpp's "bloom" pre-tokenizer).
 BLOOM_SPLIT_REGEX = " ?[^(\\s|[.,!?…。，、।۔،])]+"
 # Qwen2's: LLaMA 3's with single digits (llama.cpp's "qwen2" pre-tokenizer).
-QWEN2_SPLIT_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-                     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+QWEN2_SPLIT_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 _SPLIT_PRE = {_GPT2_REGEX: "gpt-2", _LLAMA3_REGEX: "llama-bpe", BLOOM_SPLIT_REGEX: "bloom", QWEN2_SPLIT_REGEX: "qwen2"}
 
 
@@ -99,12 +105,12 @@ _SPLIT_PRE = {_GPT2_REGEX: "gpt-2", _LLAMA3_REGEX: "llama-bpe", BLOOM_SPLIT_REGE
 class TokenizerSummary:
     """What went into the file, for the report and the tests."""
 
-    model: str                 # tokenizer.ggml.model
-    pre: str                   # tokenizer.ggml.pre
-    pre_source: str            # how `pre` was chosen
+    model: str  # tokenizer.ggml.model
+    pre: str  # tokenizer.ggml.pre
+    pre_source: str  # how `pre` was chosen
     tokens: int
-    padding: int               # [PAD{i}] entries added to reach the embedding rows
-    control: list[str]         # added special tokens typed CONTROL
+    padding: int  # [PAD{i}] entries added to reach the embedding rows
+    control: list[str]  # added special tokens typed CONTROL
 
 
 def _read_json(path: Path) -> dict:
@@ -116,9 +122,12 @@ def _read_json(path: Path) -> dict:
 
 def looks_special(text: str) -> bool:
     """Added tokens some models forget to mark special (llama.cpp's converter treats them as such)."""
-    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
-            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
-            or (text.startswith("<unused") and text.endswith(">")))
+    return (
+        text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+        or (text.startswith("<unused") and text.endswith(">"))
+    )
 
 
 @contextmanager
@@ -135,10 +144,19 @@ def quiet_gguf() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, directory: Path, *, n_vocab: int, encodings: Sequence[str],
-                  default_pre: str, add_space_prefix: bool, pre_tokenizer: str | None = None,
-                  config_vocab: int | None = None, embedding: str | None = None,
-                  warn: Callable[[str], None] = lambda msg: None) -> TokenizerSummary:
+def add_tokenizer(
+    writer: gguf.GGUFWriter,
+    directory: Path,
+    *,
+    n_vocab: int,
+    encodings: Sequence[str],
+    default_pre: str,
+    add_space_prefix: bool,
+    pre_tokenizer: str | None = None,
+    config_vocab: int | None = None,
+    embedding: str | None = None,
+    warn: Callable[[str], None] = lambda msg: None,
+) -> TokenizerSummary:
     """Add the `tokenizer.ggml.*` keys for the HF tokenizer in `directory`, with `n_vocab` tokens
     (the rows of `embedding`). Tokenizer files that disagree with each other, with those rows
     or with `config_vocab` are refused: the file would otherwise hold whichever one is read."""
@@ -158,22 +176,34 @@ def add_tokenizer(writer: gguf.GGUFWriter, directory: Path, *, n_vocab: int, enc
             return _llama_hf(writer, directory, vocab, n_vocab)
         if encoding == "gpt2" and (directory / "tokenizer.json").is_file():
             return _gpt2(writer, directory, n_vocab, default_pre, pre_tokenizer, warn)
-    wanted = " or ".join({"sentencepiece": "tokenizer.model", "gpt2": "tokenizer.json"}.get(e, "tokenizer.json")
-                         for e in encodings if e != "llama-hf")
+    wanted = " or ".join(
+        {"sentencepiece": "tokenizer.model", "gpt2": "tokenizer.json"}.get(e, "tokenizer.json")
+        for e in encodings
+        if e != "llama-hf"
+    )
     raise WeightopsError(f"{directory}: no tokenizer found (looked for {wanted}); pass --tokenizer DIR")
 
 
 def _sentencepiece(writer: gguf.GGUFWriter, directory: Path, config: dict, n_vocab: int) -> TokenizerSummary:
     from sentencepiece import SentencePieceProcessor
+
     sp = SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     scores = [-10000.0] * n_vocab
     types = [int(TokenType.UNUSED)] * n_vocab
     for i in range(sp.vocab_size()):
         tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
-        types[i] = int(TokenType.UNKNOWN if sp.IsUnknown(i) else TokenType.CONTROL if sp.IsControl(i)
-                       else TokenType.UNUSED if sp.IsUnused(i) else TokenType.BYTE if sp.IsByte(i)
-                       else TokenType.NORMAL)
+        types[i] = int(
+            TokenType.UNKNOWN
+            if sp.IsUnknown(i)
+            else TokenType.CONTROL
+            if sp.IsControl(i)
+            else TokenType.UNUSED
+            if sp.IsUnused(i)
+            else TokenType.BYTE
+            if sp.IsByte(i)
+            else TokenType.NORMAL
+        )
 
     def put(token_id: int, text: str, special: bool) -> None:
         tokens[token_id], scores[token_id] = text if special else text.replace("\u2581", " "), -1000.0
@@ -217,8 +247,14 @@ def _llama_hf(writer: gguf.GGUFWriter, directory: Path, vocab: Any, n_vocab: int
     return _summary("llama", "default", "SentencePiece-style tokenizer.json", tokens, types)
 
 
-def _gpt2(writer: gguf.GGUFWriter, directory: Path, n_vocab: int, default_pre: str, pre_tokenizer: str | None,
-          warn: Callable[[str], None]) -> TokenizerSummary:
+def _gpt2(
+    writer: gguf.GGUFWriter,
+    directory: Path,
+    n_vocab: int,
+    default_pre: str,
+    pre_tokenizer: str | None,
+    warn: Callable[[str], None],
+) -> TokenizerSummary:
     """The converter's get_vocab_base, on the `tokenizers` object transformers itself wraps."""
     tok = load_fast_tokenizer(directory)
     vocab: dict[str, int] = tok.get_vocab(with_added_tokens=True)
@@ -258,6 +294,7 @@ def load_fast_tokenizer(directory: Path) -> Any:
     """directory/tokenizer.json as a `tokenizers.Tokenizer` (the object transformers' fast
     tokenizers wrap; loading it directly takes milliseconds, not transformers' seconds)."""
     from tokenizers import Tokenizer
+
     path = Path(directory) / "tokenizer.json"
     try:
         return Tokenizer.from_file(str(path))
@@ -271,24 +308,30 @@ def check_hash(tokenizer: Any) -> str:
     return sha256(str(tokenizer.encode(CHECK_TEXT).ids).encode()).hexdigest()
 
 
-def choose_pre(tokenizer: Any, directory: Path, default_pre: str, requested: str | None,
-               warn: Callable[[str], None]) -> tuple[str, str]:
+def choose_pre(
+    tokenizer: Any, directory: Path, default_pre: str, requested: str | None, warn: Callable[[str], None]
+) -> tuple[str, str]:
     """(tokenizer.ggml.pre, how it was chosen): --pre-tokenizer, else llama.cpp's hash table,
     else the tokenizer.json pre-tokenizer regex, else the architecture's default."""
     if requested:
         if requested not in PRE_NAMES:
-            warn(f"--pre-tokenizer {requested!r} is not one weightops knows ({', '.join(PRE_NAMES)}); "
-                 "llama.cpp refuses files whose pre-tokenizer it does not know")
+            warn(
+                f"--pre-tokenizer {requested!r} is not one weightops knows ({', '.join(PRE_NAMES)}); "
+                "llama.cpp refuses files whose pre-tokenizer it does not know"
+            )
         return requested, "--pre-tokenizer"
     digest = check_hash(tokenizer)
     if digest in KNOWN_PRE:
         return KNOWN_PRE[digest], "llama.cpp check-text hash"
     from_regex = _pre_from_tokenizer_json(_read_json(directory / "tokenizer.json"))
-    pre, reason = (from_regex, "tokenizer.json pre-tokenizer regex") if from_regex else \
-        (default_pre, "architecture default")
-    warn(f"{directory}: BPE pre-tokenizer not recognised by llama.cpp's check-text hash ({digest[:16]}...), "
-         f"e.g. an expanded vocabulary; writing tokenizer.ggml.pre={pre!r} ({reason}). If llama.cpp splits text "
-         f"differently from the HF tokenizer, re-run with --pre-tokenizer NAME (one of: {', '.join(PRE_NAMES)})")
+    pre, reason = (
+        (from_regex, "tokenizer.json pre-tokenizer regex") if from_regex else (default_pre, "architecture default")
+    )
+    warn(
+        f"{directory}: BPE pre-tokenizer not recognised by llama.cpp's check-text hash ({digest[:16]}...), "
+        f"e.g. an expanded vocabulary; writing tokenizer.ggml.pre={pre!r} ({reason}). If llama.cpp splits text "
+        f"differently from the HF tokenizer, re-run with --pre-tokenizer NAME (one of: {', '.join(PRE_NAMES)})"
+    )
     return pre, reason
 
 
@@ -309,7 +352,14 @@ def _pre_from_tokenizer_json(data: dict) -> str | None:
 
 
 def _summary(model: str, pre: str, source: str, tokens: list[str], types: list[int]) -> TokenizerSummary:
-    padding = sum(1 for i, (t, k) in enumerate(zip(tokens, types, strict=False))
-                  if k == TokenType.UNUSED and t == f"[PAD{i}]")
-    return TokenizerSummary(model, pre, source, len(tokens), padding,
-                            [t for t, k in zip(tokens, types, strict=False) if k == TokenType.CONTROL])
+    padding = sum(
+        1 for i, (t, k) in enumerate(zip(tokens, types, strict=False)) if k == TokenType.UNUSED and t == f"[PAD{i}]"
+    )
+    return TokenizerSummary(
+        model,
+        pre,
+        source,
+        len(tokens),
+        padding,
+        [t for t, k in zip(tokens, types, strict=False) if k == TokenType.CONTROL],
+    )

@@ -1,5 +1,6 @@
 """Hugging Face checkpoint directories: which files hold weights, which are config and
 tokenizer files, and a writer that shards exactly as `save_pretrained` does."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,19 @@ from .torchbin import read_torch_bin
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # Files that travel with the weights (config, generation settings, tokenizer).
-AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-             "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-             "chat_template.json")
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def aux_files(directory: Path) -> list[Path]:
@@ -43,9 +54,13 @@ def read_hf_dir(directory: Path) -> tuple[str, list[TensorRef], list[Path]]:
     raise FileNotFoundError(directory)
 
 
-def write_hf_weights(refs: Iterable[TensorRef], directory: Path, max_shard_size: int,
-                     on_tensor: Callable[[TensorRef], None] | None = None,
-                     total_parameters: int | None = None) -> list[Path]:
+def write_hf_weights(
+    refs: Iterable[TensorRef],
+    directory: Path,
+    max_shard_size: int,
+    on_tensor: Callable[[TensorRef], None] | None = None,
+    total_parameters: int | None = None,
+) -> list[Path]:
     """Write `model.safetensors` or `model-0000i-of-0000N.safetensors` + index into `directory`.
 
     Tensors are taken in name order, as transformers 5's `save_pretrained` does before

@@ -1,5 +1,6 @@
 """Sharded checkpoints: size parsing, the shard plan `save_pretrained` uses, and reading an
 index file with its parts checked against it (missing shard, missing or extra tensors)."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,18 @@ from ..errors import WeightopsError, names_file, shown
 from ..stream import TensorRef
 from .paths import inside
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -55,8 +66,9 @@ def write_index(path: Path, weight_map: dict[str, str], metadata: dict) -> None:
 
 
 @names_file("index file")
-def read_sharded(index_path: Path, read_file: Callable[[Path], list[TensorRef]],
-                 part_glob: str) -> tuple[list[TensorRef], list[Path]]:
+def read_sharded(
+    index_path: Path, read_file: Callable[[Path], list[TensorRef]], part_glob: str
+) -> tuple[list[TensorRef], list[Path]]:
     """Read every part an index names and check the parts against the index (a part file
     matching `part_glob` that the index never names is an error too: its tensors would be lost).
     Part names must stay inside the index's directory (`paths.inside`)."""
@@ -70,11 +82,13 @@ def read_sharded(index_path: Path, read_file: Callable[[Path], list[TensorRef]],
         inside(root, fname, f"{index_path}: weight_map entry {first[fname]!r}")
     missing_files = [f for f in files if not (root / f).is_file()]
     if missing_files:
-        raise WeightopsError(f"{index_path}: names shard files that do not exist: "
-                             f"{', '.join(shown(f) for f in missing_files)}")
+        raise WeightopsError(
+            f"{index_path}: names shard files that do not exist: {', '.join(shown(f) for f in missing_files)}"
+        )
     refs: list[TensorRef] = []
-    problems = [f"{shown(p.name)} is not named by the index" for p in sorted(root.glob(part_glob))
-                if p.name not in files]
+    problems = [
+        f"{shown(p.name)} is not named by the index" for p in sorted(root.glob(part_glob)) if p.name not in files
+    ]
     for fname in files:
         part = read_file(root / fname)
         names = {r.name for r in part}
@@ -83,8 +97,10 @@ def read_sharded(index_path: Path, read_file: Callable[[Path], list[TensorRef]],
             problems.append(f"index puts {name!r} in {shown(fname)}, which does not contain it")
         for name in sorted(names - wanted):
             where = weight_map.get(name)
-            problems.append(f"{shown(fname)} contains {name!r}, which the index " +
-                            (f"places in {shown(where)}" if where else "does not list"))
+            problems.append(
+                f"{shown(fname)} contains {name!r}, which the index "
+                + (f"places in {shown(where)}" if where else "does not list")
+            )
         refs.extend(r for r in part if weight_map.get(r.name) == fname)
     if problems:
         raise WeightopsError(f"{index_path}: index and shards disagree:\n  " + "\n  ".join(problems))

@@ -19,6 +19,7 @@ cleanly, after checking that OUTPUT is still what was planned for replacement. A
 temporary whose lock nobody holds was left by a killed run: the next run writing the
 same OUTPUT removes it and says so.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -196,10 +197,14 @@ def refusal(path: Path, what: str = "output") -> str | None:
     if path.is_file():
         return f"{what} {path} is a file weightops did not write (it carries no {XATTR} attribute)"
     if not (path / MARKER).is_file():
-        return (f"{what} {path} is a directory weightops did not write (no {MARKER} in it) holding "
-                f"{len(alien)} file(s): {_listing(alien, path)}")
-    return (f"{what} {path} was written by weightops, but now also holds {len(alien)} file(s) weightops did not "
-            f"write: {_listing(alien, path)}")
+        return (
+            f"{what} {path} is a directory weightops did not write (no {MARKER} in it) holding "
+            f"{len(alien)} file(s): {_listing(alien, path)}"
+        )
+    return (
+        f"{what} {path} was written by weightops, but now also holds {len(alien)} file(s) weightops did not "
+        f"write: {_listing(alien, path)}"
+    )
 
 
 def remove(path: Path, what: str = "output", announce: bool = True) -> None:
@@ -210,8 +215,9 @@ def remove(path: Path, what: str = "output", announce: bool = True) -> None:
         return
     why = refusal(path, what)
     if why:
-        raise WeightopsError(f"{why}; weightops only removes what it wrote: move it away yourself, or choose "
-                             "another path")
+        raise WeightopsError(
+            f"{why}; weightops only removes what it wrote: move it away yourself, or choose another path"
+        )
     _delete(path, f"removing {what}" if announce else None)
 
 
@@ -318,8 +324,10 @@ def _check_inputs(output: Path, inputs: Iterable[Path | str | None]) -> None:
         if src in out.parents:
             raise WeightopsError(f"output {output} is inside the input {inp}; choose another output path")
         if out in src.parents:
-            raise WeightopsError(f"input {inp} lies inside the output {output}; replacing the output would destroy "
-                                 "it: choose another output path")
+            raise WeightopsError(
+                f"input {inp} lies inside the output {output}; replacing the output would destroy "
+                "it: choose another output path"
+            )
 
 
 def sweep(output: Path) -> None:
@@ -341,8 +349,15 @@ class Output:
     `inputs` are every path the command reads (positional or by option; None is skipped);
     `kind` is "dir" or "file"; `force` allows replacing an existing output weightops wrote."""
 
-    def __init__(self, path: str | Path, inputs: Iterable[Path | str | None] = (), *, kind: Kind,
-                 force: bool = False, what: str = "output"):
+    def __init__(
+        self,
+        path: str | Path,
+        inputs: Iterable[Path | str | None] = (),
+        *,
+        kind: Kind,
+        force: bool = False,
+        what: str = "output",
+    ):
         self.path, self.kind, self.force, self.what = Path(path), kind, force, what
         if kind == "file" and str(path).endswith(os.sep):
             raise WeightopsError(f"{what} {path} names a directory, but a file is written here: name the file")
@@ -356,15 +371,18 @@ class Output:
         if not (p.exists() or p.is_symlink()):
             return None
         if self.kind == "file" and p.is_dir() and not p.is_symlink():
-            raise WeightopsError(f"{what} {p} is a directory, but a file is written here; a directory is never "
-                                 "replaced by a file: name a file (e.g. inside it)")
+            raise WeightopsError(
+                f"{what} {p} is a directory, but a file is written here; a directory is never "
+                "replaced by a file: name a file (e.g. inside it)"
+            )
         why = refusal(p, what)
         if why:
-            raise WeightopsError(f"{why}; weightops never replaces what it did not write, with or without --force: "
-                                 "move it away yourself, or choose another output path")
+            raise WeightopsError(
+                f"{why}; weightops never replaces what it did not write, with or without --force: "
+                "move it away yourself, or choose another output path"
+            )
         if _files_under(p) and not self.force:
-            raise WeightopsError(f"{what} {p} exists and is not empty (weightops wrote it); pass --force to replace "
-                                 "it")
+            raise WeightopsError(f"{what} {p} exists and is not empty (weightops wrote it); pass --force to replace it")
         st = p.lstat()
         return st.st_dev, st.st_ino
 
@@ -435,8 +453,10 @@ class Output:
                 raise
             n, size = _measure(old)
             if n:
-                _say(f"replaced {self.what} {final}; removed the previous one ({n} file{'s' if n != 1 else ''}, "
-                     f"{human_size(size)})")
+                _say(
+                    f"replaced {self.what} {final}; removed the previous one ({n} file{'s' if n != 1 else ''}, "
+                    f"{human_size(size)})"
+                )
             shutil.rmtree(trash)
         finally:
             os.close(fd)
@@ -471,5 +491,6 @@ class Output:
         return self._changed("appeared")
 
     def _changed(self, how: str) -> WeightopsError:
-        return WeightopsError(f"{self.what} {self.path} {how} while this command was running; it was left alone "
-                              "and nothing was published")
+        return WeightopsError(
+            f"{self.what} {self.path} {how} while this command was running; it was left alone and nothing was published"
+        )

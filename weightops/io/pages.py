@@ -4,6 +4,7 @@ Streaming a model through a process must not leave it in memory: mapped input pa
 dropped from the process once a tensor is consumed, and a written output's pages are
 dropped from the page cache once it is durable.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,7 @@ def drop_mapped(address: int, length: int) -> None:
     if _libc is None:
         return
     page = mmap.PAGESIZE
-    begin = -(-address // page) * page                       # whole pages only: neighbours stay
+    begin = -(-address // page) * page  # whole pages only: neighbours stay
     end = (address + length) // page * page
     if end > begin:
         _libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), mmap.MADV_DONTNEED)

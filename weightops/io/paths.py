@@ -10,6 +10,7 @@ One layout is allowed to point out of its directory: the Hugging Face hub cache,
 `…/models--org--name/snapshots/REV/FILE` links to `../../blobs/HASH` of the same repository
 folder (files `huggingface_hub` wrote, not a name any file chose).
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,10 @@ def check_link(root: Path, path: Path, what: str | None = None) -> None:
     """Refuse `path` (under `root`) when it resolves outside `root` through a symlink."""
     target = path.resolve()
     if not _within(target, allowed_roots(root)):
-        raise WeightopsError(f"{what or path}: {path} is a symlink to {target}, outside {root}; weightops "
-                             "reads only files inside the model directory (copy the file in instead of linking)")
+        raise WeightopsError(
+            f"{what or path}: {path} is a symlink to {target}, outside {root}; weightops "
+            "reads only files inside the model directory (copy the file in instead of linking)"
+        )
 
 
 def member(directory: Path, name: str) -> Path | None:

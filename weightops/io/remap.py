@@ -9,6 +9,7 @@ would run on random weights.
 
 `hf_view` is the entry point for other commands: any checkpoint as an HF-named stream.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,7 @@ HF_FORMATS = ("hf-safetensors", "hf-bin")
 _LISTED = 12  # names listed in an error before "... and N more"
 
 
-def hf_view(ckpt: Checkpoint, tp_config: dict | None = None,
-            arch: str | None = None) -> tuple[list[TensorRef], dict]:
+def hf_view(ckpt: Checkpoint, tp_config: dict | None = None, arch: str | None = None) -> tuple[list[TensorRef], dict]:
     """Any checkpoint as HF-named lazy refs plus its HF config dict.
 
     HF checkpoints come back as they are (tensors and config.json unchanged). TencentPretrain
@@ -49,8 +49,7 @@ def hf_view(ckpt: Checkpoint, tp_config: dict | None = None,
     spec = _spec(ckpt, arch)
     shapes = {r.name: r.shape for r in ckpt.tensors}
     try:
-        fields = spec.tencentpretrain.hf_config_from(spec, tp_config if tp_config is not None else ckpt.config,
-                                                     shapes)
+        fields = spec.tencentpretrain.hf_config_from(spec, tp_config if tp_config is not None else ckpt.config, shapes)
     except WeightopsError as e:
         raise WeightopsError(f"{ckpt.path}: {e}") from None
     emb = ckpt.tensor(spec.name_of(Role.EMBEDDING, "tp"))
@@ -83,6 +82,7 @@ def tp_view(ckpt: Checkpoint, arch: str | None = None) -> tuple[list[TensorRef],
 def complete_hf_config(config: dict) -> dict:
     """A config dict with transformers' defaults filled in, as `save_pretrained` writes it."""
     from transformers import AutoConfig
+
     fields = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
     if "model_type" not in config:
         raise WeightopsError("the model config has no model_type")
@@ -126,8 +126,10 @@ def tp_to_hf(refs: Iterable[TensorRef], spec: ArchSpec | str, hparams: dict) -> 
         assert hit is not None  # _validated kept only the spec's names
         row, layer, pos = hit
         groups.setdefault((row, layer), [ref] * len(row.names("tp")))[pos] = ref  # placeholders: none is missing
-    out = [(_order(spec, row, layer, 0), _join(row, row.hf.format(n=layer), parts, hp))
-           for (row, layer), parts in groups.items()]
+    out = [
+        (_order(spec, row, layer, 0), _join(row, row.hf.format(n=layer), parts, hp))
+        for (row, layer), parts in groups.items()
+    ]
     return [r for _, r in sorted(out, key=lambda x: x[0])]
 
 
@@ -152,8 +154,10 @@ def _validated(refs: list[TensorRef], table: ArchSpec, scheme: str, hp: Hparams)
         sources = sorted({r.source for r in refs})
         parts = [f"{len(unknown)} unknown tensor(s): {_listing(unknown)}"] if unknown else []
         parts += [f"{len(missing)} missing tensor(s): {_listing(missing)}"] if missing else []
-        raise WeightopsError(f"{', '.join(sources)}: not a complete {table.name} checkpoint with {hp.layers} layers "
-                             f"({scheme} names): " + "; ".join(parts))
+        raise WeightopsError(
+            f"{', '.join(sources)}: not a complete {table.name} checkpoint with {hp.layers} layers "
+            f"({scheme} names): " + "; ".join(parts)
+        )
     if tied_head is not None:
         emb = table.name_of(Role.EMBEDDING, scheme)
         got[emb] = _checked_tie(got[emb], tied_head)
@@ -167,15 +171,20 @@ def _listing(names: list[str]) -> str:
 
 def _checked_tie(emb: TensorRef, head: TensorRef) -> TensorRef:
     if head.shape != emb.shape:
-        raise WeightopsError(f"{head.source}: tied output head {head.name!r} has shape {head.shape}, the embedding "
-                             f"{emb.name!r} {emb.shape}")
+        raise WeightopsError(
+            f"{head.source}: tied output head {head.name!r} has shape {head.shape}, the embedding "
+            f"{emb.name!r} {emb.shape}"
+        )
 
     def check(t: torch.Tensor) -> torch.Tensor:
         if not torch.equal(t, head.load()):
-            raise WeightopsError(f"{head.source}: the config ties the output head to the embedding, but "
-                                 f"{head.name!r} differs from {emb.name!r}; converting would lose it "
-                                 "(set tie_weights / tie_word_embeddings to false)")
+            raise WeightopsError(
+                f"{head.source}: the config ties the output head to the embedding, but "
+                f"{head.name!r} differs from {emb.name!r}; converting would lose it "
+                "(set tie_weights / tie_word_embeddings to false)"
+            )
         return t
+
     return emb.derive(check)
 
 
@@ -191,8 +200,9 @@ def _split(row: TensorSpec, ref: TensorRef, names: list[str], hp: Hparams) -> li
         return [ref.derive(lambda t: permute_rotary_to_interleaved(t, heads), name=names[0])]
     if row.to_tp is Transform.QKV_SPLIT:
         shape = (ref.shape[0] // 3, *ref.shape[1:])
-        return [ref.derive(partial(_qkv_part, heads=hp.heads, index=i), name=n, shape=shape)
-                for i, n in enumerate(names)]
+        return [
+            ref.derive(partial(_qkv_part, heads=hp.heads, index=i), name=n, shape=shape) for i, n in enumerate(names)
+        ]
     return [ref.renamed(names[0])]
 
 
@@ -205,8 +215,10 @@ def _join(row: TensorSpec, name: str, parts: list[TensorRef], hp: Hparams) -> Te
     if row.to_tp is Transform.QKV_SPLIT:
         for p in parts:
             if (p.shape, p.dtype) != (first.shape, first.dtype):
-                raise WeightopsError(f"{p.source}: {p.name!r} is {p.dtype} {p.shape}, {first.name!r} "
-                                     f"{first.dtype} {first.shape}; q, k and v must match to be fused")
+                raise WeightopsError(
+                    f"{p.source}: {p.name!r} is {p.dtype} {p.shape}, {first.name!r} "
+                    f"{first.dtype} {first.shape}; q, k and v must match to be fused"
+                )
 
         def load() -> torch.Tensor:
             q, k, v = (p.load() for p in parts)
@@ -215,8 +227,10 @@ def _join(row: TensorSpec, name: str, parts: list[TensorRef], hp: Hparams) -> Te
         def release() -> None:
             for p in parts:
                 p.release()
-        return TensorRef(name, (3 * first.shape[0], *first.shape[1:]), first.dtype_name, first.source,
-                         loader=load, releaser=release)
+
+        return TensorRef(
+            name, (3 * first.shape[0], *first.shape[1:]), first.dtype_name, first.source, loader=load, releaser=release
+        )
     return first.renamed(name)
 
 

@@ -13,6 +13,7 @@ needing the whole shard in memory. It loads tensors in name order and writes eac
 offset, so tensors that one computation produces together (a bitsandbytes weight and its
 scales, which differ in dtype) are asked for together, not a dtype section apart.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,27 @@ if TYPE_CHECKING:
     import torch
 
 # safetensors' Dtype enum order; its serializer sorts by this, descending.
-_DTYPE_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16",
-                "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
+_DTYPE_ORDER = [
+    "BOOL",
+    "F4",
+    "F6_E2M3",
+    "F6_E3M2",
+    "U8",
+    "I8",
+    "F8_E5M2",
+    "F8_E4M3",
+    "F8_E8M0",
+    "I16",
+    "U16",
+    "F16",
+    "BF16",
+    "I32",
+    "U32",
+    "F32",
+    "F64",
+    "I64",
+    "U64",
+]
 
 
 _MAX_HEADER = 100_000_000  # the library's MAX_HEADER_SIZE
@@ -48,6 +68,7 @@ _KNOWN_ELSEWHERE = {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5
 
 def _no_duplicates(path: Path):
     """json object_pairs_hook: of two equal keys the last would silently win."""
+
     def hook(pairs: list[tuple[str, object]]) -> dict:
         out: dict = {}
         for k, v in pairs:
@@ -55,6 +76,7 @@ def _no_duplicates(path: Path):
                 raise WeightopsError(f"{path}: safetensors header has the key {k!r} twice")
             out[k] = v
         return out
+
     return hook
 
 
@@ -87,12 +109,14 @@ def read_header(path: Path) -> tuple[dict, int]:
         if n > _MAX_HEADER:
             raise WeightopsError(f"{path}: safetensors header length {n} is over the library's limit of {_MAX_HEADER}")
         if n > size - 8:
-            raise WeightopsError(f"{path}: header length {n} exceeds the file size {size}; file truncated or "
-                                 "not safetensors")
+            raise WeightopsError(
+                f"{path}: header length {n} exceeds the file size {size}; file truncated or not safetensors"
+            )
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(path),
-                            parse_constant=_refuse_constant)
+        header = json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_no_duplicates(path), parse_constant=_refuse_constant
+        )
     except ValueError as e:
         raise WeightopsError(f"{path}: unreadable safetensors header: {e}") from None
     if not isinstance(header, dict):
@@ -101,8 +125,10 @@ def read_header(path: Path) -> tuple[dict, int]:
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise WeightopsError(f"{path}: __metadata__ must be an object of strings, not {json.dumps(meta)[:200]}")
     start = 8 + n
-    infos = sorted(((name, _tensor_info(path, name, info)) for name, info in header.items() if name != "__metadata__"),
-                   key=lambda kv: tuple(kv[1]["data_offsets"]))
+    infos = sorted(
+        ((name, _tensor_info(path, name, info)) for name, info in header.items() if name != "__metadata__"),
+        key=lambda kv: tuple(kv[1]["data_offsets"]),
+    )
     _check_layout(path, infos, size - start)
     return header, start
 
@@ -123,8 +149,9 @@ def _tensor_info(path: Path, name: str, info: object) -> dict:
     if not isinstance(shape, list) or not all(_is_usize(d) for d in shape):
         raise WeightopsError(f"{where}: shape {json.dumps(shape)[:100]} is not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_usize(o) for o in offsets)):
-        raise WeightopsError(f"{where}: data_offsets {json.dumps(offsets)[:100]} is not [begin, end] "
-                             "(two non-negative integers)")
+        raise WeightopsError(
+            f"{where}: data_offsets {json.dumps(offsets)[:100]} is not [begin, end] (two non-negative integers)"
+        )
     return info
 
 
@@ -135,23 +162,34 @@ def _check_layout(path: Path, infos: list[tuple[str, dict]], data_size: int) -> 
     for name, info in infos:
         begin, end = info["data_offsets"]
         if begin != position or end < begin:
-            problem = (f"starts at {begin}, but the previous window ends at {position}" if begin != position
-                       else f"ends at {end}, before it begins")
-            raise WeightopsError(f"{path}: tensor {name!r}: invalid data_offsets [{begin}, {end}]: {problem} "
-                                 "(windows must be contiguous from 0, without gaps or overlaps)")
+            problem = (
+                f"starts at {begin}, but the previous window ends at {position}"
+                if begin != position
+                else f"ends at {end}, before it begins"
+            )
+            raise WeightopsError(
+                f"{path}: tensor {name!r}: invalid data_offsets [{begin}, {end}]: {problem} "
+                "(windows must be contiguous from 0, without gaps or overlaps)"
+            )
         nbytes = math.prod(info["shape"]) * dtypes.itemsize(info["dtype"])
         if nbytes > _USIZE or end - begin != nbytes:
-            raise WeightopsError(f"{path}: tensor {name!r}: window of {end - begin} bytes, but shape {info['shape']} "
-                                 f"x {info['dtype']} needs {nbytes}")
+            raise WeightopsError(
+                f"{path}: tensor {name!r}: window of {end - begin} bytes, but shape {info['shape']} "
+                f"x {info['dtype']} needs {nbytes}"
+            )
         if end > data_size:
             cut.append(name)
         position = end
     if cut:
-        raise WeightopsError(f"{path}: file is truncated ({data_size} data bytes); its header needs more for tensors: "
-                             + ", ".join(sorted(cut)))
+        raise WeightopsError(
+            f"{path}: file is truncated ({data_size} data bytes); its header needs more for tensors: "
+            + ", ".join(sorted(cut))
+        )
     if position != data_size:
-        raise WeightopsError(f"{path}: {data_size - position} bytes after the last tensor's data; the header does "
-                             "not cover the whole file (damaged, or not safetensors)")
+        raise WeightopsError(
+            f"{path}: {data_size - position} bytes after the last tensor's data; the header does "
+            "not cover the whole file (damaged, or not safetensors)"
+        )
 
 
 class _Mapping:
@@ -172,8 +210,9 @@ class _Mapping:
         dtype = dtypes.to_torch(info["dtype"])
         if end == begin:
             return torch.empty(info["shape"], dtype=dtype)
-        flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                                offset=self.start + begin)
+        flat = torch.frombuffer(
+            self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.start + begin
+        )
         return flat.reshape(info["shape"])
 
     def release(self, info: dict) -> None:
@@ -194,10 +233,18 @@ def read_safetensors(path: Path) -> list[TensorRef]:
     header, start = read_header(path)
     mapping = _Mapping(path, start)
     items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
-    return [TensorRef(name=name, shape=tuple(info["shape"]), dtype_name=info["dtype"], source=str(path),
-                      loader=partial(mapping.tensor, info), releaser=partial(mapping.release, info),
-                      span=(str(path), start + info["data_offsets"][0]))
-            for name, info in items]
+    return [
+        TensorRef(
+            name=name,
+            shape=tuple(info["shape"]),
+            dtype_name=info["dtype"],
+            source=str(path),
+            loader=partial(mapping.tensor, info),
+            releaser=partial(mapping.release, info),
+            span=(str(path), start + info["data_offsets"][0]),
+        )
+        for name, info in items
+    ]
 
 
 def _layout(refs: list[TensorRef], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorRef]]:
@@ -235,8 +282,12 @@ def _copy_span(ref: TensorRef, fd: int, offset: int) -> bool:
     return True
 
 
-def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str, str] | None = None,
-                      on_tensor: Callable[[TensorRef], None] | None = None) -> None:
+def write_safetensors(
+    refs: Iterable[TensorRef],
+    path: Path,
+    metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[TensorRef], None] | None = None,
+) -> None:
     """Write one safetensors file, one tensor at a time.
 
     Tensors stored unchanged in a source file are copied file to file in the kernel;
@@ -247,8 +298,10 @@ def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str,
     refs = list(refs)
     for r in refs:
         if r.dtype_name not in dtypes.SAFETENSORS_NAMES:
-            raise WeightopsError(f"tensor {r.name!r} from {r.source}: dtype {r.dtype_name.removeprefix('torch.')} "
-                                 "is not one weightops writes to safetensors")
+            raise WeightopsError(
+                f"tensor {r.name!r} from {r.source}: dtype {r.dtype_name.removeprefix('torch.')} "
+                "is not one weightops writes to safetensors"
+            )
     head, order = _layout(refs, metadata)
     offsets, position = {}, len(head)
     for r in order:
@@ -274,8 +327,9 @@ def write_safetensors(refs: Iterable[TensorRef], path: Path, metadata: dict[str,
                 else:
                     t = loading.result() if loading is not None else r.load()
                     if t.dtype != r.dtype:
-                        raise WeightopsError(f"tensor {r.name!r} from {shown(r.source)}: produced {t.dtype}, "
-                                             f"declared {r.dtype}")
+                        raise WeightopsError(
+                            f"tensor {r.name!r} from {shown(r.source)}: produced {t.dtype}, declared {r.dtype}"
+                        )
                     f.seek(offsets[r.name])
                     f.write(tensor_bytes(t).data)
                     f.flush()

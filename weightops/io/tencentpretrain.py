@@ -1,5 +1,6 @@
 """TencentPretrain checkpoints: a plain `torch.save` state dict, one file or the sharded
 layout of TencentPretrain's `convert_model_into_blocks.py`."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -36,8 +37,12 @@ def read_tp(path: Path) -> tuple[list[TensorRef], list[Path]]:
     raise FileNotFoundError(path)
 
 
-def write_tp(refs: Iterable[TensorRef], directory: Path, max_shard_size: int | None,
-             on_tensor: Callable[[TensorRef], None] | None = None) -> list[Path]:
+def write_tp(
+    refs: Iterable[TensorRef],
+    directory: Path,
+    max_shard_size: int | None,
+    on_tensor: Callable[[TensorRef], None] | None = None,
+) -> list[Path]:
     """`tencentpretrain_model.bin`, or `tencentpretrain_model-N.bin` parts + index when the
     model is larger than `max_shard_size` (None: always one file)."""
     refs = list(refs)
@@ -48,6 +53,9 @@ def write_tp(refs: Iterable[TensorRef], directory: Path, max_shard_size: int | N
     names = [f"tencentpretrain_model-{i}.bin" for i in range(len(shards))]
     for shard, name in zip(shards, names, strict=True):
         write_torch_bin(shard, directory / name, on_tensor=on_tensor)
-    write_index(directory / INDEX, {r.name: n for s, n in zip(shards, names, strict=True) for r in s},
-                {"total_size": sum(r.nbytes for r in refs)})
+    write_index(
+        directory / INDEX,
+        {r.name: n for s, n in zip(shards, names, strict=True) for r in s},
+        {"total_size": sum(r.nbytes for r in refs)},
+    )
     return [*(directory / n for n in names), directory / INDEX]

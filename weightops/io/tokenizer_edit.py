@@ -6,6 +6,7 @@ rewriting token tables by hand: a SentencePiece merge by Chinese-LLaMA's rule (s
 shared/reference/vocab.md), added normal tokens, and added special tokens (never split,
 marked special) for SentencePiece-based and `tokenizer.json` (BPE) tokenizers alike.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ TOKENIZER_FILES = tuple(n for n in AUX_FILES if n not in ("config.json", "genera
 
 def _proto(data: bytes, source: str | Path):
     from sentencepiece import sentencepiece_model_pb2 as pb
+
     proto = pb.ModelProto()
     try:
         proto.ParseFromString(data)
@@ -39,6 +41,7 @@ def merge_spm(base: bytes, other: bytes, *, source: str | Path = "other model") 
     Returns the merged model's bytes and the appended pieces.
     """
     from sentencepiece import sentencepiece_model_pb2 as pb
+
     merged, extra = _proto(base, "base tokenizer.model"), _proto(other, source)
     have = {p.piece for p in merged.pieces}
     skip = (pb.ModelProto.SentencePiece.UNKNOWN, pb.ModelProto.SentencePiece.CONTROL)
@@ -56,6 +59,7 @@ def merge_spm(base: bytes, other: bytes, *, source: str | Path = "other model") 
 def load(directory: Path):
     """The transformers tokenizer in `directory` (a clear error when there is none)."""
     from transformers import AutoTokenizer
+
     directory = Path(directory)
     if not any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
         raise WeightopsError(f"{directory}: no tokenizer (tokenizer.json or tokenizer.model) found")
@@ -72,8 +76,14 @@ def copy_tokenizer_files(src: Path, dest: Path) -> None:
             shutil.copyfile(src / name, dest / name)
 
 
-def edit(directory: Path, *, merge: Path | None = None, add_tokens: Iterable[str] = (),
-         special_tokens: Iterable[str] = (), origin: Path | None = None) -> None:
+def edit(
+    directory: Path,
+    *,
+    merge: Path | None = None,
+    add_tokens: Iterable[str] = (),
+    special_tokens: Iterable[str] = (),
+    origin: Path | None = None,
+) -> None:
     """Apply the edits in place to the tokenizer files in `directory`, in this order: merge
     the SentencePiece model `merge`, add normal tokens, add special tokens. `origin` is where
     the files came from, named in error messages (default: `directory`)."""
@@ -93,16 +103,20 @@ def _merge_into(directory: Path, other: Path, origin: Path) -> None:
     """Merge `other` into directory/tokenizer.model and regenerate tokenizer.json from it."""
     model = directory / "tokenizer.model"
     if not model.is_file():
-        raise WeightopsError(f"--merge-spm needs a SentencePiece tokenizer.model next to the model; "
-                             f"{origin} has none (a tokenizer.json-only BPE tokenizer cannot be merged)")
+        raise WeightopsError(
+            f"--merge-spm needs a SentencePiece tokenizer.model next to the model; "
+            f"{origin} has none (a tokenizer.json-only BPE tokenizer cannot be merged)"
+        )
     if not other.is_file():
         raise WeightopsError(f"{other}: no such SentencePiece model")
     pieces = _proto(model.read_bytes(), model).pieces
     beyond = {t: i for t, i in load(directory).get_added_vocab().items() if i >= len(pieces)}
     if beyond:
-        raise WeightopsError(f"{origin}: tokens {sorted(beyond, key=lambda t: beyond[t])} are added after the "
-                             f"{len(pieces)} pieces of tokenizer.model; merging would move their ids. Merge "
-                             f"into the plain SentencePiece tokenizer and add them afterwards (--special-token)")
+        raise WeightopsError(
+            f"{origin}: tokens {sorted(beyond, key=lambda t: beyond[t])} are added after the "
+            f"{len(pieces)} pieces of tokenizer.model; merging would move their ids. Merge "
+            f"into the plain SentencePiece tokenizer and add them afterwards (--special-token)"
+        )
     merged, _ = merge_spm(model.read_bytes(), other.read_bytes(), source=other)
     model.write_bytes(merged)
     for stale in ("tokenizer.json", "added_tokens.json"):
@@ -124,15 +138,27 @@ def _rank_merges_by_score(tok, proto) -> None:
     from sentencepiece import sentencepiece_model_pb2 as pb
     from tokenizers import models
     from transformers.tokenization_utils_base import generate_merges
+
     old = tok.backend_tokenizer.model
     if proto.trainer_spec.model_type != pb.TrainerSpec.BPE or not isinstance(old, models.BPE):
         return
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     scores = {p.piece: p.score for p in proto.pieces if p.type == pb.ModelProto.SentencePiece.NORMAL}
-    options = {k: getattr(old, k) for k in ("unk_token", "fuse_unk", "byte_fallback", "dropout", "ignore_merges",
-                                            "continuing_subword_prefix", "end_of_word_suffix")}
-    tok.backend_tokenizer.model = models.BPE(vocab=vocab, merges=generate_merges(vocab, scores),
-                                             **{k: v for k, v in options.items() if v is not None})
+    options = {
+        k: getattr(old, k)
+        for k in (
+            "unk_token",
+            "fuse_unk",
+            "byte_fallback",
+            "dropout",
+            "ignore_merges",
+            "continuing_subword_prefix",
+            "end_of_word_suffix",
+        )
+    }
+    tok.backend_tokenizer.model = models.BPE(
+        vocab=vocab, merges=generate_merges(vocab, scores), **{k: v for k, v in options.items() if v is not None}
+    )
 
 
 def _write_compat_files(directory: Path, tok) -> None:
@@ -149,7 +175,8 @@ def _write_compat_files(directory: Path, tok) -> None:
     pieces = len(_proto(model.read_bytes(), model).pieces)
     extra = {i: t for i, t in sorted(tok.added_tokens_decoder.items()) if i >= pieces}
     (directory / "added_tokens.json").write_text(
-        json.dumps({t.content: i for i, t in extra.items()}, indent=2, ensure_ascii=False) + "\n")
+        json.dumps({t.content: i for i, t in extra.items()}, indent=2, ensure_ascii=False) + "\n"
+    )
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["added_tokens_decoder"] = {str(i): t.__getstate__() for i, t in extra.items()}

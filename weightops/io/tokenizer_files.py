@@ -10,6 +10,7 @@ size count the union. When they disagree — transformers 5's
 one the model was trained with, so the disagreement is refused (and reported by `inspect`),
 naming both files and both sizes.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,11 +45,15 @@ class TokenizerFiles:
         out = list(self.conflicts)
         where = f" ({embedding})" if embedding else ""
         if self.size is not None and rows is not None and self.size > rows:
-            out.append(f"{self.directory}: the tokenizer files define {self.size} token ids ({self.listing()}) "
-                       f"but the embedding has only {rows} rows{where}")
+            out.append(
+                f"{self.directory}: the tokenizer files define {self.size} token ids ({self.listing()}) "
+                f"but the embedding has only {rows} rows{where}"
+            )
         elif self.size is not None and isinstance(config, int) and self.size > config:
-            out.append(f"{self.directory}: the tokenizer files define {self.size} token ids ({self.listing()}) "
-                       f"but config.json vocab_size is {config}")
+            out.append(
+                f"{self.directory}: the tokenizer files define {self.size} token ids ({self.listing()}) "
+                f"but config.json vocab_size is {config}"
+            )
         return out
 
     def check(self, *, rows: int | None = None, config: Any = None, embedding: str | None = None) -> None:
@@ -56,11 +61,15 @@ class TokenizerFiles:
         read token ids the model has no rows for."""
         problems = self.problems(rows=rows, config=config, embedding=embedding)
         if self.conflicts:
-            raise WeightopsError("; ".join(problems) + ". Keep only the files of the tokenizer the model was "
-                                 "trained with (e.g. regenerate tokenizer.json from tokenizer.model)")
+            raise WeightopsError(
+                "; ".join(problems) + ". Keep only the files of the tokenizer the model was "
+                "trained with (e.g. regenerate tokenizer.json from tokenizer.model)"
+            )
         if problems:
-            raise WeightopsError("; ".join(problems) + ": resize the embedding (weightops expand-vocab) or use "
-                                 "the tokenizer the model was trained with")
+            raise WeightopsError(
+                "; ".join(problems) + ": resize the embedding (weightops expand-vocab) or use "
+                "the tokenizer the model was trained with"
+            )
 
     def listing(self) -> str:
         return ", ".join(f"{name} {n}" for name, n in self.sizes.items())
@@ -69,10 +78,10 @@ class TokenizerFiles:
 def read_tokenizer_files(directory: Path) -> TokenizerFiles:
     """Read every tokenizer file in `directory` on its own and compare them."""
     directory = Path(directory)
-    base: dict[str, int] = {}     # file -> size of its own vocabulary (no added tokens)
-    sizes: dict[str, int] = {}    # file -> ids it defines
+    base: dict[str, int] = {}  # file -> size of its own vocabulary (no added tokens)
+    sizes: dict[str, int] = {}  # file -> ids it defines
     merges: dict[str, int] = {}
-    slow: dict[int, str] = {}     # the slow tokenizer's id -> token (tokenizer.model, else vocab.json)
+    slow: dict[int, str] = {}  # the slow tokenizer's id -> token (tokenizer.model, else vocab.json)
     fast: dict[int, str] | None = None  # tokenizer.json's id -> token: the whole fast tokenizer
     if (directory / "tokenizer.model").is_file():
         slow = dict(enumerate(_spm_pieces(directory / "tokenizer.model")))
@@ -93,8 +102,9 @@ def read_tokenizer_files(directory: Path) -> TokenizerFiles:
     if (directory / "merges.txt").is_file():
         lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
         merges["merges.txt"] = sum(1 for line in lines if line.strip() and not line.startswith("#version"))
-    conflicts = _mismatches(directory, base, "vocabulary has", "tokens") + \
-        _mismatches(directory, merges, "list has", "merges")
+    conflicts = _mismatches(directory, base, "vocabulary has", "tokens") + _mismatches(
+        directory, merges, "list has", "merges"
+    )
 
     # Added tokens must be the same token in every file that has their id; with a
     # tokenizer.json (the complete fast tokenizer) they must be in it.
@@ -107,8 +117,10 @@ def read_tokenizer_files(directory: Path) -> TokenizerFiles:
             if other != text:
                 conflicts.append(f"{directory}: token id {token_id} is {text!r} in {name} but {other!r} in {where}")
             elif fast is not None and where == name:
-                conflicts.append(f"{directory}: {name} defines token {text!r} (id {token_id}) that tokenizer.json "
-                                 f"({sizes['tokenizer.json']} tokens) lacks")
+                conflicts.append(
+                    f"{directory}: {name} defines token {text!r} (id {token_id}) that tokenizer.json "
+                    f"({sizes['tokenizer.json']} tokens) lacks"
+                )
     size = max(sizes.values()) if sizes else None
     return TokenizerFiles(directory, sizes, size, tuple(dict.fromkeys(conflicts)))
 
@@ -129,21 +141,26 @@ def _added_tokens(directory: Path) -> dict[str, dict[int, str]]:
     out = {}
     added = _json(directory / "added_tokens.json")
     if added:
-        out["added_tokens.json"] = _parsed(directory / "added_tokens.json",
-                                           lambda: {int(i): str(t) for t, i in added.items()})
+        out["added_tokens.json"] = _parsed(
+            directory / "added_tokens.json", lambda: {int(i): str(t) for t, i in added.items()}
+        )
     config = _json(directory / "tokenizer_config.json")
     decoder = config.get("added_tokens_decoder") if isinstance(config, dict) else None
     if decoder:
-        out["tokenizer_config.json"] = _parsed(directory / "tokenizer_config.json",
-                                               lambda: {int(i): d["content"] for i, d in decoder.items()})
+        out["tokenizer_config.json"] = _parsed(
+            directory / "tokenizer_config.json", lambda: {int(i): d["content"] for i, d in decoder.items()}
+        )
     return out
 
 
 def _mismatches(directory: Path, counts: dict[str, int], verb: str, unit: str) -> list[str]:
     """Each file whose count differs from the first file's, both named with both counts."""
     items = list(counts.items())
-    return [f"{directory}: {name}'s {verb} {n} {unit} but {items[0][0]}'s {items[0][1]}"
-            for name, n in items[1:] if n != items[0][1]]
+    return [
+        f"{directory}: {name}'s {verb} {n} {unit} but {items[0][0]}'s {items[0][1]}"
+        for name, n in items[1:]
+        if n != items[0][1]
+    ]
 
 
 def _parsed(path: Path, parse: Callable[[], T]) -> T:
@@ -165,6 +182,7 @@ def _json(path: Path) -> Any:
 
 def _spm_pieces(path: Path) -> list[str]:
     from sentencepiece import sentencepiece_model_pb2 as pb
+
     proto = pb.ModelProto()
     try:
         proto.ParseFromString(path.read_bytes())

@@ -6,6 +6,7 @@ pickle of the state dict only names its storages, so it is written first and eac
 bytes follow one at a time — the file equals `torch.save(state_dict)` byte for byte without
 the state dict ever being in memory.
 """
+
 from __future__ import annotations
 
 import collections
@@ -40,9 +41,11 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightopsError(f"{path}: refusing to unpickle: the file asks to run code or build objects that "
-                             f"are not plain tensors ({first}). weightops never executes pickled code; "
-                             "re-save it with safetensors from a trusted environment.") from None
+        raise WeightopsError(
+            f"{path}: refusing to unpickle: the file asks to run code or build objects that "
+            f"are not plain tensors ({first}). weightops never executes pickled code; "
+            "re-save it with safetensors from a trusted environment."
+        ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise WeightopsError(f"{path}: not a readable PyTorch checkpoint: {e}") from None
     if not isinstance(sd, dict):
@@ -52,8 +55,10 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightopsError(f"{path}: entries that are not tensors: {', '.join(shown(k) for k in bad[:10])}")
     for k, v in sd.items():  # complex or quantized tensors would be cast to real numbers, losing data
         if dtypes.name_of(v.dtype) not in dtypes.SAFETENSORS_NAMES:
-            raise WeightopsError(f"{path}: tensor '{shown(k)}' is {str(v.dtype).removeprefix('torch.')}, "
-                                 "which weightops does not handle (supported: real and integer dtypes)")
+            raise WeightopsError(
+                f"{path}: tensor '{shown(k)}' is {str(v.dtype).removeprefix('torch.')}, "
+                "which weightops does not handle (supported: real and integer dtypes)"
+            )
     return sd
 
 
@@ -68,8 +73,14 @@ def read_torch_bin(path: Path) -> list[TensorRef]:
 
 def _mapped_ref(path: Path, name: str, t: torch.Tensor) -> TensorRef:
     """A reference to one mapped tensor (a function, so that each closure keeps its own `t`)."""
-    return TensorRef(name=name, shape=tuple(t.shape), dtype_name=dtypes.name_of(t.dtype), source=str(path),
-                     loader=lambda: t, releaser=lambda: drop_mapped(t.data_ptr(), t.nbytes))
+    return TensorRef(
+        name=name,
+        shape=tuple(t.shape),
+        dtype_name=dtypes.name_of(t.dtype),
+        source=str(path),
+        loader=lambda: t,
+        releaser=lambda: drop_mapped(t.data_ptr(), t.nbytes),
+    )
 
 
 class _Storage:
@@ -92,8 +103,10 @@ class _Tensor:
         for d in reversed(self.shape):
             stride.append(acc)
             acc *= d
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, tuple(self.shape), tuple(reversed(stride)), False, collections.OrderedDict()))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (self.storage, 0, tuple(self.shape), tuple(reversed(stride)), False, collections.OrderedDict()),
+        )
 
 
 class _Pickler(pickle.Pickler):
@@ -139,8 +152,9 @@ class _Sink:
             raise self.error
 
 
-def write_torch_bin(refs: Iterable[TensorRef], path: Path,
-                    on_tensor: Callable[[TensorRef], None] | None = None) -> None:
+def write_torch_bin(
+    refs: Iterable[TensorRef], path: Path, on_tensor: Callable[[TensorRef], None] | None = None
+) -> None:
     """Write a state dict as `torch.save` would, one tensor in memory at a time. On any
     failure the writer is abandoned cleanly and the exception propagates (the caller
     removes the partial file)."""
@@ -171,8 +185,9 @@ def write_torch_bin(refs: Iterable[TensorRef], path: Path,
                 with writing(path, ref.name):
                     t = ref.load()
                     if t.dtype != ref.dtype:
-                        raise WeightopsError(f"tensor {ref.name!r} from {shown(ref.source)}: produced {t.dtype}, "
-                                             f"declared {ref.dtype}")
+                        raise WeightopsError(
+                            f"tensor {ref.name!r} from {shown(ref.source)}: produced {t.dtype}, declared {ref.dtype}"
+                        )
                     t = t.detach().cpu().contiguous()
                     if t.untyped_storage().nbytes() != ref.nbytes or t.storage_offset():
                         t = t.clone()

@@ -1,5 +1,6 @@
 """The vocabulary triple — config `vocab_size`, tokenizer size, embedding rows — whose
 drift breaks deltas, merges and GGUF conversion; read from files without loading a model."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,9 +37,15 @@ class VocabTriple:
         return max(0, rows - self.tokenizer) if rows is not None and self.tokenizer is not None else 0
 
     def as_dict(self) -> dict:
-        return {"config": self.config, "tokenizer": self.tokenizer, "embedding_rows": self.embedding_rows,
-                "padding_rows": self.padding_rows, "agree": self.agree, "tokenizer_files": self.tokenizer_files,
-                "conflicts": list(self.conflicts)}
+        return {
+            "config": self.config,
+            "tokenizer": self.tokenizer,
+            "embedding_rows": self.embedding_rows,
+            "padding_rows": self.padding_rows,
+            "agree": self.agree,
+            "tokenizer_files": self.tokenizer_files,
+            "conflicts": list(self.conflicts),
+        }
 
 
 def embedding_name(ckpt: Checkpoint) -> str | None:

@@ -38,6 +38,7 @@ Job file:
     candidate = "@q4"
     max-kld = 0.1
 """
+
 from __future__ import annotations
 
 import difflib
@@ -115,12 +116,14 @@ class _Problems:
         if len(self.items) == 1:
             raise WeightopsError(f"{self.job_path}: {self.items[0]}")
         if self.items:
-            raise WeightopsError(f"{self.job_path}: {len(self.items)} problems (nothing was run):\n  "
-                                 + "\n  ".join(self.items))
+            raise WeightopsError(
+                f"{self.job_path}: {len(self.items)} problems (nothing was run):\n  " + "\n  ".join(self.items)
+            )
 
 
 def _commands() -> dict[str, click.Command]:
     from ..cli import all_commands
+
     commands = all_commands()
     cmds = {n: c for n, c in commands.items() if n not in _NO_STEP and not isinstance(c, click.Group)}
     manifest = commands["manifest"]
@@ -149,7 +152,8 @@ def load_job(path: str | Path) -> Job:
         raise WeightopsError(f"{path}: a string contains a NUL character")
     tables = {"job": dict, "inputs": dict, "steps": list}
     if any(not isinstance(doc.get(k, t()), t) for k, t in tables.items()) or not all(
-            isinstance(raw, dict) for raw in doc.get("steps", [])):
+        isinstance(raw, dict) for raw in doc.get("steps", [])
+    ):
         raise WeightopsError(f"{path}: [job] and [inputs] must be tables and steps an array of [[steps]] tables")
     problems = _Problems(path)
     for key in sorted(doc.keys() - tables.keys()):
@@ -180,19 +184,27 @@ def load_job(path: str | Path) -> Job:
             problems.add(where, "every step needs `name` and `op`")
             continue
         if not isinstance(name, str) or not _STEP_NAME.fullmatch(name):
-            problems.add(where, f"name {name!r} is not a plain file name (it names {STATE_DIR}/NAME.log and "
-                                "NAME.done.json): use up to 128 letters, digits, '.', '_' or '-', starting with a "
-                                "letter or digit")
+            problems.add(
+                where,
+                f"name {name!r} is not a plain file name (it names {STATE_DIR}/NAME.log and "
+                "NAME.done.json): use up to 128 letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit",
+            )
             name = str(name)
         if name in known:
             problems.add(where, f"name {name!r} is already used")
         elif name.casefold() in folded:
-            problems.add(where, f"name {name!r} differs from step {folded[name.casefold()]!r} only in case "
-                                "(the same file on a case-insensitive file system)")
+            problems.add(
+                where,
+                f"name {name!r} differs from step {folded[name.casefold()]!r} only in case "
+                "(the same file on a case-insensitive file system)",
+            )
         folded.setdefault(name.casefold(), name)
         if raw["op"] not in commands:
-            problems.add(where, f"unknown op {raw['op']!r}{_suggest(str(raw['op']), commands)}; "
-                                f"ops: {', '.join(sorted(commands))}")
+            problems.add(
+                where,
+                f"unknown op {raw['op']!r}{_suggest(str(raw['op']), commands)}; ops: {', '.join(sorted(commands))}",
+            )
             known.setdefault(name, _UNBUILT)
             continue
         step = _build_step(problems, where, raw, commands[raw["op"]], known, path.parent, out_dir)
@@ -226,8 +238,9 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
-def _check_paths(problems: _Problems, job_path: Path, out_text: str, out_dir: Path, inputs: dict[str, Path],
-                 steps: list[Step]) -> None:
+def _check_paths(
+    problems: _Problems, job_path: Path, out_text: str, out_dir: Path, inputs: dict[str, Path], steps: list[Step]
+) -> None:
     """The runner writes the job output directory and replaces each step's output (and its
     manifest sidecar): none of them may be, contain or lie inside anything it did not write."""
     job_file = job_path.resolve()
@@ -235,8 +248,11 @@ def _check_paths(problems: _Problems, job_path: Path, out_text: str, out_dir: Pa
     for step in steps:
         protected.update({f"{opt} of step {step.name!r}": p for opt, p in step.paths.items()})
     if out_dir == job_file.parent:
-        problems.add("[job]", f"output {out_text!r} is the job file's own directory; name a directory for the "
-                              "artefacts, e.g. output = \"release\"")
+        problems.add(
+            "[job]",
+            f"output {out_text!r} is the job file's own directory; name a directory for the "
+            'artefacts, e.g. output = "release"',
+        )
     elif job_file.is_relative_to(out_dir):
         problems.add("[job]", f"output {out_text!r} ({out_dir}) contains the job file")
     for label, p in protected.items():
@@ -251,12 +267,18 @@ def _check_paths(problems: _Problems, job_path: Path, out_text: str, out_dir: Pa
         where, out = step.label, step.output
         shown = f"output {step.output_text!r}" + ("" if step.output_text == str(out) else f" ({out})")
         if out == out_dir:
-            problems.add(where, f"{shown} is the job's output directory itself; the runner replaces a step's "
-                                "output before the step runs: name a path inside it")
+            problems.add(
+                where,
+                f"{shown} is the job's output directory itself; the runner replaces a step's "
+                "output before the step runs: name a path inside it",
+            )
             continue
         if not out.is_relative_to(out_dir):
-            problems.add(where, f"{shown} must be a relative path inside the job's output directory {out_dir} "
-                                "(the runner replaces a step's output before the step runs)")
+            problems.add(
+                where,
+                f"{shown} must be a relative path inside the job's output directory {out_dir} "
+                "(the runner replaces a step's output before the step runs)",
+            )
             continue
         paths = [out, out.with_name(out.name + "." + manifest_lib.MANIFEST)]
         for r in reserved:
@@ -276,8 +298,15 @@ def _key(param: click.Parameter) -> str:
     return (longs[0][2:] if longs else param.name).replace("-", "_")
 
 
-def _build_step(problems: _Problems, where: str, raw: dict, command: click.Command, known: dict[str, Any],
-                job_dir: Path, out_dir: Path) -> Step:
+def _build_step(
+    problems: _Problems,
+    where: str,
+    raw: dict,
+    command: click.Command,
+    known: dict[str, Any],
+    job_dir: Path,
+    out_dir: Path,
+) -> Step:
     # a key is an argument's name or an option's long flag (`type` for --type), - or _ alike
     params = {_key(p): p for p in command.params if p.name != "help"}
     options = {k.replace("-", "_"): v for k, v in raw.items() if k not in _STEP_KEYS}
@@ -291,15 +320,21 @@ def _build_step(problems: _Problems, where: str, raw: dict, command: click.Comma
         text = str(value)
         if param.name == "output":
             if text.startswith("@"):
-                problems.add(where, f"output {text!r} must be a path inside the job's output directory, not a "
-                                    "reference (the runner replaces a step's output)")
+                problems.add(
+                    where,
+                    f"output {text!r} must be a path inside the job's output directory, not a "
+                    "reference (the runner replaces a step's output)",
+                )
             step.output, step.output_text = _resolve(out_dir, text), text
             return str(step.output)
         if text.startswith("@"):
             ref = text[1:]
             if ref not in known:
-                problems.add(where, f"{param.name} refers to {text!r}, which is neither an input nor an earlier "
-                                    f"step{_suggest(ref, known)}")
+                problems.add(
+                    where,
+                    f"{param.name} refers to {text!r}, which is neither an input nor an earlier "
+                    f"step{_suggest(ref, known)}",
+                )
             elif known[ref] is None:
                 problems.add(where, f"{text!r} has no output to use")
             elif known[ref] is not _UNBUILT:
@@ -376,8 +411,7 @@ def _completed(job: Job, step: Step, inputs: dict[str, str], cache: HashCache) -
         return None
     if not isinstance(done, dict) or done.get("argv") != step.argv or done.get("inputs") != inputs:
         return None
-    if step.output is not None and (done.get("output") is None
-                                    or done["output"] != _output_state(step.output, cache)):
+    if step.output is not None and (done.get("output") is None or done["output"] != _output_state(step.output, cache)):
         return None
     return done
 
@@ -426,11 +460,13 @@ def _run_child(argv: list[str], log: Path) -> tuple[int, float, float]:
     warnings) going to LOG only: the runner's screen shows one line per step. Returns (exit
     code, wall seconds, peak RSS in MB)."""
     import subprocess
+
     env = dict(os.environ, **console.child_env())
     start = time.perf_counter()
     with open(log, "wb") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "weightops", "-q", *argv], stdout=logf,
-                                stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "weightops", "-q", *argv], stdout=logf, stderr=subprocess.STDOUT, env=env
+        )
         sampler = _PeakRss(proc.pid)
         sampler.start()
         try:
@@ -454,8 +490,15 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
         return plan(job)
     state = outputs.make_dir(outputs.make_dir(job.output) / STATE_DIR)
     cache = HashCache(state / HASH_CACHE)
-    report: dict[str, Any] = {"job": job.name, "job_file": str(job.path), "output": str(job.output), "steps": [],
-                              "verifications": [], "artefacts": {}, "passed": True}
+    report: dict[str, Any] = {
+        "job": job.name,
+        "job_file": str(job.path),
+        "output": str(job.output),
+        "steps": [],
+        "verifications": [],
+        "artefacts": {},
+        "passed": True,
+    }
     screen = Screen(job.name, job.output, state, [s.name for s in job.steps])
     failure: WeightopsError | None = None
     for n, step in enumerate(job.steps, 1):
@@ -486,7 +529,8 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
                 entry.update(status="failed", exit_code=code, why="\n".join(text.strip().splitlines()[-5:]))
                 detail = f"exit {code}: {reason(text, code)}"
                 failure = (MismatchError if code == 3 else WeightopsError)(
-                    f"step {step.name!r} ({step.op}) failed with exit code {code}: {reason(text, code)}")
+                    f"step {step.name!r} ({step.op}) failed with exit code {code}: {reason(text, code)}"
+                )
             else:
                 entry["status"] = "ok"
                 output = None
@@ -496,9 +540,17 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
                     output = {"files": files, "manifest": cache.sha256(mpath)}
                     report["artefacts"][step.name] = files
                 with outputs.Output(_marker(job, step), kind="file", force=True).writing() as tmp:
-                    tmp.write_text(json.dumps({"argv": step.argv, "inputs": inputs, "output": output,
-                                               "measured": {"wall_s": entry["wall_s"],
-                                                            "peak_rss_mb": entry["peak_rss_mb"]}}, indent=2))
+                    tmp.write_text(
+                        json.dumps(
+                            {
+                                "argv": step.argv,
+                                "inputs": inputs,
+                                "output": output,
+                                "measured": {"wall_s": entry["wall_s"], "peak_rss_mb": entry["peak_rss_mb"]},
+                            },
+                            indent=2,
+                        )
+                    )
         cache.save()
         if step.op == "verify" and verify_json.is_file():
             result = json.loads(verify_json.read_text())
@@ -522,6 +574,7 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
 
 
 # ---------------------------------------------------------------------------------------------- plan, report
+
 
 def _gguf_bytes_per_weight(type_name: str) -> float:
     """Of the 2-D weights of a `--type` (2 when unknown: click rejects it later)."""
@@ -552,6 +605,7 @@ def _estimate(step: Step, sizes: dict[Path, tuple[int, int]]) -> tuple[int, int]
 def plan(job: Job) -> dict:
     """What `--dry-run` prints: steps, inputs, outputs and expected sizes; writes nothing."""
     from ..io.checkpoint import open_checkpoint
+
     sizes: dict[Path, tuple[int, int]] = {}
     for p in job.inputs.values():
         try:
@@ -564,9 +618,16 @@ def plan(job: Job) -> dict:
         est = _estimate(step, sizes)
         if est and step.output is not None:
             sizes[step.output] = est
-        steps.append({"name": step.name, "op": step.op, "inputs": [str(p) for p in step.inputs],
-                      "output": str(step.output) if step.output else None,
-                      "expected_bytes": est[1] if est else None, "command": "weightops " + " ".join(step.argv)})
+        steps.append(
+            {
+                "name": step.name,
+                "op": step.op,
+                "inputs": [str(p) for p in step.inputs],
+                "output": str(step.output) if step.output else None,
+                "expected_bytes": est[1] if est else None,
+                "command": "weightops " + " ".join(step.argv),
+            }
+        )
     return {"job": job.name, "output": str(job.output), "dry_run": True, "steps": steps}
 
 
@@ -580,23 +641,39 @@ def render_plan(doc: dict) -> str:
 
 
 def render_report(report: dict) -> str:
-    out = [f"# Release report: {report['job']}", "",
-           f"Result: **{'PASSED' if report['passed'] else 'FAILED'}**", "", "## Steps", "",
-           "| step | op | status | wall (s) | peak RSS (MB) |", "|---|---|---|---|---|"]
+    out = [
+        f"# Release report: {report['job']}",
+        "",
+        f"Result: **{'PASSED' if report['passed'] else 'FAILED'}**",
+        "",
+        "## Steps",
+        "",
+        "| step | op | status | wall (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|",
+    ]
     for s in report["steps"]:
-        out.append(f"| {s['name']} | {s['op']} | {s.get('status', '-')} | {s.get('wall_s', '-')} | "
-                   f"{s.get('peak_rss_mb', '-')} |")
+        out.append(
+            f"| {s['name']} | {s['op']} | {s.get('status', '-')} | {s.get('wall_s', '-')} | "
+            f"{s.get('peak_rss_mb', '-')} |"
+        )
     for s in report["steps"]:
         if s.get("why"):
             out += ["", f"Step `{s['name']}` failed:", "", "```", s["why"], "```"]
     if report["verifications"]:
-        out += ["", "## Verification", "", "| step | KLD mean | KLD p99 | top-1 | PPL ratio | passed |",
-                "|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "## Verification",
+            "",
+            "| step | KLD mean | KLD p99 | top-1 | PPL ratio | passed |",
+            "|---|---|---|---|---|---|",
+        ]
         for v in report["verifications"]:
             ratio = (v["ppl_candidate"] / v["ppl_reference"]) if v.get("ppl_reference") else None
-            out.append(f"| {v['step']} | {v.get('kld_mean', float('nan')):.3g} | {v.get('kld_p99', float('nan')):.3g}"
-                       f" | {v.get('top1_agreement', float('nan')):.4f} | "
-                       f"{'-' if ratio is None else f'{ratio:.4f}'} | {v.get('passed')} |")
+            out.append(
+                f"| {v['step']} | {v.get('kld_mean', float('nan')):.3g} | {v.get('kld_p99', float('nan')):.3g}"
+                f" | {v.get('top1_agreement', float('nan')):.4f} | "
+                f"{'-' if ratio is None else f'{ratio:.4f}'} | {v.get('passed')} |"
+            )
     out += ["", "## Artefacts (sha256)", ""]
     for step, files in report["artefacts"].items():
         out.append(f"### {step}")
@@ -608,8 +685,10 @@ def render_report(report: dict) -> str:
 def write_report(job: Job, report: dict) -> None:
     """Replace the report (the runner's own bookkeeping, rewritten every run: not announced)."""
     outputs.make_dir(job.output)
-    for path, text in ((job.output / f"{REPORT}.json", json.dumps(report, indent=2) + "\n"),
-                       (job.output / f"{REPORT}.md", render_report(report))):
+    for path, text in (
+        (job.output / f"{REPORT}.json", json.dumps(report, indent=2) + "\n"),
+        (job.output / f"{REPORT}.md", render_report(report)),
+    ):
         outputs.remove(path, "the previous report", announce=False)
         with outputs.Output(path, kind="file").writing() as tmp:
             tmp.write_text(text)

@@ -5,6 +5,7 @@ pieces, and a tiny BLOOM (BPE tokenizer), then runs the release job template
 `examples/release.toml` on them — every operator, with verification in llama.cpp — and
 returns the release report.
 """
+
 from __future__ import annotations
 
 from importlib import resources

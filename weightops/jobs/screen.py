@@ -1,6 +1,7 @@
 """What `weightops run` (and `demo`) shows while a job runs: one line per step, then a
 one-screen summary and where the report is. The full tables stay in the report and each
 step's output in its log; everything shown here from a log or a file name is escaped."""
+
 from __future__ import annotations
 
 import os
@@ -40,9 +41,11 @@ def verify_detail(result: dict[str, Any]) -> str:
     if result.get("mode") == "structure":
         return "structure matches" if result.get("passed") else "structure differs"
     t = result.get("thresholds", {})
-    return (f"KLD {result.get('kld_mean', float('nan')):.3g} (max {t.get('max_kld', float('nan')):g}), "
-            f"top-1 {100 * result.get('top1_agreement', float('nan')):.1f}% "
-            f"(min {100 * t.get('min_top1', float('nan')):.1f}%)")
+    return (
+        f"KLD {result.get('kld_mean', float('nan')):.3g} (max {t.get('max_kld', float('nan')):g}), "
+        f"top-1 {100 * result.get('top1_agreement', float('nan')):.1f}% "
+        f"(min {100 * t.get('min_top1', float('nan')):.1f}%)"
+    )
 
 
 class Screen:
@@ -56,8 +59,7 @@ class Screen:
         self.remarks: list[tuple[str, str, str]] = []  # (kind, step, text)
 
     def _head(self, n: int, status: str, name: str, op: str) -> str:
-        return (f"[{n:>{len(str(self.total))}}/{self.total}] {status:<7} {shown(name):<{self.width}} "
-                f"{op:<12}")
+        return f"[{n:>{len(str(self.total))}}/{self.total}] {status:<7} {shown(name):<{self.width}} {op:<12}"
 
     def running(self, n: int, name: str, op: str) -> progress.Ticker:
         return progress.Ticker(self._head(n, "...", name, op))
@@ -69,15 +71,18 @@ class Screen:
         """One line for a finished (or skipped) step; its warnings and our notes on what its
         libraries warned about are kept for the summary."""
         text = log.read_text(errors="replace") if log.is_file() else ""
-        own = [shown(line.strip().removeprefix(_WARNING)) for line in text.splitlines()
-               if line.startswith(_WARNING)]
+        own = [shown(line.strip().removeprefix(_WARNING)) for line in text.splitlines() if line.startswith(_WARNING)]
         self.remarks += [("warning", entry["name"], w) for w in own]
-        self.remarks += [("note", entry["name"], note) for note in console.notes_in(text)
-                         if note not in {r[2] for r in self.remarks}]
+        self.remarks += [
+            ("note", entry["name"], note) for note in console.notes_in(text) if note not in {r[2] for r in self.remarks}
+        ]
         wall = duration(entry["wall_s"]) if entry["status"] != "skipped (complete)" else "-"
         extra = f" ({len(own)} warning{'s' * (len(own) > 1)}, see the summary)" if own else ""
-        click.echo(f"{self._head(n, _STATUS.get(entry['status'], entry['status']), entry['name'], entry['op'])}"
-                   f" {wall:>7}  {detail}{extra}".rstrip(), err=True)
+        click.echo(
+            f"{self._head(n, _STATUS.get(entry['status'], entry['status']), entry['name'], entry['op'])}"
+            f" {wall:>7}  {detail}{extra}".rstrip(),
+            err=True,
+        )
 
     def summary(self, report: dict[str, Any], report_path: Path) -> None:
         steps = report["steps"]
@@ -85,17 +90,24 @@ class Screen:
         failed = [e for e in steps if e["status"] == "failed"]
         took = duration(time.perf_counter() - self.start)
         if failed:
-            head = (f"FAILED  {shown(self.name)}: step {shown(failed[0]['name'])!r} "
-                    f"({failed[0]['op']}) failed, step {len(steps)} of {self.total}, after {took}")
+            head = (
+                f"FAILED  {shown(self.name)}: step {shown(failed[0]['name'])!r} "
+                f"({failed[0]['op']}) failed, step {len(steps)} of {self.total}, after {took}"
+            )
         else:
-            ran = ("all ok" if list(counts) == ["ok"] else ", ".join(f"{k} {s}" for s, k in counts.items()))
-            head = f"{'PASSED' if report['passed'] else 'FAILED'}  {shown(self.name)}: " \
-                   f"{self.total} steps, {ran}, in {took}"
+            ran = "all ok" if list(counts) == ["ok"] else ", ".join(f"{k} {s}" for s, k in counts.items())
+            head = (
+                f"{'PASSED' if report['passed'] else 'FAILED'}  {shown(self.name)}: "
+                f"{self.total} steps, {ran}, in {took}"
+            )
         lines = [head, f"  {'checks':<10} {self._checks(report['verifications'])}"]
         files = [f for step in report["artefacts"].values() for f in step.values()]
         if report["artefacts"]:
-            lines.append(f"  {'artefacts':<10} {len(report['artefacts'])} ({progress.human_size(sum(int(f['size']) for f in files))})"
-                         f" in {shown(str(self.output))}, each with a sha256 manifest")
+            total = progress.human_size(sum(int(f["size"]) for f in files))
+            lines.append(
+                f"  {'artefacts':<10} {len(report['artefacts'])} ({total})"
+                f" in {shown(str(self.output))}, each with a sha256 manifest"
+            )
         for kind, step, text in self.remarks:
             cut = text if len(text) <= _CUT else text[:_CUT] + "... (the rest in its log)"
             lines.append(f"  {kind:<10} {shown(step)}: {cut}")
@@ -114,6 +126,8 @@ class Screen:
         if len(logits) > 1:
             low = min(logits, key=lambda v: v["top1_agreement"])
             high = max(logits, key=lambda v: v.get("kld_mean", 0))
-            text += (f"; lowest top-1 {100 * low['top1_agreement']:.1f}% ({shown(low['step'])}), "
-                     f"highest mean KLD {high.get('kld_mean', float('nan')):.3g} ({shown(high['step'])})")
+            text += (
+                f"; lowest top-1 {100 * low['top1_agreement']:.1f}% ({shown(low['step'])}), "
+                f"highest mean KLD {high.get('kld_mean', float('nan')):.3g} ({shown(high['step'])})"
+            )
         return text

@@ -11,6 +11,7 @@ are stored as they are; tensors matched by `replace` are carried whole; everythi
 that does not line up is an error naming the tensor, both shapes and both files; and a
 "delta" whose norm gains look like a model's is refused unless `allow_suspicious`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -53,9 +54,11 @@ class DeltaReport:
         total = sum(t for _, t in self.round_trip.values())
         worst = sorted(self.round_trip.items(), key=lambda kv: -kv[1][0] / max(kv[1][1], 1))[:3]
         listed = ", ".join(f"{n} {d / t:.2%}" for n, (d, t) in worst if d)
-        return (f"the {dtypes} delta does not round-trip: apply-delta will give back {differing / total:.4%} of the "
-                f"target's elements ({differing} of {total}) differently (worst: {listed}); "
-                "use --dtype float32 for a delta that rebuilds the target bit for bit")
+        return (
+            f"the {dtypes} delta does not round-trip: apply-delta will give back {differing / total:.4%} of the "
+            f"target's elements ({differing} of {total}) differently (worst: {listed}); "
+            "use --dtype float32 for a delta that rebuilds the target bit for bit"
+        )
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,16 @@ class _Pair:
     mode: str  # "combine", "expand" or "replace"
 
 
-def apply_delta(base: Stream, delta: Stream, *, dtype: torch.dtype | None = None, replace: Sequence[str] = (),
-                allow_suspicious: bool = False, labels: tuple[str, str] = ("BASE", "DELTA"),
-                report: DeltaReport | None = None) -> list[TensorRef]:
+def apply_delta(
+    base: Stream,
+    delta: Stream,
+    *,
+    dtype: torch.dtype | None = None,
+    replace: Sequence[str] = (),
+    allow_suspicious: bool = False,
+    labels: tuple[str, str] = ("BASE", "DELTA"),
+    report: DeltaReport | None = None,
+) -> list[TensorRef]:
     """`base + delta` per tensor, joined by name, in float32, cast to `dtype` (None: the delta's).
 
     Rows of the delta's embedding / output head beyond the base's are taken as they are;
@@ -81,9 +91,16 @@ def apply_delta(base: Stream, delta: Stream, *, dtype: torch.dtype | None = None
     return [_output(p, +1, dtype, None, pool) for p in pairs]
 
 
-def make_delta(base: Stream, target: Stream, *, dtype: torch.dtype | None = None, replace: Sequence[str] = (),
-               allow_suspicious: bool = False, labels: tuple[str, str] = ("BASE", "TARGET"),
-               report: DeltaReport | None = None) -> list[TensorRef]:
+def make_delta(
+    base: Stream,
+    target: Stream,
+    *,
+    dtype: torch.dtype | None = None,
+    replace: Sequence[str] = (),
+    allow_suspicious: bool = False,
+    labels: tuple[str, str] = ("BASE", "TARGET"),
+    report: DeltaReport | None = None,
+) -> list[TensorRef]:
     """`target − base` per tensor, joined by name, in float32, cast to `dtype` (None: the target's).
 
     Rows of the target's embedding / output head beyond the base's are stored as they are;
@@ -98,8 +115,14 @@ def make_delta(base: Stream, target: Stream, *, dtype: torch.dtype | None = None
 
 # --- joining by name ---------------------------------------------------------------------------
 
-def _join(base: list[TensorRef], other: list[TensorRef], replace: Sequence[str], labels: tuple[str, str],
-          report: DeltaReport | None) -> list[_Pair]:
+
+def _join(
+    base: list[TensorRef],
+    other: list[TensorRef],
+    replace: Sequence[str],
+    labels: tuple[str, str],
+    report: DeltaReport | None,
+) -> list[_Pair]:
     """Pair tensors by (architecture-normalised) name; collect every mismatch, then fail once."""
     require_unique(base)
     require_unique(other)
@@ -129,8 +152,9 @@ def _join(base: list[TensorRef], other: list[TensorRef], replace: Sequence[str],
         if k not in by_key_other:
             problems += _unpaired(k, b, labels[0], labels[1], by_key_other, vocab, report)
     if problems:
-        shown = problems[:_MAX_LISTED] + ([f"... and {len(problems) - _MAX_LISTED} more"]
-                                          if len(problems) > _MAX_LISTED else [])
+        shown = problems[:_MAX_LISTED] + (
+            [f"... and {len(problems) - _MAX_LISTED} more"] if len(problems) > _MAX_LISTED else []
+        )
         raise WeightopsError(f"{labels[0]} and {labels[1]} do not line up:\n  " + "\n  ".join(shown))
     if report is not None:
         report.expanded += [p.other.name for p in pairs if p.mode == "expand"]
@@ -143,8 +167,10 @@ def _keyed(refs: list[TensorRef], key: Callable[[str], str], label: str) -> dict
     for r in refs:
         k = key(r.name)
         if k in out:
-            raise WeightopsError(f"{label}: tensors {out[k].name!r} ({out[k].source}) and {r.name!r} ({r.source}) "
-                                 "are the same tensor under two spellings")
+            raise WeightopsError(
+                f"{label}: tensors {out[k].name!r} ({out[k].source}) and {r.name!r} ({r.source}) "
+                "are the same tensor under two spellings"
+            )
         out[k] = r
     return out
 
@@ -156,19 +182,30 @@ def _vocab_keys(table: ArchSpec | None, keys: set[str]) -> dict[str, Role]:
     return {k: role for k in keys if (role := table.role(k, "hf")) in VOCAB_ROLES}
 
 
-def _unpaired(key: str, ref: TensorRef, have: str, lack: str, lacking: dict[str, TensorRef], vocab: dict[str, Role],
-              report: DeltaReport | None) -> list[str]:
+def _unpaired(
+    key: str,
+    ref: TensorRef,
+    have: str,
+    lack: str,
+    lacking: dict[str, TensorRef],
+    vocab: dict[str, Role],
+    report: DeltaReport | None,
+) -> list[str]:
     """A tensor on one side only: tied/untied heads and everything else are errors; buffers
     that transformers recomputes are dropped with a warning."""
     if matches_any(key, _DROPPABLE):
         if report is not None:
-            report.warnings.append(f"dropped {ref.name!r} ({ref.source}): only {have} has it, and transformers "
-                                   "recomputes this buffer on load")
+            report.warnings.append(
+                f"dropped {ref.name!r} ({ref.source}): only {have} has it, and transformers "
+                "recomputes this buffer on load"
+            )
         return []
     if vocab.get(key) is Role.OUTPUT and any(vocab.get(k) is Role.EMBEDDING for k in lacking):
-        return [f"tied vs untied embeddings: {have} has a separate output head {ref.name!r} ({ref.source}) but "
-                f"{lack} has none (its output head is tied to the embedding); the two are not the same model "
-                "layout and cannot be combined"]
+        return [
+            f"tied vs untied embeddings: {have} has a separate output head {ref.name!r} ({ref.source}) but "
+            f"{lack} has none (its output head is tied to the embedding); the two are not the same model "
+            "layout and cannot be combined"
+        ]
     return [f"tensor {ref.name!r} {ref.shape} is in {have} ({ref.source}) but missing from {lack}"]
 
 
@@ -177,30 +214,41 @@ def _check_pair(b: TensorRef, o: TensorRef, is_vocab: bool, labels: tuple[str, s
     where = f"{labels[0]} has {b.shape} ({b.source}), {labels[1]} has {o.shape} ({o.source})"
     for r, label in ((b, labels[0]), (o, labels[1])):
         if not r.dtype.is_floating_point:
-            return (f"tensor {r.name!r} is {_dtype_name(r.dtype)} in {label} ({r.source}): differences are only "
-                    f"defined for floating-point tensors; pass --replace {r.name!r} to carry it whole"), ""
+            return (
+                f"tensor {r.name!r} is {_dtype_name(r.dtype)} in {label} ({r.source}): differences are only "
+                f"defined for floating-point tensors; pass --replace {r.name!r} to carry it whole"
+            ), ""
     if b.shape == o.shape:
         return None, "combine"
     if is_vocab and len(b.shape) == len(o.shape) and b.shape[1:] == o.shape[1:] and o.shape[0] > b.shape[0]:
         return None, "expand"
     if is_vocab and b.shape[1:] == o.shape[1:]:
-        return (f"tensor {o.name!r}: {labels[1]} has fewer vocabulary rows than {labels[0]}: {where}; "
-                f"a delta can add rows to the base's vocabulary, not remove them"), ""
+        return (
+            f"tensor {o.name!r}: {labels[1]} has fewer vocabulary rows than {labels[0]}: {where}; "
+            f"a delta can add rows to the base's vocabulary, not remove them"
+        ), ""
     return f"tensor {o.name!r} has different shapes: {where}", ""
 
 
 # --- guard rails -----------------------------------------------------------------------------
 
+
 def _norm_gains(pairs: list[_Pair]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, base, other) in float64 for every 1-D `*weight` pair: RMSNorm/LayerNorm gains
     (biases are named `bias`). They are tiny, so loading them all up front is cheap."""
-    return [(p.other.name, p.base.load().double(), p.other.load().double()) for p in pairs
-            if p.base is not None and len(p.other.shape) == 1 and p.other.name.endswith("weight")]
+    return [
+        (p.other.name, p.base.load().double(), p.other.load().double())
+        for p in pairs
+        if p.base is not None and len(p.other.shape) == 1 and p.other.name.endswith("weight")
+    ]
 
 
 def _flagged(rows: list[tuple[str, float, float]]) -> list[str]:
-    return [f"{name} ({num / den:.2f})" if den else f"{name} (base all zero)"
-            for name, num, den in rows if num and num >= GUARD_RATIO * den]
+    return [
+        f"{name} ({num / den:.2f})" if den else f"{name} (base all zero)"
+        for name, num, den in rows
+        if num and num >= GUARD_RATIO * den
+    ]
 
 
 def _listing(names: list[str]) -> str:
@@ -218,20 +266,30 @@ def _guard_apply(pairs: list[_Pair], labels: tuple[str, str], allow: bool) -> No
         return
     result = sum(float((b + d).abs().sum()) for _, b, d in gains) / sum_b if sum_b else float("inf")
     if sum_d >= sum_b / GUARD_RATIO:
-        why = (f"{labels[0]}'s norm weights sit near 0 while {labels[1]}'s do not: {labels[0]} looks like a delta "
-               "(were BASE and DELTA swapped?)")
+        why = (
+            f"{labels[0]}'s norm weights sit near 0 while {labels[1]}'s do not: {labels[0]} looks like a delta "
+            "(were BASE and DELTA swapped?)"
+        )
     elif result >= 1 + GUARD_RATIO:
-        why = (f"the result's norm weights would be {result:.2f}x the base's (near 2, not 1): {labels[1]} looks "
-               "like a full model, or a delta that was already applied")
+        why = (
+            f"the result's norm weights would be {result:.2f}x the base's (near 2, not 1): {labels[1]} looks "
+            "like a full model, or a delta that was already applied"
+        )
     elif result <= 1 - GUARD_RATIO:
-        why = (f"the result's norm weights would nearly vanish ({result:.2f}x the base's, near 0, not 1): the delta "
-               f"was made against another base, or as base - target")
+        why = (
+            f"the result's norm weights would nearly vanish ({result:.2f}x the base's, near 0, not 1): the delta "
+            f"was made against another base, or as base - target"
+        )
     else:
-        why = (f"{labels[1]}'s norm weights are {sum_d / sum_b:.2f}x the base's, where a fine-tune's differences "
-               f"sit near 0: {labels[1]} looks like a full model, or {labels[0]} is itself a delta")
+        why = (
+            f"{labels[1]}'s norm weights are {sum_d / sum_b:.2f}x the base's, where a fine-tune's differences "
+            f"sit near 0: {labels[1]} looks like a full model, or {labels[0]} is itself a delta"
+        )
     flagged = _flagged([(n, float(d.abs().sum()), float(b.abs().sum())) for n, b, d in gains])
-    raise WeightopsError(f"refusing to apply: {why}. Norm weights that triggered this (delta/base ratio): "
-                         f"{_listing(flagged)}. Pass --allow-suspicious-delta if this is really intended")
+    raise WeightopsError(
+        f"refusing to apply: {why}. Norm weights that triggered this (delta/base ratio): "
+        f"{_listing(flagged)}. Pass --allow-suspicious-delta if this is really intended"
+    )
 
 
 def _guard_make(pairs: list[_Pair], labels: tuple[str, str], allow: bool) -> None:
@@ -250,22 +308,34 @@ def _guard_make(pairs: list[_Pair], labels: tuple[str, str], allow: bool) -> Non
     elif sum_t / sum_b <= GUARD_RATIO:
         why = f"{labels[1]}'s norm weights sit near 0 while {labels[0]}'s do not: {labels[1]} looks like a delta"
     else:
-        why = (f"the delta's norm weights would be {sum_d / sum_b:.2f}x the base's, where a fine-tune's differences "
-               f"sit near 0: {labels[1]} is not a fine-tune of {labels[0]}")
+        why = (
+            f"the delta's norm weights would be {sum_d / sum_b:.2f}x the base's, where a fine-tune's differences "
+            f"sit near 0: {labels[1]} is not a fine-tune of {labels[0]}"
+        )
     flagged = _flagged([(n, float((t - b).abs().sum()), float(b.abs().sum())) for n, b, t in gains])
-    raise WeightopsError(f"refusing to make a delta: {why}. Norm weights that triggered this (delta/base ratio): "
-                         f"{_listing(flagged)}. Pass --allow-suspicious-delta if this is really intended")
+    raise WeightopsError(
+        f"refusing to make a delta: {why}. Norm weights that triggered this (delta/base ratio): "
+        f"{_listing(flagged)}. Pass --allow-suspicious-delta if this is really intended"
+    )
 
 
 # --- arithmetic ------------------------------------------------------------------------------
 
-def _output(pair: _Pair, sign: int, dtype: torch.dtype | None, report: DeltaReport | None,
-            pool: BufferPool) -> TensorRef:
+
+def _output(
+    pair: _Pair, sign: int, dtype: torch.dtype | None, report: DeltaReport | None, pool: BufferPool
+) -> TensorRef:
     o, b = pair.other, pair.base
     out_dtype = dtype if dtype is not None and o.dtype.is_floating_point else o.dtype
     if pair.mode == "replace":
-        return TensorRef(name=o.name, shape=o.shape, dtype_name=dtypes.name_of(out_dtype), source=o.source,
-                         loader=_carry(o, out_dtype, report), releaser=o.release)
+        return TensorRef(
+            name=o.name,
+            shape=o.shape,
+            dtype_name=dtypes.name_of(out_dtype),
+            source=o.source,
+            loader=_carry(o, out_dtype, report),
+            releaser=o.release,
+        )
     assert b is not None  # only a replaced tensor may lack a base
     lent: list[torch.Tensor] = []  # the pool buffer the loaded tensor lives in, until release
 
@@ -274,9 +344,15 @@ def _output(pair: _Pair, sign: int, dtype: torch.dtype | None, report: DeltaRepo
         o.release()
         while lent:
             pool.give(lent.pop())
-    return TensorRef(name=o.name, shape=o.shape, dtype_name=dtypes.name_of(out_dtype),
-                     loader=_combiner(b, o, sign, out_dtype, report, pool, lent),
-                     source=f"{b.source} {'+' if sign > 0 else '-'} {o.source}", releaser=release)
+
+    return TensorRef(
+        name=o.name,
+        shape=o.shape,
+        dtype_name=dtypes.name_of(out_dtype),
+        loader=_combiner(b, o, sign, out_dtype, report, pool, lent),
+        source=f"{b.source} {'+' if sign > 0 else '-'} {o.source}",
+        releaser=release,
+    )
 
 
 def _carry(o: TensorRef, out_dtype: torch.dtype, report: DeltaReport | None) -> Callable[[], torch.Tensor]:
@@ -288,14 +364,23 @@ def _carry(o: TensorRef, out_dtype: torch.dtype, report: DeltaReport | None) -> 
         if report is not None:
             report.round_trip[o.name] = (_count_different(out.to(t.dtype), t), t.numel())
         return out
+
     return load
 
 
-def _combiner(b: TensorRef, o: TensorRef, sign: int, out_dtype: torch.dtype, report: DeltaReport | None,
-              pool: BufferPool, lent: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+def _combiner(
+    b: TensorRef,
+    o: TensorRef,
+    sign: int,
+    out_dtype: torch.dtype,
+    report: DeltaReport | None,
+    pool: BufferPool,
+    lent: list[torch.Tensor],
+) -> Callable[[], torch.Tensor]:
     """`other ± base` for the base's rows, `other` as it is for rows beyond them, in a pool
     buffer (`lent` until released); with a report (make-delta), also count the elements
     `base + delta` would not give back."""
+
     def load() -> torch.Tensor:
         base_t, other_t = b.load().reshape(-1), o.load()
         buffer, out = pool.take(o.shape, out_dtype)
@@ -308,20 +393,27 @@ def _combiner(b: TensorRef, o: TensorRef, sign: int, out_dtype: torch.dtype, rep
             _combine_into(flat_out[part], flat_o[part], base_t[part], sign)
             if not _finite(flat_out[part]):
                 inputs_finite = _finite(flat_o[part]) and _finite(base_t[part])
-                raise _not_finite(flat_out[part], o.name, f"{b.source} {'+' if sign > 0 else '-'} {o.source}",
-                                  "base + delta" if sign > 0 else "target - base", inputs_finite)
+                raise _not_finite(
+                    flat_out[part],
+                    o.name,
+                    f"{b.source} {'+' if sign > 0 else '-'} {o.source}",
+                    "base + delta" if sign > 0 else "target - base",
+                    inputs_finite,
+                )
             if report is not None:
                 back = torch.empty(part.stop - i, dtype=other_t.dtype)
                 _combine_into(back, base_t[part], flat_out[part], +1)
                 differing += _count_different(back, flat_o[part])
         flat_out[n:].copy_(flat_o[n:])  # expanded vocabulary rows, stored as they are
         if not _finite(flat_out[n:]):
-            raise _not_finite(flat_out[n:], o.name, o.source, "its rows beyond the base's vocabulary",
-                              _finite(flat_o[n:]))
+            raise _not_finite(
+                flat_out[n:], o.name, o.source, "its rows beyond the base's vocabulary", _finite(flat_o[n:])
+            )
         if report is not None:
             differing += _count_different(flat_out[n:].to(other_t.dtype), flat_o[n:])
             report.round_trip[o.name] = (differing, out.numel())
         return out
+
     return load
 
 
@@ -339,11 +431,17 @@ def _not_finite(values: torch.Tensor, name: str, source: str, what: str, inputs_
     holds them, or the sum overflowed the output dtype."""
     wide = values.float()
     nan, inf = int(torch.isnan(wide).sum()), int(torch.isinf(wide).sum())
-    why = ("the inputs are finite, so the result overflows the output dtype "
-           f"{_dtype_name(values.dtype)}: use --dtype float32" if inputs_finite else "an input holds them")
-    return WeightopsError(f"{shown(source)}: tensor {name!r}: {what} has NaN or infinite values (at least {nan} "
-                          f"NaN and {inf} inf) "
-                          f"({why}); a model with them computes NaN, so nothing was written")
+    why = (
+        "the inputs are finite, so the result overflows the output dtype "
+        f"{_dtype_name(values.dtype)}: use --dtype float32"
+        if inputs_finite
+        else "an input holds them"
+    )
+    return WeightopsError(
+        f"{shown(source)}: tensor {name!r}: {what} has NaN or infinite values (at least {nan} "
+        f"NaN and {inf} inf) "
+        f"({why}); a model with them computes NaN, so nothing was written"
+    )
 
 
 def _combine_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, sign: int) -> None:

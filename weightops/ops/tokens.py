@@ -1,5 +1,6 @@
 """Which token of a new tokenizer is which of an old one: the maps `ops.vocab` plans rows with.
 They take loaded tokenizer objects, never files."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable

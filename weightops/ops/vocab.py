@@ -6,6 +6,7 @@ initialised) and passes every other tensor through untouched. `expand_vocab` is 
 job: edit the tokenizer, plan the rows from token strings, stream, write atomically with
 config.json `vocab_size` equal to the new row count, so the vocabulary triple agrees.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
@@ -19,8 +20,8 @@ from .tokens import decompose, token_map
 
 INIT_RULES = ("subtoken-mean", "mean", "normal", "zeros")
 NORMAL_EPSILON = 1e-9  # covariance scale of the `normal` rule, as transformers' mean_resizing
-_CHUNK = 4096          # rows of the old matrix per step of a reduction (bounds float copies)
-_BATCH = 1024          # new rows made per step (bounds the gathered piece rows of subtoken-mean)
+_CHUNK = 4096  # rows of the old matrix per step of a reduction (bounds float copies)
+_BATCH = 1024  # new rows made per step (bounds the gathered piece rows of subtoken-mean)
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,18 @@ class RowPlan:
         return [i for i in range(self.rows) if i not in skip]
 
 
-def plan_rows(old_tok, new_tok, old_rows: int, new_size: int, *, pad_to_multiple: int | None = None,
-              allow_shrink: bool = False, reinit_rows: bool = False, subtokens: bool = True,
-              what: str = "the embedding") -> RowPlan:
+def plan_rows(
+    old_tok,
+    new_tok,
+    old_rows: int,
+    new_size: int,
+    *,
+    pad_to_multiple: int | None = None,
+    allow_shrink: bool = False,
+    reinit_rows: bool = False,
+    subtokens: bool = True,
+    what: str = "the embedding",
+) -> RowPlan:
     """Plan a matrix of `new_size` rows (rounded up to `pad_to_multiple`) for `new_tok`, carrying
     the old row of every token string `old_tok` also has. Shrinking needs `allow_shrink`; losing
     the trained row of a token the old tokenizer has (it is not in the new one, so its row would
@@ -56,9 +66,9 @@ def plan_rows(old_tok, new_tok, old_rows: int, new_size: int, *, pad_to_multiple
         raise WeightopsError(
             f"the new tokenizer has {new_size} tokens but {what} has {old_rows} rows: resizing to {rows} would "
             f"drop rows {rows}..{old_rows - 1} (BLOOM pads its embedding beyond the tokenizer); pass "
-            f"--pad-to-multiple N to keep the row count, or --allow-shrink to drop them")
-    carried = {new: old for new, old in token_map(old_tok, new_tok).items()
-               if new < rows and old < old_rows}
+            f"--pad-to-multiple N to keep the row count, or --allow-shrink to drop them"
+        )
+    carried = {new: old for new, old in token_map(old_tok, new_tok).items() if new < rows and old < old_rows}
     if not reinit_rows:
         _refuse_lost_rows(old_tok, set(carried.values()), old_rows, rows, what)
     id_to_token = {i: t for t, i in new_tok.get_vocab().items() if i < rows}
@@ -82,14 +92,15 @@ def _refuse_lost_rows(old_tok, carried: set[int], old_rows: int, rows: int, what
         raise WeightopsError(
             f"{len(lost)} trained row(s) of {what} belong to tokens the new tokenizer lacks: {shown}; "
             + (f"{dropped} go with the shrink, the other {len(lost) - dropped} " if dropped else "their rows ")
-            + "would be re-initialised. Pass --reinit-rows to allow it, or use a tokenizer that keeps these tokens")
+            + "would be re-initialised. Pass --reinit-rows to allow it, or use a tokenizer that keeps these tokens"
+        )
 
 
 def row_mean(old: torch.Tensor) -> torch.Tensor:
     """Mean of all rows in float64, reduced in chunks (no full float copy of the matrix)."""
     total = torch.zeros(old.shape[1:], dtype=torch.float64)
     for start in range(0, old.shape[0], _CHUNK):
-        total += old[start:start + _CHUNK].to(torch.float64).sum(0)
+        total += old[start : start + _CHUNK].to(torch.float64).sum(0)
     return total / old.shape[0]
 
 
@@ -98,7 +109,7 @@ def row_covariance(old: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     cov = torch.zeros((old.shape[1], old.shape[1]), dtype=torch.float32)
     mean = mean.to(torch.float32)
     for start in range(0, old.shape[0], _CHUNK):
-        centred = old[start:start + _CHUNK].to(torch.float32) - mean
+        centred = old[start : start + _CHUNK].to(torch.float32) - mean
         cov.addmm_(centred.T, centred)
     return cov / old.shape[0]
 
@@ -151,7 +162,7 @@ def resize_matrix(old: torch.Tensor, plan: RowPlan, init: str, seed: int) -> tor
         assert mean is not None
         draw = normal_sampler(old, mean, seed)
     for start in range(0, len(new), _BATCH):
-        ids = new[start:start + _BATCH]
+        ids = new[start : start + _BATCH]
         if init == "zeros":
             values = torch.zeros((len(ids), old.shape[1]))
         elif mean is None:  # unreachable: see above
@@ -169,8 +180,9 @@ def resize_matrix(old: torch.Tensor, plan: RowPlan, init: str, seed: int) -> tor
     return out
 
 
-def resize_vocab(stream: Stream, names: Iterable[str], plan: RowPlan, init: str = "subtoken-mean",
-                 seed: int = 0) -> Iterator[TensorRef]:
+def resize_vocab(
+    stream: Stream, names: Iterable[str], plan: RowPlan, init: str = "subtoken-mean", seed: int = 0
+) -> Iterator[TensorRef]:
     """Stream operator: the tensors named in `names` (embedding, untied lm_head) are resized by
     `plan`; every other reference is yielded as it came (same object, bytes untouched).
     Each resized tensor draws `normal` rows from its own generator seeded with `seed`."""
@@ -182,6 +194,8 @@ def resize_vocab(stream: Stream, names: Iterable[str], plan: RowPlan, init: str 
             yield ref
             continue
         if len(ref.shape) != 2 or ref.shape[0] != plan.old_rows:
-            raise WeightopsError(f"{ref.source}: tensor {ref.name!r} has shape {ref.shape}; "
-                                 f"expected {plan.old_rows} rows like the input embedding")
+            raise WeightopsError(
+                f"{ref.source}: tensor {ref.name!r} has shape {ref.shape}; "
+                f"expected {plan.old_rows} rows like the input embedding"
+            )
         yield ref.derive(lambda t: resize_matrix(t, plan, init, seed), shape=(plan.rows, ref.shape[1]))

@@ -1,5 +1,6 @@
 """`weightops bnb`: an HF checkpoint in, the bitsandbytes checkpoint transformers would save out,
 around the stream quantizer of `quant.bnb`."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -32,16 +33,26 @@ def model_dtype(config: dict | None, refs: Iterable[TensorRef]) -> torch.dtype |
 @dataclass
 class BnbReport:
     files: list[Path] = field(default_factory=list)
-    quantized: list[str] = field(default_factory=list)     # weight names
-    skipped: list[str] = field(default_factory=list)       # linear weights kept by --skip
+    quantized: list[str] = field(default_factory=list)  # weight names
+    skipped: list[str] = field(default_factory=list)  # linear weights kept by --skip
     quantization_config: dict = field(default_factory=dict)
     device: str = "cpu"
     dtype: str | None = None
 
 
-def export_bnb(model: str | Path, output: str | Path, *, bits: int, quant_type: str = "nf4",
-                   double_quant: bool = False, compute_dtype: str = "float32", skip: Sequence[str] = (),
-                   device: str = "auto", max_shard_size: str | int = "5GB", force: bool = False) -> BnbReport:
+def export_bnb(
+    model: str | Path,
+    output: str | Path,
+    *,
+    bits: int,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    compute_dtype: str = "float32",
+    skip: Sequence[str] = (),
+    device: str = "auto",
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+) -> BnbReport:
     """Write OUTPUT: MODEL (an HF checkpoint) as the bitsandbytes checkpoint transformers saves
     after `from_pretrained(MODEL, quantization_config=BitsAndBytesConfig(...))`, loadable with
     `AutoModelForCausalLM.from_pretrained(OUTPUT)`. `skip` globs (on tensor names) keep more
@@ -52,41 +63,59 @@ def export_bnb(model: str | Path, output: str | Path, *, bits: int, quant_type: 
     ckpt = open_checkpoint(model)
     target = Output(output, [ckpt.path], kind="dir", force=force)
     if not ckpt.format.startswith("hf-"):
-        raise WeightopsError(f"{ckpt.path} is a {ckpt.format} checkpoint; bitsandbytes checkpoints are made from a "
-                             "Hugging Face checkpoint, so convert it first (weightops convert --to hf)")
+        raise WeightopsError(
+            f"{ckpt.path} is a {ckpt.format} checkpoint; bitsandbytes checkpoints are made from a "
+            "Hugging Face checkpoint, so convert it first (weightops convert --to hf)"
+        )
     if ckpt.config is None:
         raise WeightopsError(f"{ckpt.directory}: no config.json; transformers needs one to load the result")
     if "quantization_config" in ckpt.config:
-        raise WeightopsError(f"{ckpt.directory}/config.json already has a quantization_config "
-                             f"({ckpt.config['quantization_config'].get('quant_method', '?')}); start from the "
-                             "unquantized model")
+        raise WeightopsError(
+            f"{ckpt.directory}/config.json already has a quantization_config "
+            f"({ckpt.config['quantization_config'].get('quant_method', '?')}); start from the "
+            "unquantized model"
+        )
     if ckpt.architecture is None:
-        raise WeightopsError(f"{ckpt.path}: unknown architecture, so which tensors are linear layers is unknown "
-                             f"(supported: {', '.join(supported())})")
+        raise WeightopsError(
+            f"{ckpt.path}: unknown architecture, so which tensors are linear layers is unknown "
+            f"(supported: {', '.join(supported())})"
+        )
     table = get_arch(ckpt.architecture)
     tensors = [r.renamed(table.normalize_hf(r.name)) for r in ckpt.tensors]  # as the loaded model names them
-    check_config_shapes(table, complete_hf_config({"model_type": ckpt.architecture, **ckpt.config}),
-                        tensors, str(ckpt.config_file))
+    check_config_shapes(
+        table, complete_hf_config({"model_type": ckpt.architecture, **ckpt.config}), tensors, str(ckpt.config_file)
+    )
     linear = linear_weights(table)
     skipped = [r.name for r in tensors if linear(r) and matches_any(r.name, skip)]
     unused = [g for g in skip if not any(matches_any(n, (g,)) for n in skipped)]
     if unused:
-        raise WeightopsError(f"--skip {', '.join(repr(g) for g in unused)} matches no linear weight of {ckpt.path} "
-                             "(globs are matched against tensor names, e.g. 'model.layers.*.mlp.down_proj.weight')")
+        raise WeightopsError(
+            f"--skip {', '.join(repr(g) for g in unused)} matches no linear weight of {ckpt.path} "
+            "(globs are matched against tensor names, e.g. 'model.layers.*.mlp.down_proj.weight')"
+        )
     head = table.name_of(Role.OUTPUT, "hf").removesuffix(".weight")  # transformers never quantizes it
     skip_modules = [head, *(n.removesuffix(".weight") for n in skipped)] if skipped else None
     dev = resolve_device(device)
     dtype = model_dtype(ckpt.config, tensors)
     kept = set(skipped)
-    report = BnbReport(quantized=[r.name for r in tensors if linear(r) and r.name not in kept],
-                       skipped=skipped, quantization_config=spec.quantization_config(skip_modules), device=str(dev),
-                       dtype=str(dtype).removeprefix("torch.") if dtype else None)
+    report = BnbReport(
+        quantized=[r.name for r in tensors if linear(r) and r.name not in kept],
+        skipped=skipped,
+        quantization_config=spec.quantization_config(skip_modules),
+        device=str(dev),
+        dtype=str(dtype).removeprefix("torch.") if dtype else None,
+    )
     stream: Stream = cast(tensors, dtype)
     if spec.bits == 4 and spec.double_quant:
         stream = progress.iterate(stream, total=len(tensors), desc="sizing quant states")
     refs = quantize_bnb(stream, spec, lambda r: linear(r) and r.name not in kept, dev)
-    report.files = save_hf(refs, target, aux_files=ckpt.aux_files, max_shard_size=max_shard_size,
-                           config_update={"quantization_config": report.quantization_config},
-                           total_parameters=sum(r.numel for r in tensors),  # as the loaded model counts them
-                           desc=f"bnb {bits}-bit" + (f" {quant_type}" if bits == 4 else ""))
+    report.files = save_hf(
+        refs,
+        target,
+        aux_files=ckpt.aux_files,
+        max_shard_size=max_shard_size,
+        config_update={"quantization_config": report.quantization_config},
+        total_parameters=sum(r.numel for r in tensors),  # as the loaded model counts them
+        desc=f"bnb {bits}-bit" + (f" {quant_type}" if bits == 4 else ""),
+    )
     return report

@@ -1,5 +1,6 @@
 """`weightops apply-delta` / `make-delta`: checkpoints in, an HF checkpoint out, around the
 stream operators of `ops.delta` (which join by name and hold only a pair in flight)."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ __all__ = ["DeltaReport", "apply_delta", "make_delta"]
 def _open_hf(path: Path, label: str) -> Checkpoint:
     ckpt = open_checkpoint(path)
     if not ckpt.format.startswith("hf-"):
-        raise WeightopsError(f"{label} {path} is a {ckpt.format} checkpoint; deltas join tensors by their Hugging "
-                             "Face names, so convert it to an HF directory first (weightops convert)")
+        raise WeightopsError(
+            f"{label} {path} is a {ckpt.format} checkpoint; deltas join tensors by their Hugging "
+            "Face names, so convert it to an HF directory first (weightops convert)"
+        )
     return ckpt
 
 
@@ -34,37 +37,77 @@ def _config_update(aux: list[Path], dtype: torch.dtype | None) -> dict | None:
     return {k: _dtype_name(dtype) for k in keys} or None
 
 
-def apply_delta(base: Path, delta: Path, output: Path, *, dtype: torch.dtype | None = None,
-                           replace: Sequence[str] = (), force: bool = False, allow_suspicious: bool = False,
-                           max_shard_size: str | int = "5GB") -> DeltaReport:
+def apply_delta(
+    base: Path,
+    delta: Path,
+    output: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    replace: Sequence[str] = (),
+    force: bool = False,
+    allow_suspicious: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> DeltaReport:
     """Rebuild a released model from BASE and DELTA into OUTPUT (HF safetensors) with the
     delta's config and tokenizer files. `force` replaces an OUTPUT weightops wrote;
     `allow_suspicious` overrides the norm-weight guard rail."""
     b, d = _open_hf(Path(base), "BASE"), _open_hf(Path(delta), "DELTA")
     target = Output(output, [b.path, d.path], kind="dir", force=force)
     report = DeltaReport()
-    refs = ops_delta.apply_delta(b.tensors, d.tensors, dtype=dtype, replace=replace, allow_suspicious=allow_suspicious,
-                       labels=(f"BASE {b.path}", f"DELTA {d.path}"), report=report)
-    report.files = save_hf(refs, target, aux_files=d.aux_files,
-                           max_shard_size=max_shard_size, config_update=_config_update(d.aux_files, dtype),
-                           desc="applying delta")
+    refs = ops_delta.apply_delta(
+        b.tensors,
+        d.tensors,
+        dtype=dtype,
+        replace=replace,
+        allow_suspicious=allow_suspicious,
+        labels=(f"BASE {b.path}", f"DELTA {d.path}"),
+        report=report,
+    )
+    report.files = save_hf(
+        refs,
+        target,
+        aux_files=d.aux_files,
+        max_shard_size=max_shard_size,
+        config_update=_config_update(d.aux_files, dtype),
+        desc="applying delta",
+    )
     return report
 
 
-def make_delta(base: Path, target: Path, output: Path, *, dtype: torch.dtype | None = None,
-                          replace: Sequence[str] = (), force: bool = False, allow_suspicious: bool = False,
-                          max_shard_size: str | int = "5GB") -> DeltaReport:
+def make_delta(
+    base: Path,
+    target: Path,
+    output: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    replace: Sequence[str] = (),
+    force: bool = False,
+    allow_suspicious: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> DeltaReport:
     """Write TARGET − BASE into OUTPUT (HF safetensors) with the target's config and tokenizer
     files, and warn when the delta will not rebuild the target bit for bit. `force` and
     `allow_suspicious` as for `apply_delta`."""
     b, t = _open_hf(Path(base), "BASE"), _open_hf(Path(target), "TARGET")
     out = Output(output, [b.path, t.path], kind="dir", force=force)
     report = DeltaReport()
-    refs = ops_delta.make_delta(b.tensors, t.tensors, dtype=dtype, replace=replace, allow_suspicious=allow_suspicious,
-                      labels=(f"BASE {b.path}", f"TARGET {t.path}"), report=report)
-    report.files = save_hf(refs, out, aux_files=t.aux_files,
-                           max_shard_size=max_shard_size, config_update=_config_update(t.aux_files, dtype),
-                           desc="making delta")
+    refs = ops_delta.make_delta(
+        b.tensors,
+        t.tensors,
+        dtype=dtype,
+        replace=replace,
+        allow_suspicious=allow_suspicious,
+        labels=(f"BASE {b.path}", f"TARGET {t.path}"),
+        report=report,
+    )
+    report.files = save_hf(
+        refs,
+        out,
+        aux_files=t.aux_files,
+        max_shard_size=max_shard_size,
+        config_update=_config_update(t.aux_files, dtype),
+        desc="making delta",
+    )
     warning = report.round_trip_warning("/".join(sorted({_dtype_name(r.dtype) for r in refs})))
     if warning:
         report.warnings.append(warning)

@@ -6,6 +6,7 @@ view) is renamed with the architecture's spec, its values moved to llama.cpp's l
 GGML blocks quantized from the source values) and written by `io.gguf.write_gguf`, one
 tensor at a time. Metadata keys and tokenizer follow convert_hf_to_gguf.py.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,17 +40,27 @@ class GGUFReport:
     output: Path
     architecture: str
     file_type: str
-    tensor_types: dict[str, str]          # tensor name -> GGML type name, in file order
+    tensor_types: dict[str, str]  # tensor name -> GGML type name, in file order
     tokenizer: TokenizerSummary
     bytes_written: int
     warnings: list[str] = field(default_factory=list)
 
 
-def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pure: bool = False,
-                tensor_types: Sequence[str] = (), quality: str = "reference", device: str = "auto",
-                tokenizer: str | Path | None = None, pre_tokenizer: str | None = None,
-                tp_config: str | Path | None = None, force: bool = False,
-                warn: Callable[[str], None] | None = None) -> GGUFReport:
+def export_gguf(
+    model: str | Path,
+    output: str | Path,
+    *,
+    type: str = "f16",
+    pure: bool = False,
+    tensor_types: Sequence[str] = (),
+    quality: str = "reference",
+    device: str = "auto",
+    tokenizer: str | Path | None = None,
+    pre_tokenizer: str | None = None,
+    tp_config: str | Path | None = None,
+    force: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> GGUFReport:
     """Write `model` as a llama.cpp GGUF file at `output` (atomically; refuses to overwrite
     without `force`). `type` is the GGUF type of the 2-D weights (see `quant.policy`),
     `tensor_types` are `GLOB=TYPE` overrides, `tokenizer` a directory with the HF tokenizer
@@ -76,17 +87,22 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
     n_vocab = next(r for r in refs if r.name == embedding).shape[0]
     window = spec.config.sliding_window(config)
     if window is not None and window < config["max_position_embeddings"]:
-        note(f"{spec.name} attends to the last {window} positions only (sliding_window); llama.cpp's "
-             f"{spec.gguf_name} attends to all of them (convert_hf_to_gguf.py writes the same file), so its outputs "
-             f"differ from transformers' beyond {window} tokens")
+        note(
+            f"{spec.name} attends to the last {window} positions only (sliding_window); llama.cpp's "
+            f"{spec.gguf_name} attends to all of them (convert_hf_to_gguf.py writes the same file), so its outputs "
+            f"differ from transformers' beyond {window} tokens"
+        )
     config_vocab = config.get("vocab_size")
     if config_vocab != n_vocab:
-        note(f"config vocab_size is {config_vocab} but the embedding has {n_vocab} rows; "
-             f"writing {n_vocab} (llama.cpp needs one token per embedding row)")
+        note(
+            f"config vocab_size is {config_vocab} but the embedding has {n_vocab} rows; "
+            f"writing {n_vocab} (llama.cpp needs one token per embedding row)"
+        )
         config["vocab_size"] = n_vocab
 
-    types = policy.assign_types(((r.name, r.shape) for r in refs), qtype_name, pure=pure, overrides=overrides,
-                                warn=note)
+    types = policy.assign_types(
+        ((r.name, r.shape) for r in refs), qtype_name, pure=pure, overrides=overrides, warn=note
+    )
     planned = [GGUFTensor(r.name, r.shape, types[r.name], _producer(r, types[r.name], dev), r.release) for r in refs]
     writer = plan_writer(spec.gguf_name, planned)
     writer.add_type(gguf.GGUFType.MODEL)
@@ -95,16 +111,31 @@ def export_gguf(model: str | Path, output: str | Path, *, type: str = "f16", pur
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tok_dir = Path(tokenizer) if tokenizer else ckpt.directory
     tok_dir = tok_dir if tok_dir.is_dir() else tok_dir.parent
-    summary = add_tokenizer(writer, tok_dir, n_vocab=n_vocab, encodings=spec.vocab.encodings,
-                            default_pre=spec.vocab.default_pre, add_space_prefix=spec.vocab.add_space_prefix,
-                            pre_tokenizer=pre_tokenizer, config_vocab=config_vocab,
-                            embedding=f"{embedding} of {ckpt.path}", warn=note)
+    summary = add_tokenizer(
+        writer,
+        tok_dir,
+        n_vocab=n_vocab,
+        encodings=spec.vocab.encodings,
+        default_pre=spec.vocab.default_pre,
+        add_space_prefix=spec.vocab.add_space_prefix,
+        pre_tokenizer=pre_tokenizer,
+        config_vocab=config_vocab,
+        embedding=f"{embedding} of {ckpt.path}",
+        warn=note,
+    )
     spec.vocab.quirks(writer, tok_dir, config)
     total = sum(t.nbytes for t in planned)
     with progress.bar(total, f"gguf {qtype_name}") as bar:
         write_gguf(writer, planned, target, on_tensor=lambda t: bar.update(t.nbytes))
-    return GGUFReport(output, spec.gguf_name, file_type.name, {t.name: t.ggml_type.name for t in planned},
-                      summary, output.stat().st_size, warnings)
+    return GGUFReport(
+        output,
+        spec.gguf_name,
+        file_type.name,
+        {t.name: t.ggml_type.name for t in planned},
+        summary,
+        output.stat().st_size,
+        warnings,
+    )
 
 
 def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
@@ -114,6 +145,7 @@ def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
     if ckpt.format == "gguf":
         raise WeightopsError(f"{ckpt.path} is already a GGUF file; export from the HF or TencentPretrain checkpoint")
     from ..io.remap import hf_view
+
     refs, config = hf_view(ckpt)
     if not config:
         raise WeightopsError(f"{ckpt.path}: no config.json next to the weights; GGUF needs the hyper-parameters")
@@ -127,6 +159,7 @@ def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
         filled = {**filled, "model_type": model_type}  # complete: skip transformers' slow import
     else:
         from transformers import AutoConfig
+
         filled = AutoConfig.for_model(spec.name, **{k: v for k, v in config.items() if k != "model_type"}).to_dict()
     arch.check_config_shapes(spec, filled, refs, str(ckpt.config_file or ckpt.path))
     return list(refs), filled
@@ -152,17 +185,24 @@ def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[
         if row.gguf is None:
             continue
         gname = row.gguf.format(n=layer)
-        out.append(ref.derive(partial(to_gguf, row.to_gguf, hp=hp), name=gname)
-                   if row.to_gguf is not arch.Transform.NONE else ref.renamed(gname))
+        out.append(
+            ref.derive(partial(to_gguf, row.to_gguf, hp=hp), name=gname)
+            if row.to_gguf is not arch.Transform.NONE
+            else ref.renamed(gname)
+        )
     if unknown:
-        raise WeightopsError(f"{source}: tensors with no GGUF name in the {spec.name} table: "
-                             f"{', '.join(shown(n) for n in sorted(unknown))}")
+        raise WeightopsError(
+            f"{source}: tensors with no GGUF name in the {spec.name} table: "
+            f"{', '.join(shown(n) for n in sorted(unknown))}"
+        )
     output = spec.tensor(Role.OUTPUT)
     optional = output.gguf if output else None  # llama.cpp reads the embedding when it is absent (tied)
     missing = [n for n in order if n not in {r.name for r in out} and n != optional]
     if missing:
-        raise WeightopsError(f"{source}: checkpoint lacks tensors llama.cpp needs: {', '.join(missing[:8])}"
-                             + (" ..." if len(missing) > 8 else ""))
+        raise WeightopsError(
+            f"{source}: checkpoint lacks tensors llama.cpp needs: {', '.join(missing[:8])}"
+            + (" ..." if len(missing) > 8 else "")
+        )
     out.sort(key=lambda r: order.get(r.name, len(order)))
     return spec, out
 
@@ -190,7 +230,7 @@ def encode(t: torch.Tensor, qtype: GGMLQuantizationType, device: torch.device) -
     step = max(1, (CHUNK_ELEMENTS if device.type == "cpu" else 8 * CHUNK_ELEMENTS) // max(1, rows.shape[1]))
     record = ggml_types.get(qtype)
     for start in range(0, rows.shape[0], step):
-        yield record.encode(rows[start:start + step], device).numpy()
+        yield record.encode(rows[start : start + step], device).numpy()
 
 
 def _add_general(writer: gguf.GGUFWriter, ckpt: Checkpoint) -> None:

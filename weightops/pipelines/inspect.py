@@ -1,4 +1,5 @@
 """`weightops inspect`: what a checkpoint holds, read from headers only."""
+
 from __future__ import annotations
 
 import re

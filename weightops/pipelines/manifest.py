@@ -1,5 +1,6 @@
 """`weightops manifest create` / `check`: a checkpoint's sha256 manifest written beside it, and
 recomputed and compared later (the hashing lives in `verify.manifest`)."""
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ compare their next-token distributions and gate the result.
 The result is a plain dict (the `weightops verify --json` document); `raise_if_failed`
 turns a failed gate into a `MismatchError` (exit 3) naming the worst prompts.
 """
+
 from __future__ import annotations
 
 import time
@@ -31,12 +32,25 @@ from ..verify.structure import compare_structure, compare_tensors
 WORST = 3
 
 
-def verify_checkpoint(reference: str | Path, candidate: str | Path, *, prompts: str | Path | Sequence[str] | None = None,
-           tokenizer: str | Path | None = None, device: str = "auto", dtype: str | None = "auto",
-           max_kld: float | None = None, min_top1: float | None = None, structure_only: bool = False,
-           gguf_runtime: str = "llama.cpp", tp_config: str | Path | None = None, max_tokens: int | None = None,
-           allow_tokenizer_mismatch: bool = False, diagnose: bool = True, ram_bytes: int = 1 << 30,
-           log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def verify_checkpoint(
+    reference: str | Path,
+    candidate: str | Path,
+    *,
+    prompts: str | Path | Sequence[str] | None = None,
+    tokenizer: str | Path | None = None,
+    device: str = "auto",
+    dtype: str | None = "auto",
+    max_kld: float | None = None,
+    min_top1: float | None = None,
+    structure_only: bool = False,
+    gguf_runtime: str = "llama.cpp",
+    tp_config: str | Path | None = None,
+    max_tokens: int | None = None,
+    allow_tokenizer_mismatch: bool = False,
+    diagnose: bool = True,
+    ram_bytes: int = 1 << 30,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Compare CANDIDATE with REFERENCE; returns the result document: `passed`, `failures`, the
     metrics (absent when no logits were compared: --structure-only, or a candidate refused
     before running), what was compared and where. A failed gate does not raise (see
@@ -53,16 +67,23 @@ def verify_checkpoint(reference: str | Path, candidate: str | Path, *, prompts: 
     ref, cand = describe(reference, tp_config), describe(candidate, tp_config)
     kind = gate.candidate_kind(ref.tensor_types, cand.tensor_types, ref.format == "gguf", cand.format == "gguf")
     limits = gate.thresholds(kind, max_kld, min_top1)
-    result: dict[str, Any] = {"mode": "structure" if structure_only else "logits",
-                              "reference": _side(ref), "candidate": _side(cand), "device": None,
-                              "thresholds": limits.as_dict(), "failures": [], "notes": []}
+    result: dict[str, Any] = {
+        "mode": "structure" if structure_only else "logits",
+        "reference": _side(ref),
+        "candidate": _side(cand),
+        "device": None,
+        "thresholds": limits.as_dict(),
+        "failures": [],
+        "notes": [],
+    }
     if structure_only:
         result.update(compare_structure(ref, cand, tokenizer))
         return _finish(result, start)
 
     texts = _prompts(prompts)
-    result["prompt_source"] = "built-in" if prompts is None else (str(prompts) if isinstance(prompts, (str, Path))
-                                                                   else "given texts")
+    result["prompt_source"] = (
+        "built-in" if prompts is None else (str(prompts) if isinstance(prompts, (str, Path)) else "given texts")
+    )
     encode, source = _reference_encoder(ref, tokenizer)
     cap = min((c for c in (max_tokens, ref.context, cand.context) if c), default=None)
     kept = [(p, t) for p, t in zip(texts, tokenize(texts, encode, cap), strict=True) if len(t.ids) >= 2]
@@ -77,8 +98,17 @@ def verify_checkpoint(reference: str | Path, candidate: str | Path, *, prompts: 
     if not _vocab_fits(ref, cand, tokenized, result):
         return _finish(result, start)
 
-    per_prompt, metrics = _run_pair(ref, cand, tokenized, result, log or (lambda _msg: None), ram_bytes=ram_bytes,
-                                    device=device, dtype=dtype, gguf_runtime=gguf_runtime)
+    per_prompt, metrics = _run_pair(
+        ref,
+        cand,
+        tokenized,
+        result,
+        log or (lambda _msg: None),
+        ram_bytes=ram_bytes,
+        device=device,
+        dtype=dtype,
+        gguf_runtime=gguf_runtime,
+    )
     result.update(summarize(metrics))
     result["per_prompt"] = per_prompt
     result["worst_prompts"] = [p["name"] for p in sorted(per_prompt, key=lambda p: -p["kld_mean"])[:WORST]]
@@ -88,8 +118,16 @@ def verify_checkpoint(reference: str | Path, candidate: str | Path, *, prompts: 
     return _finish(result, start)
 
 
-def _run_pair(ref: Model, cand: Model, tokenized: list[Tokenized], result: dict[str, Any],
-              say: Callable[[str], None], *, ram_bytes: int, **run_options) -> tuple[list[dict], TokenMetrics]:
+def _run_pair(
+    ref: Model,
+    cand: Model,
+    tokenized: list[Tokenized],
+    result: dict[str, Any],
+    say: Callable[[str], None],
+    *,
+    ram_bytes: int,
+    **run_options,
+) -> tuple[list[dict], TokenMetrics]:
     """Run the reference over every prompt and keep its logits, free it, then run the candidate
     and compare prompt by prompt. Fills in runtimes, devices, timings."""
     n_ctx = max(len(t.ids) for t in tokenized)
@@ -100,8 +138,10 @@ def _run_pair(ref: Model, cand: Model, tokenized: list[Tokenized], result: dict[
             runner = load_runner(model, n_ctx=n_ctx, **run_options)
             try:
                 result[side].update(runner.info)
-                say(f"running the {side} on {len(tokenized)} prompts ({runner.info['runtime']}, "
-                    f"{runner.info['device']}, {runner.info['dtype']})")
+                say(
+                    f"running the {side} on {len(tokenized)} prompts ({runner.info['runtime']}, "
+                    f"{runner.info['device']}, {runner.info['dtype']})"
+                )
                 for i, t in enumerate(progress.iterate(tokenized, len(tokenized), side, unit="prompt")):
                     logits = runner.logits(list(t.ids))
                     if side == "reference":
@@ -128,11 +168,13 @@ def raise_if_failed(result: dict[str, Any]) -> None:
     if rows:
         msg += "; worst prompts: " + ", ".join(
             f"{n} (KLD {rows[n]['kld_mean']:.4g}, top-1 {100 * rows[n]['top1_agreement']:.1f}%)"
-            for n in result["worst_prompts"])
+            for n in result["worst_prompts"]
+        )
     if result.get("differing_tensors"):
         d = result["differing_tensors"]
-        msg += f"; tensors whose values differ: {', '.join(d[:10])}" + (f" ... and {len(d) - 10} more"
-                                                                          if len(d) > 10 else "")
+        msg += f"; tensors whose values differ: {', '.join(d[:10])}" + (
+            f" ... and {len(d) - 10} more" if len(d) > 10 else ""
+        )
     raise MismatchError(msg)
 
 
@@ -143,8 +185,13 @@ def _finish(result: dict[str, Any], start: float) -> dict[str, Any]:
 
 
 def _side(m: Model) -> dict[str, Any]:
-    return {"path": str(m.path), "format": m.format, "architecture": m.ckpt.architecture, "vocab": m.vocab,
-            "tensor_types": sorted(m.tensor_types)}
+    return {
+        "path": str(m.path),
+        "format": m.format,
+        "architecture": m.ckpt.architecture,
+        "vocab": m.vocab,
+        "tensor_types": sorted(m.tensor_types),
+    }
 
 
 def _prompts(prompts: str | Path | Sequence[str] | None) -> list[Prompt]:
@@ -165,8 +212,9 @@ def _reference_encoder(ref: Model, tokenizer: str | Path | None):
     raise WeightopsError(f"{ref.path}: no tokenizer files next to the weights; pass --tokenizer DIR")
 
 
-def _candidate_tokenization(cand: Model, texts: list[Prompt], ref_ids: list[Tokenized],
-                            cap: int | None) -> dict[str, Any]:
+def _candidate_tokenization(
+    cand: Model, texts: list[Prompt], ref_ids: list[Tokenized], cap: int | None
+) -> dict[str, Any]:
     """Whether the candidate's own tokenizer gives the same ids (llama.cpp's for GGUF)."""
     try:
         if cand.format == "gguf":
@@ -181,17 +229,25 @@ def _candidate_tokenization(cand: Model, texts: list[Prompt], ref_ids: list[Toke
     for t, other in zip(ref_ids, (o.ids for o in tokenize(texts, encode, cap)), strict=True):
         pos = first_difference(t.ids, other)
         if pos is not None:
-            diffs.append({"prompt": t.name, "position": pos, "reference_id": t.ids[pos] if pos < len(t.ids) else None,
-                          "candidate_id": other[pos] if pos < len(other) else None})
+            diffs.append(
+                {
+                    "prompt": t.name,
+                    "position": pos,
+                    "reference_id": t.ids[pos] if pos < len(t.ids) else None,
+                    "candidate_id": other[pos] if pos < len(other) else None,
+                }
+            )
     return {"candidate": source, "differences": diffs}
 
 
 def _tokenizer_message(tok: dict[str, Any]) -> str:
     d = tok["differences"]
     first = d[0]
-    return (f"the candidate's tokenizer ({tok['candidate']}) tokenises {len(d)} prompt(s) differently from "
-            f"{tok['source']}: first {first['prompt']} at token {first['position']} (id {first['reference_id']} vs "
-            f"{first['candidate_id']})")
+    return (
+        f"the candidate's tokenizer ({tok['candidate']}) tokenises {len(d)} prompt(s) differently from "
+        f"{tok['source']}: first {first['prompt']} at token {first['position']} (id {first['reference_id']} vs "
+        f"{first['candidate_id']})"
+    )
 
 
 def _vocab_fits(ref: Model, cand: Model, tokenized: list[Tokenized], result: dict[str, Any]) -> bool:
@@ -200,23 +256,32 @@ def _vocab_fits(ref: Model, cand: Model, tokenized: list[Tokenized], result: dic
     top = max(tokenized, key=lambda t: max(t.ids))
     highest = max(top.ids)
     if ref.vocab is not None and highest >= ref.vocab:
-        raise WeightopsError(f"{ref.path}: prompt {top.name} has token id {highest} but the reference has only "
-                             f"{ref.vocab} embedding rows: wrong --tokenizer?")
+        raise WeightopsError(
+            f"{ref.path}: prompt {top.name} has token id {highest} but the reference has only "
+            f"{ref.vocab} embedding rows: wrong --tokenizer?"
+        )
     if cand.vocab is not None and highest >= cand.vocab:
-        result["failures"].append(f"the candidate's vocabulary ({cand.vocab} rows) cannot represent token id "
-                                  f"{highest} of prompt {top.name}")
+        result["failures"].append(
+            f"the candidate's vocabulary ({cand.vocab} rows) cannot represent token id {highest} of prompt {top.name}"
+        )
         return False
     known = [v for v in (ref.vocab, cand.vocab) if v]
     result["vocab_compared"] = min(known) if known else None
     if len(set(known)) == 2:
-        result["notes"].append(f"vocabulary sizes differ ({ref.vocab} vs {cand.vocab}); KL over the first "
-                               f"{result['vocab_compared']} ids")
+        result["notes"].append(
+            f"vocabulary sizes differ ({ref.vocab} vs {cand.vocab}); KL over the first {result['vocab_compared']} ids"
+        )
     return True
 
 
 def _prompt_row(t: Tokenized, m: TokenMetrics) -> dict[str, Any]:
-    return {"name": t.name, "tokens": len(m), "kld_mean": float(m.kld.mean()), "kld_max": float(m.kld.max()),
-            "top1_agreement": float(m.top1_same.mean())}
+    return {
+        "name": t.name,
+        "tokens": len(m),
+        "kld_mean": float(m.kld.mean()),
+        "kld_max": float(m.kld.max()),
+        "top1_agreement": float(m.top1_same.mean()),
+    }
 
 
 def render(result: dict[str, Any]) -> str:
@@ -232,8 +297,11 @@ def render(result: dict[str, Any]) -> str:
     for note in result["notes"]:
         lines.append(f"note: {note}")
     if result["passed"]:
-        gate_text = "" if result["mode"] == "structure" else \
-            f" (mean KLD <= {t['max_kld']:g}, top-1 >= {100 * t['min_top1']:.1f}%, {t['source']})"
+        gate_text = (
+            ""
+            if result["mode"] == "structure"
+            else f" (mean KLD <= {t['max_kld']:g}, top-1 >= {100 * t['min_top1']:.1f}%, {t['source']})"
+        )
         lines.append("PASSED" + gate_text)
     else:
         lines.append("FAILED")
@@ -246,16 +314,25 @@ def _run(side: dict[str, Any]) -> str:
 
 
 def _render_logits(result: dict[str, Any]) -> list[str]:
-    lines = [f"prompts {result.get('prompts')} ({result.get('prompt_source')}), tokenizer "
-             f"{result.get('tokenizer', {}).get('source')}, candidate kind {result['thresholds']['candidate_kind']}"]
+    lines = [
+        f"prompts {result.get('prompts')} ({result.get('prompt_source')}), tokenizer "
+        f"{result.get('tokenizer', {}).get('source')}, candidate kind {result['thresholds']['candidate_kind']}"
+    ]
     if "tokens" not in result:  # refused before running
         return lines
-    rows = [("tokens compared", f"{result['tokens']}"), ("mean KLD", f"{result['kld_mean']:.6g}"),
-            ("median KLD", f"{result['kld_median']:.6g}"), ("99% KLD", f"{result['kld_p99']:.6g}"),
-            ("max KLD", f"{result['kld_max']:.6g}"), ("top-1 agreement", f"{100 * result['top1_agreement']:.2f} %"),
-            ("RMS Δp", f"{100 * result['rms_dp']:.3f} %"), ("PPL reference", f"{result['ppl_reference']:.4f}"),
-            ("PPL candidate", f"{result['ppl_candidate']:.4f}"), ("PPL ratio", f"{result['ppl_ratio']:.6f}"),
-            ("max |Δ logit|", f"{result['max_abs_logit_diff']:.6g}")]
+    rows = [
+        ("tokens compared", f"{result['tokens']}"),
+        ("mean KLD", f"{result['kld_mean']:.6g}"),
+        ("median KLD", f"{result['kld_median']:.6g}"),
+        ("99% KLD", f"{result['kld_p99']:.6g}"),
+        ("max KLD", f"{result['kld_max']:.6g}"),
+        ("top-1 agreement", f"{100 * result['top1_agreement']:.2f} %"),
+        ("RMS Δp", f"{100 * result['rms_dp']:.3f} %"),
+        ("PPL reference", f"{result['ppl_reference']:.4f}"),
+        ("PPL candidate", f"{result['ppl_candidate']:.4f}"),
+        ("PPL ratio", f"{result['ppl_ratio']:.6f}"),
+        ("max |Δ logit|", f"{result['max_abs_logit_diff']:.6g}"),
+    ]
     lines += ["", *(f"  {k:<18}{v:>14}" for k, v in rows), "", "  worst prompts       tokens    mean KLD   top-1"]
     rows_by_name = {p["name"]: p for p in result["per_prompt"]}
     for name in result["worst_prompts"]:
@@ -267,17 +344,25 @@ def _render_logits(result: dict[str, Any]) -> list[str]:
 def _render_structure(result: dict[str, Any]) -> list[str]:
     t = result["tensors"]
     ck = t["checksums"]
-    lines = [f"tensors    {t['reference']} vs {t['candidate']} (compared under {t['names']} names): "
-             f"{len(t['missing'])} missing, {len(t['extra'])} extra, {len(t['shape_mismatch'])} shape mismatches",
-             f"values     {ck['compared']} compared by sha256, {len(ck['differ'])} differ, "
-             f"{ck['not_comparable']} not comparable (different storage type or format)"]
+    lines = [
+        f"tensors    {t['reference']} vs {t['candidate']} (compared under {t['names']} names): "
+        f"{len(t['missing'])} missing, {len(t['extra'])} extra, {len(t['shape_mismatch'])} shape mismatches",
+        f"values     {ck['compared']} compared by sha256, {len(ck['differ'])} differ, "
+        f"{ck['not_comparable']} not comparable (different storage type or format)",
+    ]
     for side in ("reference", "candidate"):
         v = result["vocab"][side]
-        lines.append(f"vocab      {side}: config {v['config']}, tokenizer {v['tokenizer']}, "
-                     f"embedding rows {v['embedding_rows']}")
+        lines.append(
+            f"vocab      {side}: config {v['config']}, tokenizer {v['tokenizer']}, embedding rows {v['embedding_rows']}"
+        )
     for side in ("reference", "candidate"):
         s = result["special_tokens"][side]
-        lines.append(f"specials   {side}: " + ("no tokenizer" if s is None else
-                                               ", ".join(f"{k}={v}" for k, v in s["roles"].items())
-                                               + f"; {len(s['special'])} special tokens"))
+        lines.append(
+            f"specials   {side}: "
+            + (
+                "no tokenizer"
+                if s is None
+                else ", ".join(f"{k}={v}" for k, v in s["roles"].items()) + f"; {len(s['special'])} special tokens"
+            )
+        )
     return lines

@@ -15,6 +15,7 @@ must know before any data is written, depends on the data. A first pass computes
 (block maxima only, no quantization) for each weight, one at a time; if bitsandbytes'
 result ever serialized to a different length, the write fails rather than publish it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -54,11 +55,15 @@ class BnbSpec:
         """The `quantization_config` transformers writes into config.json for this spec
         (made by its own BitsAndBytesConfig, so the keys and defaults are its own)."""
         from transformers import BitsAndBytesConfig
+
         four_bit = {"bnb_4bit_quant_type": self.quant_type, "bnb_4bit_use_double_quant": self.double_quant}
-        cfg = BitsAndBytesConfig(load_in_8bit=self.bits == 8, load_in_4bit=self.bits == 4,
-                                 bnb_4bit_compute_dtype=self.compute_dtype,
-                                 llm_int8_skip_modules=list(skip_modules) if skip_modules else None,
-                                 **(four_bit if self.bits == 4 else {}))  # 8-bit: its defaults, as users write it
+        cfg = BitsAndBytesConfig(
+            load_in_8bit=self.bits == 8,
+            load_in_4bit=self.bits == 4,
+            bnb_4bit_compute_dtype=self.compute_dtype,
+            llm_int8_skip_modules=list(skip_modules) if skip_modules else None,
+            **(four_bit if self.bits == 4 else {}),
+        )  # 8-bit: its defaults, as users write it
         return cfg.to_dict()
 
 
@@ -66,8 +71,9 @@ def _functional():
     try:
         from bitsandbytes import functional
     except ImportError as e:
-        raise WeightopsError(f"writing bitsandbytes checkpoints needs the bitsandbytes package "
-                             f"(pip install 'bitsandbytes>=0.45'): {e}") from None
+        raise WeightopsError(
+            f"writing bitsandbytes checkpoints needs the bitsandbytes package (pip install 'bitsandbytes>=0.45'): {e}"
+        ) from None
     return functional
 
 
@@ -78,11 +84,20 @@ def quantize_tensor(weight: torch.Tensor, spec: BnbSpec, nested_offset: float | 
     F = _functional()
     if spec.bits == 8:
         from bitsandbytes.utils import LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING
+
         cb, scb, _ = F.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
-        return {"weight": cb, "SCB": scb,
-                "weight_format": torch.tensor(LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"], dtype=torch.uint8)}
-    packed, state = F.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE, compress_statistics=spec.double_quant,
-                                    quant_type=spec.quant_type, quant_storage=torch.uint8)
+        return {
+            "weight": cb,
+            "SCB": scb,
+            "weight_format": torch.tensor(LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"], dtype=torch.uint8),
+        }
+    packed, state = F.quantize_4bit(
+        weight.contiguous(),
+        blocksize=BLOCKSIZE,
+        compress_statistics=spec.double_quant,
+        quant_type=spec.quant_type,
+        quant_storage=torch.uint8,
+    )
     if weight.is_meta and state.nested:
         state.offset = torch.tensor(nested_offset, dtype=torch.float32)
     return {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
@@ -113,8 +128,7 @@ class _Quantized:
     """One weight, quantized once for the several tensors it becomes. The writer asks for
     them one after another; the result is dropped when the last has been taken."""
 
-    def __init__(self, ref: TensorRef, spec: BnbSpec, device: torch.device, layout: Parts,
-                 nested_offset: float | None):
+    def __init__(self, ref: TensorRef, spec: BnbSpec, device: torch.device, layout: Parts, nested_offset: float | None):
         self.ref, self.spec, self.device, self.layout, self.nested_offset = ref, spec, device, layout, nested_offset
         self._parts: Parts | None = None
         self._pending: set[str] = set()
@@ -140,11 +154,13 @@ class _Quantized:
                 raise WeightopsError(
                     f"{self.ref.source}: tensor {self.ref.name!r}: bitsandbytes' {k} has shape {tuple(v.shape)}, "
                     f"{tuple(self.layout[k].shape)} was planned (nested offset planned {self.nested_offset!r}); "
-                    "nothing was published")
+                    "nothing was published"
+                )
 
 
-def quantize_bnb(stream: Stream, spec: BnbSpec, select: Callable[[TensorRef], bool],
-                 device: torch.device | str = "cpu") -> Iterator[TensorRef]:
+def quantize_bnb(
+    stream: Stream, spec: BnbSpec, select: Callable[[TensorRef], bool], device: torch.device | str = "cpu"
+) -> Iterator[TensorRef]:
     """Replace every selected weight (`module.weight`) by the tensors of a quantized
     bitsandbytes Linear module; pass everything else through. Lazy: a weight is quantized
     when the writer first asks for one of its tensors."""
@@ -154,9 +170,11 @@ def quantize_bnb(stream: Stream, spec: BnbSpec, select: Callable[[TensorRef], bo
             yield ref
             continue
         if len(ref.shape) != 2 or 0 in ref.shape or not ref.dtype.is_floating_point:
-            raise WeightopsError(f"{shown(ref.source)}: tensor {ref.name!r} {ref.shape} {ref.dtype} is not a non-empty "
-                                 "floating-point matrix; bitsandbytes quantizes linear weights only (use --skip to "
-                                 "keep it)")
+            raise WeightopsError(
+                f"{shown(ref.source)}: tensor {ref.name!r} {ref.shape} {ref.dtype} is not a non-empty "
+                "floating-point matrix; bitsandbytes quantizes linear weights only (use --skip to "
+                "keep it)"
+            )
         offset = None
         if spec.bits == 4 and spec.double_quant:
             offset = absmax_mean(ref.load().to(device))
@@ -165,14 +183,21 @@ def quantize_bnb(stream: Stream, spec: BnbSpec, select: Callable[[TensorRef], bo
         shared = _Quantized(ref, spec, device, layout, offset)
         module = ref.name.removesuffix(".weight")
         for suffix, t in layout.items():
-            yield TensorRef(f"{module}.{suffix}", tuple(t.shape), dtypes.name_of(t.dtype), ref.source,
-                            loader=partial(shared.take, suffix))
+            yield TensorRef(
+                f"{module}.{suffix}",
+                tuple(t.shape),
+                dtypes.name_of(t.dtype),
+                ref.source,
+                loader=partial(shared.take, suffix),
+            )
 
 
 def linear_weights(arch: ArchSpec) -> Callable[[TensorRef], bool]:
     """Matrices of the decoder layers (`*.weight` rows of the architecture table inside a
     layer): the modules transformers turns into bitsandbytes Linear layers."""
+
     def select(ref: TensorRef) -> bool:
         found = arch.lookup(ref.name, "hf")
         return found is not None and found[1] is not None and ref.name.endswith(".weight") and len(ref.shape) == 2
+
     return select

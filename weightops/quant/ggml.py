@@ -18,6 +18,7 @@ Tensors are processed in chunks of whole blocks so temporaries stay bounded what
 shape. On CPU the chunks go to torch.get_num_threads() worker threads that each run torch
 single-threaded (see `_cpu_pool`).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,8 @@ from ..errors import WeightopsError
 from . import ggml_types
 
 CHUNK_VALUES = 1 << 19  # float32 values per chunk (2 MB, cache-sized temporaries), whole blocks
-_HALF_DOWN = 0.5 - 2.0 ** -25  # largest float32 below 0.5: trunc(v + copysign(it, v)) rounds half away from zero
-_INT32_LIMIT = 2.0 ** 31
+_HALF_DOWN = 0.5 - 2.0**-25  # largest float32 below 0.5: trunc(v + copysign(it, v)) rounds half away from zero
+_INT32_LIMIT = 2.0**31
 
 
 def _block_type(qtype: str) -> ggml_types.GGMLType:
@@ -66,8 +67,10 @@ def quantize(t: torch.Tensor, qtype: str) -> torch.Tensor:
     (*t.shape[:-1], row_bytes), on t's device, computed from t's values converted to float32."""
     block, size = _sizes(qtype)
     if not can_quantize(t.shape, qtype):
-        raise WeightopsError(f"tensor of shape {tuple(t.shape)} cannot be quantized to {qtype}: "
-                             f"the last dimension must be a positive multiple of {block}")
+        raise WeightopsError(
+            f"tensor of shape {tuple(t.shape)} cannot be quantized to {qtype}: "
+            f"the last dimension must be a positive multiple of {block}"
+        )
     if not t.is_floating_point():
         raise WeightopsError(f"cannot quantize a {t.dtype} tensor to {qtype}: expected a float tensor")
     blocks = t.reshape(-1, block)
@@ -78,7 +81,7 @@ def quantize(t: torch.Tensor, qtype: str) -> torch.Tensor:
     encode = _block_type(qtype).encoder
 
     def run(start: int) -> None:
-        encode(blocks[start:start + step].to(torch.float32), out[start:start + step])
+        encode(blocks[start : start + step].to(torch.float32), out[start : start + step])
 
     starts = range(0, blocks.shape[0], step)
     if pool is None:
@@ -138,11 +141,12 @@ def dequantize(blocks: torch.Tensor, qtype: str, shape: Sequence[int]) -> torch.
     step = max(1, CHUNK_VALUES // block)
     decode = _block_type(qtype).decoder
     for start in range(0, rows.shape[0], step):
-        out[start:start + step] = decode(rows[start:start + step])
+        out[start : start + step] = decode(rows[start : start + step])
     return out.reshape(shape)
 
 
 # --- helpers shared by the encoders ----------------------------------------------------------
+
 
 def _const(value: float, like: torch.Tensor) -> torch.Tensor:
     """A float32 0-dim tensor on `like`'s device (so division stays true division)."""
@@ -182,20 +186,20 @@ def _put_f16(out: torch.Tensor, offset: int, value: torch.Tensor) -> None:
 def _put_nibbles(out: torch.Tensor, offset: int, q: torch.Tensor) -> None:
     """Byte j of the 16 at `offset` holds q[j] (low 4 bits) and q[j + 16] (high 4 bits of the
     byte); q is contiguous (n, 32) uint8 below 16 (shifting all of q at once is the fast way)."""
-    torch.bitwise_or(q[:, :16], (q << 4)[:, 16:], out=out[:, offset:offset + 16])
+    torch.bitwise_or(q[:, :16], (q << 4)[:, 16:], out=out[:, offset : offset + 16])
 
 
 def _put_high_bits(out: torch.Tensor, offset: int, q: torch.Tensor) -> None:
     """4 bytes at `offset`: bit j (little-endian) = bit 4 of q[j]. Each int64 word holds 8 of
     the q bytes; multiplying its bits (one per byte) by _GATHER_BITS moves them into the top byte."""
     bits = (q.view(torch.int64) >> 4) & _BYTE_LOW_BITS
-    out[:, offset:offset + 4] = ((bits * _GATHER_BITS) >> 56).to(torch.uint8)
+    out[:, offset : offset + 4] = ((bits * _GATHER_BITS) >> 56).to(torch.uint8)
 
 
 _BYTE_LOW_BITS = 0x0101010101010101
 _GATHER_BITS = 0x0102040810204080  # bit 8i * 2**(56 - 7i) lands on bit 56 + i; no other product reaches bits 56-63
-_FLOAT32_MIN_NORMAL = 2.0 ** -126
-_SIGN_BIT = -(2 ** 31)  # float32 sign bit as an int32
+_FLOAT32_MIN_NORMAL = 2.0**-126
+_SIGN_BIT = -(2**31)  # float32 sign bit as an int32
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -240,6 +244,7 @@ def _first_zeros(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
 
 
 # --- encoders: (n, 32) float32 blocks -> (n, bytes) uint8 rows of `out` (named in ggml_types) ---
+
 
 def encode_q8_0(x: torch.Tensor, out: torch.Tensor) -> None:
     # max|x| as the largest sign-cleared bit pattern: an integer max is twice as fast as a float one on CPU
@@ -297,21 +302,21 @@ def encode_q5_1(x: torch.Tensor, out: torch.Tensor) -> None:
     _put_nibbles(out, 8, q.bitwise_and_(0x0F))
 
 
-
 # --- decoders: (n, bytes) uint8 -> (n, 32) float32 (named in ggml_types) ----------------------
 
+
 def _f16(rows: torch.Tensor, offset: int) -> torch.Tensor:
-    return rows[:, offset:offset + 2].contiguous().view(torch.float16).to(torch.float32)
+    return rows[:, offset : offset + 2].contiguous().view(torch.float16).to(torch.float32)
 
 
 def _nibbles(rows: torch.Tensor, offset: int) -> torch.Tensor:
-    packed = rows[:, offset:offset + 16]
+    packed = rows[:, offset : offset + 16]
     return torch.cat([packed & 0x0F, packed >> 4], dim=1)
 
 
 def _high_bits(rows: torch.Tensor, offset: int) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.uint8, device=rows.device)
-    return ((rows[:, offset:offset + 4, None] >> shifts) & 1).reshape(-1, 32) << 4
+    return ((rows[:, offset : offset + 4, None] >> shifts) & 1).reshape(-1, 32) << 4
 
 
 def decode_q8_0(rows: torch.Tensor) -> torch.Tensor:
@@ -332,4 +337,3 @@ def decode_q4_1(rows: torch.Tensor) -> torch.Tensor:
 
 def decode_q5_1(rows: torch.Tensor) -> torch.Tensor:
     return _f16(rows, 0) * (_nibbles(rows, 8) | _high_bits(rows, 4)).to(torch.float32) + _f16(rows, 2)
-

@@ -10,6 +10,7 @@ Adding a type (e.g. the K-quants) is adding a `GGMLType`; adding a `--type` (e.g
 is adding a `FileType`. The kernels are named, not imported: they need torch, and this table
 is read without it (and by `quant.ggml` itself).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -42,12 +43,12 @@ class Kernels:
 class GGMLType:
     """One GGML tensor type: how a tensor is stored in a GGUF file."""
 
-    name: str                   # our spelling, lower case ("q8_0"): --tensor-type, kernels, messages
+    name: str  # our spelling, lower case ("q8_0"): --tensor-type, kernels, messages
     ggml: GGMLQuantizationType
-    verify_kind: str            # the verify gate's class (`verify.gate.KINDS`)
+    verify_kind: str  # the verify gate's class (`verify.gate.KINDS`)
     float_dtype: str | None = None  # float types: the `weightops.dtypes` name they are a cast to
     kernels: Kernels | None = None  # block types: their encoder and decoder
-    fallback: str | None = None     # the type for rows that are not whole blocks (then F16 if that fails too)
+    fallback: str | None = None  # the type for rows that are not whole blocks (then F16 if that fails too)
 
     def __post_init__(self) -> None:
         if (self.float_dtype is None) == (self.kernels is None):
@@ -122,17 +123,18 @@ class FileType:
     """One `--type` of `weightops gguf`: the `general.file_type` it records and the types of the
     2-D weights (1-D tensors and norms are F32 whatever the file type; see `quant.policy`)."""
 
-    name: str                      # --type spelling
-    file_type: LlamaFileType       # general.file_type, as llama.cpp's tools record it
-    tensor_type: str               # GGMLType.name of the 2-D weights
+    name: str  # --type spelling
+    file_type: LlamaFileType  # general.file_type, as llama.cpp's tools record it
+    tensor_type: str  # GGMLType.name of the 2-D weights
     embed_output_type: str | None = None  # token_embd/output without --pure (None: tensor_type)
 
 
 def _legacy(name: str, ggml: GGMLQuantizationType, verify_kind: str) -> GGMLType:
     """llama.cpp's original block types: kernels in `quant.ggml`; rows that are not whole blocks
     fall back to F16, as convert_hf_to_gguf.py does."""
-    return GGMLType(name, ggml, verify_kind, kernels=Kernels(f"{_GGML}:encode_{name}", f"{_GGML}:decode_{name}"),
-                    fallback="f16")
+    return GGMLType(
+        name, ggml, verify_kind, kernels=Kernels(f"{_GGML}:encode_{name}", f"{_GGML}:decode_{name}"), fallback="f16"
+    )
 
 
 GGML_TYPES: tuple[GGMLType, ...] = (
@@ -161,7 +163,7 @@ FILE_TYPES: tuple[FileType, ...] = (
 _BY_NAME = {t.name: t for t in GGML_TYPES}
 _BY_GGML = {t.ggml: t for t in GGML_TYPES}
 _FILE_BY_NAME = {f.name: f for f in FILE_TYPES}
-NAMES: tuple[str, ...] = tuple(_BY_NAME)                 # --tensor-type choices
+NAMES: tuple[str, ...] = tuple(_BY_NAME)  # --tensor-type choices
 FILE_TYPE_NAMES: tuple[str, ...] = tuple(_FILE_BY_NAME)  # --type choices
 BLOCK_NAMES: tuple[str, ...] = tuple(t.name for t in GGML_TYPES if t.kernels)
 
@@ -171,8 +173,9 @@ def get(qtype: GGMLQuantizationType) -> GGMLType:
     try:
         return _BY_GGML[qtype]
     except KeyError:
-        raise WeightopsError(f"GGML type {qtype.name} is not one weightops writes "
-                             f"(it writes {', '.join(NAMES)})") from None
+        raise WeightopsError(
+            f"GGML type {qtype.name} is not one weightops writes (it writes {', '.join(NAMES)})"
+        ) from None
 
 
 def find(name: str) -> GGMLType | None:

@@ -13,6 +13,7 @@ The rules follow llama.cpp's tools so that our files hold what users expect:
 
 The types and file types themselves (names, ids, sizes, fallbacks) are in `ggml_types`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
@@ -42,9 +43,14 @@ def is_always_f32(name: str, shape: Sequence[int]) -> bool:
     return len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
 
 
-def assign_types(tensors: Iterable[tuple[str, Sequence[int]]], type_name: str, *, pure: bool = False,
-                 overrides: Sequence[tuple[str, GGMLQuantizationType]] = (),
-                 warn: Callable[[str], None] = lambda msg: None) -> dict[str, GGMLQuantizationType]:
+def assign_types(
+    tensors: Iterable[tuple[str, Sequence[int]]],
+    type_name: str,
+    *,
+    pure: bool = False,
+    overrides: Sequence[tuple[str, GGMLQuantizationType]] = (),
+    warn: Callable[[str], None] = lambda msg: None,
+) -> dict[str, GGMLQuantizationType]:
     """GGUF type of every (name, shape) under the rules above."""
     ftype = ggml_types.parse_file_type(type_name)
     base = ggml_types.parse(ftype.tensor_type).ggml
@@ -61,8 +67,10 @@ def assign_types(tensors: Iterable[tuple[str, Sequence[int]]], type_name: str, *
         record = ggml_types.get(qtype)
         if not record.fits(shape):
             fallback = record.fallback_for(shape)
-            warn(f"tensor {name!r} {tuple(shape)}: rows of {shape[-1]} values are not a multiple of "
-                 f"{record.block_size}, so it cannot be {qtype.name}; writing it as {fallback.ggml.name}")
+            warn(
+                f"tensor {name!r} {tuple(shape)}: rows of {shape[-1]} values are not a multiple of "
+                f"{record.block_size}, so it cannot be {qtype.name}; writing it as {fallback.ggml.name}"
+            )
             qtype = fallback.ggml
         out[name] = qtype
     return out

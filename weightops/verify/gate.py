@@ -16,6 +16,7 @@ below) does not:
 | q4    | GGUF Q4_0/Q4_1/Q4_K/IQ4; bitsandbytes nf4/fp4    | Q4_0 0.072 (L3 8B), Q4_K_M 91.9 % | 0.2, 0.80    |
 | low   | GGUF Q3/Q2/IQ3 and below                         | 0.1 - 0.45, 71 - 86 %             | 0.6, 0.65    |
 """
+
 from __future__ import annotations
 
 import math
@@ -71,14 +72,22 @@ class Thresholds:
     given: bool  # set by the user rather than the default of `kind`
 
     def as_dict(self) -> dict:
-        return {"max_kld": self.max_kld, "min_top1": self.min_top1, "candidate_kind": self.kind,
-                "source": "given" if self.given else f"default for {self.kind}"}
+        return {
+            "max_kld": self.max_kld,
+            "min_top1": self.min_top1,
+            "candidate_kind": self.kind,
+            "source": "given" if self.given else f"default for {self.kind}",
+        }
 
 
 def thresholds(kind: str, max_kld: float | None = None, min_top1: float | None = None) -> Thresholds:
     d_kld, d_top1 = KINDS[kind]
-    return Thresholds(d_kld if max_kld is None else max_kld, d_top1 if min_top1 is None else min_top1, kind,
-                      max_kld is not None or min_top1 is not None)
+    return Thresholds(
+        d_kld if max_kld is None else max_kld,
+        d_top1 if min_top1 is None else min_top1,
+        kind,
+        max_kld is not None or min_top1 is not None,
+    )
 
 
 def failures(summary: dict, t: Thresholds) -> list[str]:

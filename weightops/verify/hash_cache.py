@@ -15,6 +15,7 @@ the file's newest stamp was already a tick older than the moment hashing began (
 as git's racy-index rule); a file hashed within a tick of its last write is hashed again the
 next time it is needed, once.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,9 @@ class HashCache:
         self.path = Path(path)
         try:
             files = json.loads(self.path.read_text())["files"]
-            self.entries: dict[str, dict] = {k: v for k, v in files.items()
-                                             if isinstance(v, dict) and v.keys() == {"stat", "sha256", "settled"}}
+            self.entries: dict[str, dict] = {
+                k: v for k, v in files.items() if isinstance(v, dict) and v.keys() == {"stat", "sha256", "settled"}
+            }
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or damaged: only a cache
             self.entries = {}
 

@@ -9,6 +9,7 @@ The reference's logits are kept per prompt in a `LogitStore` (RAM up to a limit,
 temporary file) while its model is freed, so that the candidate runs in the memory the
 reference had: a pair of models fits where one fits.
 """
+
 from __future__ import annotations
 
 import gc
@@ -40,9 +41,9 @@ class Model:
 
     path: Path
     ckpt: Checkpoint
-    vocab: int | None          # rows of the output distribution (embedding rows)
-    context: int | None        # longest input the model was built for, when it says
-    tokenizer: Path | None     # its own HF tokenizer directory (None for GGUF: llama.cpp's)
+    vocab: int | None  # rows of the output distribution (embedding rows)
+    context: int | None  # longest input the model was built for, when it says
+    tokenizer: Path | None  # its own HF tokenizer directory (None for GGUF: llama.cpp's)
     tensor_types: set[str] = field(default_factory=set)  # dtypes / GGML types / bnb-* of its matrices
 
     @property
@@ -83,6 +84,7 @@ def _bnb_type(config: dict) -> str | None:
 def _hf_config(ckpt: Checkpoint) -> dict:
     if ckpt.format == "tencentpretrain":
         from ..io.remap import hf_view
+
         return hf_view(ckpt)[1]
     return dict(ckpt.config or {})
 
@@ -133,19 +135,33 @@ class LlamaCppRunner(Runner):
         try:
             import llama_cpp
         except ImportError:
-            raise WeightopsError(f"{path}: running a GGUF file needs llama-cpp-python (pip install llama-cpp-python), "
-                                 "or use --gguf-runtime transformers") from None
+            raise WeightopsError(
+                f"{path}: running a GGUF file needs llama-cpp-python (pip install llama-cpp-python), "
+                "or use --gguf-runtime transformers"
+            ) from None
         gpu = device.type == "cuda" and llama_cpp.llama_supports_gpu_offload()
-        self.llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
-                                   verbose=False, type_k=0, type_v=0, flash_attn=False,
-                                   n_gpu_layers=-1 if gpu else 0, n_threads=_cpu_threads())
-        self.info = {"runtime": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
-                     "device": "cuda" if gpu else "cpu", "dtype": "as stored (F32 KV cache)"}
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            logits_all=True,
+            n_ctx=n_ctx,
+            n_batch=min(n_ctx, 512),
+            verbose=False,
+            type_k=0,
+            type_v=0,
+            flash_attn=False,
+            n_gpu_layers=-1 if gpu else 0,
+            n_threads=_cpu_threads(),
+        )
+        self.info = {
+            "runtime": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
+            "device": "cuda" if gpu else "cpu",
+            "dtype": "as stored (F32 KV cache)",
+        }
 
     def logits(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()
         self.llm.eval(ids)
-        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
     def close(self) -> None:
         self.llm.close()
@@ -157,8 +173,9 @@ def _cpu_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def load_runner(model: Model, *, device: str = "auto", dtype: str | None = "auto", gguf_runtime: str = "llama.cpp",
-                n_ctx: int = 512) -> Runner:
+def load_runner(
+    model: Model, *, device: str = "auto", dtype: str | None = "auto", gguf_runtime: str = "llama.cpp", n_ctx: int = 512
+) -> Runner:
     """Load `model` for inference; `n_ctx` is the longest sequence it will be fed."""
     dev = resolve_device(device)
     if model.format == "gguf":
@@ -175,12 +192,21 @@ def load_runner(model: Model, *, device: str = "auto", dtype: str | None = "auto
     else:
         net, runtime = _hf_model(model.ckpt.directory, dev, dt), "transformers"
     import transformers
-    return TorchRunner(net, dev, {"runtime": f"{runtime} {transformers.__version__}", "device": dev.type,
-                                  "dtype": str(dt).removeprefix("torch.")})
+
+    return TorchRunner(
+        net,
+        dev,
+        {
+            "runtime": f"{runtime} {transformers.__version__}",
+            "device": dev.type,
+            "dtype": str(dt).removeprefix("torch."),
+        },
+    )
 
 
 def _quiet_transformers() -> None:
     from transformers.utils import logging
+
     logging.disable_progress_bar()
     logging.set_verbosity_error()
 
@@ -191,6 +217,7 @@ def _device_map(dev: torch.device) -> dict | None:
 
 def _hf_model(directory: Path, dev: torch.device, dt: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+
     try:
         return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dt, device_map=_device_map(dev))
     except Exception as e:  # transformers raises many types for unloadable checkpoints
@@ -199,9 +226,11 @@ def _hf_model(directory: Path, dev: torch.device, dt: torch.dtype) -> torch.nn.M
 
 def _gguf_transformers(path: Path, dev: torch.device, dt: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dt,
-                                                    device_map=_device_map(dev))
+        return AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dt, device_map=_device_map(dev)
+        )
     except Exception as e:
         raise WeightopsError(f"{path}: transformers cannot load this GGUF file ({type(e).__name__}: {e})") from None
 
@@ -213,6 +242,7 @@ def _tp_model(ckpt: Checkpoint, dev: torch.device, dt: torch.dtype) -> torch.nn.
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from ..io.remap import hf_view
+
     refs, cfg = hf_view(ckpt)
     config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
     state = {}
@@ -222,13 +252,14 @@ def _tp_model(ckpt: Checkpoint, dev: torch.device, dt: torch.dtype) -> torch.nn.
     # Any: transformers annotates every auto mapping's values as the tokenizer mapping's (slow, fast)
     # pair, and from_pretrained as returning the model alone even with output_loading_info
     model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    model, info = model_class.from_pretrained(
-        None, config=config, state_dict=state, dtype=dt, output_loading_info=True)
+    model, info = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dt, output_loading_info=True)
     del state
     missing = [k for k in info.get("missing_keys", ()) if not _tied(model, k)]
     if missing or info.get("unexpected_keys"):
-        raise WeightopsError(f"{ckpt.path}: the remapped tensors do not fit {type(model).__name__}: missing "
-                             f"{sorted(missing)}, unexpected {sorted(info.get('unexpected_keys', ()))}")
+        raise WeightopsError(
+            f"{ckpt.path}: the remapped tensors do not fit {type(model).__name__}: missing "
+            f"{sorted(missing)}, unexpected {sorted(info.get('unexpected_keys', ()))}"
+        )
     return model.to(dev)
 
 
@@ -255,8 +286,9 @@ class LogitStore:
             self._held += logits.nbytes
         else:
             if self._file is None:
-                self._file = tempfile.NamedTemporaryFile(prefix="weightops-verify-", suffix=".logits",
-                                                         dir=self.spill_dir)
+                self._file = tempfile.NamedTemporaryFile(
+                    prefix="weightops-verify-", suffix=".logits", dir=self.spill_dir
+                )
             self._items.append((self.spilled, logits.shape))
             logits.tofile(self._file)
             self._file.flush()

@@ -5,6 +5,7 @@ embed serializer details, shards may be split differently), so they are the stab
 that two checkpoints carry the same weights. No timestamps: the same inputs give the same
 manifest, so it can be published and reproduced.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,13 @@ def _files(path: Path) -> list[Path]:
     ships with the directory, as any copy that follows links would)."""
     if path.is_file():
         return [path]
-    found = sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != MANIFEST
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    found = sorted(
+        p
+        for p in path.rglob("*")
+        if (p.is_file() or p.is_symlink())
+        and p.name != MANIFEST
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     for p in found:
         check_link(path, p, f"{path}: cannot hash {p.relative_to(path)}")
     return [p for p in found if p.is_file()]
@@ -61,8 +67,7 @@ def file_hashes(path: Path, hasher=None) -> dict:
     hasher = hasher or sha256_file
     files = _files(path)
     with progress.bar(sum(f.stat().st_size for f in files), "hashing files") as b:
-        return {str(f.relative_to(_root(path))): {"sha256": hasher(f, b), "size": f.stat().st_size}
-                for f in files}
+        return {str(f.relative_to(_root(path))): {"sha256": hasher(f, b), "size": f.stat().st_size} for f in files}
 
 
 def sha256_tensor(ref: TensorRef) -> str:
@@ -90,9 +95,12 @@ def tensor_hashes(path: Path) -> dict:
     ckpt = open_checkpoint(path)
     tensors = {}
     for ref in progress.iterate(ckpt.tensors, len(ckpt.tensors), "hashing tensors"):
-        tensors[ref.name] = {"sha256": sha256_tensor(ref), "shape": list(ref.shape),
-                             "dtype": ref.stored_type,
-                             "file": os.path.relpath(ref.source, root)}  # the name in the directory, links unresolved
+        tensors[ref.name] = {
+            "sha256": sha256_tensor(ref),
+            "shape": list(ref.shape),
+            "dtype": ref.stored_type,
+            "file": os.path.relpath(ref.source, root),
+        }  # the name in the directory, links unresolved
         ref.release()
     return tensors
 
@@ -115,8 +123,7 @@ def diff(expected: dict, actual: dict) -> list[str]:
             elif name not in want:
                 problems.append(f"{label}: not in the manifest")
             elif want[name]["sha256"] != have[name]["sha256"]:
-                problems.append(f"{label}: sha256 {have[name]['sha256'][:16]}… expected "
-                                f"{want[name]['sha256'][:16]}…")
+                problems.append(f"{label}: sha256 {have[name]['sha256'][:16]}… expected {want[name]['sha256'][:16]}…")
     return problems
 
 
@@ -124,10 +131,13 @@ def diff(expected: dict, actual: dict) -> list[str]:
 def _read_manifest(path: Path) -> dict:
     doc = json.loads(path.read_text(encoding="utf-8"))
     well_formed = isinstance(doc, dict) and all(
-        isinstance(doc.get(kind), dict) and all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
-                                                 for e in doc[kind].values())
-        for kind in ("files", "tensors"))
+        isinstance(doc.get(kind), dict)
+        and all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in doc[kind].values())
+        for kind in ("files", "tensors")
+    )
     if not well_formed:
-        raise WeightopsError(f"{shown(path)}: not a weightops manifest (expected \"files\" and \"tensors\" "
-                             "objects mapping names to {\"sha256\": ...})")
+        raise WeightopsError(
+            f'{shown(path)}: not a weightops manifest (expected "files" and "tensors" '
+            'objects mapping names to {"sha256": ...})'
+        )
     return doc

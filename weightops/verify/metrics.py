@@ -14,6 +14,7 @@ compression, no cut-off below log p = -16) and everything is summed in float64, 
 models give exactly 0. We also report the largest absolute logit difference, which catches a
 constant logit shift that the softmax hides.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,24 +29,29 @@ _CHUNK_VALUES = 1 << 23  # float64 values per working block (64 MiB), whatever t
 class TokenMetrics:
     """Per-position values of one prompt (positions that have a next token)."""
 
-    kld: np.ndarray          # float64
-    top1_same: np.ndarray    # bool
-    p_diff: np.ndarray       # float64: p_cand(next) - p_ref(next)
-    nll_ref: np.ndarray      # float64
-    nll_cand: np.ndarray     # float64
+    kld: np.ndarray  # float64
+    top1_same: np.ndarray  # bool
+    p_diff: np.ndarray  # float64: p_cand(next) - p_ref(next)
+    nll_ref: np.ndarray  # float64
+    nll_cand: np.ndarray  # float64
     max_abs_diff: np.ndarray  # float64: max_i |logit_ref(i) - logit_cand(i)|
 
     @staticmethod
     def concat(parts: list[TokenMetrics]) -> TokenMetrics:
-        return TokenMetrics(*(np.concatenate([getattr(p, f) for p in parts]) if parts else np.zeros(0)
-                              for f in TokenMetrics.__dataclass_fields__))
+        return TokenMetrics(
+            *(
+                np.concatenate([getattr(p, f) for p in parts]) if parts else np.zeros(0)
+                for f in TokenMetrics.__dataclass_fields__
+            )
+        )
 
     def __len__(self) -> int:
         return len(self.kld)
 
 
-def token_metrics(ref_logits: np.ndarray | torch.Tensor, cand_logits: np.ndarray | torch.Tensor,
-                  next_ids: np.ndarray | list[int]) -> TokenMetrics:
+def token_metrics(
+    ref_logits: np.ndarray | torch.Tensor, cand_logits: np.ndarray | torch.Tensor, next_ids: np.ndarray | list[int]
+) -> TokenMetrics:
     """Compare logits row by row: row j is the distribution after token j, `next_ids[j]` the
     token that follows it. Rows without a next token must be left out by the caller.
 
@@ -57,13 +63,14 @@ def token_metrics(ref_logits: np.ndarray | torch.Tensor, cand_logits: np.ndarray
     cand = torch.as_tensor(np.asarray(cand_logits))
     nxt = torch.as_tensor(np.asarray(next_ids, dtype=np.int64))
     if ref.ndim != 2 or cand.ndim != 2 or ref.shape[0] != cand.shape[0] or ref.shape[0] != nxt.shape[0]:
-        raise ValueError(f"logits {tuple(ref.shape)} and {tuple(cand.shape)} with {tuple(nxt.shape)} next ids "
-                         "do not line up")
+        raise ValueError(
+            f"logits {tuple(ref.shape)} and {tuple(cand.shape)} with {tuple(nxt.shape)} next ids do not line up"
+        )
     vocab = min(ref.shape[1], cand.shape[1])
     step = max(1, _CHUNK_VALUES // max(ref.shape[1], cand.shape[1]))
     parts = []
     for s in range(0, ref.shape[0], step):
-        parts.append(_block(ref[s:s + step], cand[s:s + step], nxt[s:s + step], vocab))
+        parts.append(_block(ref[s : s + step], cand[s : s + step], nxt[s : s + step], vocab))
     return TokenMetrics.concat(parts)
 
 
@@ -94,8 +101,18 @@ def summarize(m: TokenMetrics) -> dict[str, float | int | None]:
     """The aggregate numbers (JSON keys of `weightops verify --json`)."""
     n = len(m)
     if n == 0:
-        keys = ("kld_mean", "kld_median", "kld_p99", "kld_max", "top1_agreement", "rms_dp", "ppl_reference",
-                "ppl_candidate", "ppl_ratio", "max_abs_logit_diff")
+        keys = (
+            "kld_mean",
+            "kld_median",
+            "kld_p99",
+            "kld_max",
+            "top1_agreement",
+            "rms_dp",
+            "ppl_reference",
+            "ppl_candidate",
+            "ppl_ratio",
+            "max_abs_logit_diff",
+        )
         return {"tokens": 0, **dict.fromkeys(keys)}
     mean_ref, mean_cand = float(m.nll_ref.mean()), float(m.nll_cand.mean())
     return {
@@ -105,7 +122,7 @@ def summarize(m: TokenMetrics) -> dict[str, float | int | None]:
         "kld_p99": percentile(m.kld, 0.99),
         "kld_max": float(m.kld.max()),
         "top1_agreement": float(m.top1_same.mean()),
-        "rms_dp": float(np.sqrt(np.mean(m.p_diff ** 2))),
+        "rms_dp": float(np.sqrt(np.mean(m.p_diff**2))),
         "ppl_reference": float(np.exp(mean_ref)),
         "ppl_candidate": float(np.exp(mean_cand)),
         "ppl_ratio": float(np.exp(mean_cand - mean_ref)),

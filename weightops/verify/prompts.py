@@ -4,6 +4,7 @@ Both models are fed the same ids: the prompts are tokenised once (by the referen
 tokenizer or `--tokenizer`), and the candidate's own tokenizer is only consulted to report
 whether it would have produced other ids.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ Encode = Callable[[str], list[int]]
 
 @dataclass(frozen=True)
 class Prompt:
-    name: str   # what a failed gate reports: a built-in name, or FILE:LINE
+    name: str  # what a failed gate reports: a built-in name, or FILE:LINE
     text: str
 
 
@@ -59,7 +60,7 @@ def _jsonl(path: Path, lines: list[str]) -> list[Prompt]:
         except ValueError as e:
             raise WeightopsError(f"{path}:{n}: not a JSON object ({e})") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-            raise WeightopsError(f"{path}:{n}: a JSONL prompt needs a string field \"text\"")
+            raise WeightopsError(f'{path}:{n}: a JSONL prompt needs a string field "text"')
         # the name is only a label in reports and errors: escaped once, here
         out.append(Prompt(shown(doc.get("name") or f"{path.name}:{n}"), doc["text"]))
     return out
@@ -95,6 +96,7 @@ def hf_encoder(directory: Path) -> Encode:
     from transformers import AutoTokenizer
 
     from ..io.tokenizer_files import read_tokenizer_files
+
     read_tokenizer_files(directory).check()
     try:
         tok = AutoTokenizer.from_pretrained(str(directory))
@@ -109,8 +111,10 @@ def llama_cpp_encoder(gguf_path: Path) -> Encode:
     try:
         from llama_cpp import Llama
     except ImportError:
-        raise WeightopsError(f"{gguf_path}: reading a GGUF tokenizer needs llama-cpp-python "
-                             "(pip install llama-cpp-python), or pass --tokenizer DIR") from None
+        raise WeightopsError(
+            f"{gguf_path}: reading a GGUF tokenizer needs llama-cpp-python "
+            "(pip install llama-cpp-python), or pass --tokenizer DIR"
+        ) from None
     vocab = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     return lambda text: list(vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 

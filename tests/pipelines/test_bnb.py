@@ -127,7 +127,7 @@ def test_identical_to_transformers(arch, label, models, prompts, tmp_path, cli, 
     )
     assert r.exit_code == 0, r.output
     v = json.loads((tmp_path / "verify.json").read_text())
-    assert v["thresholds"]["candidate_kind"] == ("q8" if label == "int8" else "q4")
+    assert v["thresholds"]["candidate_kind"] == {"int8": "int8", "nf4": "q4", "fp4": "low"}[label.split("-")[0]]
     print(
         f"{arch} {label}: weightops verify: KLD mean {v['kld_mean']:.6f} max {v['kld_max']:.6f} "
         f"top-1 {v['top1_agreement']:.1%} over {v['tokens']} tokens"

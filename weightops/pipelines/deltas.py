@@ -4,7 +4,7 @@ stream operators of `ops.delta` (which join by name and hold only a pair in flig
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ from ..io.checkpoint import Checkpoint, open_checkpoint, save_hf
 from ..io.outputs import Output
 from ..ops import delta as ops_delta
 from ..ops.delta import DeltaReport, _dtype_name
+from ..stream import TensorRef
 
 __all__ = ["DeltaReport", "apply_delta", "make_delta"]
 
@@ -51,25 +52,8 @@ def apply_delta(
     """Rebuild a released model from BASE and DELTA into OUTPUT (HF safetensors) with the
     delta's config and tokenizer files. `force` replaces an OUTPUT weightops wrote;
     `allow_suspicious` overrides the norm-weight guard rail."""
-    b, d = _open_hf(Path(base), "BASE"), _open_hf(Path(delta), "DELTA")
-    target = Output(output, [b.path, d.path], kind="dir", force=force)
-    report = DeltaReport()
-    refs = ops_delta.apply_delta(
-        b.tensors,
-        d.tensors,
-        dtype=dtype,
-        replace=replace,
-        allow_suspicious=allow_suspicious,
-        labels=(f"BASE {b.path}", f"DELTA {d.path}"),
-        report=report,
-    )
-    report.files = save_hf(
-        refs,
-        target,
-        aux_files=d.aux_files,
-        max_shard_size=max_shard_size,
-        config_update=_config_update(d.aux_files, dtype),
-        desc="applying delta",
+    report, _ = _combine(
+        ops_delta.apply_delta, base, delta, "DELTA", output, dtype, replace, force, allow_suspicious, max_shard_size
     )
     return report
 
@@ -88,27 +72,47 @@ def make_delta(
     """Write TARGET − BASE into OUTPUT (HF safetensors) with the target's config and tokenizer
     files, and warn when the delta will not rebuild the target bit for bit. `force` and
     `allow_suspicious` as for `apply_delta`."""
-    b, t = _open_hf(Path(base), "BASE"), _open_hf(Path(target), "TARGET")
-    out = Output(output, [b.path, t.path], kind="dir", force=force)
-    report = DeltaReport()
-    refs = ops_delta.make_delta(
-        b.tensors,
-        t.tensors,
-        dtype=dtype,
-        replace=replace,
-        allow_suspicious=allow_suspicious,
-        labels=(f"BASE {b.path}", f"TARGET {t.path}"),
-        report=report,
-    )
-    report.files = save_hf(
-        refs,
-        out,
-        aux_files=t.aux_files,
-        max_shard_size=max_shard_size,
-        config_update=_config_update(t.aux_files, dtype),
-        desc="making delta",
+    report, refs = _combine(
+        ops_delta.make_delta, base, target, "TARGET", output, dtype, replace, force, allow_suspicious, max_shard_size
     )
     warning = report.round_trip_warning("/".join(sorted({_dtype_name(r.dtype) for r in refs})))
     if warning:
         report.warnings.append(warning)
     return report
+
+
+def _combine(
+    op: Callable[..., list[TensorRef]],
+    base: Path,
+    other: Path,
+    label: str,
+    output: Path,
+    dtype: torch.dtype | None,
+    replace: Sequence[str],
+    force: bool,
+    allow_suspicious: bool,
+    max_shard_size: str | int,
+) -> tuple[DeltaReport, list[TensorRef]]:
+    """BASE and OTHER (the delta, or the target) through the stream operator `op` into OUTPUT,
+    with OTHER's config and tokenizer files: apply and make differ only in `op` and the label."""
+    b, o = _open_hf(Path(base), "BASE"), _open_hf(Path(other), label)
+    target = Output(output, [b.path, o.path], kind="dir", force=force)
+    report = DeltaReport()
+    refs = op(
+        b.tensors,
+        o.tensors,
+        dtype=dtype,
+        replace=replace,
+        allow_suspicious=allow_suspicious,
+        labels=(f"BASE {b.path}", f"{label} {o.path}"),
+        report=report,
+    )
+    report.files = save_hf(
+        refs,
+        target,
+        aux_files=o.aux_files,
+        max_shard_size=max_shard_size,
+        config_update=_config_update(o.aux_files, dtype),
+        desc="applying delta" if label == "DELTA" else "making delta",
+    )
+    return report, refs

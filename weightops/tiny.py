@@ -176,10 +176,7 @@ def tiny_llama(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # norms away from exactly 1, so that layout mistakes cannot hide
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
+    _jitter(model)
     return _save(model, directory, tokenizer_dir, dtype)
 
 

@@ -39,17 +39,9 @@ CONFIG = ConfigRules(
     hparams=llama.hparams,
     hf_shapes=hf_shapes,
     fill_gguf=lambda config: {k: v for k, v in config.items() if v is not None},
-    gguf_keys=(
-        "num_hidden_layers",
-        "max_position_embeddings",
-        "hidden_size",
-        "intermediate_size",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "rope_parameters",
-        "rms_norm_eps",
-        "vocab_size",
-    ),
+    # LLaMA's keys but head_dim: the converter's qwen2 writes key/value lengths only when
+    # config.json itself has head_dim
+    gguf_keys=tuple(k for k in llama.GGUF_CONFIG_KEYS if k != "head_dim"),
     add_gguf_parameters=llama.add_text_parameters,
     sliding_window=window,
 )

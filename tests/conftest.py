@@ -469,3 +469,41 @@ def pytest_terminal_summary(terminalreporter) -> None:
             terminalreporter.write_line(
                 f"{label:<20} KLD mean {mean:.6f}  max {worst:.6f}  top-1 {top1:6.1%}  ({tokens} tokens)"
             )
+
+
+@pytest.fixture(scope="session")
+def libggml():
+    """`quantize(a, qtype, imatrix=None)` -> the bytes libggml's `ggml_quantize_chunk` (what
+    llama-quantize runs) writes for float32 rows `a` as GGML type `qtype` (our name, e.g. "q4_k");
+    `imatrix` is one float32 weight per column. Skips where llama-cpp-python is not installed."""
+    import ctypes
+
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quant_shape_to_byte_shape
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    chunk = lib.ggml_quantize_chunk  # (type, src, dst, start, nrows, n_per_row, imatrix) -> bytes written
+    chunk.restype = ctypes.c_size_t
+    chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    chunk.argtypes += [ctypes.c_int64, ctypes.c_void_p]
+
+    def quantize(a: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+        ggml = GGMLQuantizationType[qtype.upper()]
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        rows = a.reshape(-1, a.shape[-1])
+        out = np.empty(quant_shape_to_byte_shape(a.shape, ggml), dtype=np.uint8)
+        weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+        written = chunk(
+            int(ggml),
+            rows.ctypes.data,
+            out.ctypes.data,
+            0,
+            rows.shape[0],
+            rows.shape[1],
+            None if weights is None else weights.ctypes.data,
+        )
+        assert written == out.nbytes
+        return out
+
+    return quantize

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 Q = GGMLQuantizationType
 _GGML = "weightops.quant.ggml"
+_KQUANTS = "weightops.quant.kquants"
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,13 @@ def _legacy(name: str, ggml: GGMLQuantizationType, verify_kind: str) -> GGMLType
     )
 
 
+def _k(name: str, ggml: GGMLQuantizationType, module: str, verify_kind: str, fallback: str) -> GGMLType:
+    """llama.cpp's K-quants (super-blocks of 256 in `quant.kquants.MODULE`); rows that are not
+    whole super-blocks fall back as llama-quantize does (then to F16 if that fails too)."""
+    kernels = Kernels(f"{_KQUANTS}.{module}:encode_{name}", f"{_KQUANTS}.{module}:decode_{name}")
+    return GGMLType(name, ggml, verify_kind, kernels=kernels, fallback=fallback)
+
+
 GGML_TYPES: tuple[GGMLType, ...] = (
     GGMLType("f32", Q.F32, "float", float_dtype="F32"),
     GGMLType("f16", Q.F16, "float", float_dtype="F16"),
@@ -146,6 +154,11 @@ GGML_TYPES: tuple[GGMLType, ...] = (
     _legacy("q4_1", Q.Q4_1, "q4"),
     _legacy("q5_0", Q.Q5_0, "q5"),
     _legacy("q5_1", Q.Q5_1, "q5"),
+    _k("q2_k", Q.Q2_K, "affine", "low", fallback="q4_0"),
+    _k("q3_k", Q.Q3_K, "symmetric", "low", fallback="q4_0"),
+    _k("q4_k", Q.Q4_K, "affine", "q4", fallback="q5_0"),
+    _k("q5_k", Q.Q5_K, "affine", "q5", fallback="q5_1"),
+    _k("q6_k", Q.Q6_K, "symmetric", "q6", fallback="q8_0"),
 )
 
 FILE_TYPES: tuple[FileType, ...] = (

@@ -86,6 +86,15 @@ def test_merged_hf_tokenizer_matches_sentencepiece(merged_llama, other_lines):
         assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
 
 
+def test_merged_hf_tokenizer_adds_bos_as_the_base_does(merged_llama, tiny_llama):
+    """The regenerated tokenizer.json keeps the base's BOS/EOS rule (a conversion from
+    tokenizer.model alone would drop BOS, and the model would run without its <s>)."""
+    base, merged = AutoTokenizer.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(merged_llama)
+    for text in ("hello world", "the cat"):
+        ours, theirs = merged(text)["input_ids"], base(text)["input_ids"]
+        assert ours[0] == theirs[0] == base.bos_token_id and ours[-1] != base.eos_token_id
+
+
 def test_merge_refused_when_tokens_follow_the_sentencepiece_pieces(merged_llama, other_spm, tmp_path):
     with pytest.raises(WeightopsError, match="would move their ids") as e:
         expand_vocab(merged_llama, tmp_path / "out", merge_spm=other_spm)

@@ -118,11 +118,17 @@ def _merge_into(directory: Path, other: Path, origin: Path) -> None:
             f"into the plain SentencePiece tokenizer and add them afterwards (--special-token)"
         )
     merged, _ = merge_spm(model.read_bytes(), other.read_bytes(), source=other)
+    # BOS/EOS insertion lives in tokenizer.json's post-processor (transformers 5 no longer keeps
+    # add_bos_token in tokenizer_config.json), and a conversion from tokenizer.model alone adds
+    # neither; the base's ids of <s> and </s> do not move, so its post-processor still holds.
+    post_processor = load(directory).backend_tokenizer.post_processor
     model.write_bytes(merged)
     for stale in ("tokenizer.json", "added_tokens.json"):
         (directory / stale).unlink(missing_ok=True)
     tok = load(directory)  # transformers converts tokenizer.model into a fast tokenizer
     _rank_merges_by_score(tok, _proto(merged, model))
+    if post_processor is not None:
+        tok.backend_tokenizer.post_processor = post_processor
     tok.save_pretrained(directory)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,33 @@ from .paths import member, members
 from .safetensors import read_safetensors
 from .torchbin import read_torch_bin
 
-FORMATS = ("hf-safetensors", "hf-bin", "tencentpretrain", "gguf")
+
+class Format(str, Enum):
+    """On-disk checkpoint formats (the value is what reports and messages show)."""
+
+    HF_SAFETENSORS = "hf-safetensors"
+    HF_BIN = "hf-bin"
+    TENCENTPRETRAIN = "tencentpretrain"
+    GGUF = "gguf"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_hf(self) -> bool:
+        """Hugging Face names and config.json (either weight file format)."""
+        return self in (Format.HF_SAFETENSORS, Format.HF_BIN)
+
+    @property
+    def scheme(self) -> str:
+        """The tensor naming scheme of the architecture specs (`arch.ArchSpec`) it uses."""
+        return {Format.TENCENTPRETRAIN: "tp", Format.GGUF: "gguf"}.get(self, "hf")
 
 
 @dataclass
 class Checkpoint:
     path: Path
-    format: str
+    format: Format
     tensors: list[TensorRef]
     weight_files: list[Path]
     aux_files: list[Path] = field(default_factory=list)
@@ -66,13 +87,12 @@ def open_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> Ch
             f"{path}: holds no tensors ({', '.join(map(str, ckpt.weight_files))}); not a model checkpoint"
         )
     require_unique(ckpt.tensors)
-    if tp_config is None and ckpt.format == "tencentpretrain":
+    if tp_config is None and ckpt.format is Format.TENCENTPRETRAIN:
         tp_config = member(ckpt.directory, tp_io.CONFIG)  # written beside it by `weightops convert`
     if tp_config is not None:
         ckpt.config, ckpt.config_file = read_config(Path(tp_config)), Path(tp_config)
     if ckpt.architecture is None:
-        scheme = {"tencentpretrain": "tp", "gguf": "gguf"}.get(ckpt.format, "hf")
-        found = arch.detect(set(ckpt.names()), scheme)
+        found = arch.detect(set(ckpt.names()), ckpt.format.scheme)
         ckpt.architecture = found.name if found else None
     return ckpt
 
@@ -83,7 +103,7 @@ def _open_file(path: Path) -> Checkpoint:
         meta = gguf_io.read_metadata(path, reader)
         return Checkpoint(
             path,
-            "gguf",
+            Format.GGUF,
             gguf_io.read_gguf(path, reader),
             [path],
             config=meta,
@@ -93,7 +113,7 @@ def _open_file(path: Path) -> Checkpoint:
     if path.suffix == ".safetensors":
         return Checkpoint(
             path,
-            "hf-safetensors",
+            Format.HF_SAFETENSORS,
             read_safetensors(path),
             [path],
             hf_io.aux_files(path.parent),
@@ -102,8 +122,8 @@ def _open_file(path: Path) -> Checkpoint:
     if path.suffix in (".bin", ".pt", ".pth"):
         refs = read_torch_bin(path)
         if tp_io.looks_like_tp(r.name for r in refs):
-            return Checkpoint(path, "tencentpretrain", refs, [path])
-        return Checkpoint(path, "hf-bin", refs, [path], hf_io.aux_files(path.parent), *_hf_config(path.parent))
+            return Checkpoint(path, Format.TENCENTPRETRAIN, refs, [path])
+        return Checkpoint(path, Format.HF_BIN, refs, [path], hf_io.aux_files(path.parent), *_hf_config(path.parent))
     raise WeightopsError(f"{path}: unknown checkpoint format (expected .safetensors, .bin, or a GGUF file)")
 
 
@@ -118,7 +138,7 @@ def _hf_config(directory: Path) -> tuple[dict | None, str | None, Path | None]:
 def _open_dir(path: Path) -> Checkpoint:
     if (path / tp_io.INDEX).is_file():
         refs, files = tp_io.read_tp(path)
-        return Checkpoint(path, "tencentpretrain", refs, files, hf_io.aux_files(path))
+        return Checkpoint(path, Format.TENCENTPRETRAIN, refs, files, hf_io.aux_files(path))
     try:
         fmt, refs, files = hf_io.read_hf_dir(path)
     except FileNotFoundError:
@@ -126,7 +146,7 @@ def _open_dir(path: Path) -> Checkpoint:
         if len(bins) == 1:
             refs = read_torch_bin(bins[0])
             if tp_io.looks_like_tp(r.name for r in refs):
-                return Checkpoint(path, "tencentpretrain", refs, bins, hf_io.aux_files(path))
+                return Checkpoint(path, Format.TENCENTPRETRAIN, refs, bins, hf_io.aux_files(path))
         ggufs = members(path, "*.gguf")
         if len(ggufs) == 1:
             return _open_file(ggufs[0])
@@ -134,7 +154,7 @@ def _open_dir(path: Path) -> Checkpoint:
             f"{path}: no checkpoint found (looked for *.safetensors, pytorch_model.bin, "
             f"their index files, {tp_io.INDEX}, a TencentPretrain .bin, or one .gguf)"
         ) from None
-    return Checkpoint(path, fmt, refs, files, hf_io.aux_files(path), *_hf_config(path))
+    return Checkpoint(path, Format(fmt), refs, files, hf_io.aux_files(path), *_hf_config(path))
 
 
 def save_hf(

@@ -29,9 +29,8 @@ from ..arch.transforms import (
 )
 from ..errors import WeightopsError
 from ..stream import TensorRef, matches_any
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, Format
 
-HF_FORMATS = ("hf-safetensors", "hf-bin")
 _LISTED = 12  # names listed in an error before "... and N more"
 
 
@@ -42,9 +41,9 @@ def hf_view(ckpt: Checkpoint, tp_config: dict | None = None, arch: str | None = 
     checkpoints go through `tp_to_hf`, with the config translated from `tp_config` (default:
     the one `open_checkpoint` was given or found) and the tensor shapes. Nothing is loaded.
     """
-    if ckpt.format in HF_FORMATS:
+    if ckpt.format.is_hf:
         return list(ckpt.tensors), dict(ckpt.config or {})
-    if ckpt.format != "tencentpretrain":
+    if ckpt.format is not Format.TENCENTPRETRAIN:
         raise WeightopsError(f"{ckpt.path}: a {ckpt.format} checkpoint cannot be read as a Hugging Face model")
     spec = _spec(ckpt, arch)
     shapes = {r.name: r.shape for r in ckpt.tensors}
@@ -61,7 +60,7 @@ def hf_view(ckpt: Checkpoint, tp_config: dict | None = None, arch: str | None = 
 
 def tp_view(ckpt: Checkpoint, arch: str | None = None) -> tuple[list[TensorRef], dict]:
     """An HF checkpoint as TencentPretrain-named lazy refs plus its TP model config json."""
-    if ckpt.format not in HF_FORMATS:
+    if not ckpt.format.is_hf:
         raise WeightopsError(f"{ckpt.path}: is {ckpt.format}, not a Hugging Face checkpoint")
     if not ckpt.config:
         raise WeightopsError(f"{ckpt.path}: no config.json; its head counts and sizes are needed")

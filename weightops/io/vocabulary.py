@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from .. import arch
 from ..arch import Role
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, Format
 from .tokenizer_files import read_tokenizer_files
 
 
@@ -66,10 +66,10 @@ def embedding_name(ckpt: Checkpoint) -> str | None:
 def vocab_triple(ckpt: Checkpoint) -> VocabTriple:
     emb = embedding_name(ckpt)
     rows = ckpt.tensor(emb).shape[0] if emb else None
-    if ckpt.format == "gguf":
+    if ckpt.format is Format.GGUF:
         meta = ckpt.config or {}
         tokens = meta.get("tokenizer.ggml.tokens")
         return VocabTriple(meta.get(f"{ckpt.architecture}.vocab_size"), len(tokens) if tokens else None, rows)
-    config = (ckpt.config or {}).get("vocab_size") if ckpt.format != "tencentpretrain" else None
+    config = (ckpt.config or {}).get("vocab_size") if ckpt.format is not Format.TENCENTPRETRAIN else None
     files = read_tokenizer_files(ckpt.directory)
     return VocabTriple(config, files.size, rows, files.sizes, files.conflicts)

@@ -62,7 +62,7 @@ def export_bnb(
     spec = BnbSpec(bits, quant_type, double_quant, dtypes.to_torch(dtypes.FLOAT_CHOICES[compute_dtype]))
     ckpt = open_checkpoint(model)
     target = Output(output, [ckpt.path], kind="dir", force=force)
-    if not ckpt.format.startswith("hf-"):
+    if not ckpt.format.is_hf:
         raise WeightopsError(
             f"{ckpt.path} is a {ckpt.format} checkpoint; bitsandbytes checkpoints are made from a "
             "Hugging Face checkpoint, so convert it first (weightops convert --to hf)"

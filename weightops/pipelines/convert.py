@@ -23,10 +23,10 @@ from ..arch import get as get_arch
 from ..errors import WeightopsError
 from ..io import tencentpretrain as tp_io
 from ..io import tokenizer_edit
-from ..io.checkpoint import open_checkpoint, save_hf
+from ..io.checkpoint import Format, open_checkpoint, save_hf
 from ..io.index import parse_size
 from ..io.outputs import Output, content
-from ..io.remap import HF_FORMATS, hf_view, tp_view
+from ..io.remap import hf_view, tp_view
 from ..io.tokenizer_files import read_tokenizer_files
 from ..stream import cast
 
@@ -59,7 +59,7 @@ def convert_checkpoint(
     if to not in TARGETS:
         raise WeightopsError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
     ckpt = open_checkpoint(input, tp_config)
-    source = "tencentpretrain" if ckpt.format == "tencentpretrain" else "hf" if ckpt.format in HF_FORMATS else None
+    source = "tencentpretrain" if ckpt.format is Format.TENCENTPRETRAIN else "hf" if ckpt.format.is_hf else None
     if source is None:
         raise WeightopsError(
             f"{ckpt.path}: {ckpt.format} checkpoints cannot be converted here "

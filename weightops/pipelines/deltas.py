@@ -21,7 +21,7 @@ __all__ = ["DeltaReport", "apply_delta", "make_delta"]
 
 def _open_hf(path: Path, label: str) -> Checkpoint:
     ckpt = open_checkpoint(path)
-    if not ckpt.format.startswith("hf-"):
+    if not ckpt.format.is_hf:
         raise WeightopsError(
             f"{label} {path} is a {ckpt.format} checkpoint; deltas join tensors by their Hugging "
             "Face names, so convert it to an HF directory first (weightops convert)"

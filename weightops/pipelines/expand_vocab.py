@@ -77,7 +77,7 @@ def expand_vocab(
     if pad_to_multiple is not None and pad_to_multiple < 1:
         raise WeightopsError(f"--pad-to-multiple must be a positive integer, got {pad_to_multiple}")
     ckpt = open_checkpoint(model)
-    if ckpt.format not in ("hf-safetensors", "hf-bin"):
+    if not ckpt.format.is_hf:
         raise WeightopsError(
             f"{ckpt.path}: expand-vocab works on Hugging Face checkpoints; this is {ckpt.format} "
             f"(convert it with `weightops convert --to hf` first)"

@@ -24,7 +24,7 @@ from ..arch import ArchSpec, Role
 from ..arch.transforms import to_gguf
 from ..devices import resolve_device
 from ..errors import WeightopsError, shown
-from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.checkpoint import Checkpoint, Format, open_checkpoint
 from ..io.gguf import GGUFTensor, plan_writer, write_gguf
 from ..io.gguf_tokenizer import TokenizerSummary, add_tokenizer
 from ..io.outputs import Output
@@ -142,7 +142,7 @@ def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
     """HF-named tensors and a config dict with every key the GGUF metadata needs (transformers'
     defaults for missing ones, as convert_hf_to_gguf.py's AutoConfig gives) of any checkpoint;
     TencentPretrain goes through the remap view (config from its --tp-config and the shapes)."""
-    if ckpt.format == "gguf":
+    if ckpt.format is Format.GGUF:
         raise WeightopsError(f"{ckpt.path} is already a GGUF file; export from the HF or TencentPretrain checkpoint")
     from ..io.remap import hf_view
 

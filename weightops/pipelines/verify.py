@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import progress
 from ..errors import MismatchError, WeightopsError
+from ..io.checkpoint import Format
 from ..verify import gate
 from ..verify.logits import LogitStore, Model, describe, load_runner
 from ..verify.metrics import TokenMetrics, summarize, token_metrics
@@ -65,7 +66,9 @@ def verify_checkpoint(
     """
     start = time.perf_counter()
     ref, cand = describe(reference, tp_config), describe(candidate, tp_config)
-    kind = gate.candidate_kind(ref.tensor_types, cand.tensor_types, ref.format == "gguf", cand.format == "gguf")
+    kind = gate.candidate_kind(
+        ref.tensor_types, cand.tensor_types, ref.format is Format.GGUF, cand.format is Format.GGUF
+    )
     limits = gate.thresholds(kind, max_kld, min_top1)
     result: dict[str, Any] = {
         "mode": "structure" if structure_only else "logits",
@@ -113,7 +116,7 @@ def verify_checkpoint(
     result["per_prompt"] = per_prompt
     result["worst_prompts"] = [p["name"] for p in sorted(per_prompt, key=lambda p: -p["kld_mean"])[:WORST]]
     result["failures"] += gate.failures(result, limits)
-    if result["failures"] and diagnose and ref.format != "gguf" and cand.format != "gguf":
+    if result["failures"] and diagnose and ref.format is not Format.GGUF and cand.format is not Format.GGUF:
         result["differing_tensors"] = compare_tensors(ref, cand)["checksums"]["differ"]
     return _finish(result, start)
 
@@ -207,7 +210,7 @@ def _reference_encoder(ref: Model, tokenizer: str | Path | None):
         return hf_encoder(Path(tokenizer)), str(tokenizer)
     if ref.tokenizer is not None:
         return hf_encoder(ref.tokenizer), str(ref.tokenizer)
-    if ref.format == "gguf":
+    if ref.format is Format.GGUF:
         return llama_cpp_encoder(ref.ckpt.path), f"{ref.path} (llama.cpp)"
     raise WeightopsError(f"{ref.path}: no tokenizer files next to the weights; pass --tokenizer DIR")
 
@@ -217,7 +220,7 @@ def _candidate_tokenization(
 ) -> dict[str, Any]:
     """Whether the candidate's own tokenizer gives the same ids (llama.cpp's for GGUF)."""
     try:
-        if cand.format == "gguf":
+        if cand.format is Format.GGUF:
             encode, source = llama_cpp_encoder(cand.ckpt.path), f"{cand.path} (llama.cpp)"
         elif cand.tokenizer is not None:
             encode, source = hf_encoder(cand.tokenizer), str(cand.tokenizer)

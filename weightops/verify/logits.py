@@ -25,7 +25,7 @@ import torch
 from .. import dtypes
 from ..devices import resolve_device
 from ..errors import WeightopsError
-from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.checkpoint import Checkpoint, Format, open_checkpoint
 from ..io.vocabulary import embedding_name
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class Model:
     tensor_types: set[str] = field(default_factory=set)  # dtypes / GGML types / bnb-* of its matrices
 
     @property
-    def format(self) -> str:
+    def format(self) -> Format:
         return self.ckpt.format
 
 
@@ -55,12 +55,12 @@ def describe(path: str | Path, tp_config: str | Path | None = None) -> Model:
     """What the verification must know before running anything (vocabulary, context, tokenizer,
     matrix types), from headers and config files only."""
     ckpt = open_checkpoint(path)
-    if ckpt.format == "tencentpretrain" and tp_config is not None:  # --tp-config is for whichever side is TP
+    if ckpt.format is Format.TENCENTPRETRAIN and tp_config is not None:  # --tp-config is for whichever side is TP
         ckpt = open_checkpoint(path, tp_config)
     emb = embedding_name(ckpt)
     cfg = ckpt.config or {}
     vocab = ckpt.tensor(emb).shape[0] if emb else cfg.get("vocab_size")
-    if ckpt.format == "gguf":
+    if ckpt.format is Format.GGUF:
         context = cfg.get(f"{ckpt.architecture}.context_length")
         tokenizer = None
     else:
@@ -68,7 +68,7 @@ def describe(path: str | Path, tp_config: str | Path | None = None) -> Model:
         d = ckpt.directory
         tokenizer = d if any((d / f).is_file() for f in _TOKENIZER_FILES) else None
     types = {r.stored_type for r in ckpt.tensors if len(r.shape) >= 2}
-    if bnb := _bnb_type(cfg if ckpt.format != "gguf" else {}):
+    if bnb := _bnb_type(cfg if ckpt.format is not Format.GGUF else {}):
         types = {bnb}  # packed bytes: the quantization says what the weights are
     return Model(Path(path), ckpt, vocab, context, tokenizer, types)
 
@@ -82,7 +82,7 @@ def _bnb_type(config: dict) -> str | None:
 
 
 def _hf_config(ckpt: Checkpoint) -> dict:
-    if ckpt.format == "tencentpretrain":
+    if ckpt.format is Format.TENCENTPRETRAIN:
         from ..io.remap import hf_view
 
         return hf_view(ckpt)[1]
@@ -178,16 +178,16 @@ def load_runner(
 ) -> Runner:
     """Load `model` for inference; `n_ctx` is the longest sequence it will be fed."""
     dev = resolve_device(device)
-    if model.format == "gguf":
+    if model.format is Format.GGUF:
         if gguf_runtime not in GGUF_RUNTIMES:
             raise WeightopsError(f"--gguf-runtime {gguf_runtime!r}: choose one of {', '.join(GGUF_RUNTIMES)}")
         if gguf_runtime == "llama.cpp":
             return LlamaCppRunner(model.ckpt.path, n_ctx, dev)
     dt = compute_dtype(dev, dtype)
     _quiet_transformers()
-    if model.format == "tencentpretrain":
+    if model.format is Format.TENCENTPRETRAIN:
         net, runtime = _tp_model(model.ckpt, dev, dt), "transformers (TencentPretrain streamed through the remap)"
-    elif model.format == "gguf":
+    elif model.format is Format.GGUF:
         net, runtime = _gguf_transformers(model.ckpt.path, dev, dt), "transformers (GGUF loader)"
     else:
         net, runtime = _hf_model(model.ckpt.directory, dev, dt), "transformers"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import arch, progress
+from ..io.checkpoint import Format
 from ..io.vocabulary import vocab_triple
 from ..stream import TensorRef, matches_any
 from .logits import Model
@@ -27,14 +28,14 @@ def hf_named(model: Model, other_is_gguf: bool = False) -> dict[str, TensorRef]:
     come back in HF layout). Tensors with no counterpart across formats are left out: old
     rotary inv_freq buffers, and, opposite a GGUF file, what GGUF does not store."""
     ckpt = model.ckpt
-    if ckpt.format == "tencentpretrain":
+    if ckpt.format is Format.TENCENTPRETRAIN:
         from ..io.remap import hf_view
 
         return {r.name: r for r in hf_view(ckpt)[0]}
     if not arch.is_supported(ckpt.architecture):
         return {r.name: r for r in ckpt.tensors}
     table = arch.get(ckpt.architecture)
-    if ckpt.format == "gguf":
+    if ckpt.format is Format.GGUF:
         out = {}
         for r in ckpt.tensors:
             hit = table.lookup(r.name, "gguf")
@@ -57,8 +58,8 @@ def _digest(ref: TensorRef) -> str:
 
 def compare_tensors(ref: Model, cand: Model, *, values: bool = True) -> dict[str, Any]:
     """Names, shapes and (where comparable, `values=True`) sha256 of the values."""
-    a = hf_named(ref, cand.format == "gguf")
-    b = hf_named(cand, ref.format == "gguf")
+    a = hf_named(ref, cand.format is Format.GGUF)
+    b = hf_named(cand, ref.format is Format.GGUF)
     common = [n for n in a if n in b]
     shape = [f"{n}: {a[n].shape} vs {b[n].shape}" for n in common if a[n].shape != b[n].shape]
     out: dict[str, Any] = {
@@ -69,7 +70,7 @@ def compare_tensors(ref: Model, cand: Model, *, values: bool = True) -> dict[str
         "extra": sorted(set(b) - set(a)),
         "shape_mismatch": shape,
     }
-    same_kind = (ref.format == "gguf") == (cand.format == "gguf")
+    same_kind = (ref.format is Format.GGUF) == (cand.format is Format.GGUF)
     comparable = [n for n in common if same_kind and a[n].shape == b[n].shape and a[n].stored_type == b[n].stored_type]
     checks: dict[str, Any] = {"compared": 0, "differ": [], "not_comparable": len(common) - len(comparable)}
     if values:
@@ -84,7 +85,7 @@ def compare_tensors(ref: Model, cand: Model, *, values: bool = True) -> dict[str
 def special_tokens(model: Model, tokenizer_dir=None) -> dict[str, Any] | None:
     """Role ids (bos/eos/unk/pad) and the special tokens {token: id}, from the HF tokenizer
     files or GGUF metadata; None when the model carries no tokenizer."""
-    if model.format == "gguf":
+    if model.format is Format.GGUF:
         meta = model.ckpt.config or {}
         tokens, types = meta.get("tokenizer.ggml.tokens") or [], meta.get("tokenizer.ggml.token_type") or []
         roles = {

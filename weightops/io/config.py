@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import WeightopsError, shown
 
-# HF (LLaMA, BLOOM) and TencentPretrain spellings of the counts and sizes: positive integers.
+# HF and TencentPretrain spellings of the counts and sizes: positive integers.
 POSITIVE_INTS = frozenset(
     {
         "num_attention_heads",

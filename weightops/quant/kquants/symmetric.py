@@ -23,7 +23,7 @@ import torch
 from ..ggml import _const, _put_f16, _signed_max
 
 _GROUP_MAX_EPS = 1e-15
-_SLICE_VALUES = 1 << 16  # float32 values per candidate tensor in the scale search (cache-sized)
+_SLICE_VALUES = 1 << 19  # float32 values per candidate tensor in the scale search (cache-sized)
 
 
 def _by_position(x: torch.Tensor) -> torch.Tensor:
@@ -73,18 +73,28 @@ def _make_qx(x: torch.Tensor, xt: torch.Tensor, w: torch.Tensor, nmax: int) -> t
     the weights by position (x*x without an importance matrix)."""
     m = _signed_max(x).view(-1)  # the first value of largest magnitude
     empty = m.abs() < _GROUP_MAX_EPS
-    iscales = _candidates(nmax).to(x.device)[:, None] / m  # (K, S), true division
+    numerators = _candidates(nmax).to(x.device)[:, None]
+    iscales = numerators / m  # (K, S), true division
     k, s = iscales.shape
-    wx = w * xt
     sums = torch.empty((2, k, s), dtype=torch.float32, device=x.device)
     step = max(1, _SLICE_VALUES // (16 * k))
+    buffers: dict[int, tuple[torch.Tensor, ...]] = {}
     for a in range(0, s, step):
         b = min(s, a + step)
-        lv = xt[:, None, a:b] * iscales[:, a:b]  # (16, K, step)
+        if b - a not in buffers:  # reused: fresh large tensors cost page faults on every op
+            shape = (16, k, b - a)
+            buffers[b - a] = (
+                torch.empty(shape, device=x.device),
+                torch.empty((16, 2, k, b - a), device=x.device),
+                torch.empty((k, b - a), device=x.device),
+            )
+        lv, terms, isc = buffers[b - a]
+        xs, ws = xt[:, a:b].contiguous(), w[:, a:b].contiguous()
+        torch.div(numerators, m[a:b], out=isc)
+        torch.mul(xs[:, None], isc, out=lv)
         lv.round_().clamp_(-nmax, nmax - 1)
-        terms = torch.empty((16, 2, k, b - a), dtype=torch.float32, device=x.device)
-        torch.mul(wx[:, None, a:b], lv, out=terms[:, 0])
-        torch.mul(w[:, None, a:b], lv, out=terms[:, 1])
+        torch.mul((ws * xs)[:, None], lv, out=terms[:, 0])
+        torch.mul(ws[:, None], lv, out=terms[:, 1])
         terms[:, 1] *= lv
         _sequential_sums(terms, sums[:, :, a:b])
     slx, sl2 = sums[0], sums[1]
@@ -92,17 +102,20 @@ def _make_qx(x: torch.Tensor, xt: torch.Tensor, w: torch.Tensor, nmax: int) -> t
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     scale = torch.where(sl2[0] != 0, scales[0], zero)
     best = scale * slx[0]
-    choice = torch.zeros(s, dtype=torch.int64, device=x.device)
-    squares = slx * slx
+    bests = scales * slx  # the best each candidate would set
+    # slx^2, or -inf where sl2 > 0 fails (then slx^2 > best*sl2 fails too, as the C's && does)
+    squares = torch.where(sl2 > 0, slx * slx, _const(-float("inf"), x))
+    iscale = iscales[0]
     for c in range(1, k):
-        better = (sl2[c] > 0) & (squares[c] > best * sl2[c])
+        better = squares[c] > best * sl2[c]
         scale = torch.where(better, scales[c], scale)
-        best = torch.where(better, scales[c] * slx[c], best)
-        choice.masked_fill_(better, c)
-    iscale = iscales.gather(0, choice[None]).view(-1)
+        best = torch.where(better, bests[c], best)
+        iscale = torch.where(better, iscales[c], iscale)
     levels = (xt * iscale).round_().clamp_(-nmax, nmax - 1).add_(nmax)
-    levels.masked_fill_(empty, 0)
-    return scale.masked_fill_(empty, 0), levels
+    if bool(empty.any()):  # all |x| < 1e-15: levels 0 and scale 0
+        levels = torch.where(empty, zero, levels)
+        scale = torch.where(empty, zero, scale)
+    return scale, levels
 
 
 def _requantize(xt: torch.Tensor, d: torch.Tensor, levels: torch.Tensor, nmax: int) -> torch.Tensor:
@@ -162,11 +175,32 @@ def decode_q6_k(rows: torch.Tensor) -> torch.Tensor:
 # --- Q3_K: hmask[32], qs[64], scales[12] (6-bit, offset 32), d ---------------------------------
 
 
+def _q3_step(
+    x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, li: torch.Tensor, sumlx: torch.Tensor, suml2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One element of make_q3_quants' coordinate descent: (accept, new level, new sumlx, new
+    suml2) for moving element x (weight w = x*x, wx = w*x) from level li to its best level given
+    the sums of the sub-block."""
+    slx = sumlx - wx * li
+    sl2 = suml2 - (w * li) * li
+    new = _nearest_int(x * sl2 / slx).clamp_(-4, 3).to(torch.float32)
+    slx_new = slx + wx * new
+    sl2_new = sl2 + (w * new) * new
+    accept = (slx > 0) & (new != li) & (sl2_new > 0)
+    accept &= (slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new
+    return accept, new, slx_new, sl2_new
+
+
 def _make_q3(x: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """make_q3_quants(16, 4, x, L, do_rmse=true) for every sub-block: (scale (S,), L (16, S)
-    float32 levels 0..7). The five passes of coordinate descent visit the positions in order;
-    a pass that changes nothing leaves the state as it was, so running it again is harmless and
-    the sub-blocks that stopped in libggml's loop need no mask."""
+    float32 levels 0..7).
+
+    Each of the (at most) five passes of coordinate descent visits the positions in order and
+    continues only if the previous pass changed something. A pass changes a sub-block exactly
+    when some element would be accepted against the sums the pass starts from (until the first
+    acceptance nothing moves), which one vectorised test over all positions finds; only those
+    sub-blocks (a fifth of them, then a few percent) take the sequential pass, and only they
+    go on to the next."""
     m = _signed_max(x).view(-1)
     empty = m.abs() < _GROUP_MAX_EPS
     w = xt * xt
@@ -178,27 +212,32 @@ def _make_q3(x: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     terms[:, 1] *= levels
     sums = torch.empty((2, xt.shape[1]), dtype=torch.float32, device=x.device)
     _sequential_sums(terms, sums)
-    sumlx, suml2 = sums[0].clone(), sums[1].clone()
+    sumlx, suml2 = sums[0], sums[1]
+    rows = torch.arange(xt.shape[1], device=x.device)  # the sub-blocks still descending
+    xa, wa, wxa, la, sxa, s2a = xt, w, wx, levels, sumlx, suml2
     for _ in range(5):
-        changed = torch.zeros((), dtype=torch.bool, device=x.device)
-        for i in range(16):
-            li = levels[i]
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - (w[i] * li) * li
-            new = _nearest_int(xt[i] * sl2 / slx).clamp_(-4, 3).to(torch.float32)
-            slx_new = slx + wx[i] * new
-            sl2_new = sl2 + (w[i] * new) * new
-            accept = (slx > 0) & (new != li) & (sl2_new > 0)
-            accept &= (slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new
-            torch.where(accept, new, li, out=li)
-            torch.where(accept, slx_new, sumlx, out=sumlx)
-            torch.where(accept, sl2_new, suml2, out=suml2)
-            changed |= accept.any()
-        if not bool(changed):
+        moving = _q3_step(xa, wa, wxa, la, sxa, s2a)[0].any(0)
+        if not bool(moving.any()):
             break
-    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros((), dtype=torch.float32, device=x.device))
-    levels.add_(4).masked_fill_(empty, 0)
-    return scale.masked_fill_(empty, 0), levels
+        keep = moving.nonzero().view(-1)
+        rows = rows[keep]
+        xa, wa, wxa, la = xa[:, keep], wa[:, keep], wxa[:, keep], la[:, keep]
+        sxa, s2a = sxa[keep], s2a[keep]
+        for i in range(16):
+            accept, new, slx, sl2 = _q3_step(xa[i], wa[i], wxa[i], la[i], sxa, s2a)
+            torch.where(accept, new, la[i], out=la[i])
+            torch.where(accept, slx, sxa, out=sxa)
+            torch.where(accept, sl2, s2a, out=s2a)
+        levels[:, rows] = la
+        sumlx[rows] = sxa
+        suml2[rows] = s2a
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    scale = torch.where(suml2 > 0, sumlx / suml2, zero)
+    levels.add_(4)
+    if bool(empty.any()):  # all |x| < 1e-15: levels 0 and scale 0
+        levels = torch.where(empty, zero, levels)
+        scale = torch.where(empty, zero, scale)
+    return scale, levels
 
 
 def _q3_weighted(

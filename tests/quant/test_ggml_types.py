@@ -115,7 +115,12 @@ def test_encode_decode_match_gguf_quants(name, request):
     values = t.decode(stored, a.shape)
     assert values.dtype == torch.float32 and tuple(values.shape) == a.shape
     assert np.array_equal(values.numpy(), quants.dequantize(expected, t.ggml).astype(np.float32).reshape(a.shape))
-    assert torch.equal(t.encode(values, CPU), stored)  # decoded values encode to the same bytes
+    again = t.encode(values, CPU)
+    if k_quant:  # llama.cpp's K-quant scale search is not idempotent: decoded values need not give `stored` back
+        libggml = request.getfixturevalue("libggml")
+        assert np.array_equal(again.numpy().reshape(-1), libggml(values.numpy(), name).reshape(-1))
+    else:
+        assert torch.equal(again, stored)  # decoded values encode to the same bytes
     if t.kernels is None:
         with pytest.raises(WeightopsError, match="float type"):
             t.encoder  # noqa: B018

@@ -1,0 +1,320 @@
+"""Q6_K and Q3_K: K-quants with one signed scale per sub-block of 16 (no minimum), byte for
+byte libggml's `quantize_row_q6_K_ref` / `quantize_row_q3_K_ref` and, with an importance
+matrix, `quantize_row_q6_K_impl` / `quantize_row_q3_K_impl` (shared/reference/kquants.md).
+
+Why the code looks the way it does:
+- Every sum the reference takes over a sub-block runs sequentially in float32. The values are
+  laid out by element position, (16, sub-blocks), so each step of such a sum is one vectorised
+  add across all sub-blocks; torch's own reductions would add in another order.
+- C expressions are evaluated left to right in float32 (`w*x*l` is `(w*x)*l`), one rounding per
+  torch op (no fused ops), divisions by device tensors (see `quant.ggml`), `torch.round` for
+  `nearest_int` (half to even), strict comparisons so the first candidate wins.
+- The scale search tries 19 (Q6_K) candidate scales per sub-block. Their rounded values and
+  sums are computed for all candidates at once over slices of a chunk (cache-sized, few ops),
+  then the reference's sequential choice runs on the sums; only the winning candidate's scale
+  is kept, and its levels are recomputed once with the reference's own expression.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..ggml import _const, _put_f16, _signed_max
+
+_GROUP_MAX_EPS = 1e-15
+_SLICE_VALUES = 1 << 19  # float32 values per candidate tensor in the scale search (cache-sized)
+
+
+def _by_position(x: torch.Tensor) -> torch.Tensor:
+    """(n, 256) -> (16, n*16): row i holds element i of every sub-block of 16."""
+    return x.reshape(-1, 16).t().contiguous()
+
+
+def _to_blocks(v: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_by_position`: (16, n*16) -> (n, 256)."""
+    return v.t().reshape(-1, 256)
+
+
+def _candidates(nmax: int) -> torch.Tensor:
+    """make_qx_quants' numerators in its order: -nmax, then -(nmax + 0.1f*is) for is = -9..9, is != 0,
+    each rounded as the C float expression is."""
+    tenth = np.float32(0.1)
+    steps = [np.float32(nmax)] + [np.float32(nmax) + tenth * np.float32(i) for i in range(-9, 10) if i]
+    return torch.tensor(np.negative(np.array(steps, dtype=np.float32)))
+
+
+def _nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """libggml's nearest_int(v) as int32, bit for bit: the low 23 bits of v + 1.5*2**23, less 2**22.
+    Half to even for |v| < 2**22, and its own values beyond (where a quotient of sums with a
+    tiny divisor can land), which torch.round would not give."""
+    return ((v + _MAGIC).view(torch.int32) & 0x7FFFFF) - 0x400000
+
+
+_MAGIC = 12582912.0
+
+
+def _sqrt(v: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 sqrt (sqrtf): torch's float32 CPU sqrt is not (about one value in
+    six is an ulp off with AVX512); the double sqrt rounded to float32 is, on every device."""
+    return torch.sqrt(v.to(torch.float64)).to(torch.float32)
+
+
+def _sequential_sums(terms: torch.Tensor, out: torch.Tensor) -> None:
+    """out = terms[0] + terms[1] + ... in that order (the reference's loop over positions)."""
+    torch.add(terms[0], terms[1], out=out)
+    for i in range(2, terms.shape[0]):
+        out += terms[i]
+
+
+def _make_qx(x: torch.Tensor, xt: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants(16, nmax, x, L, rmse_type=1, qw) for every sub-block: (scale (S,), L (16, S)
+    float32 levels 0..2*nmax-1). `x` is the (S, 16) sub-blocks, `xt` the same by position, `w`
+    the weights by position (x*x without an importance matrix)."""
+    m = _signed_max(x).view(-1)  # the first value of largest magnitude
+    empty = m.abs() < _GROUP_MAX_EPS
+    numerators = _candidates(nmax).to(x.device)[:, None]
+    iscales = numerators / m  # (K, S), true division
+    k, s = iscales.shape
+    sums = torch.empty((2, k, s), dtype=torch.float32, device=x.device)
+    step = max(1, _SLICE_VALUES // (16 * k))
+    buffers: dict[int, tuple[torch.Tensor, ...]] = {}
+    for a in range(0, s, step):
+        b = min(s, a + step)
+        if b - a not in buffers:  # reused: fresh large tensors cost page faults on every op
+            shape = (16, k, b - a)
+            buffers[b - a] = (
+                torch.empty(shape, device=x.device),
+                torch.empty((16, 2, k, b - a), device=x.device),
+                torch.empty((k, b - a), device=x.device),
+            )
+        lv, terms, isc = buffers[b - a]
+        xs, ws = xt[:, a:b].contiguous(), w[:, a:b].contiguous()
+        torch.div(numerators, m[a:b], out=isc)
+        torch.mul(xs[:, None], isc, out=lv)
+        lv.round_().clamp_(-nmax, nmax - 1)
+        torch.mul((ws * xs)[:, None], lv, out=terms[:, 0])
+        torch.mul(ws[:, None], lv, out=terms[:, 1])
+        terms[:, 1] *= lv
+        _sequential_sums(terms, sums[:, :, a:b])
+    slx, sl2 = sums[0], sums[1]
+    scales = slx / sl2
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    scale = torch.where(sl2[0] != 0, scales[0], zero)
+    best = scale * slx[0]
+    bests = scales * slx  # the best each candidate would set
+    # slx^2, or -inf where sl2 > 0 fails (then slx^2 > best*sl2 fails too, as the C's && does)
+    squares = torch.where(sl2 > 0, slx * slx, _const(-float("inf"), x))
+    iscale = iscales[0]
+    for c in range(1, k):
+        better = squares[c] > best * sl2[c]
+        scale = torch.where(better, scales[c], scale)
+        best = torch.where(better, bests[c], best)
+        iscale = torch.where(better, iscales[c], iscale)
+    levels = (xt * iscale).round_().clamp_(-nmax, nmax - 1).add_(nmax)
+    if bool(empty.any()):  # all |x| < 1e-15: levels 0 and scale 0
+        levels = torch.where(empty, zero, levels)
+        scale = torch.where(empty, zero, scale)
+    return scale, levels
+
+
+def _requantize(xt: torch.Tensor, d: torch.Tensor, levels: torch.Tensor, nmax: int) -> torch.Tensor:
+    """The reference's second pass: L = clamp(nearest(x / d_j)) + nmax where the stored scale d_j
+    (S,) is not zero, the search's levels where it is. A non-finite d_j (fp16 d overflowed)
+    gives level nmax, as libggml's nearest_int of x/inf (0) and of x/NaN (its bit trick reads the
+    x86 default NaN as 0) do."""
+    q = (xt / d).round_().clamp_(-nmax, nmax - 1).add_(nmax)
+    if not bool(torch.isfinite(d).all()):
+        q = torch.where(torch.isfinite(d), q, _const(float(nmax), xt))
+    return torch.where(d != 0, q, levels)
+
+
+# --- Q6_K: ql[128], qh[64], scales[16] int8, d --------------------------------------------------
+
+
+def encode_q6_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    """(n, 256) float32 -> (n, 210) uint8 Q6_K blocks; `weights` (n, 256): the importance
+    matrix values of each element (quantize_row_q6_K_impl), None for the reference path."""
+    n = x.shape[0]
+    sub = x.reshape(-1, 16)
+    xt = _by_position(x)
+    w = xt * xt if weights is None else _by_position(weights.to(torch.float32))
+    scales, levels = _make_qx(sub, xt, w, 32)
+    scales = scales.view(n, 16)
+    max_scale = _signed_max(scales)  # (n, 1)
+    empty = (max_scale.abs() < _GROUP_MAX_EPS).view(-1)
+    iscale = _const(-128.0, x) / max_scale
+    d = _const(1.0, x) / iscale
+    sc = (iscale * scales).round_().clamp_(max=127)  # the largest maps to -128
+    d16 = d.to(torch.float16).to(torch.float32)
+    dj = (d16 * sc).view(-1)  # (S,)
+    q = _to_blocks(_requantize(xt, dj, levels, 32)).to(torch.uint8).view(n, 2, 4, 32)
+    low, high = q & 15, q >> 4
+    out[:, :128].view(n, 2, 2, 32).copy_(low[:, :, :2] | (low[:, :, 2:] << 4))
+    qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
+    out[:, 128:192].view(n, 2, 32).copy_(qh)
+    out[:, 192:208] = sc.to(torch.int8).view(torch.uint8)
+    _put_f16(out, 208, d)
+    if bool(empty.any()):
+        out[empty] = 0
+
+
+def decode_q6_k(rows: torch.Tensor) -> torch.Tensor:
+    n = rows.shape[0]
+    ql = rows[:, :128].reshape(n, 2, 2, 32)
+    qh = rows[:, 128:192].reshape(n, 2, 1, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=rows.device).view(1, 1, 4, 1)
+    low = torch.cat([ql & 15, ql >> 4], dim=2)  # (n, 2, 4, 32): q1, q2, q3, q4
+    q = low | (((qh >> shifts) & 3) << 4)
+    sc = rows[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    d = rows[:, 208:210].contiguous().view(torch.float16).to(torch.float32)
+    dl = (d * sc).view(n, 16, 1)
+    return (dl * (q.reshape(n, 16, 16).to(torch.float32) - 32)).reshape(n, 256)
+
+
+# --- Q3_K: hmask[32], qs[64], scales[12] (6-bit, offset 32), d ---------------------------------
+
+
+def _q3_step(
+    x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, li: torch.Tensor, sumlx: torch.Tensor, suml2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One element of make_q3_quants' coordinate descent: (accept, new level, new sumlx, new
+    suml2) for moving element x (weight w = x*x, wx = w*x) from level li to its best level given
+    the sums of the sub-block."""
+    slx = sumlx - wx * li
+    sl2 = suml2 - (w * li) * li
+    new = _nearest_int(x * sl2 / slx).clamp_(-4, 3).to(torch.float32)
+    slx_new = slx + wx * new
+    sl2_new = sl2 + (w * new) * new
+    accept = (slx > 0) & (new != li) & (sl2_new > 0)
+    accept &= (slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new
+    return accept, new, slx_new, sl2_new
+
+
+def _make_q3(x: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_q3_quants(16, 4, x, L, do_rmse=true) for every sub-block: (scale (S,), L (16, S)
+    float32 levels 0..7).
+
+    Each of the (at most) five passes of coordinate descent visits the positions in order and
+    continues only if the previous pass changed something. A pass changes a sub-block exactly
+    when some element would be accepted against the sums the pass starts from (until the first
+    acceptance nothing moves), which one vectorised test over all positions finds; only those
+    sub-blocks (a fifth of them, then a few percent) take the sequential pass, and only they
+    go on to the next."""
+    m = _signed_max(x).view(-1)
+    empty = m.abs() < _GROUP_MAX_EPS
+    w = xt * xt
+    wx = w * xt
+    levels = (xt * (_const(-4.0, x) / m)).round_().clamp_(-4, 3)
+    terms = torch.empty((16, 2, xt.shape[1]), dtype=torch.float32, device=x.device)
+    torch.mul(wx, levels, out=terms[:, 0])
+    torch.mul(w, levels, out=terms[:, 1])
+    terms[:, 1] *= levels
+    sums = torch.empty((2, xt.shape[1]), dtype=torch.float32, device=x.device)
+    _sequential_sums(terms, sums)
+    sumlx, suml2 = sums[0], sums[1]
+    rows = torch.arange(xt.shape[1], device=x.device)  # the sub-blocks still descending
+    xa, wa, wxa, la, sxa, s2a = xt, w, wx, levels, sumlx, suml2
+    for _ in range(5):
+        moving = _q3_step(xa, wa, wxa, la, sxa, s2a)[0].any(0)
+        if not bool(moving.any()):
+            break
+        keep = moving.nonzero().view(-1)
+        rows = rows[keep]
+        xa, wa, wxa, la = xa[:, keep], wa[:, keep], wxa[:, keep], la[:, keep]
+        sxa, s2a = sxa[keep], s2a[keep]
+        for i in range(16):
+            accept, new, slx, sl2 = _q3_step(xa[i], wa[i], wxa[i], la[i], sxa, s2a)
+            torch.where(accept, new, la[i], out=la[i])
+            torch.where(accept, slx, sxa, out=sxa)
+            torch.where(accept, sl2, s2a, out=s2a)
+        levels[:, rows] = la
+        sumlx[rows] = sxa
+        suml2[rows] = s2a
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    scale = torch.where(suml2 > 0, sumlx / suml2, zero)
+    levels.add_(4)
+    if bool(empty.any()):  # all |x| < 1e-15: levels 0 and scale 0
+        levels = torch.where(empty, zero, levels)
+        scale = torch.where(empty, zero, scale)
+    return scale, levels
+
+
+def _q3_weighted(
+    x: torch.Tensor, sub: torch.Tensor, xt: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_row_q3_K_impl's search: (sub-scales (n, 16), their 6-bit levels (n, 16) float32
+    0..63, levels (16, S)). Element weights qw*sqrt(sigma2 + x^2) with sigma2 = 2*sum(x^2)/256
+    (sequential), make_qx_quants for the values and again for the 16 scales weighted by their
+    sub-blocks' weight sums."""
+    n = x.shape[0]
+    xb = x.t().contiguous()  # (256, n): the super-block sum runs over all 256 positions
+    sq = xb * xb
+    sumx2 = torch.empty(n, dtype=torch.float32, device=x.device)
+    _sequential_sums(sq, sumx2)
+    sigma2 = (_const(2.0, x) * sumx2) / _const(256.0, x)  # (n,)
+    sigma = sigma2.repeat_interleave(16)  # (S,)
+    w = _by_position(weights.to(torch.float32)) * _sqrt(sigma + xt * xt)
+    sw = torch.empty(xt.shape[1], dtype=torch.float32, device=x.device)
+    _sequential_sums(w, sw)
+    scales, levels = _make_qx(sub, xt, w, 4)
+    scales = scales.view(n, 16)
+    st = scales.t().contiguous()
+    d_block, ls = _make_qx(scales, st, sw.view(n, 16).t().contiguous(), 32)
+    return d_block, ls.t().contiguous(), levels
+
+
+def encode_q3_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    """(n, 256) float32 -> (n, 110) uint8 Q3_K blocks; `weights` (n, 256): the importance
+    matrix values of each element (quantize_row_q3_K_impl), None for the reference path."""
+    n = x.shape[0]
+    sub = x.reshape(-1, 16)
+    xt = _by_position(x)
+    if weights is None:
+        scales, levels = _make_q3(sub, xt)
+        scales = scales.view(n, 16)
+        max_scale = _signed_max(scales)
+        iscale = _const(-32.0, x) / max_scale
+        ls = (iscale * scales).round_().clamp_(-32, 31).add_(32)
+        d = _const(1.0, x) / iscale
+        none = (max_scale == 0).view(-1)
+        ls[none] = 0  # d is 0 and every scale byte 0: the stored scales are all -32
+        d[none] = 0
+    else:
+        d_block, ls, levels = _q3_weighted(x, sub, xt, weights)
+        d = d_block.view(n, 1)
+    d16 = d.to(torch.float16).to(torch.float32)
+    dj = (d16 * (ls - 32)).reshape(-1)
+    q = _to_blocks(_requantize(xt, dj, levels, 4)).to(torch.uint8)  # (n, 256) levels 0..7
+    high = q >> 2  # bit 2: hmask bit (j // 32) of byte j % 32
+    hbits = high.view(n, 8, 32) << torch.arange(8, dtype=torch.uint8, device=x.device).view(1, 8, 1)
+    hmask = hbits[:, 0]
+    for j in range(1, 8):
+        hmask = hmask | hbits[:, j]
+    out[:, :32] = hmask
+    low = (q & 3).view(n, 2, 4, 32)
+    qs = low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)
+    out[:, 32:96].view(n, 2, 32).copy_(qs)
+    li = ls.to(torch.uint8)  # (n, 16) 0..63
+    lo = li & 15
+    out[:, 96:104] = lo[:, :8] | (lo[:, 8:] << 4)
+    hi = (li >> 4).view(n, 4, 4)  # [j // 4, j % 4]
+    out[:, 104:108] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    _put_f16(out, 108, d)
+
+
+def decode_q3_k(rows: torch.Tensor) -> torch.Tensor:
+    n = rows.shape[0]
+    hmask = rows[:, :32].reshape(n, 1, 32)
+    qs = rows[:, 32:96].reshape(n, 2, 1, 32)
+    sc = rows[:, 96:108]
+    shifts2 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=rows.device)
+    low = torch.cat([sc[:, :8] & 15, sc[:, :8] >> 4], dim=1)  # (n, 16)
+    high = ((sc[:, 8:12, None] >> shifts2) & 3).transpose(1, 2).reshape(n, 16)
+    scales = (low | (high << 4)).to(torch.float32) - 32
+    d = rows[:, 108:110].contiguous().view(torch.float16).to(torch.float32)
+    dl = (d * scales).view(n, 16, 1)
+    ql = ((qs >> shifts2.view(1, 1, 4, 1)) & 3).reshape(n, 256)
+    hbit = (hmask >> torch.arange(8, dtype=torch.uint8, device=rows.device).view(1, 8, 1)) & 1
+    q = ql.to(torch.float32) - 4 * (1 - hbit.reshape(n, 256).to(torch.float32))
+    return (dl * q.view(n, 16, 16)).reshape(n, 256)

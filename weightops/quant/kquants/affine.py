@@ -18,14 +18,18 @@ things keep the search cheap without changing any rounding:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..ggml import _put_f16
-from .common import NEAREST_LIMIT, blocks, f32, nearest_byte, nearest_exact, positions, sequential_sum
+from .common import NEAREST_LIMIT, accumulate, blocks, f32, nearest_byte, nearest_exact, positions, sequential_sum, sqrt
+
+CPU_BLOCKS = 512  # super-blocks the CPU searches at once (128K values: fastest on a 1 MB L2)
 
 
 @dataclass(frozen=True)
@@ -63,67 +67,101 @@ class _Fit(NamedTuple):
     regular: torch.Tensor  # 0-dim bool: every rounded value was below NEAREST_LIMIT (or exact)
 
 
-def _levels(x: torch.Tensor, iscale: torch.Tensor, base: torch.Tensor, nmax: int, exact: bool, out=None):
-    """clamp(nearest_int(iscale * (x - base)), 0, nmax) as float32, per sub-block (column)."""
-    v = torch.sub(x, base, out=out) if out is not None else x - base
-    v.mul_(iscale)
-    v = nearest_exact(v) if exact else v.round_()
-    return v.clamp_(0, nmax)
-
-
-def _error(x, w, scale, the_min_neg, levels, mad: bool, out: torch.Tensor) -> torch.Tensor:
-    """Σ w * f(scale * L + min - x), f = abs or square, summed in order."""
-    e = torch.mul(levels, scale, out=out)
-    e.add_(the_min_neg).sub_(x)
-    if mad:
-        e.abs_()
+def _levels(x: torch.Tensor, iscale: torch.Tensor, base: torch.Tensor, p: _Search, exact: bool, out: torch.Tensor):
+    """clamp(nearest_int(iscale * (x - base)), 0, nmax) as float32 into out, per sub-block (column)."""
+    v = torch.sub(x, base, out=out).mul_(iscale)
+    if exact:
+        out.copy_(nearest_exact(v))
     else:
-        e.mul_(e)
-    return sequential_sum(e.mul_(w))
+        v.round_()
+    return out.clamp_(0, p.nmax)
+
+
+def _error(x, w, scale, low, levels, mad: bool, out: torch.Tensor) -> torch.Tensor:
+    """The terms w * f(scale * L + min - x), f = abs or square, in out."""
+    e = torch.mul(levels, scale, out=out).add_(low).sub_(x)
+    return (e.abs_() if mad else e.mul_(e)).mul_(w)
+
+
+# Row order of the sums table: the determinant and the two numerators of each candidate's
+# least-squares fit are three products of slices of it (see _qkx2), computed in three ops.
+_SUM_X, _SL, _SXL, _SUM_W, _SL2 = 0, 1, 2, 3, 4
 
 
 def _qkx2(x: torch.Tensor, w: torch.Tensor, p: _Search, exact: bool) -> _Fit:
     """make_qkx2_quants for every column of (positions, sub-blocks) x with weights w."""
+    size, n = x.shape
+    dev = x.device
     lo, hi = x.amin(0), x.amax(0)  # which zero is returned does not matter here
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    zero = torch.zeros((), dtype=x.dtype, device=dev)
     mn = torch.where(lo > 0, zero, lo)
     flat = hi == mn  # the reference returns L = 0, scale 0 at once
-    ends = torch.stack([lo, hi])
-    buf = torch.empty((x.shape[0], 3, x.shape[1]), dtype=x.dtype, device=x.device)
-    buf[:, 0] = w
-    torch.mul(w, x, out=buf[:, 1])
-    sum_w, sum_x = sequential_sum(buf[:, :2]).unbind(0)
+
+    # xl[:, 0] = the candidate's L, xl[:, 1] = x; prod = [w*L, (w*L)*L, (w*L)*x] (one op for the last two)
+    xl = torch.empty((size, 2, n), dtype=x.dtype, device=dev)
+    xl[:, 1] = x
+    x, levels = xl[:, 1], xl[:, 0]
+    prod = torch.empty((size, 3, n), dtype=x.dtype, device=dev)
+    # sums = [sum_x, sum_l, sum_xl, sum_w, sum_l2, sum_x]:
+    #   sums[2:5] * sums[3:6] = [sum_w*sum_xl, sum_w*sum_l2, sum_l2*sum_x]
+    #   sum_l * sums[0:3]     = [sum_x*sum_l,  sum_l*sum_l,  sum_l*sum_xl]
+    # so their difference is [this_scale numerator, D, this_min numerator], as the reference has them
+    sums = torch.zeros((6, n), dtype=x.dtype, device=dev)
+    prod[:, 0] = w
+    torch.mul(w, x, out=prod[:, 1])
+    accumulate(sums, prod[:, :2], (_SUM_W, _SUM_X) * size)
+    sums[5] = sums[_SUM_X]
+    sum_l = sums[_SL]
 
     iscale = torch.where(flat, zero, f32(p.nmax, x) / (hi - mn))
     scale = torch.where(flat, zero, f32(1.0, x) / iscale)
-    work = torch.empty_like(x)
-    levels = _levels(x, iscale, mn, p.nmax, exact, out=work)
-    best = _error(x, w, scale, mn, levels, p.mad, out=torch.empty_like(x))
-    best = torch.where(flat, -torch.inf, best)  # no candidate is ever better
-    bound = ((ends - mn) * iscale).abs_()
-    state = torch.stack([best, scale, mn, iscale, mn])  # best error, scale, min; (iscale, base) of L
-    err = torch.empty_like(x)
-    for step in p.steps:
-        mn = state[2]
-        iscale = f32(step, x) / (hi - mn)
-        if not exact:
-            torch.maximum(bound, ((ends - mn) * iscale).abs_(), out=bound)
-        la = _levels(x, iscale, mn, p.nmax, exact, out=work)
-        wl = torch.mul(w, la, out=buf[:, 0])
-        torch.mul(wl, la, out=buf[:, 1])
-        torch.mul(wl, x, out=buf[:, 2])
-        sl, sl2, sxl = sequential_sum(buf).unbind(0)
-        det = sum_w * sl2 - sl * sl
-        this_scale = (sum_w * sxl - sum_x * sl) / det
-        this_min = (sl2 * sum_x - sl * sxl) / det
-        positive = this_min > 0
-        this_scale = torch.where(positive, sxl / sl2, this_scale)
-        this_min = torch.where(positive, zero, this_min)
-        cur = _error(x, w, this_scale, this_min, la, p.mad, out=err)
-        better = (det > 0) & (cur < state[0])
-        torch.where(better, torch.stack([cur, this_scale, this_min, iscale, mn]), state, out=state)
-    regular = ((bound.amax(0) < NEAREST_LIMIT) | flat).all() if not exact else torch.ones((), dtype=torch.bool)
-    return _Fit(state[1], -state[2], state[3], state[4], ends, regular)
+    _levels(x, iscale, mn, p, exact, out=levels)
+    err = torch.empty((size, n), dtype=x.dtype, device=dev)  # contiguous: index_add_ is slow on strided rows
+    best = torch.zeros((1, n), dtype=x.dtype, device=dev)
+    accumulate(best, _error(x, w, scale, mn, levels, p.mad, out=err), (0,) * size)
+    best = torch.where(flat, -torch.inf, best[0])  # no candidate is ever better
+    # best error, scale, min, and the (iscale, min) that gave the best L; `new`: this candidate's
+    state = torch.stack([best, scale, mn, iscale, mn])
+    new = torch.empty_like(state)
+    cur, fit = new[0:1], new[1:3]  # fit = [this_scale, this_min]
+    refit = torch.zeros_like(fit)  # [sum_xl / sum_l2, 0]: the fit when this_min > 0
+    mins = torch.empty((p.nstep + 2, n), dtype=x.dtype, device=dev)  # the min each candidate starts from
+    mins[0] = mn
+    targets = (_SL, _SL2, _SXL) * size
+    for k, step in enumerate(_steps(p, dev), start=1):
+        mn = mins[k].copy_(state[2])
+        new[4] = mn
+        iscale = torch.div(step, hi - mn, out=new[3])
+        _levels(x, iscale, mn, p, exact, out=levels)
+        torch.mul(w, levels, out=prod[:, 0])
+        torch.mul(prod[:, 0:1], xl, out=prod[:, 1:3])
+        sums[_SL : _SXL + 1].zero_()
+        sums[_SL2].zero_()
+        accumulate(sums, prod, targets)
+        terms = torch.mul(sums[2:5], sums[3:6])
+        terms.sub_(torch.mul(sum_l, sums[0:3]))
+        det = terms[1]
+        torch.div(terms[0::2], det, out=fit)
+        torch.div(sums[_SXL], sums[_SL2], out=refit[0])
+        torch.where(fit[1] > 0, refit, fit, out=fit)
+        cur.zero_()
+        accumulate(cur, _error(x, w, fit[0], fit[1], levels, p.mad, out=err), (0,) * size)
+        better = (cur[0] < state[0]).logical_and_(det > 0)
+        torch.where(better, new, state, out=state)
+    if exact:
+        regular = torch.ones((), dtype=torch.bool, device=dev)
+    else:  # every rounded value lies between those of the block's extremes
+        ends = torch.stack([lo, hi])
+        inverse = torch.stack([f32(p.nmax, x), *_steps(p, dev)]).unsqueeze(1) / (hi - mins)
+        bound = ((ends - mins.unsqueeze(1)) * inverse.unsqueeze(1)).abs_().amax((0, 1))
+        regular = ((bound < NEAREST_LIMIT) | flat).all()
+    return _Fit(state[1], -state[2], state[3], state[4], torch.stack([lo, hi]), regular)
+
+
+@cache
+def _steps(p: _Search, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The candidates' `rmin + rdelta*is + nmax` as float32 0-dim tensors on device."""
+    return tuple(torch.tensor(s, dtype=torch.float32, device=device) for s in p.steps)
 
 
 def _super_scale(v: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,14 +173,24 @@ def _super_scale(v: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]
     return nearest_byte(inverse * v), (largest / f32(top, v)).to(torch.float16)
 
 
-def _fit(x: torch.Tensor, p: _Search, exact: bool):
-    """(levels, d, dmin, sub-scale levels, sub-min levels) of (n, 256) x; None when this chunk
-    must be redone with exact rounding."""
+class _Levels(NamedTuple):
+    """A chunk's stored values: levels (n, 256), d and dmin (n, 1) fp16, the sub-blocks' scale
+    and min levels (n, k) uint8."""
+
+    levels: torch.Tensor
+    d: torch.Tensor
+    dmin: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+
+
+def _fit(x: torch.Tensor, p: _Search, exact: bool) -> _Levels | None:
+    """The stored values of (n, 256) x; None when this chunk must be redone with exact rounding."""
     xs = positions(x, p.size)
     if p.mad:  # Q2_K: w = |x|
         w = xs.abs()
     else:  # w = sqrt(Σx²/32) + |x|
-        av = torch.sqrt(sequential_sum(xs * xs) / f32(p.size, x))
+        av = sqrt(sequential_sum(xs * xs) / f32(p.size, x))
         w = xs.abs().add_(av)
     fit = _qkx2(xs, w, p, exact)
     per = 256 // p.size
@@ -165,13 +213,24 @@ def _fit(x: torch.Tensor, p: _Search, exact: bool):
     v = (xs + dm).div_(dq)
     levels = (nearest_exact(v) if exact else v.round_()).clamp_(0, p.nmax)
     if bool(skip.any()):
-        levels = torch.where(skip, _levels(xs, fit.iscale, fit.base, p.nmax, exact), levels)
-    return blocks(levels.to(torch.uint8), per), d, dmin, scale_levels, min_levels
+        levels = torch.where(skip, _levels(xs, fit.iscale, fit.base, p, exact, torch.empty_like(xs)), levels)
+    return _Levels(blocks(levels.to(torch.uint8), per), d, dmin, scale_levels, min_levels)
 
 
-def _fit_exactly(x: torch.Tensor, p: _Search):
+def _fit_exactly(x: torch.Tensor, p: _Search) -> _Levels:
     found = _fit(x, p, exact=False)
-    return found if found is not None else _fit(x, p, exact=True)
+    if found is None:
+        found = _fit(x, p, exact=True)
+        assert found is not None  # the exact path always finishes
+    return found
+
+
+def _encode(x: torch.Tensor, out: torch.Tensor, p: _Search, pack: Callable[[torch.Tensor, _Levels], None]) -> None:
+    """Fit and pack (n, 256) x into out; on CPU in pieces of CPU_BLOCKS super-blocks (the search
+    makes ~20 passes over its temporaries, which then stay in the core's cache)."""
+    step = CPU_BLOCKS if x.device.type == "cpu" else x.shape[0]
+    for start in range(0, x.shape[0], step):
+        pack(out[start : start + step], _fit_exactly(x[start : start + step], p))
 
 
 def _put_scales_k4(out: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor) -> None:
@@ -187,31 +246,40 @@ def _put_nibbles64(out: torch.Tensor, offset: int, levels: torch.Tensor) -> None
     out[:, offset : offset + 128] = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).view(-1, 128)
 
 
+def _pack_q4_k(out: torch.Tensor, fit: _Levels) -> None:
+    _put_f16(out, 0, fit.d)
+    _put_f16(out, 2, fit.dmin)
+    _put_scales_k4(out, fit.scales, fit.mins)
+    _put_nibbles64(out, 16, fit.levels)
+
+
+def _pack_q5_k(out: torch.Tensor, fit: _Levels) -> None:
+    _put_f16(out, 0, fit.d)
+    _put_f16(out, 2, fit.dmin)
+    _put_scales_k4(out, fit.scales, fit.mins)
+    high = (fit.levels >> 4).view(-1, 8, 32) << _bit_shifts(8, out.device).view(1, 8, 1)
+    out[:, 16:48] = high.sum(1, dtype=torch.uint8)  # distinct bits: the sum is their OR
+    _put_nibbles64(out, 48, fit.levels & 0x0F)
+
+
+def _pack_q2_k(out: torch.Tensor, fit: _Levels) -> None:
+    out[:, :16] = fit.scales | (fit.mins << 4)
+    quads = fit.levels.view(-1, 2, 4, 32) << (2 * _bit_shifts(4, out.device)).view(1, 1, 4, 1)
+    out[:, 16:80] = quads.sum(2, dtype=torch.uint8).view(-1, 64)
+    _put_f16(out, 80, fit.d)
+    _put_f16(out, 82, fit.dmin)
+
+
 def encode_q4_k(x: torch.Tensor, out: torch.Tensor) -> None:
-    levels, d, dmin, ls, lm = _fit_exactly(x, _Q4)
-    _put_f16(out, 0, d)
-    _put_f16(out, 2, dmin)
-    _put_scales_k4(out, ls, lm)
-    _put_nibbles64(out, 16, levels)
+    _encode(x, out, _Q4, _pack_q4_k)
 
 
 def encode_q5_k(x: torch.Tensor, out: torch.Tensor) -> None:
-    levels, d, dmin, ls, lm = _fit_exactly(x, _Q5)
-    _put_f16(out, 0, d)
-    _put_f16(out, 2, dmin)
-    _put_scales_k4(out, ls, lm)
-    high = (levels >> 4).view(-1, 8, 32) << _bit_shifts(8, x.device).view(1, 8, 1)
-    out[:, 16:48] = high.sum(1, dtype=torch.uint8)  # distinct bits: the sum is their OR
-    _put_nibbles64(out, 48, levels & 0x0F)
+    _encode(x, out, _Q5, _pack_q5_k)
 
 
 def encode_q2_k(x: torch.Tensor, out: torch.Tensor) -> None:
-    levels, d, dmin, ls, lm = _fit_exactly(x, _Q2)
-    out[:, :16] = ls | (lm << 4)
-    quads = levels.view(-1, 2, 4, 32) << (2 * _bit_shifts(4, x.device)).view(1, 1, 4, 1)
-    out[:, 16:80] = quads.sum(2, dtype=torch.uint8).view(-1, 64)
-    _put_f16(out, 80, d)
-    _put_f16(out, 82, dmin)
+    _encode(x, out, _Q2, _pack_q2_k)
 
 
 def _bit_shifts(n: int, device: torch.device) -> torch.Tensor:

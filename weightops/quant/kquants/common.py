@@ -35,21 +35,27 @@ def blocks(t: torch.Tensor, per_block: int) -> torch.Tensor:
 
 
 @cache
-def _zeros_index(n: int, device: torch.device) -> torch.Tensor:
-    return torch.zeros(n, dtype=torch.long, device=device)
+def _index(targets: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(targets, dtype=torch.long, device=device)
+
+
+def accumulate(out: torch.Tensor, rows: torch.Tensor, targets: tuple[int, ...]) -> None:
+    """out[targets[i]] += rows[i] for i = 0, 1, ... in turn (float32, one rounding per step):
+    the reference's `for` loop sums, when out starts at zero. rows is (len(targets), ...)."""
+    rows = rows.reshape(len(targets), -1)
+    flat = out.view(out.shape[0], -1)
+    if out.device.type in INDEX_ADD_DEVICES:
+        flat.index_add_(0, _index(targets, out.device), rows)
+    else:
+        for target, row in zip(targets, rows.unbind(0), strict=True):
+            flat[target].add_(row)
 
 
 def sequential_sum(t: torch.Tensor) -> torch.Tensor:
-    """t.sum(0) as `for (i...) s += t[i]` computes it in float32 from s = 0 (one rounding per
-    step, in order); t is (positions, ...) contiguous."""
-    flat = t.reshape(t.shape[0], -1)
-    out = torch.zeros((1, flat.shape[1]), dtype=t.dtype, device=t.device)
-    if t.device.type in INDEX_ADD_DEVICES:
-        out.index_add_(0, _zeros_index(t.shape[0], t.device), flat)
-    else:
-        for row in flat.unbind(0):
-            out.add_(row)
-    return out.view(t.shape[1:])
+    """t.sum(0) as `for (i...) s += t[i]` computes it in float32 from s = 0."""
+    out = torch.zeros((1, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    accumulate(out, t, (0,) * t.shape[0])
+    return out[0]
 
 
 def nearest_exact(v: torch.Tensor) -> torch.Tensor:
@@ -63,6 +69,12 @@ def nearest_byte(v: torch.Tensor) -> torch.Tensor:
     """`(uint8_t) nearest_int(v)`: the low byte of the exact result, as uint8."""
     bits = (v + _MAGIC).view(torch.int32)
     return ((bits & 0x7FFFFF) - 0x400000).bitwise_and_(0xFF).to(torch.uint8)
+
+
+def sqrt(v: torch.Tensor) -> torch.Tensor:
+    """sqrtf(v), correctly rounded: torch's vectorised float32 sqrt on CPU is not always (it can
+    be 1 ulp off). The float64 root rounded to float32 is the float32 root (53 >= 2 * 24 + 2)."""
+    return torch.sqrt(v.to(torch.float64)).to(torch.float32)
 
 
 def f32(value: float, like: torch.Tensor) -> torch.Tensor:

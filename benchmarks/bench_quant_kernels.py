@@ -1,5 +1,7 @@
-"""Throughput of our GGML block-quantization kernels (weightops/quant/ggml.py) against:
-- gguf.quants (numpy; the library path of convert_hf_to_gguf.py),
+"""Throughput of our GGML block-quantization kernels (weightops/quant/ggml.py, and the K-quants in
+weightops/quant/kquants/) against:
+- gguf.quants (numpy; the library path of convert_hf_to_gguf.py; legacy types only, it does not
+  write K-quants),
 - libggml's quantizer kernel (`ggml_quantize_chunk`, what llama-quantize runs per tensor;
   called through ctypes on llama-cpp-python's libggml, rows split over the same threads),
 - llama.cpp's quantizer tool (`llama_cpp.llama_model_quantize`, `pure`, on an F32 and on an
@@ -12,7 +14,7 @@ torch.set_num_threads(threads). Reported: ms per matrix (best of --repeat; conte
 interleaved so machine load hits them alike) and MB/s of float32 input; ratio = our
 throughput / theirs (> 1: we are faster), against our run on the same input dtype. The
 bytes are checked to be identical too.
-Target (issue 6): our kernels >= llama.cpp's quantizer throughput on the same cores.
+Target (issues 6 and 16): our kernels >= llama.cpp's quantizer throughput on the same cores.
 """
 
 from __future__ import annotations
@@ -34,14 +36,17 @@ import numpy as np
 import torch
 from gguf import GGUFReader, GGUFWriter, quants
 
-from weightops.quant import ggml
+from weightops.quant import ggml, ggml_types
 
-FTYPES = {
+FTYPES = {  # with `pure`, every weight gets the file type's default tensor type
     "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
     "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
     "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
     "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
     "q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1,
+    "q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K,
+    "q4_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    "q5_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
 }
 NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -65,11 +70,12 @@ def libggml_quantize_chunk() -> Callable[..., int]:
 def libggml(fn, a: np.ndarray, qtype: str, threads: int) -> np.ndarray:
     """Quantize float32 `a` with libggml, its rows split over `threads` threads (ctypes drops the GIL)."""
     out = np.empty((a.shape[0], ggml.row_bytes(a.shape[1], qtype)), dtype=np.uint8)
+    qtype_id = int(ggml_types.parse(qtype).ggml)
     bounds = np.linspace(0, a.shape[0], threads + 1).astype(int)
     workers = [
         threading.Thread(
             target=fn,
-            args=(int(ggml.QTYPES[qtype]), a[lo:hi].ctypes.data, out[lo:hi].ctypes.data, 0, hi - lo, a.shape[1], None),
+            args=(qtype_id, a[lo:hi].ctypes.data, out[lo:hi].ctypes.data, 0, hi - lo, a.shape[1], None),
         )
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
     ]
@@ -138,7 +144,7 @@ def main() -> None:
     ap.add_argument("--matrices", type=int, default=4)
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--types", nargs="+", default=list(ggml.QTYPES), choices=list(ggml.QTYPES))
+    ap.add_argument("--types", nargs="+", default=list(FTYPES), choices=list(FTYPES))
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -186,16 +192,19 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 start = time.perf_counter()
                 fn()
                 best[name] = min(best[name], time.perf_counter() - start)
-        start = time.perf_counter()
-        with np.errstate(all="ignore"):
-            reference = quants.quantize(mats[0], ggml.QTYPES[qtype])
-        best["gguf.quants numpy (1 matrix, 1 thread)"] = (time.perf_counter() - start) * args.matrices
+        ggml_type = ggml_types.parse(qtype).ggml
+        reference = None
+        if ggml_types.parse(qtype).block_size == 32:  # gguf.quants reads K-quants but does not write them
+            start = time.perf_counter()
+            with np.errstate(all="ignore"):
+                reference = quants.quantize(mats[0], ggml_type)
+            best["gguf.quants numpy (1 matrix, 1 thread)"] = (time.perf_counter() - start) * args.matrices
 
         ours = [ggml.quantize(t, qtype).numpy() for t in tensors]
         ours16 = [ggml.quantize(t, qtype).numpy().reshape(-1) for t in tensors16]
         tool32, tool16 = read_tensors(out_f32), read_tensors(out_f16)
         identical = (
-            np.array_equal(ours[0], reference)
+            (reference is None or np.array_equal(ours[0], reference))
             and all(np.array_equal(o, libggml(chunk, m, qtype, args.threads)) for o, m in zip(ours, mats, strict=True))
             and all(np.array_equal(o.reshape(-1), tool32[n]) for o, n in zip(ours, names, strict=True))
             and all(np.array_equal(o, tool16[n]) for o, n in zip(ours16, names, strict=True))
@@ -209,7 +218,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
             ]
             ratio = "" if name.startswith("weightops") else f"{seconds / ours_s:9.2f}x"
             print(f"{qtype:6} {name:44} {per:10.2f} {mb / seconds:8.0f} {ratio:>10}")
-        print(f"{qtype:6} bytes identical (ours = gguf.quants = libggml = llama_model_quantize files): {identical}")
+        same = "ours = gguf.quants where it writes the type = libggml = llama_model_quantize files"
+        print(f"{qtype:6} bytes identical ({same}): {identical}")
         if not identical:
             raise SystemExit(f"{qtype}: our bytes differ from a reference")
 

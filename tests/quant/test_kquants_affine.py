@@ -46,9 +46,7 @@ def _families(blocks: int = BLOCKS, seed: int = 0) -> dict[str, np.ndarray]:
         "normal 1": normal,
         "normal 300": normal * 300,
         "mixed scales": scaled(normal),
-        "bf16-valued": (
-            torch.from_numpy((normal * 0.05).astype(F32)).to(torch.bfloat16).to(torch.float32).numpy()
-        ),
+        "bf16-valued": (torch.from_numpy((normal * 0.05).astype(F32)).to(torch.bfloat16).to(torch.float32).numpy()),
         "f16-valued": (normal * 0.05).astype(np.float16),
         "student-t": rng.standard_t(2, size=shape) * 0.02,
         "cauchy": rng.standard_cauchy(size=shape) * 0.01,

@@ -1,5 +1,7 @@
-"""Throughput of our GGML block-quantization kernels (weightops/quant/ggml.py) against:
-- gguf.quants (numpy; the library path of convert_hf_to_gguf.py),
+"""Throughput of our GGML block-quantization kernels (weightops/quant/ggml.py, and the K-quants in
+weightops/quant/kquants/) against:
+- gguf.quants (numpy; the library path of convert_hf_to_gguf.py; legacy types only, it does not
+  write K-quants),
 - libggml's quantizer kernel (`ggml_quantize_chunk`, what llama-quantize runs per tensor;
   called through ctypes on llama-cpp-python's libggml, rows split over the same threads),
 - llama.cpp's quantizer tool (`llama_cpp.llama_model_quantize`, `pure`, on an F32 and on an
@@ -12,8 +14,7 @@ torch.set_num_threads(threads). Reported: ms per matrix (best of --repeat; conte
 interleaved so machine load hits them alike) and MB/s of float32 input; ratio = our
 throughput / theirs (> 1: we are faster), against our run on the same input dtype. The
 bytes are checked to be identical too.
-Target (issue 6): our kernels >= llama.cpp's quantizer throughput on the same cores.
-K-quants (issue 16): --types q6_k q3_k; gguf.quants has no K-quant encoder, so its row is left out.
+Target (issues 6 and 16): our kernels >= llama.cpp's quantizer throughput on the same cores.
 """
 
 from __future__ import annotations
@@ -37,13 +38,16 @@ from gguf import GGUFReader, GGUFWriter, quants
 
 from weightops.quant import ggml, ggml_types
 
-FTYPES = {
+FTYPES = {  # with `pure`, every weight gets the file type's default tensor type
     "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
     "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
     "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
     "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
     "q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1,
-    "q3_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_S,  # with `pure`, every matrix is Q3_K
+    "q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K,
+    "q3_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_S,
+    "q4_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    "q5_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
     "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
 }
 NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -68,12 +72,12 @@ def libggml_quantize_chunk() -> Callable[..., int]:
 def libggml(fn, a: np.ndarray, qtype: str, threads: int) -> np.ndarray:
     """Quantize float32 `a` with libggml, its rows split over `threads` threads (ctypes drops the GIL)."""
     out = np.empty((a.shape[0], ggml.row_bytes(a.shape[1], qtype)), dtype=np.uint8)
+    qtype_id = int(ggml_types.parse(qtype).ggml)
     bounds = np.linspace(0, a.shape[0], threads + 1).astype(int)
-    ggml_id = int(ggml_types.parse(qtype).ggml)
     workers = [
         threading.Thread(
             target=fn,
-            args=(ggml_id, a[lo:hi].ctypes.data, out[lo:hi].ctypes.data, 0, hi - lo, a.shape[1], None),
+            args=(qtype_id, a[lo:hi].ctypes.data, out[lo:hi].ctypes.data, 0, hi - lo, a.shape[1], None),
         )
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
     ]
@@ -190,11 +194,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 start = time.perf_counter()
                 fn()
                 best[name] = min(best[name], time.perf_counter() - start)
-        reference = None  # gguf.quants writes no K-quant
-        if ggml_types.parse(qtype).block_size == 32:
+        ggml_type = ggml_types.parse(qtype).ggml
+        reference = None
+        if ggml_types.parse(qtype).block_size == 32:  # gguf.quants reads K-quants but does not write them
             start = time.perf_counter()
             with np.errstate(all="ignore"):
-                reference = quants.quantize(mats[0], ggml_types.parse(qtype).ggml)
+                reference = quants.quantize(mats[0], ggml_type)
             best["gguf.quants numpy (1 matrix, 1 thread)"] = (time.perf_counter() - start) * args.matrices
 
         ours = [ggml.quantize(t, qtype).numpy() for t in tensors]
@@ -215,7 +220,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             ]
             ratio = "" if name.startswith("weightops") else f"{seconds / ours_s:9.2f}x"
             print(f"{qtype:6} {name:44} {per:10.2f} {mb / seconds:8.0f} {ratio:>10}")
-        same = "ours = gguf.quants (legacy types) = libggml = llama_model_quantize files"
+        same = "ours = gguf.quants where it writes the type = libggml = llama_model_quantize files"
         print(f"{qtype:6} bytes identical ({same}): {identical}")
         if not identical:
             raise SystemExit(f"{qtype}: our bytes differ from a reference")

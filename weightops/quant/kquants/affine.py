@@ -1,0 +1,335 @@
+"""Q2_K, Q4_K and Q5_K: a scale and a minimum per sub-block, chosen by libggml's
+`make_qkx2_quants` search, then stored as 4-bit (Q2_K) or 6-bit (Q4_K, Q5_K) multiples of two
+fp16 super-block scales (`quantize_row_q{2,4,5}_K_ref`; facts in shared/reference/kquants.md).
+
+Every sub-block of a chunk is searched at once: values are laid out as (position, sub-block)
+and each step of the reference's per-sub-block loops is one torch op over all sub-blocks, in
+the reference's float32 order (no fused multiply-add, true divisions, sequential sums). Three
+things keep the search cheap without changing any rounding:
+- the level vector L of the best candidate is not carried through the 21 candidates: the
+  candidate's (iscale, min) are, and L is recomputed from them only for the sub-blocks whose
+  stored scale turns out to be zero (the only ones whose final L is the search's);
+- the three sums of a candidate share one sequential pass (`common.accumulate`), laid out so
+  that its least-squares fit takes three ops on (sub-block) vectors;
+- rounding is torch.round, which equals the reference's nearest_int while |v| < 2**22. Each
+  candidate's min is kept, and the extremes of each sub-block's rounded values are computed
+  from them at the end (its smallest and largest x give them: the ops are monotonic); a chunk
+  that leaves the range is redone with the bit-exact `nearest_exact` (only degenerate chunks:
+  subnormal or overflowing ranges).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ..ggml import _put_f16
+from .common import NEAREST_LIMIT, accumulate, blocks, f32, nearest_byte, nearest_exact, positions, sequential_sum, sqrt
+
+CPU_BLOCKS = 1024  # super-blocks the CPU searches at once (256K values: fastest measured)
+
+
+@dataclass(frozen=True)
+class _Search:
+    """make_qkx2_quants's arguments for one type."""
+
+    size: int  # values per sub-block
+    nmax: int  # largest level
+    rmin: float
+    rdelta: float
+    nstep: int
+    mad: bool  # absolute instead of squared errors
+    scale_max: int  # sub-block scales and minimums are stored as 0..scale_max multiples of d, dmin
+
+    @property
+    def steps(self) -> list[float]:
+        """The numerators `rmin + rdelta*is + nmax` of the candidate inverse scales, in float32."""
+        one = np.float32
+        return [float(one(self.rmin) + one(self.rdelta) * one(i) + one(self.nmax)) for i in range(self.nstep + 1)]
+
+
+_Q2 = _Search(size=16, nmax=3, rmin=-0.5, rdelta=0.1, nstep=15, mad=True, scale_max=15)
+_Q4 = _Search(size=32, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20, mad=False, scale_max=63)
+_Q5 = _Search(size=32, nmax=31, rmin=-0.5, rdelta=0.1, nstep=15, mad=False, scale_max=63)
+
+
+class _Fit(NamedTuple):
+    """make_qkx2_quants's result per sub-block, plus what is needed to rebuild its L."""
+
+    scale: torch.Tensor
+    the_min: torch.Tensor  # -min
+    iscale: torch.Tensor  # L = clamp(nearest(iscale * (x - base)))
+    base: torch.Tensor
+    ends: torch.Tensor  # (2, S): each sub-block's smallest and largest value
+    regular: torch.Tensor  # 0-dim bool: every rounded value was below NEAREST_LIMIT (or exact)
+
+
+def _levels(x: torch.Tensor, iscale: torch.Tensor, base: torch.Tensor, p: _Search, exact: bool, out: torch.Tensor):
+    """clamp(nearest_int(iscale * (x - base)), 0, nmax) as float32 into out, per sub-block (column)."""
+    v = torch.sub(x, base, out=out).mul_(iscale)
+    if exact:
+        out.copy_(nearest_exact(v))
+    else:
+        v.round_()
+    return out.clamp_(0, p.nmax)
+
+
+def _error(x, w, scale, low, levels, mad: bool, out: torch.Tensor) -> torch.Tensor:
+    """The terms w * f(scale * L + min - x), f = abs or square, in out."""
+    e = torch.mul(levels, scale, out=out).add_(low).sub_(x)
+    return (e.abs_() if mad else e.mul_(e)).mul_(w)
+
+
+# Row order of the sums table: the determinant and the two numerators of each candidate's
+# least-squares fit are three products of slices of it (see _qkx2), computed in three ops.
+_SUM_X, _SL, _SXL, _SUM_W, _SL2 = 0, 1, 2, 3, 4
+
+
+def _qkx2(x: torch.Tensor, w: torch.Tensor, p: _Search, exact: bool) -> _Fit:
+    """make_qkx2_quants for every column of (positions, sub-blocks) x with weights w."""
+    size, n = x.shape
+    dev = x.device
+    lo, hi = x.amin(0), x.amax(0)  # which zero is returned does not matter here
+    zero = torch.zeros((), dtype=x.dtype, device=dev)
+    mn = torch.where(lo > 0, zero, lo)
+    flat = hi == mn  # the reference returns L = 0, scale 0 at once
+    ends = torch.stack([lo, hi])
+
+    # xl[:, 0] = the candidate's L, xl[:, 1] = x; prod = [w*L, (w*L)*L, (w*L)*x] (one op for the last two)
+    xl = torch.empty((size, 2, n), dtype=x.dtype, device=dev)
+    xl[:, 1] = x
+    x, levels = xl[:, 1], xl[:, 0]
+    prod = torch.empty((size, 3, n), dtype=x.dtype, device=dev)
+    # sums = [sum_x, sum_l, sum_xl, sum_w, sum_l2, sum_x]:
+    #   sums[2:5] * sums[3:6] = [sum_w*sum_xl, sum_w*sum_l2, sum_l2*sum_x]
+    #   sum_l * sums[0:3]     = [sum_x*sum_l,  sum_l*sum_l,  sum_l*sum_xl]
+    # so their difference is [this_scale numerator, D, this_min numerator], as the reference has them
+    sums = torch.zeros((6, n), dtype=x.dtype, device=dev)
+    prod[:, 0] = w
+    torch.mul(w, x, out=prod[:, 1])
+    accumulate(sums, prod[:, :2], (_SUM_W, _SUM_X) * size)
+    sums[5] = sums[_SUM_X]
+    sum_l = sums[_SL]
+
+    iscale = torch.where(flat, zero, f32(p.nmax, x) / (hi - mn))
+    scale = torch.where(flat, zero, f32(1.0, x) / iscale)
+    _levels(x, iscale, mn, p, exact, out=levels)
+    err = torch.empty((size, n), dtype=x.dtype, device=dev)  # contiguous: index_add_ is slow on strided rows
+    best = torch.zeros((1, n), dtype=x.dtype, device=dev)
+    accumulate(best, _error(x, w, scale, mn, levels, p.mad, out=err), (0,) * size)
+    best = torch.where(flat, -torch.inf, best[0])  # no candidate is ever better
+    # best error, scale, min, and the (iscale, min) that gave the best L; `new`: this candidate's
+    state = torch.stack([best, scale, mn, iscale, mn])
+    new = torch.empty_like(state)
+    cur, fit = new[0:1], new[1:3]  # fit = [this_scale, this_min]
+    refit = torch.zeros_like(fit)  # [sum_xl / sum_l2, 0]: the fit when this_min > 0
+    mins = torch.empty((p.nstep + 2, n), dtype=x.dtype, device=dev)  # the min each candidate starts from
+    mins[0] = mn
+    targets = (_SL, _SL2, _SXL) * size
+    for k, step in enumerate(_steps(p, dev), start=1):
+        mn = mins[k].copy_(state[2])
+        new[4] = mn
+        iscale = torch.div(step, hi - mn, out=new[3])
+        _levels(x, iscale, mn, p, exact, out=levels)
+        torch.mul(w, levels, out=prod[:, 0])
+        torch.mul(prod[:, 0:1], xl, out=prod[:, 1:3])
+        sums[_SL : _SXL + 1].zero_()
+        sums[_SL2].zero_()
+        accumulate(sums, prod, targets)
+        terms = torch.mul(sums[2:5], sums[3:6])
+        terms.sub_(torch.mul(sum_l, sums[0:3]))
+        det = terms[1]
+        torch.div(terms[0::2], det, out=fit)
+        torch.div(sums[_SXL], sums[_SL2], out=refit[0])
+        torch.where(fit[1] > 0, refit, fit, out=fit)
+        cur.zero_()
+        accumulate(cur, _error(x, w, fit[0], fit[1], levels, p.mad, out=err), (0,) * size)
+        better = (cur[0] < state[0]).logical_and_(det > 0)
+        torch.where(better, new, state, out=state)
+    if exact:
+        regular = torch.ones((), dtype=torch.bool, device=dev)
+    else:  # every rounded value lies between those of the block's extremes
+        inverse = torch.stack([f32(p.nmax, x), *_steps(p, dev)]).unsqueeze(1) / (hi - mins)
+        bound = ((ends - mins.unsqueeze(1)) * inverse.unsqueeze(1)).abs_().amax((0, 1))
+        regular = ((bound < NEAREST_LIMIT) | flat).all()
+    return _Fit(state[1], -state[2], state[3], state[4], ends, regular)
+
+
+@cache
+def _steps(p: _Search, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The candidates' `rmin + rdelta*is + nmax` as float32 0-dim tensors on device."""
+    return tuple(torch.tensor(s, dtype=torch.float32, device=device) for s in p.steps)
+
+
+def _super_scale(v: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(levels, d): the sub-block values v (n, k) as `(uint8) nearest_int(top / max * v)` and
+    d = fp16(max / top), max the largest positive value (0 if none; then every level is 0)."""
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    largest = torch.where(v > 0, v, zero).amax(1, keepdim=True)
+    inverse = torch.where(largest > 0, f32(top, v) / largest, zero)
+    return nearest_byte(inverse * v), (largest / f32(top, v)).to(torch.float16)
+
+
+class _Levels(NamedTuple):
+    """A chunk's stored values: levels (n, 256), d and dmin (n, 1) fp16, the sub-blocks' scale
+    and min levels (n, k) uint8."""
+
+    levels: torch.Tensor
+    d: torch.Tensor
+    dmin: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+
+
+def _fit(x: torch.Tensor, p: _Search, exact: bool) -> _Levels | None:
+    """The stored values of (n, 256) x; None when this chunk must be redone with exact rounding."""
+    xs = positions(x, p.size)
+    if p.mad:  # Q2_K: w = |x|
+        w = xs.abs()
+    else:  # w = sqrt(Σx²/32) + |x|
+        av = sqrt(sequential_sum(xs * xs) / f32(p.size, x))
+        w = xs.abs().add_(av)
+    fit = _qkx2(xs, w, p, exact)
+    per = 256 // p.size
+    ls, d = _super_scale(fit.scale.view(-1, per), p.scale_max)
+    lm, dmin = _super_scale(fit.the_min.view(-1, per), p.scale_max)
+    if p.scale_max == 63:
+        ls.clamp_(max=63)
+        lm.clamp_(max=63)
+        scale_levels, min_levels = ls, lm
+    else:  # Q2_K: one byte, scale | min << 4 (the reference ORs the shifted int into the byte)
+        packed = ls | (lm << 4)
+        scale_levels, min_levels = packed & 0x0F, packed >> 4
+    dq = (d.to(torch.float32) * scale_levels.to(torch.float32)).view(-1)
+    dm = (dmin.to(torch.float32) * min_levels.to(torch.float32)).view(-1)
+    skip = dq == 0  # the reference keeps the search's L there
+    if not exact:
+        bound = ((fit.ends + dm) / dq).abs_().amax(0)
+        if not bool(fit.regular & ((bound < NEAREST_LIMIT) | skip).all()):
+            return None
+    v = (xs + dm).div_(dq)
+    levels = (nearest_exact(v) if exact else v.round_()).clamp_(0, p.nmax)
+    if bool(skip.any()):
+        levels = torch.where(skip, _levels(xs, fit.iscale, fit.base, p, exact, torch.empty_like(xs)), levels)
+    return _Levels(blocks(levels.to(torch.uint8), per), d, dmin, scale_levels, min_levels)
+
+
+def _fit_exactly(x: torch.Tensor, p: _Search) -> _Levels:
+    found = _fit(x, p, exact=False)
+    if found is None:
+        found = _fit(x, p, exact=True)
+        assert found is not None  # the exact path always finishes
+    return found
+
+
+def _encode(x: torch.Tensor, out: torch.Tensor, p: _Search, pack: Callable[[torch.Tensor, _Levels], None]) -> None:
+    """Fit and pack (n, 256) x into out; on CPU in pieces of CPU_BLOCKS super-blocks (the search
+    makes ~20 passes over its temporaries, which then stay in the core's cache)."""
+    step = CPU_BLOCKS if x.device.type == "cpu" else x.shape[0]
+    for start in range(0, x.shape[0], step):
+        pack(out[start : start + step], _fit_exactly(x[start : start + step], p))
+
+
+def _put_scales_k4(out: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor) -> None:
+    """The 12 bytes at offset 4 holding eight 6-bit scales and mins (get_scale_min_k4's layout)."""
+    out[:, 4:8] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    out[:, 8:12] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    out[:, 12:16] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
+
+
+def _put_nibbles64(out: torch.Tensor, offset: int, levels: torch.Tensor) -> None:
+    """128 bytes: byte 32c + l = L[64c + l] | L[64c + 32 + l] << 4 (levels (n, 256) below 16)."""
+    pairs = levels.view(-1, 4, 2, 32)
+    out[:, offset : offset + 128] = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).view(-1, 128)
+
+
+def _pack_q4_k(out: torch.Tensor, fit: _Levels) -> None:
+    _put_f16(out, 0, fit.d)
+    _put_f16(out, 2, fit.dmin)
+    _put_scales_k4(out, fit.scales, fit.mins)
+    _put_nibbles64(out, 16, fit.levels)
+
+
+def _pack_q5_k(out: torch.Tensor, fit: _Levels) -> None:
+    _put_f16(out, 0, fit.d)
+    _put_f16(out, 2, fit.dmin)
+    _put_scales_k4(out, fit.scales, fit.mins)
+    high = (fit.levels >> 4).view(-1, 8, 32) << _bit_shifts(8, out.device).view(1, 8, 1)
+    out[:, 16:48] = high.sum(1, dtype=torch.uint8)  # distinct bits: the sum is their OR
+    _put_nibbles64(out, 48, fit.levels & 0x0F)
+
+
+def _pack_q2_k(out: torch.Tensor, fit: _Levels) -> None:
+    out[:, :16] = fit.scales | (fit.mins << 4)
+    quads = fit.levels.view(-1, 2, 4, 32) << (2 * _bit_shifts(4, out.device)).view(1, 1, 4, 1)
+    out[:, 16:80] = quads.sum(2, dtype=torch.uint8).view(-1, 64)
+    _put_f16(out, 80, fit.d)
+    _put_f16(out, 82, fit.dmin)
+
+
+def encode_q4_k(x: torch.Tensor, out: torch.Tensor) -> None:
+    _encode(x, out, _Q4, _pack_q4_k)
+
+
+def encode_q5_k(x: torch.Tensor, out: torch.Tensor) -> None:
+    _encode(x, out, _Q5, _pack_q5_k)
+
+
+def encode_q2_k(x: torch.Tensor, out: torch.Tensor) -> None:
+    _encode(x, out, _Q2, _pack_q2_k)
+
+
+def _bit_shifts(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.uint8, device=device)
+
+
+# --- decoders: (n, bytes) uint8 -> (n, 256) float32, as dequantize_row_q*_K and gguf.quants ---
+
+
+def _f16(rows: torch.Tensor, offset: int) -> torch.Tensor:
+    return rows[:, offset : offset + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _scales_k4(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, mins) (n, 8) uint8 from the 12 bytes at offset 4 (get_scale_min_k4)."""
+    s = rows[:, 4:16]
+    low, mid, high = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    scales = torch.cat([low & 0x3F, (high & 0x0F) | ((low >> 6) << 4)], dim=1)
+    mins = torch.cat([mid & 0x3F, (high >> 4) | ((mid >> 6) << 4)], dim=1)
+    return scales, mins
+
+
+def _nibbles64(rows: torch.Tensor, offset: int) -> torch.Tensor:
+    """(n, 8, 32) levels from 128 nibble bytes (the inverse of `_put_nibbles64`)."""
+    q = rows[:, offset : offset + 128].reshape(-1, 4, 1, 32)
+    return torch.cat([q & 0x0F, q >> 4], dim=2).view(-1, 8, 32)
+
+
+def _affine(rows: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """d * sc * q - dmin * m per sub-block (levels (n, k, size), scales and mins (n, k))."""
+    step = (_f16(rows, 0) * scales.to(torch.float32)).unsqueeze(2)
+    low = (_f16(rows, 2) * mins.to(torch.float32)).unsqueeze(2)
+    return (step * levels.to(torch.float32) - low).view(-1, 256)
+
+
+def decode_q4_k(rows: torch.Tensor) -> torch.Tensor:
+    return _affine(rows, _nibbles64(rows, 16), *_scales_k4(rows))
+
+
+def decode_q5_k(rows: torch.Tensor) -> torch.Tensor:
+    high = (rows[:, 16:48].unsqueeze(1) >> _bit_shifts(8, rows.device).view(1, 8, 1)) & 1
+    return _affine(rows, _nibbles64(rows, 48) | (high << 4), *_scales_k4(rows))
+
+
+def decode_q2_k(rows: torch.Tensor) -> torch.Tensor:
+    d, dmin = rows[:, 80:84].contiguous().view(torch.float16).to(torch.float32).unbind(1)
+    quads = (rows[:, 16:80].reshape(-1, 2, 1, 32) >> (2 * _bit_shifts(4, rows.device)).view(1, 1, 4, 1)) & 3
+    scales = rows[:, :16]
+    step = (d.unsqueeze(1) * (scales & 0x0F).to(torch.float32)).unsqueeze(2)
+    low = (dmin.unsqueeze(1) * (scales >> 4).to(torch.float32)).unsqueeze(2)
+    return (step * quads.reshape(-1, 16, 16).to(torch.float32) - low).view(-1, 256)

@@ -1,0 +1,83 @@
+"""Helpers every K-quant kernel needs to reproduce libggml's float32 arithmetic exactly.
+
+The reference reduces within a (sub-)block with a plain `for` loop: float32, element order,
+starting from 0. torch's reductions (`sum`, `cumsum`) use other orders or wider accumulators, so
+values are laid out as (positions, blocks) and summed one position at a time (`sequential_sum`).
+Its rounding is `nearest_int` (add 1.5 * 2**23, read the low mantissa bits): round half to even
+while |v| < 2**22, which torch.round is; `nearest_exact` is the bit trick itself, for the rare
+chunks whose values leave that range (degenerate scales), where the two differ.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+QK_K = 256
+NEAREST_LIMIT = float(2**22)  # torch.round(v) == nearest_int(v) for |v| below this
+_MAGIC = 12582912.0  # 1.5 * 2**23: v + _MAGIC has round(v) in its low mantissa bits
+
+# CPU index_add_ adds the source slices to their target in index order, one vectorised add per
+# slice: the reference's sequential loop in a single op (CUDA's uses atomics in no fixed order).
+INDEX_ADD_DEVICES = frozenset({"cpu"})
+
+
+def positions(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, 256) super-blocks as contiguous (size, n * 256 / size): column s is sub-block s (the
+    sub-blocks of a super-block are consecutive columns), row i its i-th value."""
+    return x.reshape(-1, size).t().contiguous()
+
+
+def blocks(t: torch.Tensor, per_block: int) -> torch.Tensor:
+    """The inverse of `positions` for (size, n * per_block) values: (n, per_block * size)."""
+    return t.t().reshape(-1, per_block * t.shape[0])
+
+
+@cache
+def _index(targets: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(targets, dtype=torch.long, device=device)
+
+
+def accumulate(out: torch.Tensor, rows: torch.Tensor, targets: tuple[int, ...]) -> None:
+    """out[targets[i]] += rows[i] for i = 0, 1, ... in turn (float32, one rounding per step):
+    the reference's `for` loop sums, when out starts at zero. rows is (len(targets), ...)."""
+    rows = rows.reshape(len(targets), -1)
+    flat = out.view(out.shape[0], -1)
+    if out.device.type in INDEX_ADD_DEVICES:
+        flat.index_add_(0, _index(targets, out.device), rows)
+    else:
+        for target, row in zip(targets, rows.unbind(0), strict=True):
+            flat[target].add_(row)
+
+
+def sequential_sum(t: torch.Tensor) -> torch.Tensor:
+    """t.sum(0) as `for (i...) s += t[i]` computes it in float32 from s = 0."""
+    out = torch.zeros((1, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    accumulate(out, t, (0,) * t.shape[0])
+    return out[0]
+
+
+def nearest_exact(v: torch.Tensor) -> torch.Tensor:
+    """libggml's nearest_int(v) for every float32 v (also NaN, infinities and |v| >= 2**22,
+    where it returns the low mantissa bits of v + 1.5 * 2**23), as float32."""
+    bits = (v + _MAGIC).view(torch.int32)
+    return ((bits & 0x7FFFFF) - 0x400000).to(torch.float32)
+
+
+def nearest_byte(v: torch.Tensor) -> torch.Tensor:
+    """`(uint8_t) nearest_int(v)`: the low byte of the exact result, as uint8."""
+    bits = (v + _MAGIC).view(torch.int32)
+    return ((bits & 0x7FFFFF) - 0x400000).bitwise_and_(0xFF).to(torch.uint8)
+
+
+def sqrt(v: torch.Tensor) -> torch.Tensor:
+    """sqrtf(v), correctly rounded: torch's vectorised float32 sqrt on CPU is not always (it can
+    be 1 ulp off). The float64 root rounded to float32 is the float32 root (53 >= 2 * 24 + 2)."""
+    return torch.sqrt(v.to(torch.float64)).to(torch.float32)
+
+
+def f32(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A float32 0-dim tensor on `like`'s device: dividing by it stays a true division
+    (PyTorch may turn division by a Python scalar into multiplication by its reciprocal)."""
+    return torch.tensor(value, dtype=torch.float32, device=like.device)

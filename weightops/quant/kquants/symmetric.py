@@ -21,19 +21,10 @@ import numpy as np
 import torch
 
 from ..ggml import _const, _put_f16, _signed_max
+from .common import blocks, nearest_exact, positions, sqrt
 
 _GROUP_MAX_EPS = 1e-15
 _SLICE_VALUES = 1 << 19  # float32 values per candidate tensor in the scale search (cache-sized)
-
-
-def _by_position(x: torch.Tensor) -> torch.Tensor:
-    """(n, 256) -> (16, n*16): row i holds element i of every sub-block of 16."""
-    return x.reshape(-1, 16).t().contiguous()
-
-
-def _to_blocks(v: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_by_position`: (16, n*16) -> (n, 256)."""
-    return v.t().reshape(-1, 256)
 
 
 def _candidates(nmax: int) -> torch.Tensor:
@@ -42,22 +33,6 @@ def _candidates(nmax: int) -> torch.Tensor:
     tenth = np.float32(0.1)
     steps = [np.float32(nmax)] + [np.float32(nmax) + tenth * np.float32(i) for i in range(-9, 10) if i]
     return torch.tensor(np.negative(np.array(steps, dtype=np.float32)))
-
-
-def _nearest_int(v: torch.Tensor) -> torch.Tensor:
-    """libggml's nearest_int(v) as int32, bit for bit: the low 23 bits of v + 1.5*2**23, less 2**22.
-    Half to even for |v| < 2**22, and its own values beyond (where a quotient of sums with a
-    tiny divisor can land), which torch.round would not give."""
-    return ((v + _MAGIC).view(torch.int32) & 0x7FFFFF) - 0x400000
-
-
-_MAGIC = 12582912.0
-
-
-def _sqrt(v: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 sqrt (sqrtf): torch's float32 CPU sqrt is not (about one value in
-    six is an ulp off with AVX512); the double sqrt rounded to float32 is, on every device."""
-    return torch.sqrt(v.to(torch.float64)).to(torch.float32)
 
 
 def _sequential_sums(terms: torch.Tensor, out: torch.Tensor) -> None:
@@ -137,8 +112,8 @@ def encode_q6_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None
     matrix values of each element (quantize_row_q6_K_impl), None for the reference path."""
     n = x.shape[0]
     sub = x.reshape(-1, 16)
-    xt = _by_position(x)
-    w = xt * xt if weights is None else _by_position(weights.to(torch.float32))
+    xt = positions(x, 16)
+    w = xt * xt if weights is None else positions(weights.to(torch.float32), 16)
     scales, levels = _make_qx(sub, xt, w, 32)
     scales = scales.view(n, 16)
     max_scale = _signed_max(scales)  # (n, 1)
@@ -148,7 +123,7 @@ def encode_q6_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None
     sc = (iscale * scales).round_().clamp_(max=127)  # the largest maps to -128
     d16 = d.to(torch.float16).to(torch.float32)
     dj = (d16 * sc).view(-1)  # (S,)
-    q = _to_blocks(_requantize(xt, dj, levels, 32)).to(torch.uint8).view(n, 2, 4, 32)
+    q = blocks(_requantize(xt, dj, levels, 32), 16).to(torch.uint8).view(n, 2, 4, 32)
     low, high = q & 15, q >> 4
     out[:, :128].view(n, 2, 2, 32).copy_(low[:, :, :2] | (low[:, :, 2:] << 4))
     qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
@@ -183,7 +158,7 @@ def _q3_step(
     the sums of the sub-block."""
     slx = sumlx - wx * li
     sl2 = suml2 - (w * li) * li
-    new = _nearest_int(x * sl2 / slx).clamp_(-4, 3).to(torch.float32)
+    new = nearest_exact(x * sl2 / slx).clamp_(-4, 3)
     slx_new = slx + wx * new
     sl2_new = sl2 + (w * new) * new
     accept = (slx > 0) & (new != li) & (sl2_new > 0)
@@ -254,7 +229,7 @@ def _q3_weighted(
     _sequential_sums(sq, sumx2)
     sigma2 = (_const(2.0, x) * sumx2) / _const(256.0, x)  # (n,)
     sigma = sigma2.repeat_interleave(16)  # (S,)
-    w = _by_position(weights.to(torch.float32)) * _sqrt(sigma + xt * xt)
+    w = positions(weights.to(torch.float32), 16) * sqrt(sigma + xt * xt)
     sw = torch.empty(xt.shape[1], dtype=torch.float32, device=x.device)
     _sequential_sums(w, sw)
     scales, levels = _make_qx(sub, xt, w, 4)
@@ -269,7 +244,7 @@ def encode_q3_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None
     matrix values of each element (quantize_row_q3_K_impl), None for the reference path."""
     n = x.shape[0]
     sub = x.reshape(-1, 16)
-    xt = _by_position(x)
+    xt = positions(x, 16)
     if weights is None:
         scales, levels = _make_q3(sub, xt)
         scales = scales.view(n, 16)
@@ -285,7 +260,7 @@ def encode_q3_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None
         d = d_block.view(n, 1)
     d16 = d.to(torch.float16).to(torch.float32)
     dj = (d16 * (ls - 32)).reshape(-1)
-    q = _to_blocks(_requantize(xt, dj, levels, 4)).to(torch.uint8)  # (n, 256) levels 0..7
+    q = blocks(_requantize(xt, dj, levels, 4), 16).to(torch.uint8)  # (n, 256) levels 0..7
     high = q >> 2  # bit 2: hmask bit (j // 32) of byte j % 32
     hbits = high.view(n, 8, 32) << torch.arange(8, dtype=torch.uint8, device=x.device).view(1, 8, 1)
     hmask = hbits[:, 0]

@@ -334,22 +334,3 @@ def test_cli_and_job_accept_the_mixes(cli, llama_256, tmp_path):
     argv = load_job(job).steps[0].argv
     for option in ("q5_k_m", "--via", "bf16", "--output-tensor-type", "q6_k", "--token-embedding-type", "--pure"):
         assert option in argv
-
-
-# TEMPORARY (branch `policy` only, removed before its last commit): the K-quant kernels are
-# written on other branches; until they are merged, K blocks come from libggml itself so that
-# everything else in the file (types, KV, order, padding, legacy blocks) is compared now.
-@pytest.fixture(autouse=True, scope="module")
-def _k_blocks_from_libggml(libggml):
-    import torch
-
-    encode = ggml_types.GGMLType.encode
-
-    def patched(self, x, device):
-        if self.block_size != 256:
-            return encode(self, x, device)
-        return torch.from_numpy(libggml(x.float().numpy(), self.name)).reshape(x.shape[0], -1)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(ggml_types.GGMLType, "encode", patched)
-        yield

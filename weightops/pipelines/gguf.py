@@ -264,21 +264,23 @@ def _rounding(ref: TensorRef, via: str | None) -> torch.dtype | None:
 def _producer(
     ref: TensorRef, qtype: GGMLQuantizationType, device: torch.device, rounding: torch.dtype | None
 ) -> Callable[[], Iterator[np.ndarray]]:
-    if rounding is None:
-        return lambda: encode(ref.load(), qtype, device)
-    return lambda: encode(ref.load().to(torch.float32).to(rounding), qtype, device)
+    return lambda: encode(ref.load(), qtype, device, rounding)
 
 
-def encode(t: torch.Tensor, qtype: GGMLQuantizationType, device: torch.device) -> Iterator[np.ndarray]:
+def encode(
+    t: torch.Tensor, qtype: GGMLQuantizationType, device: torch.device, rounding: torch.dtype | None = None
+) -> Iterator[np.ndarray]:
     """Stored bytes of `t` as `qtype`, a slab of rows at a time (blocks never span rows, so the
     bytes are the same as for the whole tensor, and a huge embedding never exists in float32
     at once). Values go through float32 first: quantizing from the source values, as
-    llama.cpp's converter does, never from an F16 intermediate."""
+    llama.cpp's converter does, never from an F16 intermediate — unless `rounding` (--via)
+    asks for that intermediate's values."""
     rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
     step = max(1, (CHUNK_ELEMENTS if device.type == "cpu" else 8 * CHUNK_ELEMENTS) // max(1, rows.shape[1]))
     record = ggml_types.get(qtype)
     for start in range(0, rows.shape[0], step):
-        yield record.encode(rows[start : start + step], device).numpy()
+        slab = rows[start : start + step]
+        yield record.encode(slab if rounding is None else slab.to(torch.float32).to(rounding), device).numpy()
 
 
 def _add_general(writer: gguf.GGUFWriter, ckpt: Checkpoint) -> None:

@@ -50,7 +50,7 @@ def test_file_type_names_round_trip(name):
     f = FILE_TYPES[name]
     assert ggml_types.parse_file_type(name.upper()) is f and ggml_types.find_file_type(name) is f
     assert policy.file_type(name) == f.file_type
-    assert f.tensor_type in RECORDS and (f.embed_output_type is None or f.embed_output_type in RECORDS)
+    assert f.tensor_type in RECORDS and RECORDS[f.tensor_type].is_block == (f.quantizer or name == "q8_0")
 
 
 def test_unknown_names_list_the_known_ones():
@@ -73,10 +73,11 @@ def test_cli_choices_are_the_file_types(cli):
     assert tuple(choices) == ggml_types.FILE_TYPE_NAMES
     r = cli("gguf", "--help")
     assert r.exit_code == 0
-    kept = "/".join(n for n, f in FILE_TYPES.items() if f.embed_output_type)
-    plain = "/".join(n for n, f in FILE_TYPES.items() if not f.embed_output_type)
-    assert f"* {plain}: every other weight" in r.stdout and f"* {kept}: every other weight" in r.stdout
-    assert f"With {kept}: quantize token_embd" in " ".join(r.stdout.split())
+    quantizer = "/".join(n for n, f in FILE_TYPES.items() if f.quantizer)
+    converter = "/".join(n for n, f in FILE_TYPES.items() if not f.quantizer)
+    assert f"* {converter}: every other weight" in r.stdout and f"* {quantizer}:" in r.stdout
+    span = f"{quantizer.split('/')[0]} ... {quantizer.split('/')[-1]}"
+    assert f"With a llama-quantize --type ({span}): every 2-D weight" in " ".join(r.stdout.split())
 
 
 @pytest.mark.parametrize("name", list(FILE_TYPES))
@@ -96,7 +97,7 @@ def test_types_are_libggml_s(name):
     lib.ggml_blck_size.restype, lib.ggml_blck_size.argtypes = ctypes.c_int64, [ctypes.c_int]
     lib.ggml_type_size.restype, lib.ggml_type_size.argtypes = ctypes.c_size_t, [ctypes.c_int]
     t = RECORDS[name]
-    assert lib.ggml_type_name(int(t.ggml)).decode().lower() == name  # libggml spells K types "q4_K"
+    assert lib.ggml_type_name(int(t.ggml)).decode() == t.c_name and t.c_name.lower() == name  # "q4_K"
     assert (lib.ggml_blck_size(int(t.ggml)), lib.ggml_type_size(int(t.ggml))) == (t.block_size, t.type_size)
 
 
@@ -163,12 +164,13 @@ def _type_facts(tree: ast.AST) -> tuple[set[str], set[str]]:
 
 def test_no_other_module_lists_ggml_types():
     """A module may name one type (a default such as `--type f16`, llama.cpp's F32 for norms);
-    two or more are a list of types, which belongs in `quant.ggml_types`."""
+    two or more are a list of types, which belongs in `quant.ggml_types`. The exception is
+    `quant.policy`: llama-quantize's type rules, which name types as llama.cpp's code does."""
     root = Path(ggml_types.__file__).parents[1]  # weightops/ (a namespace package: no __file__)
     table = root / "quant" / "ggml_types.py"
     offenders = {}
     for path in sorted(root.rglob("*.py")):
-        if path == table:
+        if path in (table, root / "quant" / "policy.py"):
             continue
         attrs, strings = _type_facts(ast.parse(path.read_text(), str(path)))
         if len(attrs) + len(strings) > 1:

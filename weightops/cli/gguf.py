@@ -9,10 +9,12 @@ import click
 
 from ..devices import DEVICES
 from ..pipelines.gguf import QUALITIES, export_gguf
-from ..quant.ggml_types import FILE_TYPE_NAMES, FILE_TYPES
+from ..quant.ggml_types import FILE_TYPE_NAMES, FILE_TYPES, NAMES, VIA_NAMES
 from . import main, warn
 
-_KEPT = "/".join(f.name for f in FILE_TYPES if f.embed_output_type)  # the --type values --pure changes
+_CONVERTER = "/".join(f.name for f in FILE_TYPES if not f.quantizer)
+_QUANTIZER = "/".join(f.name for f in FILE_TYPES if f.quantizer)
+_QUANTIZER_SPAN = " ... ".join(_QUANTIZER.split("/")[:: len(_QUANTIZER.split("/")) - 1])  # first ... last
 
 
 @main.command(
@@ -28,13 +30,17 @@ _KEPT = "/".join(f.name for f in FILE_TYPES if f.embed_output_type)  # the --typ
     \b
     Which tensor gets which type:
       * 1-D tensors (norms, biases) are always F32, as in llama.cpp's own files;
-      * {plain}: every other weight in that type
+      * {converter}: every other weight in that type
         (= convert_hf_to_gguf.py --outtype TYPE);
-      * {kept}: every other weight in that type, except token_embd and
-        output, which stay Q8_0 unless --pure (= llama-quantize --pure TYPE);
-      * --tensor-type GLOB=TYPE overrides (GGUF names, later ones win);
-      * a tensor whose rows are not a multiple of 32 values falls back to F16, with a
-        warning naming it.
+      * {quantizer}:
+        llama-quantize's mixes, rule for rule (llama.cpp 0c1e57098, as vendored in
+        llama-cpp-python 0.3.36), and its file: the same bytes as llama-quantize run on
+        an F32 GGUF of the model (--via f16: on the F16 GGUF); --pure: every weight TYPE;
+      * --output-tensor-type / --token-embedding-type, then the first matching
+        --tensor-type GLOB=TYPE (GGUF names), come before the mix rules;
+      * rows that do not split into the type's blocks fall back as llama-quantize does
+        (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, else F16), with a
+        warning naming the tensor.
 
     \b
     Tokenizer: SentencePiece (tokenizer.model) or byte-level BPE (tokenizer.json) from
@@ -46,11 +52,11 @@ _KEPT = "/".join(f.name for f in FILE_TYPES if f.embed_output_type)  # the --typ
 
     \b
     Examples:
-      weightops gguf chinese-alpaca-7b alpaca-q4_0.gguf --type q4_0
+      weightops gguf chinese-alpaca-7b alpaca-q4_k_m.gguf --type q4_k_m
       weightops gguf yayi-7b yayi-q8_0.gguf --type q8_0
       weightops gguf tp-llama.bin out.gguf --tp-config llama_7b_config.json \\
           --tokenizer chinese-llama-tokenizer --type q5_1 --pure
-""".replace("{plain}", "/".join(f.name for f in FILE_TYPES if not f.embed_output_type)).replace("{kept}", _KEPT)
+""".replace("{converter}", _CONVERTER).replace("{quantizer}", _QUANTIZER)
 )
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
@@ -60,21 +66,40 @@ _KEPT = "/".join(f.name for f in FILE_TYPES if f.embed_output_type)  # the --typ
     type=click.Choice(FILE_TYPE_NAMES, case_sensitive=False),
     default="f16",
     show_default=True,
-    help="GGUF type of the 2-D weights (see above for the exceptions).",
+    help="File type: the 2-D weights' type, or one of llama-quantize's mixes (see above).",
 )
 @click.option(
     "--pure",
     is_flag=True,
-    help=f"With {_KEPT}: quantize token_embd and output too instead of keeping them Q8_0 "
-    "(smaller file, somewhat worse quality).",
+    help=f"With a llama-quantize --type ({_QUANTIZER_SPAN}): every 2-D weight in the mix's base type, no "
+    "mix rules "
+    "(= llama-quantize --pure).",
 )
 @click.option(
     "--tensor-type",
     "tensor_types",
     multiple=True,
     metavar="GLOB=TYPE",
-    help="Override the type of matching tensors (GGUF names, shell globs; repeatable), e.g. "
-    "'blk.*.ffn_down.weight=q8_0' or 'output.weight=f16'.",
+    help="Type of matching tensors (GGUF names, shell globs; repeatable, the first match wins, as in "
+    "llama-quantize), e.g. 'blk.*.ffn_down.weight=q8_0' or 'output.weight=f16'.",
+)
+@click.option(
+    "--output-tensor-type",
+    type=click.Choice(NAMES, case_sensitive=False),
+    help="Type of output.weight (of token_embd when the embeddings are tied), before any other rule "
+    "(= llama-quantize --output-tensor-type).",
+)
+@click.option(
+    "--token-embedding-type",
+    type=click.Choice(NAMES, case_sensitive=False),
+    help="Type of token_embd.weight, before any other rule (= llama-quantize --token-embedding-type).",
+)
+@click.option(
+    "--via",
+    type=click.Choice(VIA_NAMES, case_sensitive=False),
+    help=f"With a llama-quantize --type ({_QUANTIZER_SPAN}): round the weights to this type first, to "
+    "reproduce byte for byte a file made the two-pass way (convert to F16/BF16, then llama-quantize). "
+    "Default: quantize from the source values (= llama-quantize on an F32 file).",
 )
 @click.option(
     "--quality",
@@ -119,6 +144,9 @@ def gguf(
     qtype: str,
     pure: bool,
     tensor_types: tuple[str, ...],
+    output_tensor_type: str | None,
+    token_embedding_type: str | None,
+    via: str | None,
     quality: str,
     device: str,
     tokenizer: Path | None,
@@ -132,6 +160,9 @@ def gguf(
         type=qtype,
         pure=pure,
         tensor_types=tensor_types,
+        output_tensor_type=output_tensor_type,
+        token_embedding_type=token_embedding_type,
+        via=via,
         quality=quality,
         device=device,
         tokenizer=tokenizer,

@@ -112,8 +112,8 @@ class GGUFTensor:
 
 
 def plan_writer(arch: str, tensors: Sequence[GGUFTensor]) -> GGUFWriter:
-    """A `GGUFWriter` that knows every tensor's name, shape and type (so offsets and the
-    parameter count are known) but holds no data; the caller adds the metadata."""
+    """A `GGUFWriter` that knows every tensor's name, shape and type, in file order (so offsets
+    and the parameter count are known) but holds no data; the caller adds the metadata."""
     import numpy as np
     from gguf import GGUFWriter
 
@@ -123,19 +123,31 @@ def plan_writer(arch: str, tensors: Sequence[GGUFTensor]) -> GGUFWriter:
     return writer
 
 
+def move_keys_to_end(writer: GGUFWriter, keys: Sequence[str]) -> None:
+    """Re-append `keys` after the others, in this order (what `gguf_set_val_*` does to a key a
+    file already has: llama-quantize's general.quantization_version and general.file_type)."""
+    kv = writer.kv_data[0]
+    for key in keys:
+        kv[key] = kv.pop(key)
+
+
 def write_gguf(
     writer: GGUFWriter,
     tensors: Sequence[GGUFTensor],
     output: str | Path | Output,
     on_tensor: Callable[[GGUFTensor], None] | None = None,
 ) -> None:
-    """Write header, metadata and tensor infos, then each tensor's bytes in turn (each padded
-    to the 32-byte alignment, as GGUFWriter pads), into a temporary sibling that becomes
-    `output` only at the end. `output` is a path, or an `Output` the caller planned (and
-    checked against its inputs) before its own work."""
+    """Write header, metadata and tensor infos (file order: as `writer` was planned), then each
+    tensor's bytes at its offset, in the order of `tensors` (the order they are read in, which
+    may differ from the file's), each padded to the 32-byte alignment as GGUFWriter pads, into a
+    temporary sibling that becomes `output` only at the end. `output` is a path, or an `Output`
+    the caller planned (and checked against its inputs) before its own work."""
     import numpy as np
 
     target = output if isinstance(output, Output) else Output(output, kind="file")
+    infos = writer.tensors[0]
+    if sorted(infos) != sorted(t.name for t in tensors):
+        raise ValueError("write_gguf: the tensors are not the ones the writer was planned with")
     with target.writing() as tmp, writing(target.path):
         try:
             writer.write_header_to_file(tmp)
@@ -143,9 +155,13 @@ def write_gguf(
             writer.write_ti_data_to_file()
             assert writer.fout is not None  # opened by write_header_to_file
             fout, align = writer.fout[0], writer.data_alignment
+            offsets, at = {}, writer.ggml_pad(fout.tell(), align)
+            for name, info in infos.items():
+                offsets[name] = at
+                at += writer.ggml_pad(info.nbytes, align)
             for t in tensors:
                 with writing(target.path, t.name):
-                    fout.write(bytes(-fout.tell() % align))
+                    fout.seek(offsets[t.name])
                     written = 0
                     for piece in t.produce():
                         piece = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)

@@ -4,7 +4,11 @@ Any checkpoint the core reads (HF safetensors or .bin, TencentPretrain through t
 view) is renamed with the architecture's spec, its values moved to llama.cpp's layout
 (the spec's transforms: q/k interleaving, a fused QKV's order), typed by `quant.policy`, encoded (F32/F16/BF16 or
 GGML blocks quantized from the source values) and written by `io.gguf.write_gguf`, one
-tensor at a time. Metadata keys and tokenizer follow convert_hf_to_gguf.py.
+tensor at a time. Metadata keys and tokenizer follow convert_hf_to_gguf.py; a llama-quantize
+file type (`FileType.quantizer`) is laid out as `llama_model_quantize` writes it from that
+converter's F32 file: general.quantization_version and general.file_type re-appended after
+the other keys, tensors in the loader's order (`policy.weights_map_key`; read in the model's
+order all the same, each written at its offset).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ..arch.transforms import to_gguf
 from ..devices import resolve_device
 from ..errors import WeightopsError, shown
 from ..io.checkpoint import Checkpoint, Format, open_checkpoint
-from ..io.gguf import GGUFTensor, plan_writer, write_gguf
+from ..io.gguf import GGUFTensor, move_keys_to_end, plan_writer, write_gguf
 from ..io.gguf_tokenizer import TokenizerSummary, add_tokenizer
 from ..io.outputs import Output
 from ..quant import ggml_types, policy
@@ -53,6 +57,9 @@ def export_gguf(
     type: str = "f16",
     pure: bool = False,
     tensor_types: Sequence[str] = (),
+    output_tensor_type: str | None = None,
+    token_embedding_type: str | None = None,
+    via: str | None = None,
     quality: str = "reference",
     device: str = "auto",
     tokenizer: str | Path | None = None,
@@ -62,8 +69,10 @@ def export_gguf(
     warn: Callable[[str], None] | None = None,
 ) -> GGUFReport:
     """Write `model` as a llama.cpp GGUF file at `output` (atomically; refuses to overwrite
-    without `force`). `type` is the GGUF type of the 2-D weights (see `quant.policy`),
-    `tensor_types` are `GLOB=TYPE` overrides, `tokenizer` a directory with the HF tokenizer
+    without `force`). `type` is the file type (see `quant.policy`), `tensor_types` are
+    `GLOB=TYPE` overrides, `output_tensor_type` / `token_embedding_type` the types of those
+    two tensors, `via` (f16/bf16, llama-quantize file types only) rounds the weights to that
+    type first, as a two-pass file is made; `tokenizer` a directory with the HF tokenizer
     files (default: the model's own directory). Warnings go to `warn` and into the result."""
     warnings: list[str] = []
 
@@ -75,8 +84,18 @@ def export_gguf(
     if quality not in QUALITIES:
         raise WeightopsError(f"--quality {quality!r}: only 'reference' (llama.cpp's own rounding) is available")
     qtype_name = type.lower()
+    ftype = ggml_types.parse_file_type(qtype_name)
     overrides = policy.parse_overrides(tensor_types)
-    file_type = policy.file_type(qtype_name)
+    output_ggml = ggml_types.parse(output_tensor_type).ggml if output_tensor_type else None
+    token_embd_ggml = ggml_types.parse(token_embedding_type).ggml if token_embedding_type else None
+    if via is not None and via.lower() not in ggml_types.VIA_NAMES:
+        raise WeightopsError(f"--via {via!r}: choose one of {', '.join(ggml_types.VIA_NAMES)}")
+    if via is not None and not ftype.quantizer:
+        raise WeightopsError(
+            f"--via applies to the file types llama-quantize makes from a converted file; --type {ftype.name} "
+            "is convert_hf_to_gguf.py's own"
+        )
+    via = via.lower() if via else None
     dev = resolve_device(device)
     ckpt = open_checkpoint(model, tp_config)
     target = Output(output, [ckpt.path, tokenizer, tp_config], kind="file", force=force)
@@ -100,14 +119,27 @@ def export_gguf(
         )
         config["vocab_size"] = n_vocab
 
+    hp = spec.config.hparams(config)
     types = policy.assign_types(
-        ((r.name, r.shape) for r in refs), qtype_name, pure=pure, overrides=overrides, warn=note
+        ((r.name, r.shape) for r in refs),
+        qtype_name,
+        model=policy.Model(spec.gguf_name, hp.layers, hp.heads, hp.kv_heads),
+        pure=pure,
+        overrides=overrides,
+        output_type=output_ggml,
+        token_embedding_type=token_embd_ggml,
+        via=via,
+        warn=note,
     )
-    planned = [GGUFTensor(r.name, r.shape, types[r.name], _producer(r, types[r.name], dev), r.release) for r in refs]
-    writer = plan_writer(spec.gguf_name, planned)
+    planned = [
+        GGUFTensor(r.name, r.shape, types[r.name], _producer(r, types[r.name], dev, _rounding(r, via)), r.release)
+        for r in refs
+    ]
+    in_file = sorted(planned, key=lambda t: policy.weights_map_key(t.name)) if ftype.quantizer else planned
+    writer = plan_writer(spec.gguf_name, in_file)
     writer.add_type(gguf.GGUFType.MODEL)
     _add_general(writer, ckpt)
-    spec.config.add_gguf_parameters(writer, config, int(file_type))
+    spec.config.add_gguf_parameters(writer, config, int(ftype.file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tok_dir = Path(tokenizer) if tokenizer else ckpt.directory
     tok_dir = tok_dir if tok_dir.is_dir() else tok_dir.parent
@@ -124,14 +156,16 @@ def export_gguf(
         warn=note,
     )
     spec.vocab.quirks(writer, tok_dir, config)
+    if ftype.quantizer:
+        move_keys_to_end(writer, (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE))
     total = sum(t.nbytes for t in planned)
     with progress.bar(total, f"gguf {qtype_name}") as bar:
         write_gguf(writer, planned, target, on_tensor=lambda t: bar.update(t.nbytes))
     return GGUFReport(
         output,
         spec.gguf_name,
-        file_type.name,
-        {t.name: t.ggml_type.name for t in planned},
+        ftype.file_type.name,
+        {t.name: t.ggml_type.name for t in in_file},
         summary,
         output.stat().st_size,
         warnings,
@@ -217,20 +251,36 @@ def model_order(spec: ArchSpec, layers: int) -> list[str]:
     return head + [g.format(n=i) for i in range(layers) for g in body] + tail
 
 
-def _producer(ref: TensorRef, qtype: GGMLQuantizationType, device: torch.device) -> Callable[[], Iterator[np.ndarray]]:
-    return lambda: encode(ref.load(), qtype, device)
+def _rounding(ref: TensorRef, via: str | None) -> torch.dtype | None:
+    """The float type `ref` is stored in in the `via` file a two-pass route quantizes from
+    (None: quantize from the source values)."""
+    if via is None or policy.is_always_f32(ref.name, ref.shape):
+        return None
+    from .. import dtypes
+
+    return dtypes.to_torch(ggml_types.parse(via).float_dtype or "")
 
 
-def encode(t: torch.Tensor, qtype: GGMLQuantizationType, device: torch.device) -> Iterator[np.ndarray]:
+def _producer(
+    ref: TensorRef, qtype: GGMLQuantizationType, device: torch.device, rounding: torch.dtype | None
+) -> Callable[[], Iterator[np.ndarray]]:
+    return lambda: encode(ref.load(), qtype, device, rounding)
+
+
+def encode(
+    t: torch.Tensor, qtype: GGMLQuantizationType, device: torch.device, rounding: torch.dtype | None = None
+) -> Iterator[np.ndarray]:
     """Stored bytes of `t` as `qtype`, a slab of rows at a time (blocks never span rows, so the
     bytes are the same as for the whole tensor, and a huge embedding never exists in float32
     at once). Values go through float32 first: quantizing from the source values, as
-    llama.cpp's converter does, never from an F16 intermediate."""
+    llama.cpp's converter does, never from an F16 intermediate — unless `rounding` (--via)
+    asks for that intermediate's values."""
     rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
     step = max(1, (CHUNK_ELEMENTS if device.type == "cpu" else 8 * CHUNK_ELEMENTS) // max(1, rows.shape[1]))
     record = ggml_types.get(qtype)
     for start in range(0, rows.shape[0], step):
-        yield record.encode(rows[start : start + step], device).numpy()
+        slab = rows[start : start + step]
+        yield record.encode(slab if rounding is None else slab.to(torch.float32).to(rounding), device).numpy()
 
 
 def _add_general(writer: gguf.GGUFWriter, ckpt: Checkpoint) -> None:

@@ -6,8 +6,8 @@ from its `GGMLQuantizationType` / `LlamaFileType`, so nothing llama.cpp defines 
 What is ours: the spelling on the command line, where the encoder and decoder live, the
 fallback for rows that do not split into blocks, and the verify gate's class of the type.
 
-Adding a type (e.g. the K-quants) is adding a `GGMLType`; adding a `--type` (e.g. `q4_k_m`)
-is adding a `FileType`. The kernels are named, not imported: they need torch, and this table
+Adding a type is adding a `GGMLType`; adding a `--type` is adding a `FileType` (and, for a
+llama-quantize mix, its rules in `quant.policy`). The kernels are named, not imported: they need torch, and this table
 is read without it (and by `quant.ggml` itself).
 """
 
@@ -66,6 +66,16 @@ class GGMLType:
         return GGML_QUANT_SIZES[self.ggml][1]
 
     @property
+    def c_name(self) -> str:
+        """libggml's spelling (`ggml_type_name`: "q4_K"), as llama-quantize's messages use it."""
+        return self.name[:-1] + "K" if self.name.endswith("_k") else self.name
+
+    @property
+    def is_block(self) -> bool:
+        """A quantized type (llama.cpp's `ggml_is_quantized`), not a float cast."""
+        return self.kernels is not None
+
+    @property
     def bytes_per_weight(self) -> float:
         return self.type_size / self.block_size
 
@@ -121,13 +131,14 @@ class GGMLType:
 
 @dataclass(frozen=True)
 class FileType:
-    """One `--type` of `weightops gguf`: the `general.file_type` it records and the types of the
-    2-D weights (1-D tensors and norms are F32 whatever the file type; see `quant.policy`)."""
+    """One `--type` of `weightops gguf`: the `general.file_type` it records, the default type of
+    the 2-D weights, and which llama.cpp tool makes such a file (`quant.policy` applies that
+    tool's rules: which tensor gets which type, the metadata and tensor order)."""
 
     name: str  # --type spelling
     file_type: LlamaFileType  # general.file_type, as llama.cpp's tools record it
-    tensor_type: str  # GGMLType.name of the 2-D weights
-    embed_output_type: str | None = None  # token_embd/output without --pure (None: tensor_type)
+    tensor_type: str  # GGMLType.name of the 2-D weights (llama_ftype_get_default_type)
+    quantizer: bool = False  # llama-quantize's file (its mixes), else convert_hf_to_gguf.py --outtype's
 
 
 def _legacy(name: str, ggml: GGMLQuantizationType, verify_kind: str) -> GGMLType:
@@ -166,11 +177,19 @@ FILE_TYPES: tuple[FileType, ...] = (
     FileType("f16", LlamaFileType.MOSTLY_F16, "f16"),
     FileType("bf16", LlamaFileType.MOSTLY_BF16, "bf16"),
     FileType("q8_0", LlamaFileType.MOSTLY_Q8_0, "q8_0"),
-    # llama-quantize keeps token_embd/output at a K-quant for these; Q8_0 is the nearest we write
-    FileType("q4_0", LlamaFileType.MOSTLY_Q4_0, "q4_0", embed_output_type="q8_0"),
-    FileType("q4_1", LlamaFileType.MOSTLY_Q4_1, "q4_1", embed_output_type="q8_0"),
-    FileType("q5_0", LlamaFileType.MOSTLY_Q5_0, "q5_0", embed_output_type="q8_0"),
-    FileType("q5_1", LlamaFileType.MOSTLY_Q5_1, "q5_1", embed_output_type="q8_0"),
+    FileType("q4_0", LlamaFileType.MOSTLY_Q4_0, "q4_0", quantizer=True),
+    FileType("q4_1", LlamaFileType.MOSTLY_Q4_1, "q4_1", quantizer=True),
+    FileType("q5_0", LlamaFileType.MOSTLY_Q5_0, "q5_0", quantizer=True),
+    FileType("q5_1", LlamaFileType.MOSTLY_Q5_1, "q5_1", quantizer=True),
+    FileType("q2_k", LlamaFileType.MOSTLY_Q2_K, "q2_k", quantizer=True),
+    FileType("q3_k_s", LlamaFileType.MOSTLY_Q3_K_S, "q3_k", quantizer=True),
+    FileType("q3_k_m", LlamaFileType.MOSTLY_Q3_K_M, "q3_k", quantizer=True),
+    FileType("q3_k_l", LlamaFileType.MOSTLY_Q3_K_L, "q3_k", quantizer=True),
+    FileType("q4_k_s", LlamaFileType.MOSTLY_Q4_K_S, "q4_k", quantizer=True),
+    FileType("q4_k_m", LlamaFileType.MOSTLY_Q4_K_M, "q4_k", quantizer=True),
+    FileType("q5_k_s", LlamaFileType.MOSTLY_Q5_K_S, "q5_k", quantizer=True),
+    FileType("q5_k_m", LlamaFileType.MOSTLY_Q5_K_M, "q5_k", quantizer=True),
+    FileType("q6_k", LlamaFileType.MOSTLY_Q6_K, "q6_k", quantizer=True),
 )
 
 _BY_NAME = {t.name: t for t in GGML_TYPES}
@@ -179,6 +198,7 @@ _FILE_BY_NAME = {f.name: f for f in FILE_TYPES}
 NAMES: tuple[str, ...] = tuple(_BY_NAME)  # --tensor-type choices
 FILE_TYPE_NAMES: tuple[str, ...] = tuple(_FILE_BY_NAME)  # --type choices
 BLOCK_NAMES: tuple[str, ...] = tuple(t.name for t in GGML_TYPES if t.kernels)
+VIA_NAMES: tuple[str, ...] = ("f16", "bf16")  # --via: the intermediate files of the two-pass route
 
 
 def get(qtype: GGMLQuantizationType) -> GGMLType:

@@ -261,3 +261,20 @@ def test_in_file_of_another_model(tiny_llama, tiny_bloom, text_file, tmp_path):
     _refused(
         "entry 'blk.0.attn_qkv.weight' names no matrix of", tmp_path / "m.gguf", model=tiny_llama, in_files=[other]
     )
+
+
+def test_imatrix_is_a_job_step(tmp_path, tiny_llama, text_file):
+    from weightops import jobs
+
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'[job]\nname = "t"\noutput = "out"\n[inputs]\nmodel = "{tiny_llama}"\n'
+        f'[[steps]]\nname = "imatrix"\nop = "imatrix"\nmodel = "@model"\noutput = "imatrix.gguf"\n'
+        f'text = "{text_file}"\nctx = {CTX}\nchunks = 2\nprocess-output = true\n'
+    )
+    plan = jobs.plan(jobs.load_job(job))
+    assert plan["steps"][0]["expected_bytes"] is None
+    assert "--chunks 2 --process-output" in plan["steps"][0]["command"]
+    jobs.run_job(job)
+    m = read_imatrix(tmp_path / "out" / "imatrix.gguf")
+    assert m.chunk_count == 2 and "output.weight" in m.entries

@@ -55,9 +55,7 @@ class HiddenStates:
         self._data[start : start + states.shape[0]] = states.detach().float().cpu().numpy()
 
     def close(self) -> None:
-        if isinstance(self._data, np.memmap):
-            self._data._mmap.close()  # type: ignore[attr-defined]
-        self._data = np.empty((0, 0, 0), dtype=np.float32)
+        self._data = np.empty((0, 0, 0), dtype=np.float32)  # drops the mapping (get() hands out copies)
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -80,7 +80,17 @@ def compute_imatrix(
     report = ImatrixReport(target.path, format, 0, 0, ctx, None, in_files=in_paths)
     if text is not None:
         data, report.device, report.spilled = _compute(
-            ckpt, refs, config, spec, Path(text), ctx, chunks, device, process_output, tokenizer, memory_budget, target
+            ckpt,
+            (refs, config, spec),
+            Path(text),
+            ctx=ctx,
+            limit=chunks,
+            device=device,
+            process_output=process_output,
+            tokenizer=tokenizer,
+            memory_budget=memory_budget,
+            target=target,
+            warn=warn,
         )
         report.chunks = data.chunk_count
         items.append(data)
@@ -137,10 +147,9 @@ def _checked(data: Imatrix, path: Path, columns: dict[str, int], model: Path) ->
 
 def _compute(
     ckpt: Checkpoint,
-    refs: list[TensorRef],
-    config: dict,
-    spec: ArchSpec,
+    hf_model: tuple[list[TensorRef], dict, ArchSpec],
     text: Path,
+    *,
     ctx: int,
     limit: int | None,
     device: str,
@@ -148,9 +157,14 @@ def _compute(
     tokenizer: str | Path | None,
     memory_budget: str | int | None,
     target: Output,
+    warn: Callable[[str], None] | None,
 ) -> tuple[Imatrix, str, int]:
+    refs, config, spec = hf_model
     dev = resolve_device(device)
     budget = parse_size(memory_budget) if memory_budget is not None else default_budget()
+    trained = config.get("max_position_embeddings")
+    if warn and isinstance(trained, int) and ctx > trained:
+        warn(f"--ctx {ctx} is longer than the {trained} positions {ckpt.path} was built for (llama-imatrix warns too)")
     tok = _tokenize(ckpt, refs, config, spec, text, tokenizer)
     ids = calib_text.chunks(tok, ctx, limit)
     layered = LayeredModel(spec, config, refs, dev)

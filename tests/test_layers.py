@@ -24,6 +24,7 @@ RANKS = {
     "ops": 2,
     "quant": 2,
     "verify": 2,
+    "calibrate": 2,
     "pipelines": 3,
     "tiny": 3,  # tiny builds checkpoints for tests and the demo
     "jobs": 4,

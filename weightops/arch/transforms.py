@@ -45,3 +45,13 @@ def to_gguf(transform: Transform, t: torch.Tensor, hp: Hparams) -> torch.Tensor:
     if transform is Transform.QKV_SPLIT:
         return torch.cat(split_qkv(t, hp.heads))
     return t
+
+
+def from_gguf(transform: Transform, t: torch.Tensor, hp: Hparams) -> torch.Tensor:
+    """Inverse of `to_gguf`: llama.cpp's values -> HF's."""
+    if transform in (Transform.ROTARY_Q, Transform.ROTARY_K):
+        return permute_interleaved_to_rotary(t, rotary_heads(transform, hp))
+    if transform is Transform.QKV_SPLIT:
+        q, k, v = torch.chunk(t, 3)
+        return fuse_qkv(q, k, v, hp.heads)
+    return t

@@ -25,6 +25,7 @@ _MODULES = {
     "make-delta": "delta",
     "expand-vocab": "vocab",
     "gguf": "gguf",
+    "imatrix": "imatrix",
     "bnb": "bnb",
     "convert": "convert",
     "verify": "verify",

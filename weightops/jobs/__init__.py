@@ -587,6 +587,8 @@ def _gguf_bytes_per_weight(type_name: str) -> float:
 def _estimate(step: Step, sizes: dict[Path, tuple[int, int]]) -> tuple[int, int] | None:
     """(parameters, bytes) the step's output will hold, from the size of the input it follows
     (the delta for apply-delta and the target for make-delta, whose dtype `auto` keeps)."""
+    if step.op == "imatrix":  # a few floats per matrix column, not a model
+        return None
     follows = step.inputs[1:2] if step.op in ("apply-delta", "make-delta") else step.inputs[:1]
     source = sizes.get(follows[0]) if follows else None
     if source is None or step.output is None:

@@ -334,3 +334,39 @@ def test_cli_and_job_accept_the_mixes(cli, llama_256, tmp_path):
     argv = load_job(job).steps[0].argv
     for option in ("q5_k_m", "--via", "bf16", "--output-tensor-type", "q6_k", "--token-embedding-type", "--pure"):
         assert option in argv
+
+
+# ------------------------------------------------------------------------------------------ reading back
+
+
+def test_k_mix_files_read_back_everywhere(llama_256, tmp_path):
+    """A K-quant mix is a model like any other: inspect counts its K types, the manifest
+    checks, our reader dequantizes as gguf.quants does, llama.cpp loads and runs it, and
+    verify runs it in llama.cpp under the gate of its least precise type (Q4_K: q4)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from weightops.io.checkpoint import open_checkpoint
+    from weightops.pipelines.inspect import inspect_checkpoint
+    from weightops.pipelines.manifest import check_manifest, create_manifest
+    from weightops.pipelines.verify import verify_checkpoint
+
+    checkpoint, _ = llama_256
+    out = tmp_path / "m.gguf"
+    ours(checkpoint, out, "q4_k_m")
+    summary = inspect_checkpoint(out)
+    stored = {t.name: t for t in GGUFReader(out).tensors}
+    assert summary["dtypes"] == {
+        k.name: sum(t.tensor_type == k for t in stored.values()) for k in {t.tensor_type for t in stored.values()}
+    }
+    assert {"Q4_K", "Q6_K"} <= set(summary["dtypes"])
+    create_manifest(out)
+    assert set(check_manifest(out)["tensors"]) == set(stored)  # raises on any difference
+    for ref in open_checkpoint(out).tensors:
+        t = stored[ref.name]
+        expected = gguf.quants.dequantize(np.array(t.data), t.tensor_type).reshape(ref.shape)
+        assert np.array_equal(ref.load().numpy(), expected), ref.name
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(llm.tokenize(b"the quick brown fox", add_bos=True))
+    assert np.isfinite(np.array(llm.scores[:4])).all()
+    result = verify_checkpoint(checkpoint, out, prompts=["the quick brown fox jumps over the lazy dog"])
+    assert result["thresholds"]["candidate_kind"] == "q4"
+    assert result["candidate"]["tensor_types"] == ["Q4_K", "Q6_K"]  # of the matrices

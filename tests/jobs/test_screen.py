@@ -124,3 +124,23 @@ def test_failed_step_shows_its_reason_escaped(tmp_path):
 )
 def test_reason_is_the_last_meaningful_line(log, code, expected):
     assert reason(log, code) == expected
+
+
+def test_many_warnings_of_a_step_are_cut_to_its_first_and_last(tmp_path, tiny_llama):
+    """A q4_k_m of rows of 64 falls back for most tensors (one warning each, as llama-quantize
+    prints them, then the count): the summary shows the first two, how many more, and the count."""
+    job = _job(
+        tmp_path,
+        {"model": str(tiny_llama)},
+        '[[steps]]\nname = "k"\nop = "gguf"\nmodel = "@model"\noutput = "m.gguf"\ntype = "q4_k_m"\n',
+    )
+    r = _weightops("run", job)
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "out" / ".weightops-job" / "k.log").read_text()
+    own = [line for line in log.splitlines() if line.startswith("warning: ")]
+    shown = [line for line in r.stderr.splitlines() if line.startswith("  warning    k: ")]
+    assert len(own) > 5 and len(shown) == 4
+    assert shown[0].endswith(own[0].removeprefix("warning: ")) and shown[1].endswith(own[1].removeprefix("warning: "))
+    assert shown[2].endswith(f"... {len(own) - 3} more in its log")
+    assert shown[3].endswith("required fallback quantization") and own[-1].endswith("required fallback quantization")
+    assert f"({len(own)} warnings, see the summary)" in r.stderr.splitlines()[0]

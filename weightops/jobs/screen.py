@@ -18,6 +18,7 @@ from ..errors import shown
 _STATUS = {"ok": "ok", "failed": "FAILED", "skipped (complete)": "skipped"}
 _WARNING = "warning: "  # how weightops' own commands start a warning line (a third party's: console.py)
 _CUT = 160  # characters of a warning the summary shows; the log holds all of it
+_SHOWN = 3  # warnings of one step the summary shows: its first ones and its last (often a count)
 
 
 def duration(seconds: float) -> str:
@@ -72,7 +73,8 @@ class Screen:
         libraries warned about are kept for the summary."""
         text = log.read_text(errors="replace") if log.is_file() else ""
         own = [shown(line.strip().removeprefix(_WARNING)) for line in text.splitlines() if line.startswith(_WARNING)]
-        self.remarks += [("warning", entry["name"], w) for w in own]
+        kept = own if len(own) <= _SHOWN else [*own[: _SHOWN - 1], f"... {len(own) - _SHOWN} more in its log", own[-1]]
+        self.remarks += [("warning", entry["name"], w) for w in kept]
         self.remarks += [
             ("note", entry["name"], note) for note in console.notes_in(text) if note not in {r[2] for r in self.remarks}
         ]

@@ -581,7 +581,7 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
     else:
         card.write(job, report, cache.sha256)
         cache.save()
-    screen.summary(report, job.output / f"{REPORT}.md")
+    screen.summary(report, job.output / f"{REPORT}.md", None if failure else card.path(job))
     if failure:
         raise failure
     return report

@@ -353,8 +353,7 @@ def _yaml(source: Source, groups: list[Group]) -> str:
         license_name=source.license.get("license_name"),
         license_link=source.license.get("license_link"),
     )
-    order = ["base_model", "base_model_relation", "library_name", "license", "license_name", "license_link"]
-    return data.to_yaml(original_order=order)
+    return data.to_yaml()
 
 
 def render(job: Job, report: dict, hasher: Callable[[Path], str]) -> str:

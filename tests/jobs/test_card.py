@@ -233,3 +233,14 @@ def test_imatrix_and_its_text(tmp_path):
         f"- step `q3` quantized with the importance matrix `given.imatrix.gguf` (sha256 `{sha[given]}`), "
         "computed from `calibration-v3.txt` (12 chunks of 512 tokens)",
     ]
+
+
+@pytest.mark.parametrize("value", ["3", "[]", '[""]', '["a/b", 4]'])
+def test_base_model_must_be_hub_ids(tmp_path, tiny_llama, value):
+    job = _job(tmp_path, tiny_llama, head=f"base_model = {value}", steps=Q8)
+    with pytest.raises(WeightopsError, match="base_model must be a Hub model id"):
+        jobs.load_job(job)
+    assert jobs.load_job(_job(tmp_path, tiny_llama, head='base_model = ["a/b", "c/d"]', steps=Q8)).base_model == (
+        "a/b",
+        "c/d",
+    )

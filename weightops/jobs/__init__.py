@@ -172,7 +172,9 @@ def load_job(path: str | Path) -> Job:
     out_dir = _resolve(base, out_text)
     base_model = head.get("base_model", [])
     base_model = [base_model] if isinstance(base_model, str) else base_model
-    if not isinstance(base_model, list) or not all(isinstance(b, str) and b.strip() for b in base_model):
+    if "base_model" in head and not (
+        isinstance(base_model, list) and base_model and all(isinstance(b, str) and b.strip() for b in base_model)
+    ):
         problems.add("[job]", 'base_model must be a Hub model id ("org/name") or a list of them')
         base_model = []
     inputs = {}

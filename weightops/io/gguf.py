@@ -25,6 +25,11 @@ if TYPE_CHECKING:  # gguf (with numpy) and torch are slow to import: loaded only
     from gguf import GGMLQuantizationType, GGUFWriter
 
 MAGIC = b"GGUF"
+# The llama.cpp whose GGUF layout, tensor type rules and kernels weightops follows and whose
+# runtime checks its files: the one vendored in the llama-cpp-python release we test against.
+LLAMA_CPP_COMMIT = "0c1e57098"
+LLAMA_CPP_VENDORED_IN = "llama-cpp-python 0.3.36"
+LLAMA_CPP_PIN = f"llama.cpp {LLAMA_CPP_COMMIT} (as vendored in {LLAMA_CPP_VENDORED_IN})"
 
 
 def is_gguf(path: Path) -> bool:

@@ -17,7 +17,8 @@ Job file:
 
     [job]
     name = "chatyuan-7b release"
-    output = "release"                 # directory for artefacts and the report
+    output = "release"                 # directory for artefacts, the report and the model card
+    base_model = "org/model"           # optional: the Hub model the artefacts derive from
 
     [inputs]
     base = "llama-7b"                   # paths relative to the job file
@@ -61,6 +62,7 @@ from ..io import outputs
 from ..pipelines.manifest import create_manifest
 from ..verify import manifest as manifest_lib
 from ..verify.hash_cache import HashCache
+from . import card
 from .screen import Screen, reason, verify_detail
 
 if sys.version_info >= (3, 11):
@@ -71,7 +73,7 @@ else:  # pragma: no cover
 STATE_DIR = ".weightops-job"
 REPORT = "release-report"
 HASH_CACHE = "hashes.json"  # in STATE_DIR: (path, size, mtime, ctime, inode) -> sha256, see verify/hash_cache.py
-_JOB_KEYS = {"name", "output"}
+_JOB_KEYS = {"name", "output", "base_model"}
 _STEP_KEYS = {"name", "op"}
 _NO_STEP = {"run", "demo", "inspect"}  # commands that make no sense as steps
 _RUNNER_OPTIONS = {"verify": {"json"}}  # written by the runner itself, into the state directory
@@ -100,6 +102,7 @@ class Job:
     output: Path
     inputs: dict[str, Path]
     steps: list[Step]
+    base_model: tuple[str, ...] = ()  # [job] base_model: the model card's `base_model`
 
 
 class _Problems:
@@ -167,6 +170,13 @@ def load_job(path: str | Path) -> Job:
         problems.add("[job]", "output must be a non-empty path")
         out_text = "release"
     out_dir = _resolve(base, out_text)
+    base_model = head.get("base_model", [])
+    base_model = [base_model] if isinstance(base_model, str) else base_model
+    if "base_model" in head and not (
+        isinstance(base_model, list) and base_model and all(isinstance(b, str) and b.strip() for b in base_model)
+    ):
+        problems.add("[job]", 'base_model must be a Hub model id ("org/name") or a list of them')
+        base_model = []
     inputs = {}
     for k, v in doc.get("inputs", {}).items():
         if not isinstance(v, str) or not v:
@@ -214,7 +224,7 @@ def load_job(path: str | Path) -> Job:
         problems.add("[[steps]]", "the job has no steps")
     _check_paths(problems, path, out_text, out_dir, inputs, steps)
     problems.raise_if_any()
-    return Job(path, head.get("name", path.stem), out_dir, inputs, steps)
+    return Job(path, head.get("name", path.stem), out_dir, inputs, steps, tuple(base_model))
 
 
 def _resolve(base: Path, text: str) -> Path:
@@ -259,7 +269,7 @@ def _check_paths(
         if label != "the job file" and _overlap(out_dir, p):
             how = "is" if out_dir == p else "lies inside" if out_dir.is_relative_to(p) else "contains"
             problems.add("[job]", f"output {out_text!r} ({out_dir}) {how} {label} ({p})")
-    reserved = [out_dir / STATE_DIR, out_dir / f"{REPORT}.json", out_dir / f"{REPORT}.md"]
+    reserved = [out_dir / STATE_DIR, out_dir / f"{REPORT}.json", out_dir / f"{REPORT}.md", out_dir / card.CARD]
     owned: list[tuple[Step, list[Path]]] = []
     for step in steps:
         if step.output is None:
@@ -488,6 +498,7 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
     job = load_job(path)
     if dry_run:
         return plan(job)
+    card.check_writable(job)
     state = outputs.make_dir(outputs.make_dir(job.output) / STATE_DIR)
     cache = HashCache(state / HASH_CACHE)
     report: dict[str, Any] = {
@@ -567,7 +578,12 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
             report["passed"] = False
             break
     write_report(job, report)
-    screen.summary(report, job.output / f"{REPORT}.md")
+    if failure:
+        card.remove(job)
+    else:
+        card.write(job, report, cache.sha256)
+        cache.save()
+    screen.summary(report, job.output / f"{REPORT}.md", None if failure else card.path(job))
     if failure:
         raise failure
     return report

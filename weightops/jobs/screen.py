@@ -86,7 +86,7 @@ class Screen:
             err=True,
         )
 
-    def summary(self, report: dict[str, Any], report_path: Path) -> None:
+    def summary(self, report: dict[str, Any], report_path: Path, card: Path | None = None) -> None:
         steps = report["steps"]
         counts = {s: sum(1 for e in steps if e["status"] == s) for s in dict.fromkeys(e["status"] for e in steps)}
         failed = [e for e in steps if e["status"] == "failed"]
@@ -114,6 +114,8 @@ class Screen:
             cut = text if len(text) <= _CUT else text[:_CUT] + "... (the rest in its log)"
             lines.append(f"  {kind:<10} {shown(step)}: {cut}")
         lines.append(f"  {'report':<10} {shown(str(report_path))}")
+        if card is not None:
+            lines.append(f"  {'card':<10} {shown(str(card))}")
         logs = self.state / (f"{failed[0]['name']}.log" if failed else "STEP.log")
         lines.append(f"  {'step log' if failed else 'step logs':<10} {shown(str(logs))}")
         click.echo("\n".join(lines), err=True)

@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 
@@ -120,7 +121,8 @@ def test_demo_runs_the_release_template(cli, tmp_path):
     # the screen: one line per step, then a short summary (the tables are in the report)
     assert r.stdout == "" and "Result: **PASSED**" in (tmp_path / "demo" / "release" / "release-report.md").read_text()
     screen = r.stderr.splitlines()
-    assert len([line for line in screen if re.match(r"\[ ?\d+/17\] ok ", line)]) == 17, r.stderr
+    steps = (Path(__file__).parents[2] / "examples" / "release.toml").read_text().count("[[steps]]")
+    assert len([line for line in screen if re.match(rf"\[ ?\d+/{steps}\] ok ", line)]) == steps == 19, r.stderr
     assert any(line.startswith("PASSED  tiny LLaMA chat") for line in screen), r.stderr
     assert f"  report     {tmp_path / 'demo' / 'release' / 'release-report.md'}" in screen
     assert "MatMul8bitLt" not in r.stderr and "sha256`" not in r.stderr
@@ -128,6 +130,10 @@ def test_demo_runs_the_release_template(cli, tmp_path):
     ops = {s["op"] for s in report["steps"]}
     assert ops == {"make-delta", "apply-delta", "convert", "expand-vocab", "gguf", "bnb", "verify", "manifest"}
     assert all(s["status"] == "ok" for s in report["steps"])
+    checked = {v["step"]: v for v in report["verifications"]}
+    assert checked["check-q4_k_m"]["passed"]  # llama-quantize's Q4_K_M mix, run in llama.cpp
+    q4_k_m = gguf.GGUFReader(tmp_path / "demo" / "release" / "llama-chat-q4_k_m.gguf")
+    assert q4_k_m.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
     exact = {v["step"]: v["kld_max"] for v in report["verifications"]}
     assert exact["check-merged"] == 0 and exact["check-tencentpretrain"] == 0
     assert (tmp_path / "demo" / "release.toml").read_text() == (

@@ -11,8 +11,12 @@ from ..pipelines.merge_lora import ROUNDINGS, merge_lora
 from . import main, warn
 
 
-def lora_options(fn):
+def lora_options(rounding_flag: str = "--rounding"):
     """The options every command that merges adapters takes (merge-lora, gguf --lora)."""
+    return lambda fn: _lora_options(fn, rounding_flag)
+
+
+def _lora_options(fn, rounding_flag: str):
     fn = click.option(
         "--tp-lora-alpha",
         type=float,
@@ -24,7 +28,8 @@ def lora_options(fn):
         help="Rank of a TencentPretrain adapter (its --lora_r; must match the factors' shapes).",
     )(fn)
     fn = click.option(
-        "--rounding",
+        rounding_flag,
+        "rounding",
         type=click.Choice(ROUNDINGS),
         default="once",
         show_default=True,
@@ -72,7 +77,7 @@ def lora_options(fn):
     show_default=True,
     help="dtype of the written tensors (auto: each keeps BASE's).",
 )
-@lora_options
+@lora_options()
 @click.option(
     "--max-shard-size",
     default="5GB",

@@ -149,6 +149,7 @@ def _read_peft(directory: Path) -> LoraAdapter:
         return adapter
     refs = read_safetensors(weights) if weights.suffix == ".safetensors" else read_torch_bin(weights)
     parts: dict[str, dict[str, Any]] = {}
+    whole: dict[str, tuple[TensorRef, int]] = {}
     for ref in refs:
         if not ref.name.startswith(PREFIX):
             adapter.problems.append(
@@ -164,10 +165,27 @@ def _read_peft(directory: Path) -> LoraAdapter:
         elif "lora_" in rest:
             adapter.problems.append(f"{shown(weights)}: tensor {shown(ref.name)!r} is no LoRA tensor weightops knows")
         else:
-            adapter.tensors[rest.replace(".base_layer.", ".")] = ref
+            name, rank = _parameter_name(rest)
+            if rank < whole.get(name, (None, 3))[1]:
+                whole[name] = (ref, rank)
+    adapter.tensors = {name: ref for name, (ref, _) in whole.items()}
     for module, entry in parts.items():
         _add_peft_module(adapter, config, module, entry, weights)
     return adapter
+
+
+# PEFT wrapper infixes of whole tensors, by precedence: the trained copy of a modules_to_save
+# module is saved both as `X.weight` and `X.modules_to_save.weight`, with the (resized) base
+# copy as `X.original_module.weight`, which merge_and_unload then drops
+_INFIXES = ((".base_layer.", 0), (".modules_to_save.", 1), (".original_module.", 2))
+
+
+def _parameter_name(rest: str) -> tuple[str, int]:
+    """(the model's parameter name, precedence) of a saved whole tensor."""
+    for infix, rank in _INFIXES:
+        if infix in rest:
+            return rest.replace(infix, "."), rank
+    return rest, 0
 
 
 def _config_problems(config: dict, where: Path) -> list[str]:

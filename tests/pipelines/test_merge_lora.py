@@ -310,3 +310,43 @@ def test_cli_merge_lora(adapters, cli, tmp_path) -> None:
     got = weights(tmp_path / "out")
     assert {t.dtype for t in got.values()} == {torch.float16}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_job_steps(adapters, tmp_path) -> None:
+    """merge-lora and gguf --lora are job steps whose adapters may be inputs or earlier outputs."""
+    from weightops import jobs
+
+    base, first = adapters["llama"]
+    second = adapters["llama_dora_layer1"][1]
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f"""[job]
+name = "lora"
+output = "release"
+
+[inputs]
+base = "{base}"
+plus = "{first}"
+alpaca = "{second}"
+
+[[steps]]
+name = "merged"
+op = "merge-lora"
+base = "@base"
+adapters = ["@plus", "@alpaca"]
+output = "merged"
+rounding = "peft"
+
+[[steps]]
+name = "q8"
+op = "gguf"
+model = "@base"
+output = "q8.gguf"
+lora = ["@plus", "@alpaca"]
+type = "q8_0"
+"""
+    )
+    merged, q8 = jobs.load_job(job).steps
+    out = tmp_path / "release"
+    assert merged.argv == ["merge-lora", str(base), str(first), str(second), str(out / "merged"), "--rounding", "peft"]
+    assert q8.argv[q8.argv.index("--lora") :][:4] == ["--lora", str(first), "--lora", str(second)]

@@ -21,6 +21,7 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .. import arch
-from ..arch import VOCAB_ROLES, ArchSpec, Role, Transform
+from ..arch import VOCAB_ROLES, ArchSpec, Hparams, Role, Transform
 from ..arch.transforms import interleaved_rows, qkv_rows, rotary_heads
 from ..errors import WeightopsError, shown
 from ..io.checkpoint import open_checkpoint, save_hf
@@ -157,7 +158,7 @@ class _Plan:
         self.key = self.spec.normalize_hf if self.spec else (lambda n: n)
         self.by_key = {self.key(r.name): r for r in refs}
         self.shapes = {k: r.shape for k, r in self.by_key.items()}
-        self.hp = self.spec.config.hparams(complete_hf_config(config)) if self.spec and config else None
+        self.config = config
         self.embedding = self._role_key(Role.EMBEDDING)
         self.output = self._role_key(Role.OUTPUT)
         self.tied = self.embedding in self.by_key and self.output is not None and self.output not in self.by_key
@@ -170,6 +171,13 @@ class _Plan:
         self.keep_tied = False
         self.problems: list[str] = []
         self.report = LoraReport()
+
+    @functools.cached_property
+    def hp(self) -> Hparams:
+        """Head counts, for TencentPretrain adapters' row orders (transformers' config defaults: a slow import)."""
+        if self.spec is None or not self.config:
+            raise WeightopsError(f"BASE {self.base}: no config.json; its head counts are needed to place the rows")
+        return self.spec.config.hparams(complete_hf_config(self.config))
 
     def _role_key(self, role: Role) -> str | None:
         row = self.spec.tensor(role) if self.spec else None
@@ -237,10 +245,8 @@ class _Plan:
         row, layer, pos = hit
         key = self.key(row.hf.format(n=layer))
         if row.to_tp in (Transform.ROTARY_Q, Transform.ROTARY_K):
-            assert self.hp is not None
             return key, partial(interleaved_rows, heads=rotary_heads(row.to_tp, self.hp))
         if row.to_tp is Transform.QKV_SPLIT:
-            assert self.hp is not None
             return key, partial(qkv_rows, heads=self.hp.heads, index=pos)
         return key, None
 

@@ -35,6 +35,7 @@ from ..arch import VOCAB_ROLES, ArchSpec, Hparams, Role, Transform
 from ..arch.transforms import interleaved_rows, qkv_rows, rotary_heads
 from ..errors import WeightopsError, shown
 from ..io.checkpoint import open_checkpoint, save_hf
+from ..io.hf import aux_files
 from ..io.lora import LoraAdapter, LoraModule, read_adapter
 from ..io.outputs import Output
 from ..io.remap import complete_hf_config, hf_view
@@ -98,7 +99,7 @@ def merge_lora(
     )
     update = dict(report.config_update)
     tokenizer = report.tokenizer or ckpt.directory
-    tok_files = [f for n in TOKENIZER_FILES if (f := tokenizer / n).is_file()]
+    tok_files = [f for f in aux_files(tokenizer) if f.name in TOKENIZER_FILES]  # no links out of the directory
     extra: dict[str, str | bytes] = {}
     if ckpt.format.startswith("hf-"):
         aux = [f for f in ckpt.aux_files if f.name not in TOKENIZER_FILES] + tok_files

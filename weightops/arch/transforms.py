@@ -55,3 +55,16 @@ def from_gguf(transform: Transform, t: torch.Tensor, hp: Hparams) -> torch.Tenso
         q, k, v = torch.chunk(t, 3)
         return fuse_qkv(q, k, v, hp.heads)
     return t
+
+
+def interleaved_rows(w, heads: int):
+    """A view of HF-ordered rows `w` in interleaved order (4-D: heads, pairs, 2, columns): a
+    tensor of TencentPretrain rows reshaped to it lands on the right HF rows, in place."""
+    rows = w.shape[0]
+    return w.view(heads, 2, rows // heads // 2, -1).transpose(1, 2)
+
+
+def qkv_rows(w, heads: int, index: int):
+    """A view of the q (0), k (1) or v (2) rows of a fused per-head [q|k|v] tensor (3-D: heads,
+    head rows, columns), in the order the split tensor has them."""
+    return w.view(heads, 3, w.shape[0] // heads // 3, -1)[:, index]

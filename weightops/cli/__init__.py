@@ -23,6 +23,7 @@ _MODULES = {
     "run": "jobs",
     "apply-delta": "delta",
     "make-delta": "delta",
+    "merge-lora": "merge_lora",
     "expand-vocab": "vocab",
     "gguf": "gguf",
     "imatrix": "imatrix",

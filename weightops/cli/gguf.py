@@ -11,6 +11,7 @@ from ..devices import DEVICES
 from ..pipelines.gguf import QUALITIES, export_gguf
 from ..quant.ggml_types import FILE_TYPE_NAMES, FILE_TYPES, NAMES, VIA_NAMES
 from . import main, warn
+from .merge_lora import lora_options
 
 _CONVERTER = "/".join(f.name for f in FILE_TYPES if not f.quantizer)
 _QUANTIZER = "/".join(f.name for f in FILE_TYPES if f.quantizer)
@@ -133,6 +134,15 @@ _QUANTIZER_SPAN = " ... ".join(_QUANTIZER.split("/")[:: len(_QUANTIZER.split("/"
     help="TencentPretrain model config JSON, for a TencentPretrain MODEL.",
 )
 @click.option(
+    "--lora",
+    multiple=True,
+    metavar="ADAPTER",
+    type=click.Path(exists=True, path_type=Path),
+    help="Merge this LoRA adapter on the way, as merge-lora does (repeatable, applied in order); "
+    "no merged checkpoint is written.",
+)
+@lora_options("--lora-rounding")
+@click.option(
     "--force",
     is_flag=True,
     help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
@@ -152,6 +162,10 @@ def gguf(
     tokenizer: Path | None,
     pre_tokenizer: str | None,
     tp_config: Path | None,
+    lora: tuple[Path, ...],
+    rounding: str,
+    tp_lora_r: int | None,
+    tp_lora_alpha: float | None,
     force: bool,
 ) -> None:
     result = export_gguf(
@@ -170,6 +184,8 @@ def gguf(
         tp_config=tp_config,
         force=force,
         warn=warn,
+        lora=lora,
+        lora_options={"rounding": rounding, "tp_lora_r": tp_lora_r, "tp_lora_alpha": tp_lora_alpha},
     )
     counts = Counter(result.tensor_types.values())
     tok = result.tokenizer

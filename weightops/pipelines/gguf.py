@@ -67,13 +67,16 @@ def export_gguf(
     tp_config: str | Path | None = None,
     force: bool = False,
     warn: Callable[[str], None] | None = None,
+    lora: Sequence[str | Path] = (),
+    lora_options: dict | None = None,
 ) -> GGUFReport:
     """Write `model` as a llama.cpp GGUF file at `output` (atomically; refuses to overwrite
     without `force`). `type` is the file type (see `quant.policy`), `tensor_types` are
     `GLOB=TYPE` overrides, `output_tensor_type` / `token_embedding_type` the types of those
     two tensors, `via` (f16/bf16, llama-quantize file types only) rounds the weights to that
     type first, as a two-pass file is made; `tokenizer` a directory with the HF tokenizer
-    files (default: the model's own directory). Warnings go to `warn` and into the result."""
+    files (default: the model's own directory). `lora` adapters are merged on the way
+    (`pipelines.merge_lora.lora_stage`, with `lora_options`). Warnings go to `warn` and into the result."""
     warnings: list[str] = []
 
     def note(msg: str) -> None:
@@ -98,9 +101,20 @@ def export_gguf(
     via = via.lower() if via else None
     dev = resolve_device(device)
     ckpt = open_checkpoint(model, tp_config)
-    target = Output(output, [ckpt.path, tokenizer, tp_config], kind="file", force=force)
+    target = Output(output, [ckpt.path, tokenizer, tp_config, *lora], kind="file", force=force)
     output = target.path
     hf_refs, config = hf_stream(ckpt)
+    if lora:
+        from .merge_lora import lora_stage
+
+        hf_refs, merged = lora_stage(hf_refs, config, lora, base=ckpt.path, **(lora_options or {}))
+        config.update(merged.config_update)
+        head = arch.get(config["model_type"]).tensor(Role.OUTPUT)
+        if merged.untied and (head is None or head.gguf is None):
+            raise WeightopsError(f"the adapters untie the output head; llama.cpp's {config['model_type']} has none")
+        tokenizer = tokenizer or merged.tokenizer
+        for w in merged.warnings:
+            note(w)
     spec, refs = gguf_stream(hf_refs, config, ckpt.path)
     embedding = spec.name_of(Role.EMBEDDING, "gguf")  # present: gguf_stream checks
     n_vocab = next(r for r in refs if r.name == embedding).shape[0]

@@ -91,11 +91,26 @@ def _test_cache() -> Path:
     return Path(os.environ.get("WEIGHTOPS_TEST_CACHE", Path.home() / ".cache" / "weightops-tests"))
 
 
-def _vendored_llama_cpp(files: tuple[str, ...], dirs: tuple[str, ...]) -> Path:
+# what the oracles use of llama.cpp's tree: convert_hf_to_gguf.py with its `conversion` package and
+# gguf-py; the sources of llama-quantize and llama-imatrix with the common/ code and headers they need
+_VENDORED_FILES = ("convert_hf_to_gguf.py",)
+_VENDORED_DIRS = (
+    "gguf-py",
+    "conversion",
+    "tools/quantize",
+    "tools/imatrix",
+    "common",
+    "include",
+    "ggml/include",
+    "vendor/nlohmann",
+)
+
+
+def _vendored_llama_cpp(files: tuple[str, ...]) -> Path:
     """The installed llama-cpp-python's vendored llama.cpp tree (its pinned commit) in the test
-    cache, with at least `files` and everything under `dirs` (paths inside llama.cpp/).
-    Fetched from the package registry (the sdist) when missing; skips when neither the cache
-    nor the registry is there."""
+    cache, holding `files` (paths inside llama.cpp/). Fetched from the package registry (the
+    sdist) when one is missing, with everything every oracle uses; skips when neither the
+    cache nor the registry is there."""
     import importlib.metadata
     import subprocess
     import sys
@@ -134,7 +149,10 @@ def _vendored_llama_cpp(files: tuple[str, ...], dirs: tuple[str, ...]) -> Path:
                 m
                 for m in tar.getmembers()
                 if m.name.startswith(prefix)
-                and (m.name[len(prefix) :] in files or m.name.startswith(tuple(prefix + d + "/" for d in dirs)))
+                and (
+                    m.name[len(prefix) :] in _VENDORED_FILES
+                    or m.name.startswith(tuple(prefix + d + "/" for d in _VENDORED_DIRS))
+                )
             ]
             tar.extractall(cache, members=wanted, filter="data")
     return root
@@ -146,7 +164,7 @@ def llama_cpp_source() -> Path:
     llama-cpp-python), for its own tools as oracles (convert_hf_to_gguf.py with its `conversion`
     package and gguf-py), cached outside the repository."""
     # the script imports its `conversion` package
-    return _vendored_llama_cpp(("convert_hf_to_gguf.py", "conversion/__init__.py"), ("gguf-py", "conversion"))
+    return _vendored_llama_cpp(("convert_hf_to_gguf.py", "conversion/__init__.py"))
 
 
 # --- convert: an untied LLaMA without GQA, the shape TencentPretrain's own HF -> TP script handles ---
@@ -544,8 +562,7 @@ def llama_cpp_tools() -> dict[str, Path]:
     if compiler is None:
         pytest.skip("no C++ compiler to build llama.cpp's tools")
     root = _vendored_llama_cpp(
-        (*_COMMON_SOURCES, *_TOOLS["llama-quantize"], "tools/imatrix/imatrix.cpp", "common/build-info.cpp.in"),
-        ("tools/quantize", "tools/imatrix", "common", "include", "ggml/include", "vendor/nlohmann"),
+        (*_COMMON_SOURCES, *_TOOLS["llama-quantize"], "tools/imatrix/imatrix.cpp", "common/build-info.cpp.in")
     )
     libdir = Path(llama_cpp.__file__).parent / "lib"
     shims = b"".join(Path(s).read_bytes() for srcs in _TOOLS.values() for s in srcs if Path(s).is_absolute())

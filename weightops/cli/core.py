@@ -20,13 +20,26 @@ from . import main
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="TencentPretrain model config json, for a TencentPretrain checkpoint.",
 )
-def inspect(path: Path, as_json: bool, tp_config: Path | None) -> None:
+@click.option(
+    "--model",
+    type=click.Path(exists=True, path_type=Path),
+    help="With an importance-matrix PATH: report which of this model's weights it misses or barely covers.",
+)
+def inspect(path: Path, as_json: bool, tp_config: Path | None, model: Path | None) -> None:
     """Show format, architecture, tensor and parameter counts, dtypes, files and the
     vocabulary triple (config vocab_size / tokenizer size / embedding rows) of PATH.
 
     Only headers are read. PATH may be an HF directory or file (safetensors or .bin,
     sharded or not), a TencentPretrain .bin or sharded directory, or a GGUF file.
+    An importance matrix (llama-imatrix's GGUF or legacy .dat) is reported by entries,
+    chunks, datasets and token counts; with --model, by its coverage of that model.
     """
+    from ..pipelines.inspect_imatrix import inspect_imatrix, is_imatrix, render_imatrix
+
+    if model is not None or is_imatrix(path):
+        summary = inspect_imatrix(path, model, tp_config)
+        click.echo(json.dumps(summary, indent=2) if as_json else render_imatrix(summary))
+        return
     summary = inspect_checkpoint(path, tp_config)
     click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
 

@@ -16,7 +16,7 @@ import array
 import mmap
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ class Header:
     metadata: dict[str, Any]
     tensors: list[TensorInfo]
     map: mmap.mmap
+    types: dict[str, int] = field(default_factory=dict)  # key -> GGUF value type (8 string, 9 array, ...)
 
 
 class _Cursor:
@@ -182,11 +183,13 @@ def read_header(path: Path) -> Header:
     cur.need(n_kv * _MIN_KV + n_tensors * _MIN_TENSOR_INFO, f"{n_kv} keys and {n_tensors} tensor infos")
 
     metadata: dict[str, Any] = {}
+    types: dict[str, int] = {}
     for _ in range(n_kv):
         key = cur.text("a key")
         if key in metadata:
             raise cur.fail(f"key {key!r} appears twice")
-        metadata[key] = _value(cur, cur.scalar("<I", f"type of {key!r}"), key)
+        types[key] = cur.scalar("<I", f"type of {key!r}")
+        metadata[key] = _value(cur, types[key], key)
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
@@ -236,4 +239,4 @@ def read_header(path: Path) -> Header:
             )
         expected += -(-nbytes // alignment) * alignment
         tensors.append(TensorInfo(name, tuple(reversed(dims)), qtype, data_start + offset, nbytes))
-    return Header(path, version, metadata, tensors, buf)
+    return Header(path, version, metadata, tensors, buf, types)

@@ -96,15 +96,11 @@ def compute_imatrix(
         items.append(data)
         if report.spilled and warn:
             warn(f"the hidden states ({human_size(report.spilled)}) exceed the memory budget: kept in a temporary file")
-    result = combine(items) if len(items) > 1 else items[0]
+    # as llama-imatrix --in-file ... -c CTX: legacy values scale by this run's chunk size
+    result = combine(items, chunk_size=ctx)
     report.entries, report.chunk_size = len(result.entries), result.chunk_size
-    with target.writing() as tmp:
-        _write(result, tmp, format)
+    write_imatrix(result, target, fmt=format)
     return report
-
-
-def _write(data: Imatrix, path: Path, fmt: str) -> None:
-    write_imatrix(data, path, fmt=fmt)
 
 
 def _hf_model(ckpt: Checkpoint) -> tuple[list[TensorRef], dict, ArchSpec]:

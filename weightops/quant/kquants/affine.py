@@ -99,7 +99,8 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, p: _Search, exact: bool) -> _Fit:
     """make_qkx2_quants for every column of (positions, sub-blocks) x with weights w."""
     size, n = x.shape
     dev = x.device
-    lo, hi = x.amin(0), x.amax(0)  # which zero is returned does not matter here
+    lo, hi = x.amin(0), x.amax(0)
+    _first_zero(x, lo)
     zero = torch.zeros((), dtype=x.dtype, device=dev)
     mn = torch.where(lo > 0, zero, lo)
     flat = hi == mn  # the reference returns L = 0, scale 0 at once
@@ -163,6 +164,17 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, p: _Search, exact: bool) -> _Fit:
         bound = ((ends - mins.unsqueeze(1)) * inverse.unsqueeze(1)).abs_().amax((0, 1))
         regular = ((bound < NEAREST_LIMIT) | flat).all()
     return _Fit(state[1], -state[2], state[3], state[4], ends, regular)
+
+
+def _first_zero(x: torch.Tensor, lo: torch.Tensor) -> None:
+    """Where a column's minimum is zero, give it the sign of the column's first zero, as the
+    reference's scan (`if (x[i] < min) min = x[i]`) keeps it and torch's amin may not. The
+    legacy types store the search's min itself (Q4_1's m), so its sign reaches the bytes."""
+    zero = lo == 0
+    if bool(zero.any()):
+        cols = zero.nonzero().view(-1)
+        sub = x[:, cols]
+        lo[cols] = sub.gather(0, (sub == 0).to(torch.uint8).argmax(0, keepdim=True))[0]
 
 
 @cache

@@ -167,3 +167,16 @@ def test_imatrix_of_the_wrong_length_is_refused():
         ggml.quantize(x, "q4_k", torch.ones(256))
     with pytest.raises(WeightopsError, match="no weighted path"):
         _ = ggml_types.parse("q8_0").weighted_encoder
+
+
+@pytest.mark.parametrize("qtype", WEIGHTED)
+@pytest.mark.parametrize(
+    "device",
+    [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
+def test_device(qtype, device, libggml):
+    a, owner = _stack({k: v[:2] for k, v in families(9).items()})
+    imatrix = imatrices(10)["huge dynamic range"]
+    ours = ggml.quantize(torch.from_numpy(a).to(device), qtype, torch.from_numpy(imatrix).to(device))
+    assert ours.device.type == device
+    _assert_rows_equal(ours.cpu().numpy(), _oracle(libggml, a, qtype, imatrix), owner, f"{qtype} on {device}")

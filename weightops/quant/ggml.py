@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -62,10 +62,15 @@ def can_quantize(shape: Sequence[int], qtype: str) -> bool:
     return qtype in ggml_types.BLOCK_NAMES and len(shape) > 0 and shape[-1] > 0 and shape[-1] % _sizes(qtype)[0] == 0
 
 
-def quantize(t: torch.Tensor, qtype: str) -> torch.Tensor:
+def quantize(t: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None) -> torch.Tensor:
     """The bytes llama.cpp stores for float tensor `t` as `qtype`: uint8 of shape
-    (*t.shape[:-1], row_bytes), on t's device, computed from t's values converted to float32."""
-    block, size = _sizes(qtype)
+    (*t.shape[:-1], row_bytes), on t's device, computed from t's values converted to float32.
+
+    `imatrix`: an importance matrix, one value per column (t.shape[-1]), the same for every row
+    as llama-quantize passes it: the weighted path (`ggml_quantize_chunk` with `imatrix`) for
+    types that have one, ignored for the others (Q8_0), as libggml does."""
+    record = _block_type(qtype)
+    block, size = record.block_size, record.type_size
     if not can_quantize(t.shape, qtype):
         raise WeightopsError(
             f"tensor of shape {tuple(t.shape)} cannot be quantized to {qtype}: "
@@ -73,23 +78,65 @@ def quantize(t: torch.Tensor, qtype: str) -> torch.Tensor:
         )
     if not t.is_floating_point():
         raise WeightopsError(f"cannot quantize a {t.dtype} tensor to {qtype}: expected a float tensor")
+    if imatrix is not None:
+        if tuple(imatrix.shape) != (t.shape[-1],):
+            raise WeightopsError(
+                f"importance matrix of shape {tuple(imatrix.shape)} does not fit a tensor of shape "
+                f"{tuple(t.shape)}: it needs one value per column ({t.shape[-1]})"
+            )
+        if record.weighted:
+            return _quantize_weighted(t, record, imatrix.to(device=t.device, dtype=torch.float32))
     blocks = t.reshape(-1, block)
     out = torch.empty((blocks.shape[0], size), dtype=torch.uint8, device=t.device)
     workers, pool = _cpu_pool() if t.device.type == "cpu" else (1, None)
     # chunks of at most CHUNK_VALUES, and at least one per worker
     step = max(1, min(CHUNK_VALUES // block, -(-blocks.shape[0] // workers)))
-    encode = _block_type(qtype).encoder
+    encode = record.encoder
 
     def run(start: int) -> None:
         encode(blocks[start : start + step].to(torch.float32), out[start : start + step])
 
-    starts = range(0, blocks.shape[0], step)
+    _run_chunks(run, range(0, blocks.shape[0], step), pool)
+    return out.reshape(*t.shape[:-1], t.shape[-1] // block * size)
+
+
+def _quantize_weighted(t: torch.Tensor, record: ggml_types.GGMLType, imatrix: torch.Tensor) -> torch.Tensor:
+    """`quantize` with an importance matrix, in chunks of whole rows: each chunk's per-element
+    weights are the imatrix repeated over its rows (chunk-sized, never the whole tensor's), and
+    the legacy types' weights also need each row's mean square."""
+    block, size = record.block_size, record.type_size
+    cols = t.shape[-1]
+    per_row = cols // block
+    rows = t.reshape(-1, cols)
+    out = torch.empty((rows.shape[0] * per_row, size), dtype=torch.uint8, device=t.device)
+    workers, pool = _cpu_pool() if t.device.type == "cpu" else (1, None)
+    step = max(1, min(CHUNK_VALUES // cols, -(-rows.shape[0] // workers)))
+    encode = record.weighted_encoder
+    by_row = record.imatrix == ggml_types.ROW_WEIGHTS
+
+    def run(start: int) -> None:
+        x = rows[start : start + step].to(torch.float32)
+        n = x.shape[0]
+        weights = imatrix.expand(n, cols).reshape(-1, block)
+        dst = out[start * per_row : (start + n) * per_row]
+        if by_row:
+            from .weighted_legacy import row_mean_square
+
+            sigma2 = row_mean_square(x).repeat_interleave(per_row)
+            encode(x.reshape(-1, block), dst, weights, sigma2)
+        else:
+            encode(x.reshape(-1, block), dst, weights)
+
+    _run_chunks(run, range(0, rows.shape[0], step), pool)
+    return out.reshape(*t.shape[:-1], per_row * size)
+
+
+def _run_chunks(run: Callable[[int], None], starts: range, pool: ThreadPoolExecutor | None) -> None:
     if pool is None:
         for start in starts:
             run(start)
     else:
         list(pool.map(run, starts))
-    return out.reshape(*t.shape[:-1], t.shape[-1] // block * size)
 
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None

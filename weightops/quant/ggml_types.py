@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 Q = GGMLQuantizationType
 _GGML = "weightops.quant.ggml"
 _KQUANTS = "weightops.quant.kquants"
+_WEIGHTED_LEGACY = "weightops.quant.weighted_legacy"
+
+# GGMLType.imatrix: how a type's encoder uses an importance matrix (None: it has no weighted path
+# and libggml ignores the matrix, as for Q8_0 and the float types).
+BLOCK_WEIGHTS = "block"  # the encoder takes `weights`, the matrix's value for each element (K-quants)
+ROW_WEIGHTS = "row"  # a separate encoder also takes the mean square of each block's row (Q4_0..Q5_1)
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class GGMLType:
     float_dtype: str | None = None  # float types: the `weightops.dtypes` name they are a cast to
     kernels: Kernels | None = None  # block types: their encoder and decoder
     fallback: str | None = None  # the type for rows that are not whole blocks (then F16 if that fails too)
+    imatrix: str | None = None  # BLOCK_WEIGHTS, ROW_WEIGHTS or None: the type's weighted path, if any
 
     def __post_init__(self) -> None:
         if (self.float_dtype is None) == (self.kernels is None):
@@ -97,10 +104,26 @@ class GGMLType:
     def decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return _resolve(self._kernels().decoder)
 
-    def encode(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    @property
+    def weighted(self) -> bool:
+        """True when an importance matrix changes this type's bytes (llama-quantize --imatrix)."""
+        return self.imatrix is not None
+
+    @property
+    def weighted_encoder(self) -> Callable[..., None]:
+        """The encoder with an importance matrix: `(x, out, weights)` for BLOCK_WEIGHTS types,
+        `(x, out, weights, sigma2)` for ROW_WEIGHTS ones (`quant.weighted_legacy`)."""
+        if self.imatrix == ROW_WEIGHTS:
+            return _resolve(f"{_WEIGHTED_LEGACY}:encode_{self.name}")
+        if self.imatrix == BLOCK_WEIGHTS:
+            return self.encoder
+        raise WeightopsError(f"{self.name} has no weighted path: llama.cpp ignores an importance matrix for it")
+
+    def encode(self, x: torch.Tensor, device: torch.device, imatrix: torch.Tensor | None = None) -> torch.Tensor:
         """The stored bytes (uint8 on the CPU, one row per row of `x`) of `x`'s values: a cast
         through float32 for float types (on the CPU), the block kernels on `device` otherwise.
-        Always from the source values, never from an F16 intermediate, as llama.cpp's converter."""
+        Always from the source values, never from an F16 intermediate, as llama.cpp's converter.
+        `imatrix` (one value per column) selects the weighted path where the type has one."""
         import torch
 
         if self.float_dtype is not None:
@@ -109,7 +132,8 @@ class GGMLType:
             return x.to(torch.float32).to(dtypes.to_torch(self.float_dtype)).cpu().contiguous().view(torch.uint8)
         from . import ggml
 
-        return ggml.quantize(x.to(device), self.name).cpu()
+        weights = None if imatrix is None else imatrix.to(device)
+        return ggml.quantize(x.to(device), self.name, imatrix=weights).cpu()
 
     def decode(self, stored: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """float32 values of `shape` from the stored bytes (uint8)."""
@@ -141,30 +165,30 @@ class FileType:
     quantizer: bool = False  # llama-quantize's file (its mixes), else convert_hf_to_gguf.py --outtype's
 
 
-def _legacy(name: str, ggml: GGMLQuantizationType, verify_kind: str) -> GGMLType:
-    """llama.cpp's original block types: kernels in `quant.ggml`; rows that are not whole blocks
-    fall back to F16, as convert_hf_to_gguf.py does."""
-    return GGMLType(
-        name, ggml, verify_kind, kernels=Kernels(f"{_GGML}:encode_{name}", f"{_GGML}:decode_{name}"), fallback="f16"
-    )
+def _legacy(name: str, ggml: GGMLQuantizationType, verify_kind: str, imatrix: str | None) -> GGMLType:
+    """llama.cpp's original block types: kernels in `quant.ggml` (weighted ones in
+    `quant.weighted_legacy`); rows that are not whole blocks fall back to F16, as
+    convert_hf_to_gguf.py does."""
+    kernels = Kernels(f"{_GGML}:encode_{name}", f"{_GGML}:decode_{name}")
+    return GGMLType(name, ggml, verify_kind, kernels=kernels, fallback="f16", imatrix=imatrix)
 
 
 def _k(name: str, ggml: GGMLQuantizationType, module: str, verify_kind: str, fallback: str) -> GGMLType:
     """llama.cpp's K-quants (super-blocks of 256 in `quant.kquants.MODULE`); rows that are not
     whole super-blocks fall back as llama-quantize does (then to F16 if that fails too)."""
     kernels = Kernels(f"{_KQUANTS}.{module}:encode_{name}", f"{_KQUANTS}.{module}:decode_{name}")
-    return GGMLType(name, ggml, verify_kind, kernels=kernels, fallback=fallback)
+    return GGMLType(name, ggml, verify_kind, kernels=kernels, fallback=fallback, imatrix=BLOCK_WEIGHTS)
 
 
 GGML_TYPES: tuple[GGMLType, ...] = (
     GGMLType("f32", Q.F32, "float", float_dtype="F32"),
     GGMLType("f16", Q.F16, "float", float_dtype="F16"),
     GGMLType("bf16", Q.BF16, "float", float_dtype="BF16"),
-    _legacy("q8_0", Q.Q8_0, "q8"),
-    _legacy("q4_0", Q.Q4_0, "q4"),
-    _legacy("q4_1", Q.Q4_1, "q4"),
-    _legacy("q5_0", Q.Q5_0, "q5"),
-    _legacy("q5_1", Q.Q5_1, "q5"),
+    _legacy("q8_0", Q.Q8_0, "q8", imatrix=None),  # quantize_q8_0 ignores quant_weights
+    _legacy("q4_0", Q.Q4_0, "q4", imatrix=ROW_WEIGHTS),
+    _legacy("q4_1", Q.Q4_1, "q4", imatrix=ROW_WEIGHTS),
+    _legacy("q5_0", Q.Q5_0, "q5", imatrix=ROW_WEIGHTS),
+    _legacy("q5_1", Q.Q5_1, "q5", imatrix=ROW_WEIGHTS),
     _k("q2_k", Q.Q2_K, "affine", "low", fallback="q4_0"),
     _k("q3_k", Q.Q3_K, "symmetric", "low", fallback="q4_0"),
     _k("q4_k", Q.Q4_K, "affine", "q4", fallback="q5_0"),

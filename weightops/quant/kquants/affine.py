@@ -56,6 +56,11 @@ class _Search:
 _Q2 = _Search(size=16, nmax=3, rmin=-0.5, rdelta=0.1, nstep=15, mad=True, scale_max=15)
 _Q4 = _Search(size=32, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20, mad=False, scale_max=63)
 _Q5 = _Search(size=32, nmax=31, rmin=-0.5, rdelta=0.1, nstep=15, mad=False, scale_max=63)
+# With an importance matrix the search is make_qkx3_quants, which given weights is make_qkx2_quants
+# with these arguments (squared errors for Q2_K too).
+_Q2_WEIGHTED = _Search(size=16, nmax=3, rmin=-0.9, rdelta=0.05, nstep=36, mad=False, scale_max=15)
+_Q4_WEIGHTED = _Search(size=32, nmax=15, rmin=-0.9, rdelta=0.05, nstep=36, mad=False, scale_max=63)
+_Q5_WEIGHTED = _Search(size=32, nmax=31, rmin=-0.9, rdelta=0.05, nstep=36, mad=False, scale_max=63)
 
 
 class _Fit(NamedTuple):
@@ -94,7 +99,8 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, p: _Search, exact: bool) -> _Fit:
     """make_qkx2_quants for every column of (positions, sub-blocks) x with weights w."""
     size, n = x.shape
     dev = x.device
-    lo, hi = x.amin(0), x.amax(0)  # which zero is returned does not matter here
+    lo, hi = x.amin(0), x.amax(0)
+    _first_zero(x, lo)
     zero = torch.zeros((), dtype=x.dtype, device=dev)
     mn = torch.where(lo > 0, zero, lo)
     flat = hi == mn  # the reference returns L = 0, scale 0 at once
@@ -160,6 +166,17 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, p: _Search, exact: bool) -> _Fit:
     return _Fit(state[1], -state[2], state[3], state[4], ends, regular)
 
 
+def _first_zero(x: torch.Tensor, lo: torch.Tensor) -> None:
+    """Where a column's minimum is zero, give it the sign of the column's first zero, as the
+    reference's scan (`if (x[i] < min) min = x[i]`) keeps it and torch's amin may not. The
+    legacy types store the search's min itself (Q4_1's m), so its sign reaches the bytes."""
+    zero = lo == 0
+    if bool(zero.any()):
+        cols = zero.nonzero().view(-1)
+        sub = x[:, cols]
+        lo[cols] = sub.gather(0, (sub == 0).to(torch.uint8).argmax(0, keepdim=True))[0]
+
+
 @cache
 def _steps(p: _Search, device: torch.device) -> tuple[torch.Tensor, ...]:
     """The candidates' `rmin + rdelta*is + nmax` as float32 0-dim tensors on device."""
@@ -186,25 +203,144 @@ class _Levels(NamedTuple):
     mins: torch.Tensor
 
 
-def _fit(x: torch.Tensor, p: _Search, exact: bool) -> _Levels | None:
-    """The stored values of (n, 256) x; None when this chunk must be redone with exact rounding."""
+def _reference_scales(fit: _Fit, p: _Search) -> tuple[torch.Tensor, ...]:
+    """(scale levels, min levels, d, dmin) as quantize_row_q{2,4,5}_K_ref stores them: levels
+    against the largest sub-block scale and min."""
+    per = 256 // p.size
+    ls, d = _super_scale(fit.scale.view(-1, per), p.scale_max)
+    lm, dmin = _super_scale(fit.the_min.view(-1, per), p.scale_max)
+    if p.scale_max == 63:
+        return ls.clamp_(max=63), lm.clamp_(max=63), d, dmin
+    packed = ls | (lm << 4)  # Q2_K: one byte, scale | min << 4 (the reference ORs the shifted int into the byte)
+    return packed & 0x0F, packed >> 4, d, dmin
+
+
+def _importance(x: torch.Tensor, xs: torch.Tensor, weights: torch.Tensor, p: _Search) -> torch.Tensor:
+    """The search's element weights qw * sqrt(sigma2 + x²), by position like `xs`: sigma2 is the
+    super-block's sequential Σx² / 256, doubled for Q4_K and Q5_K (quantize_row_q{4,5}_K_impl)
+    and not for Q2_K (quantize_row_q2_K_impl)."""
+    xb = x.t().contiguous()  # (256, n): the sum runs over the whole super-block in element order
+    factor = 1.0 if p.size == 16 else 2.0
+    sigma2 = (f32(factor, x) * sequential_sum(xb * xb)) / f32(256, x)
+    sigma2 = sigma2.repeat_interleave(256 // p.size)  # per sub-block (column of xs)
+    return positions(weights.to(torch.float32), p.size) * sqrt(sigma2 + xs * xs)
+
+
+def _weighted_scales(fit: _Fit, sw: torch.Tensor, p: _Search) -> tuple[torch.Tensor, ...]:
+    """(scale levels, min levels, d, dmin) as quantize_row_q{2,4,5}_K_impl stores them: make_qp_quants
+    of the sub-block scales and of the mins, each weighted by the sub-blocks' weight sums `sw`
+    (n, k). The levels go through the bytes as the C stores them (uint8 stores that wrap, Q5_K's
+    clamp to 63 that Q4_K lacks) and are read back from them."""
+    per = sw.shape[1]
+    ls, d = make_qp(fit.scale.view(-1, per), sw, p.scale_max)
+    lm, dmin = make_qp(fit.the_min.view(-1, per), sw, p.scale_max)
+    if p.scale_max == 15:  # Q2_K: scale | min << 4 in one byte
+        packed = ls | (lm << 4)
+        return packed & 0x0F, packed >> 4, d, dmin
+    if p.nmax == 31:
+        ls.clamp_(max=63)
+        lm.clamp_(max=63)
+    stored = torch.empty((ls.shape[0], 16), dtype=torch.uint8, device=ls.device)
+    _put_scales_k4(stored, ls, lm)
+    scales, mins = _scales_k4(stored)
+    return scales, mins, d, dmin
+
+
+def _qp_candidates(nmax: int) -> list[float]:
+    """make_qp_quants' numerators `0.1f*is + nmax` for is = -4..4, is != 0, in float32."""
+    one = np.float32
+    return [float(one(0.1) * one(i) + one(nmax)) for i in range(-4, 5) if i]
+
+
+def _wrap(levels: torch.Tensor) -> torch.Tensor:
+    """Integer-valued float32 levels as the C's uint8 store keeps them (the low byte)."""
+    return (levels.to(torch.int32) & 0xFF).to(torch.float32)
+
+
+def make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """libggml's make_qp_quants(k, nmax, x, L, w) for every row of (n, k) x, weights w: (L (n, k)
+    uint8 as the C stores it, scale (n, 1) float16 as the block stores it).
+
+    A search over 9 inverse scales for the least weighted squared error, then at most five passes
+    of coordinate descent, each a loop over the k positions vectorised across rows. A row whose
+    pass changed nothing would change nothing in the next one, so rows run on together until
+    no row changes. Rounding is the bit-exact nearest_int: the descent's x*sl2/slx can be huge."""
+    xt, wt = x.t().contiguous(), w.t().contiguous()  # (k, n): sums run over the k positions in order
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    one = f32(1.0, x)
+    top = xt.amax(0).clamp_(min=0)
+    empty = top < 1e-15  # GROUP_MAX_EPS: L = 0, scale 0
+    top = torch.where(empty, one, top)
+
+    def error(iscale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        diff = xt - (one / iscale) * levels
+        return sequential_sum((wt * diff) * diff)
+
+    iscale = f32(nmax, x) / top
+    best = error(iscale, _wrap(nearest_exact(iscale * xt)))
+    for numerator in _qp_candidates(nmax):
+        candidate = f32(numerator, x) / top
+        mse = error(candidate, nearest_exact(candidate * xt).clamp_(max=nmax))
+        better = mse < best
+        best = torch.where(better, mse, best)
+        iscale = torch.where(better, candidate, iscale)
+    levels = nearest_exact(iscale * xt).clamp_(max=nmax)
+    wx = wt * xt
+    sumlx = sequential_sum(wx * levels)
+    suml2 = sequential_sum((wt * levels) * levels)
+    levels = _wrap(levels)
+    for _ in range(5):
+        changed = torch.zeros_like(empty)
+        for i in range(xt.shape[0]):
+            li = levels[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - (wt[i] * li) * li
+            new = nearest_exact((xt[i] * sl2) / slx).clamp_(max=nmax)
+            slx_new = slx + wx[i] * new
+            sl2_new = sl2 + (wt[i] * new) * new
+            accept = (slx > 0) & (sl2 > 0) & (new != li)
+            accept &= (slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new
+            torch.where(accept, _wrap(new), li, out=levels[i])
+            sumlx = torch.where(accept, slx_new, sumlx)
+            suml2 = torch.where(accept, sl2_new, suml2)
+            changed |= accept
+        if not bool(changed.any()):
+            break
+    scale = torch.where(suml2 > 0, sumlx / suml2, zero)
+    scale = torch.where(empty, zero, scale)
+    levels = torch.where(empty, zero, levels)
+    return levels.t().to(torch.uint8).contiguous(), scale.view(-1, 1).to(torch.float16)
+
+
+def qkx3(xs: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_qkx3_quants(size, nmax, x, w, L, &the_min, Laux, -0.9f, 0.05f, 36, false) for every
+    column of (size, S) xs with weights w (the legacy types' weighted path): (scale (S,), -the_min
+    (S,), L (size, S) float32 levels)."""
+    p = _Search(size=xs.shape[0], nmax=nmax, rmin=-0.9, rdelta=0.05, nstep=36, mad=False, scale_max=0)
+    fit = _qkx2(xs, w, p, exact=False)
+    exact = not bool(fit.regular)
+    if exact:
+        fit = _qkx2(xs, w, p, exact=True)
+    return fit.scale, -fit.the_min, _levels(xs, fit.iscale, fit.base, p, exact, torch.empty_like(xs))
+
+
+def _fit(x: torch.Tensor, p: _Search, exact: bool, weights: torch.Tensor | None = None) -> _Levels | None:
+    """The stored values of (n, 256) x; None when this chunk must be redone with exact rounding.
+    With `weights` (the importance matrix values of x) the search and scales are the weighted ones."""
     xs = positions(x, p.size)
-    if p.mad:  # Q2_K: w = |x|
+    if weights is not None:
+        w = _importance(x, xs, weights, p)
+    elif p.mad:  # Q2_K: w = |x|
         w = xs.abs()
     else:  # w = sqrt(Σx²/32) + |x|
         av = sqrt(sequential_sum(xs * xs) / f32(p.size, x))
         w = xs.abs().add_(av)
     fit = _qkx2(xs, w, p, exact)
     per = 256 // p.size
-    ls, d = _super_scale(fit.scale.view(-1, per), p.scale_max)
-    lm, dmin = _super_scale(fit.the_min.view(-1, per), p.scale_max)
-    if p.scale_max == 63:
-        ls.clamp_(max=63)
-        lm.clamp_(max=63)
-        scale_levels, min_levels = ls, lm
-    else:  # Q2_K: one byte, scale | min << 4 (the reference ORs the shifted int into the byte)
-        packed = ls | (lm << 4)
-        scale_levels, min_levels = packed & 0x0F, packed >> 4
+    if weights is None:
+        scale_levels, min_levels, d, dmin = _reference_scales(fit, p)
+    else:
+        scale_levels, min_levels, d, dmin = _weighted_scales(fit, sequential_sum(w).view(-1, per), p)
     dq = (d.to(torch.float32) * scale_levels.to(torch.float32)).view(-1)
     dm = (dmin.to(torch.float32) * min_levels.to(torch.float32)).view(-1)
     skip = dq == 0  # the reference keeps the search's L there
@@ -219,20 +355,27 @@ def _fit(x: torch.Tensor, p: _Search, exact: bool) -> _Levels | None:
     return _Levels(blocks(levels.to(torch.uint8), per), d, dmin, scale_levels, min_levels)
 
 
-def _fit_exactly(x: torch.Tensor, p: _Search) -> _Levels:
-    found = _fit(x, p, exact=False)
+def _fit_exactly(x: torch.Tensor, p: _Search, weights: torch.Tensor | None) -> _Levels:
+    found = _fit(x, p, False, weights)
     if found is None:
-        found = _fit(x, p, exact=True)
+        found = _fit(x, p, True, weights)
         assert found is not None  # the exact path always finishes
     return found
 
 
-def _encode(x: torch.Tensor, out: torch.Tensor, p: _Search, pack: Callable[[torch.Tensor, _Levels], None]) -> None:
+def _encode(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    p: _Search,
+    pack: Callable[[torch.Tensor, _Levels], None],
+    weights: torch.Tensor | None = None,
+) -> None:
     """Fit and pack (n, 256) x into out; on CPU in pieces of CPU_BLOCKS super-blocks (the search
     makes ~20 passes over its temporaries, which then stay in the core's cache)."""
     step = CPU_BLOCKS if x.device.type == "cpu" else x.shape[0]
     for start in range(0, x.shape[0], step):
-        pack(out[start : start + step], _fit_exactly(x[start : start + step], p))
+        w = None if weights is None else weights[start : start + step]
+        pack(out[start : start + step], _fit_exactly(x[start : start + step], p, w))
 
 
 def _put_scales_k4(out: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor) -> None:
@@ -272,16 +415,20 @@ def _pack_q2_k(out: torch.Tensor, fit: _Levels) -> None:
     _put_f16(out, 82, fit.dmin)
 
 
-def encode_q4_k(x: torch.Tensor, out: torch.Tensor) -> None:
-    _encode(x, out, _Q4, _pack_q4_k)
+def encode_q4_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    """(n, 256) float32 -> (n, 144) uint8 Q4_K blocks; `weights` (n, 256): the importance matrix
+    values of each element (quantize_row_q4_K_impl), None for the reference path."""
+    _encode(x, out, _Q4 if weights is None else _Q4_WEIGHTED, _pack_q4_k, weights)
 
 
-def encode_q5_k(x: torch.Tensor, out: torch.Tensor) -> None:
-    _encode(x, out, _Q5, _pack_q5_k)
+def encode_q5_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    """As `encode_q4_k`, (n, 176) Q5_K blocks (quantize_row_q5_K_impl with weights)."""
+    _encode(x, out, _Q5 if weights is None else _Q5_WEIGHTED, _pack_q5_k, weights)
 
 
-def encode_q2_k(x: torch.Tensor, out: torch.Tensor) -> None:
-    _encode(x, out, _Q2, _pack_q2_k)
+def encode_q2_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    """As `encode_q4_k`, (n, 84) Q2_K blocks (quantize_row_q2_K_impl with weights)."""
+    _encode(x, out, _Q2 if weights is None else _Q2_WEIGHTED, _pack_q2_k, weights)
 
 
 def _bit_shifts(n: int, device: torch.device) -> torch.Tensor:

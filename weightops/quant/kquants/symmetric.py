@@ -42,25 +42,26 @@ def _sequential_sums(terms: torch.Tensor, out: torch.Tensor) -> None:
         out += terms[i]
 
 
-def _make_qx(x: torch.Tensor, xt: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qx_quants(16, nmax, x, L, rmse_type=1, qw) for every sub-block: (scale (S,), L (16, S)
-    float32 levels 0..2*nmax-1). `x` is the (S, 16) sub-blocks, `xt` the same by position, `w`
-    the weights by position (x*x without an importance matrix)."""
+def make_qx(x: torch.Tensor, xt: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants(size, nmax, x, L, rmse_type=1, qw) for every sub-block: (scale (S,), L
+    (size, S) float32 levels 0..2*nmax-1). `x` is the (S, size) sub-blocks, `xt` the same by
+    position, `w` the weights by position (x*x without an importance matrix)."""
     m = _signed_max(x).view(-1)  # the first value of largest magnitude
     empty = m.abs() < _GROUP_MAX_EPS
     numerators = _candidates(nmax).to(x.device)[:, None]
     iscales = numerators / m  # (K, S), true division
     k, s = iscales.shape
+    size = xt.shape[0]
     sums = torch.empty((2, k, s), dtype=torch.float32, device=x.device)
-    step = max(1, _SLICE_VALUES // (16 * k))
+    step = max(1, _SLICE_VALUES // (size * k))
     buffers: dict[int, tuple[torch.Tensor, ...]] = {}
     for a in range(0, s, step):
         b = min(s, a + step)
         if b - a not in buffers:  # reused: fresh large tensors cost page faults on every op
-            shape = (16, k, b - a)
+            shape = (size, k, b - a)
             buffers[b - a] = (
                 torch.empty(shape, device=x.device),
-                torch.empty((16, 2, k, b - a), device=x.device),
+                torch.empty((size, 2, k, b - a), device=x.device),
                 torch.empty((k, b - a), device=x.device),
             )
         lv, terms, isc = buffers[b - a]
@@ -114,7 +115,7 @@ def encode_q6_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None
     sub = x.reshape(-1, 16)
     xt = positions(x, 16)
     w = xt * xt if weights is None else positions(weights.to(torch.float32), 16)
-    scales, levels = _make_qx(sub, xt, w, 32)
+    scales, levels = make_qx(sub, xt, w, 32)
     scales = scales.view(n, 16)
     max_scale = _signed_max(scales)  # (n, 1)
     empty = (max_scale.abs() < _GROUP_MAX_EPS).view(-1)
@@ -232,10 +233,10 @@ def _q3_weighted(
     w = positions(weights.to(torch.float32), 16) * sqrt(sigma + xt * xt)
     sw = torch.empty(xt.shape[1], dtype=torch.float32, device=x.device)
     _sequential_sums(w, sw)
-    scales, levels = _make_qx(sub, xt, w, 4)
+    scales, levels = make_qx(sub, xt, w, 4)
     scales = scales.view(n, 16)
     st = scales.t().contiguous()
-    d_block, ls = _make_qx(scales, st, sw.view(n, 16).t().contiguous(), 32)
+    d_block, ls = make_qx(scales, st, sw.view(n, 16).t().contiguous(), 32)
     return d_block, ls.t().contiguous(), levels
 
 

@@ -157,8 +157,8 @@ def export_gguf(
         warn=note,
     )
     calibration = None
-    if imatrix is not None:  # the tensors llama-quantize quantizes: those whose type differs from its input file's
-        quantized = [r for r in refs if types[r.name] != policy.converter_type(r.name, r.shape, via or "f32")]
+    if imatrix is not None:
+        quantized = [r for r in refs if types[r.name] != policy.input_type(r.name, r.shape, via)]
         calibration = load_calibration(imatrix, ((r.name, r.shape) for r in quantized))
         if not calibration.weights:
             note(f"{imatrix}: the importance matrix has no entry for any tensor quantized here; nothing is weighted")

@@ -189,6 +189,13 @@ def converter_type(name: str, shape: Sequence[int], type_name: str) -> GGMLQuant
     return Q.F32 if is_always_f32(name, shape) else base
 
 
+def input_type(name: str, shape: Sequence[int], via: str | None = None) -> GGMLQuantizationType:
+    """The tensor's type in llama-quantize's input file: convert_hf_to_gguf.py's F32 file, or its
+    `via` (f16/bf16) file. llama-quantize quantizes (and weights with an importance matrix) only
+    the tensors whose type differs from it."""
+    return converter_type(name, shape, via or "f32")
+
+
 @dataclass
 class _Counters:
     """quantize_state_impl's state: counters advanced only when the mix rules see a tensor."""
@@ -239,7 +246,7 @@ def assign_types(
     out: dict[str, GGMLQuantizationType] = {}
     for name, shape in items:
         if ftype.quantizer and not allows_quantization(name, shape):
-            out[name] = converter_type(name, shape, via or "f32")
+            out[name] = input_type(name, shape, via)
             continue
         if not ftype.quantizer and is_always_f32(name, shape):
             out[name] = Q.F32

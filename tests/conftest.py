@@ -640,3 +640,37 @@ def llama_imatrix_combine(llama_cpp_tools):
     """`llama_imatrix_combine(OUT, "gguf"|"dat", CTX, *IN, check=True)`: what
     `llama-imatrix --in-file IN... -c CTX -o OUT [--output-format dat]` writes, by its own code."""
     return _runner(llama_cpp_tools["imatrix-combine"])
+
+
+@pytest.fixture(scope="session")
+def gguf_differences():
+    """`gguf_differences(ours, theirs)`: what differs between two GGUF files, most telling
+    first (KV and its order, tensor order, each tensor's type and bytes, then anything else);
+    empty when they are byte-identical."""
+    from gguf import GGUFReader
+
+    def kv(reader: GGUFReader) -> list[tuple[str, object]]:
+        return [(name, field.contents()) for name, field in reader.fields.items() if not name.startswith("GGUF.")]
+
+    def differences(ours: Path, theirs: Path) -> list[str]:
+        a, b = GGUFReader(ours), GGUFReader(theirs)
+        out = []
+        if kv(a) != kv(b):
+            mine, yours = dict(kv(a)), dict(kv(b))
+            keys = mine.keys() | yours.keys()
+            changed = {k: (mine.get(k), yours.get(k)) for k in keys if mine.get(k) != yours.get(k)}
+            out.append(f"KV: ours {list(mine)} != theirs {list(yours)}; (ours, theirs) where they differ: {changed}")
+        if [t.name for t in a.tensors] != [t.name for t in b.tensors]:
+            out.append(f"tensor order: {[t.name for t in a.tensors]} != {[t.name for t in b.tensors]}")
+        theirs_by_name = {t.name: t for t in b.tensors}
+        for t in a.tensors:
+            u = theirs_by_name.get(t.name)
+            if u is None or t.tensor_type != u.tensor_type:
+                out.append(f"{t.name}: {t.tensor_type.name} != {u.tensor_type.name if u else 'missing'}")
+            elif not np.array_equal(np.array(t.data), np.array(u.data)):
+                out.append(f"{t.name} ({t.tensor_type.name}): different bytes")
+        if not out and Path(ours).read_bytes() != Path(theirs).read_bytes():
+            out.append("bytes differ outside KV and tensor data (header, offsets or padding)")
+        return out
+
+    return differences

@@ -79,31 +79,6 @@ def fallback_lines(log: str) -> list[str]:
     return [re.sub(r"^.*?warning: ", "", line, flags=re.IGNORECASE) for line in lines]
 
 
-def kv(path: Path) -> list[tuple[str, object]]:
-    reader = GGUFReader(path)
-    return [(name, field.contents()) for name, field in reader.fields.items() if not name.startswith("GGUF.")]
-
-
-def differences(ours: Path, theirs: Path) -> list[str]:
-    """What differs between two GGUF files, most telling first (empty: byte-identical)."""
-    a, b = GGUFReader(ours), GGUFReader(theirs)
-    out = []
-    if kv(ours) != kv(theirs):
-        out.append(f"KV: ours {[k for k, _ in kv(ours)]} != theirs {[k for k, _ in kv(theirs)]}")
-    if [t.name for t in a.tensors] != [t.name for t in b.tensors]:
-        out.append(f"tensor order: {[t.name for t in a.tensors]} != {[t.name for t in b.tensors]}")
-    theirs_by_name = {t.name: t for t in b.tensors}
-    for t in a.tensors:
-        u = theirs_by_name.get(t.name)
-        if u is None or t.tensor_type != u.tensor_type:
-            out.append(f"{t.name}: {t.tensor_type.name} != {u.tensor_type.name if u else 'missing'}")
-        elif not np.array_equal(np.array(t.data), np.array(u.data)):
-            out.append(f"{t.name} ({t.tensor_type.name}): different bytes")
-    if not out and ours.read_bytes() != theirs.read_bytes():
-        out.append("bytes differ outside KV and tensor data (header, offsets or padding)")
-    return out
-
-
 # ------------------------------------------------------------------------------------------ models
 
 
@@ -159,18 +134,18 @@ def ours(checkpoint: Path, out: Path, mix: str, **kw) -> list[str]:
 
 @pytest.mark.parametrize("pure", [False, True], ids=["mix", "pure"])
 @pytest.mark.parametrize("mix", MIXES)
-def test_file_is_llama_quantize_s(model, mix, pure, tmp_path):
+def test_file_is_llama_quantize_s(model, mix, pure, tmp_path, gguf_differences):
     name, checkpoint, f32 = model
     theirs, mine = tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
     log = llama_quantize(f32, theirs, mix, pure=pure)
     warnings = ours(checkpoint, mine, mix, pure=pure)
-    assert differences(mine, theirs) == []
+    assert gguf_differences(mine, theirs) == []
     assert mine.read_bytes() == theirs.read_bytes()
     assert [" ".join(w.split()) for w in warnings if "fall" in w] == fallback_lines(log)
 
 
 @pytest.mark.parametrize("via,mix", [("f16", "q4_k_m"), ("f16", "q5_0"), ("bf16", "q6_k")])
-def test_via_is_llama_quantize_on_the_converted_file(model, via, mix, tmp_path):
+def test_via_is_llama_quantize_on_the_converted_file(model, via, mix, tmp_path, gguf_differences):
     """--via f16: the file of the two-pass route (convert to F16, then quantize), which differs
     from the one-pass file where F16 rounding changes blocks."""
     name, checkpoint, _ = model
@@ -178,10 +153,10 @@ def test_via_is_llama_quantize_on_the_converted_file(model, via, mix, tmp_path):
     export_gguf(checkpoint, converted, type=via)
     llama_quantize(converted, theirs, mix)
     ours(checkpoint, mine, mix, via=via)
-    assert differences(mine, theirs) == []
+    assert gguf_differences(mine, theirs) == []
 
 
-def test_via_f16_reproduces_the_two_pass_file_only(llama_256, tmp_path):
+def test_via_f16_reproduces_the_two_pass_file_only(llama_256, tmp_path, gguf_differences):
     """Weights under f16's normal range (~6e-5) lose bits in the F16 file: the two-pass file
     differs from the one-pass one, and --via f16 gives the two-pass file."""
     import shutil
@@ -197,8 +172,8 @@ def test_via_f16_reproduces_the_two_pass_file_only(llama_256, tmp_path):
     llama_quantize(tmp_path / "f16.gguf", tmp_path / "theirs.gguf", "q4_k_m")
     ours(checkpoint, tmp_path / "via.gguf", "q4_k_m", via="f16")
     ours(checkpoint, tmp_path / "direct.gguf", "q4_k_m")
-    assert differences(tmp_path / "via.gguf", tmp_path / "theirs.gguf") == []
-    assert {d.split(" ")[0] for d in differences(tmp_path / "direct.gguf", tmp_path / "theirs.gguf")} == {
+    assert gguf_differences(tmp_path / "via.gguf", tmp_path / "theirs.gguf") == []
+    assert {d.split(" ")[0] for d in gguf_differences(tmp_path / "direct.gguf", tmp_path / "theirs.gguf")} == {
         f"blk.{i}.ffn_down.weight" for i in range(8)
     }
 
@@ -223,14 +198,14 @@ def test_via_f16_reproduces_the_two_pass_file_only(llama_256, tmp_path):
     ids=["tensor-type", "tensor-type-pure", "output-and-embedding"],
 )
 @pytest.mark.parametrize("mix", ["q4_k_m", "q3_k_m"])
-def test_options_as_llama_quantize(llama_256, mix, kw, llama_kw, tmp_path):
+def test_options_as_llama_quantize(llama_256, mix, kw, llama_kw, tmp_path, gguf_differences):
     checkpoint, f32 = llama_256
     llama_quantize(f32, tmp_path / "theirs.gguf", mix, **llama_kw)
     ours(checkpoint, tmp_path / "ours.gguf", mix, **kw)
-    assert differences(tmp_path / "ours.gguf", tmp_path / "theirs.gguf") == []
+    assert gguf_differences(tmp_path / "ours.gguf", tmp_path / "theirs.gguf") == []
 
 
-def test_tied_output_type_applies_to_the_embedding(request, tmp_path):
+def test_tied_output_type_applies_to_the_embedding(request, tmp_path, gguf_differences):
     """With tied embeddings token_embd is quantized as the output (here: --output-tensor-type)."""
     checkpoint = tiny.tiny_llama(
         tmp_path / "model", request.getfixturevalue("spm_tokenizer"), hidden=256, intermediate=256, tied=True
@@ -238,7 +213,7 @@ def test_tied_output_type_applies_to_the_embedding(request, tmp_path):
     export_gguf(checkpoint, tmp_path / "f32.gguf", type="f32")
     llama_quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", "q4_k_s", output_type=Q.Q5_K)
     ours(checkpoint, tmp_path / "ours.gguf", "q4_k_s", output_tensor_type="q5_k")
-    assert differences(tmp_path / "ours.gguf", tmp_path / "theirs.gguf") == []
+    assert gguf_differences(tmp_path / "ours.gguf", tmp_path / "theirs.gguf") == []
     assert {t.name: t.tensor_type for t in GGUFReader(tmp_path / "ours.gguf").tensors}["token_embd.weight"] == Q.Q5_K
 
 

@@ -103,6 +103,15 @@ _QUANTIZER_SPAN = " ... ".join(_QUANTIZER.split("/")[:: len(_QUANTIZER.split("/"
     "Default: quantize from the source values (= llama-quantize on an F32 file).",
 )
 @click.option(
+    "--imatrix",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help=f"With a llama-quantize --type ({_QUANTIZER_SPAN}): an importance matrix (weightops imatrix or "
+    "llama-imatrix, GGUF or .dat): weighted quantization, its type rules and its quantize.imatrix.* "
+    "metadata, byte for byte as llama-quantize --imatrix FILE. Tensors without an entry are quantized "
+    "unweighted; an entry whose size does not fit the model is refused.",
+)
+@click.option(
     "--quality",
     type=click.Choice(QUALITIES),
     default="reference",
@@ -157,6 +166,7 @@ def gguf(
     output_tensor_type: str | None,
     token_embedding_type: str | None,
     via: str | None,
+    imatrix: str | None,
     quality: str,
     device: str,
     tokenizer: Path | None,
@@ -177,6 +187,7 @@ def gguf(
         output_tensor_type=output_tensor_type,
         token_embedding_type=token_embedding_type,
         via=via,
+        imatrix=imatrix,
         quality=quality,
         device=device,
         tokenizer=tokenizer,

@@ -34,6 +34,7 @@ from ..io.gguf_tokenizer import TokenizerSummary, add_tokenizer
 from ..io.outputs import Output
 from ..quant import ggml_types, policy
 from ..stream import TensorRef, matches_any
+from .gguf_imatrix import add_quantize_kv, load_calibration
 
 QUALITIES = ("reference",)
 CHUNK_ELEMENTS = 1 << 23  # values encoded at once on CPU (32 MiB of float32); 8x that on CUDA
@@ -69,6 +70,7 @@ def export_gguf(
     warn: Callable[[str], None] | None = None,
     lora: Sequence[str | Path] = (),
     lora_options: dict | None = None,
+    imatrix: str | Path | None = None,
 ) -> GGUFReport:
     """Write `model` as a llama.cpp GGUF file at `output` (atomically; refuses to overwrite
     without `force`). `type` is the file type (see `quant.policy`), `tensor_types` are
@@ -76,7 +78,10 @@ def export_gguf(
     two tensors, `via` (f16/bf16, llama-quantize file types only) rounds the weights to that
     type first, as a two-pass file is made; `tokenizer` a directory with the HF tokenizer
     files (default: the model's own directory). `lora` adapters are merged on the way
-    (`pipelines.merge_lora.lora_stage`, with `lora_options`). Warnings go to `warn` and into the result."""
+    (`pipelines.merge_lora.lora_stage`, with `lora_options`). `imatrix` (llama-quantize file
+    types only) is an importance-matrix file: weighted quantization, its type rules and its
+    metadata, as `llama-quantize --imatrix` (`pipelines.gguf_imatrix`). Warnings go to `warn`
+    and into the result."""
     warnings: list[str] = []
 
     def note(msg: str) -> None:
@@ -98,10 +103,15 @@ def export_gguf(
             f"--via applies to the file types llama-quantize makes from a converted file; --type {ftype.name} "
             "is convert_hf_to_gguf.py's own"
         )
+    if imatrix is not None and not ftype.quantizer:
+        raise WeightopsError(
+            f"--imatrix applies to the file types llama-quantize makes from a converted file; --type {ftype.name} "
+            "is convert_hf_to_gguf.py's own"
+        )
     via = via.lower() if via else None
     dev = resolve_device(device)
     ckpt = open_checkpoint(model, tp_config)
-    target = Output(output, [ckpt.path, tokenizer, tp_config, *lora], kind="file", force=force)
+    target = Output(output, [ckpt.path, tokenizer, tp_config, imatrix, *lora], kind="file", force=force)
     output = target.path
     hf_refs, config = hf_stream(ckpt)
     if lora:
@@ -143,10 +153,24 @@ def export_gguf(
         output_type=output_ggml,
         token_embedding_type=token_embd_ggml,
         via=via,
+        has_imatrix=imatrix is not None,
         warn=note,
     )
+    calibration = None
+    if imatrix is not None:
+        quantized = [r for r in refs if types[r.name] != policy.input_type(r.name, r.shape, via)]
+        calibration = load_calibration(imatrix, ((r.name, r.shape) for r in quantized))
+        if not calibration.weights:
+            note(f"{imatrix}: the importance matrix has no entry for any tensor quantized here; nothing is weighted")
+    weights = calibration.weights if calibration else {}
     planned = [
-        GGUFTensor(r.name, r.shape, types[r.name], _producer(r, types[r.name], dev, _rounding(r, via)), r.release)
+        GGUFTensor(
+            r.name,
+            r.shape,
+            types[r.name],
+            _producer(r, types[r.name], dev, _rounding(r, via), weights.get(r.name)),
+            r.release,
+        )
         for r in refs
     ]
     in_file = sorted(planned, key=lambda t: policy.weights_map_key(t.name)) if ftype.quantizer else planned
@@ -171,7 +195,8 @@ def export_gguf(
     )
     spec.vocab.quirks(writer, tok_dir, config)
     if ftype.quantizer:
-        move_keys_to_end(writer, (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE))
+        imatrix_keys = add_quantize_kv(writer, calibration) if calibration else ()
+        move_keys_to_end(writer, (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE, *imatrix_keys))
     total = sum(t.nbytes for t in planned)
     with progress.bar(total, f"gguf {qtype_name}") as bar:
         write_gguf(writer, planned, target, on_tensor=lambda t: bar.update(t.nbytes))
@@ -276,25 +301,36 @@ def _rounding(ref: TensorRef, via: str | None) -> torch.dtype | None:
 
 
 def _producer(
-    ref: TensorRef, qtype: GGMLQuantizationType, device: torch.device, rounding: torch.dtype | None
+    ref: TensorRef,
+    qtype: GGMLQuantizationType,
+    device: torch.device,
+    rounding: torch.dtype | None,
+    imatrix: np.ndarray | None = None,
 ) -> Callable[[], Iterator[np.ndarray]]:
-    return lambda: encode(ref.load(), qtype, device, rounding)
+    return lambda: encode(ref.load(), qtype, device, rounding, imatrix)
 
 
 def encode(
-    t: torch.Tensor, qtype: GGMLQuantizationType, device: torch.device, rounding: torch.dtype | None = None
+    t: torch.Tensor,
+    qtype: GGMLQuantizationType,
+    device: torch.device,
+    rounding: torch.dtype | None = None,
+    imatrix: np.ndarray | None = None,
 ) -> Iterator[np.ndarray]:
     """Stored bytes of `t` as `qtype`, a slab of rows at a time (blocks never span rows, so the
     bytes are the same as for the whole tensor, and a huge embedding never exists in float32
     at once). Values go through float32 first: quantizing from the source values, as
     llama.cpp's converter does, never from an F16 intermediate — unless `rounding` (--via)
-    asks for that intermediate's values."""
+    asks for that intermediate's values. `imatrix`: per-column weights, for the weighted path
+    of the types that have one (ignored by the others, as libggml ignores them)."""
     rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
     step = max(1, (CHUNK_ELEMENTS if device.type == "cpu" else 8 * CHUNK_ELEMENTS) // max(1, rows.shape[1]))
     record = ggml_types.get(qtype)
+    weights = None if imatrix is None else torch.from_numpy(imatrix)
     for start in range(0, rows.shape[0], step):
         slab = rows[start : start + step]
-        yield record.encode(slab if rounding is None else slab.to(torch.float32).to(rounding), device).numpy()
+        values = slab if rounding is None else slab.to(torch.float32).to(rounding)
+        yield record.encode(values, device, imatrix=weights).numpy()
 
 
 def _add_general(writer: gguf.GGUFWriter, ckpt: Checkpoint) -> None:

@@ -10,8 +10,13 @@ Two tools make the files people use, and `--type` picks whose rules apply (`File
   (`llama_tensor_get_type_impl`), evaluated in the loader's tensor order (`weights_map`), since
   the attn_v and ffn_down rules count the tensors seen so far.
 
+With an importance matrix (`has_imatrix`, llama-quantize --imatrix) one rule changes for the
+mixes we offer: the first eighth of the ffn_down tensors of a Q4_0/Q5_0 file become Q4_1/Q5_1.
+Its other imatrix rules, and its refusal to quantize without one ("requires an imatrix":
+IQ1/IQ2/IQ3_XXS tensors, Q2_K in a Q2_K_S file), concern types and mixes we do not write.
+
 Not carried over, because no architecture in `weightops/arch/` has them: the expert (MoE) rules,
-the imatrix-only type changes of the Q4_0/Q5_0 mixes (we take no imatrix), the IQ/TQ mixes.
+the IQ/TQ mixes.
 """
 
 from __future__ import annotations
@@ -184,12 +189,20 @@ def converter_type(name: str, shape: Sequence[int], type_name: str) -> GGMLQuant
     return Q.F32 if is_always_f32(name, shape) else base
 
 
+def input_type(name: str, shape: Sequence[int], via: str | None = None) -> GGMLQuantizationType:
+    """The tensor's type in llama-quantize's input file: convert_hf_to_gguf.py's F32 file, or its
+    `via` (f16/bf16) file. llama-quantize quantizes (and weights with an importance matrix) only
+    the tensors whose type differs from it."""
+    return converter_type(name, shape, via or "f32")
+
+
 @dataclass
 class _Counters:
-    """quantize_state_impl's counters: advanced only when the mix rules see a tensor."""
+    """quantize_state_impl's state: counters advanced only when the mix rules see a tensor."""
 
     n_attention_wv: int
     tied: bool  # no output.weight: token_embd is quantized as the output
+    has_imatrix: bool = False
     i_attention_wv: int = 0
     i_ffn_down: int = 0
     fallbacks: int = 0
@@ -205,6 +218,7 @@ def assign_types(
     output_type: GGMLQuantizationType | None = None,
     token_embedding_type: GGMLQuantizationType | None = None,
     via: str | None = None,
+    has_imatrix: bool = False,
     warn: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, GGMLQuantizationType]:
     """GGUF type of every (name, shape), in llama-quantize's precedence:
@@ -214,7 +228,8 @@ def assign_types(
        which needs `model`);
     4. the row-size fallback (`GGMLType.fallback_for`), warned per tensor and counted at the end.
     Tensors llama-quantize does not quantize keep the type of its input file: F32, or with
-    `via` that of a convert_hf_to_gguf.py --outtype `via` file."""
+    `via` that of a convert_hf_to_gguf.py --outtype `via` file. `has_imatrix`: the mix rules
+    as llama-quantize applies them when given an importance matrix."""
     ftype = ggml_types.parse_file_type(type_name)
     items = list(tensors)
     if ftype.quantizer:
@@ -225,12 +240,13 @@ def assign_types(
     counters = _Counters(
         n_attention_wv=sum(category(n) in _ATTN_V_LIKE for n in names),
         tied=OUTPUT_NAME not in names,
+        has_imatrix=has_imatrix,
     )
     default = ggml_types.parse(ftype.tensor_type).ggml
     out: dict[str, GGMLQuantizationType] = {}
     for name, shape in items:
         if ftype.quantizer and not allows_quantization(name, shape):
-            out[name] = converter_type(name, shape, via or "f32")
+            out[name] = input_type(name, shape, via)
             continue
         if not ftype.quantizer and is_always_f32(name, shape):
             out[name] = Q.F32
@@ -299,7 +315,7 @@ def _mix(
     output_type: GGMLQuantizationType | None,
     token_embedding_type: GGMLQuantizationType | None,
 ) -> GGMLQuantizationType:
-    """llama_tensor_get_type_impl for the file types we offer (dense models, no imatrix)."""
+    """llama_tensor_get_type_impl for the file types we offer (dense models)."""
     falcon = model.arch == FALCON
     if cat is Category.OUTPUT or (s.tied and cat is Category.TOKEN_EMBD):
         if output_type is not None:
@@ -341,6 +357,8 @@ def _mix(
             new = Q.Q6_K
         elif ftype is F.MOSTLY_Q4_K_S and not falcon and i < n // 8:
             new = Q.Q5_K
+        elif ftype in (F.MOSTLY_Q4_0, F.MOSTLY_Q5_0) and s.has_imatrix and i < n // 8:
+            new = Q.Q4_1 if ftype is F.MOSTLY_Q4_0 else Q.Q5_1  # guards the first layers' ffn_down
         s.i_ffn_down += 1
     elif cat is Category.ATTENTION_OUTPUT:
         if not falcon:

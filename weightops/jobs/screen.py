@@ -77,9 +77,10 @@ class Screen:
         text = log.read_text(errors="replace") if log is not None and log.is_file() else ""
         own = [shown(line.strip().removeprefix(_WARNING)) for line in text.splitlines() if line.startswith(_WARNING)]
         kept = own if len(own) <= _SHOWN else [*own[: _SHOWN - 1], f"... {len(own) - _SHOWN} more in its log", own[-1]]
-        self.remarks += [("warning", entry["name"], w) for w in kept]
+        source = entry.get("unit", entry["name"])  # a fused unit's log is all its steps'
+        self.remarks += [("warning", source, w) for w in kept]
         self.remarks += [
-            ("note", entry["name"], note) for note in console.notes_in(text) if note not in {r[2] for r in self.remarks}
+            ("note", source, note) for note in console.notes_in(text) if note not in {r[2] for r in self.remarks}
         ]
         wall = duration(entry["wall_s"]) if entry["status"] != "skipped (complete)" else "-"
         extra = f" ({len(own)} warning{'s' * (len(own) > 1)}, see the summary)" if own else ""

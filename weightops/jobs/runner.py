@@ -186,7 +186,7 @@ class _Run:
             spec_file = self.state / f"{unit.name}.unit.json"
             spec = {
                 "argv": todo[0].argv,
-                "outputs": [[str(s.options.get("type", "f16")), str(s.output)] for s in todo],
+                "outputs": [[str(s.options.get("type", "f16")).lower(), str(s.output)] for s in todo],
                 "done": str(done_file),
             }
             with outputs.Output(spec_file, kind="file", force=True).writing() as tmp:

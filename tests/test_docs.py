@@ -69,7 +69,10 @@ def test_every_command_has_a_page() -> None:
 
 
 def _options(command: click.Command) -> list[str]:
-    found = [o for p in command.params if isinstance(p, click.Option) for o in p.opts if o.startswith("--")]
+    # hidden options are what one weightops process passes another (the job runner's), not the user's
+    found = [
+        o for p in command.params if isinstance(p, click.Option) and not p.hidden for o in p.opts if o.startswith("--")
+    ]
     for sub in getattr(command, "commands", {}).values():
         found += _options(sub)
     return [o for o in found if o != "--help"]

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from weightops import jobs
 from weightops.errors import MismatchError, WeightopsError
+from weightops.jobs.executors import run_child
 
 PROMPTS = "The quick brown fox jumps over the lazy dog.\n\n我们发布了中文模型的权重。\n"
 
@@ -206,6 +207,6 @@ def test_step_peak_rss_is_the_childs_own(tmp_path, tiny_llama):
     """wait4's ru_maxrss counts the memory the child was forked from: a small step run by a
     big job runner looked as big as the runner."""
     ballast = b"\x01" * (400 << 20)  # resident in this (parent) process
-    code, _, rss = jobs._run_child(["-q", "inspect", str(tiny_llama)], tmp_path / "inspect.log")
+    code, _, rss = run_child(["-m", "weightops", "-q", "inspect", str(tiny_llama)], tmp_path / "inspect.log")
     assert code == 0 and 5 < rss < 200, rss
     del ballast

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .. import jobs
+from .. import jobs as job_lib
 from . import main
 
 
@@ -22,7 +22,30 @@ from . import main
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan (steps, inputs, outputs, expected sizes); write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan or report as JSON on stdout.")
-def run(job_file: Path, resume: bool, dry_run: bool, as_json: bool) -> None:
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Units that may run at once (independent ones: a unit starts when the outputs it reads exist).",
+)
+@click.option(
+    "--max-memory",
+    metavar="SIZE",
+    help="Memory the running units' estimates must fit (e.g. 64GB; default: the memory available now). "
+    "A unit larger than this runs alone.",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local"]),
+    default="local",
+    show_default=True,
+    help="Where units run: local child processes.",
+)
+def run(
+    job_file: Path, resume: bool, dry_run: bool, as_json: bool, jobs: int, max_memory: str | None, executor: str
+) -> None:
     """Run the steps of JOB.toml in order and write release-report.md and
     release-report.json (wall time and peak RSS per step, verification results, sha256 of
     every artefact) into the job's output directory.
@@ -33,7 +56,10 @@ def run(job_file: Path, resume: bool, dry_run: bool, as_json: bool) -> None:
     OUTPUT/.weightops-job/STEP.log.
 
     Each step is a weightops command with the same options as on the command line; `@name`
-    refers to an input or an earlier step's output. A verify step that fails stops the
+    refers to an input or an earlier step's output. A gguf step may take a list of types
+    (`type = ["q4_k_m", "q8_0"]`, output "name-{type}.gguf"); gguf steps that read the same
+    input with the same options are fused: one read writes every file. Verify steps against
+    the same reference run it once. --dry-run shows the units. A verify step that fails stops the
     job with exit code 3 and the report says why. See examples/release.toml.
 
     Refused before anything runs (every problem listed): a step output that is not a path
@@ -41,8 +67,8 @@ def run(job_file: Path, resume: bool, dry_run: bool, as_json: bool) -> None:
     or another step's output; a job output that is the job file's directory or holds an
     input; step names that are not plain file names, or repeat.
     """
-    doc = jobs.run_job(job_file, resume=resume, dry_run=dry_run)
+    doc = job_lib.run_job(job_file, resume=resume, dry_run=dry_run, jobs=jobs, max_memory=max_memory, executor=executor)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     elif dry_run:
-        click.echo(jobs.render_plan(doc))
+        click.echo(job_lib.render_plan(doc))

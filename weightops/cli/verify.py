@@ -145,6 +145,12 @@ _DEFAULTS = "; ".join(f"{k} {kld:g}/{100 * top1:g}%" for k, (kld, top1) in KINDS
     is_flag=True,
     help="Replace an existing --json FILE that weightops wrote (anything else there is refused).",
 )
+@click.option(
+    "--reference-cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    hidden=True,  # the job runner's: a directory it names by the reference's sha256
+    help="Keep (or reuse) the reference's logits in this directory, which belongs to this reference's content.",
+)
 def verify(
     reference: Path,
     candidate: Path,
@@ -161,6 +167,7 @@ def verify(
     tp_config: Path | None,
     allow_tokenizer_mismatch: bool,
     force: bool,
+    reference_cache: Path | None,
 ) -> None:
     report = (
         None
@@ -184,6 +191,7 @@ def verify(
         max_tokens=max_tokens,
         allow_tokenizer_mismatch=allow_tokenizer_mismatch,
         log=echo_escaped,
+        reference_cache=reference_cache,
     )
     doc = json.dumps(result, indent=2, ensure_ascii=False)
     if json_out == "-":

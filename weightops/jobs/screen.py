@@ -62,21 +62,25 @@ class Screen:
     def _head(self, n: int, status: str, name: str, op: str) -> str:
         return f"[{n:>{len(str(self.total))}}/{self.total}] {status:<7} {shown(name):<{self.width}} {op:<12}"
 
-    def running(self, n: int, name: str, op: str) -> progress.Ticker:
-        return progress.Ticker(self._head(n, "...", name, op))
+    def waiting(self, units: list[str]) -> progress.Ticker:
+        """The live line while units run: their names and the seconds waited."""
+        shown_units = ", ".join(shown(u) for u in units[:3]) + (f" (+{len(units) - 3})" if len(units) > 3 else "")
+        return progress.Ticker(f"{'':>{2 * len(str(self.total)) + 3}} running {shown_units}")
 
     def artefact(self, path: Path, nbytes: int) -> str:
         return f"{shown(os.path.relpath(path, self.output))}  {progress.human_size(nbytes)}"
 
-    def step(self, n: int, entry: dict[str, Any], detail: str, log: Path) -> None:
-        """One line for a finished (or skipped) step; its warnings and our notes on what its
-        libraries warned about are kept for the summary."""
-        text = log.read_text(errors="replace") if log.is_file() else ""
+    def step(self, n: int, entry: dict[str, Any], detail: str, log: Path | None) -> None:
+        """One line for a finished (or skipped) step; the warnings in `log` (a unit's log: given
+        with its first step only) and our notes on what its libraries warned about are kept
+        for the summary."""
+        text = log.read_text(errors="replace") if log is not None and log.is_file() else ""
         own = [shown(line.strip().removeprefix(_WARNING)) for line in text.splitlines() if line.startswith(_WARNING)]
         kept = own if len(own) <= _SHOWN else [*own[: _SHOWN - 1], f"... {len(own) - _SHOWN} more in its log", own[-1]]
-        self.remarks += [("warning", entry["name"], w) for w in kept]
+        source = entry.get("unit", entry["name"])  # a fused unit's log is all its steps'
+        self.remarks += [("warning", source, w) for w in kept]
         self.remarks += [
-            ("note", entry["name"], note) for note in console.notes_in(text) if note not in {r[2] for r in self.remarks}
+            ("note", source, note) for note in console.notes_in(text) if note not in {r[2] for r in self.remarks}
         ]
         wall = duration(entry["wall_s"]) if entry["status"] != "skipped (complete)" else "-"
         extra = f" ({len(own)} warning{'s' * (len(own) > 1)}, see the summary)" if own else ""
@@ -116,7 +120,7 @@ class Screen:
         lines.append(f"  {'report':<10} {shown(str(report_path))}")
         if card is not None:
             lines.append(f"  {'card':<10} {shown(str(card))}")
-        logs = self.state / (f"{failed[0]['name']}.log" if failed else "STEP.log")
+        logs = self.state / (failed[0].get("log", f"{failed[0]['name']}.log") if failed else "STEP.log")
         lines.append(f"  {'step log' if failed else 'step logs':<10} {shown(str(logs))}")
         click.echo("\n".join(lines), err=True)
 

@@ -7,16 +7,18 @@ turns a failed gate into a `MismatchError` (exit 3) naming the worst prompts.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import progress
+from ..devices import resolve_device
 from ..errors import MismatchError, WeightopsError
 from ..io.checkpoint import Format
 from ..verify import gate
-from ..verify.logits import LogitStore, Model, describe, load_runner
+from ..verify.logits import CachedLogits, LogitCache, LogitStore, Model, describe, load_runner
 from ..verify.metrics import TokenMetrics, summarize, token_metrics
 from ..verify.prompts import (
     Prompt,
@@ -51,6 +53,7 @@ def verify_checkpoint(
     diagnose: bool = True,
     ram_bytes: int = 1 << 30,
     log: Callable[[str], None] | None = None,
+    reference_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compare CANDIDATE with REFERENCE; returns the result document: `passed`, `failures`, the
     metrics (absent when no logits were compared: --structure-only, or a candidate refused
@@ -63,6 +66,9 @@ def verify_checkpoint(
     max_tokens: cut each prompt to this many tokens (besides the models' context).
     diagnose: when the gate fails and both sides store comparable values, name the tensors
     whose values differ. ram_bytes: reference logits held in RAM before spilling to disk.
+    reference_cache: a directory that keeps the reference's logits for later verifications of
+    the same reference (`verify.logits.LogitCache`: the caller names it by the reference's
+    content); `reference_logits` in the result says whether they were computed or reused.
     """
     start = time.perf_counter()
     ref, cand = describe(reference, tp_config), describe(candidate, tp_config)
@@ -108,6 +114,13 @@ def verify_checkpoint(
         result,
         log or (lambda _msg: None),
         ram_bytes=ram_bytes,
+        cache=None if reference_cache is None else LogitCache(reference_cache),
+        settings={
+            "device": str(resolve_device(device)),
+            "dtype": dtype,
+            "gguf_runtime": gguf_runtime,
+            "tp_config": _file_digest(tp_config),
+        },
         device=device,
         dtype=dtype,
         gguf_runtime=gguf_runtime,
@@ -129,37 +142,90 @@ def _run_pair(
     say: Callable[[str], None],
     *,
     ram_bytes: int,
+    cache: LogitCache | None,
+    settings: dict[str, Any],
     **run_options,
 ) -> tuple[list[dict], TokenMetrics]:
-    """Run the reference over every prompt and keep its logits, free it, then run the candidate
-    and compare prompt by prompt. Fills in runtimes, devices, timings."""
+    """Run the reference over every prompt and keep its logits (or take them from `cache`), free
+    it, then run the candidate and compare prompt by prompt. Fills in runtimes, devices, timings."""
     n_ctx = max(len(t.ids) for t in tokenized)
     per_prompt, parts, timing = [], [], {}
     with LogitStore(ram_bytes) as store:
-        for side, model in (("reference", ref), ("candidate", cand)):
-            t0 = time.perf_counter()
-            runner = load_runner(model, n_ctx=n_ctx, **run_options)
-            try:
-                result[side].update(runner.info)
-                say(
-                    f"running the {side} on {len(tokenized)} prompts ({runner.info['runtime']}, "
-                    f"{runner.info['device']}, {runner.info['dtype']})"
-                )
-                for i, t in enumerate(progress.iterate(tokenized, len(tokenized), side, unit="prompt")):
-                    logits = runner.logits(list(t.ids))
-                    if side == "reference":
-                        store.add(logits)
-                        continue
-                    m = token_metrics(store.get(i)[:-1], logits[:-1], list(t.ids[1:]))
-                    parts.append(m)
-                    per_prompt.append(_prompt_row(t, m))
-            finally:
-                runner.close()
-            timing[f"{side}_s"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        reference: LogitStore | CachedLogits = store
+
+        def keep(_i: int, logits) -> None:
+            store.add(logits)
+
+        if cache is None:
+            _run_side("reference", ref, tokenized, result, say, n_ctx, run_options, keep)
+        else:
+            key = cache.key([t.ids for t in tokenized], {**settings, "n_ctx": n_ctx})
+            with cache.locked(key):
+                hit = cache.load(key)
+                if hit is None:
+                    _run_side(
+                        "reference",
+                        ref,
+                        tokenized,
+                        result,
+                        say,
+                        n_ctx,
+                        run_options,
+                        lambda _i, logits: store.add(logits),
+                    )
+                    info = {k: result["reference"][k] for k in ("runtime", "device", "dtype")}
+                    cache.save(key, store, len(tokenized), info)
+                    result["reference_logits"] = "computed"
+                else:
+                    reference = hit
+                    result["reference"].update(hit.info)
+                    result["reference_logits"] = "reused"
+                    say(f"reference logits for these {len(tokenized)} prompts reused from {cache.directory}")
+        timing["reference_s"] = round(time.perf_counter() - t0, 3)
+
+        def compare(i: int, logits) -> None:
+            t = tokenized[i]
+            m = token_metrics(reference.get(i)[:-1], logits[:-1], list(t.ids[1:]))
+            parts.append(m)
+            per_prompt.append(_prompt_row(t, m))
+
+        t0 = time.perf_counter()
+        _run_side("candidate", cand, tokenized, result, say, n_ctx, run_options, compare)
+        timing["candidate_s"] = round(time.perf_counter() - t0, 3)
         result["reference_logits_spilled_bytes"] = store.spilled
     result["device"] = result["candidate"]["device"]
     result["timing"] = timing
     return per_prompt, TokenMetrics.concat(parts)
+
+
+def _run_side(
+    side: str,
+    model: Model,
+    tokenized: list[Tokenized],
+    result: dict[str, Any],
+    say: Callable[[str], None],
+    n_ctx: int,
+    run_options: dict[str, Any],
+    take: Callable[[int, Any], Any],
+) -> None:
+    """Load one model, feed it every prompt (`take(i, logits)` for each), free it."""
+    runner = load_runner(model, n_ctx=n_ctx, **run_options)
+    try:
+        result[side].update(runner.info)
+        say(
+            f"running the {side} on {len(tokenized)} prompts ({runner.info['runtime']}, "
+            f"{runner.info['device']}, {runner.info['dtype']})"
+        )
+        for i, t in enumerate(progress.iterate(tokenized, len(tokenized), side, unit="prompt")):
+            take(i, runner.logits(list(t.ids)))
+    finally:
+        runner.close()
+
+
+def _file_digest(path: str | Path | None) -> str | None:
+    """sha256 of a small settings file (a TencentPretrain config), so a changed one is a new key."""
+    return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def raise_if_failed(result: dict[str, Any]) -> None:

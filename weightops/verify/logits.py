@@ -12,10 +12,16 @@ reference had: a pair of models fits where one fits.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
+import hashlib
+import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -315,3 +321,83 @@ class LogitStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class CachedLogits:
+    """A reference's logits read back from a `LogitCache` entry: `get(i)` as `LogitStore.get`."""
+
+    def __init__(self, file: Path, shapes: list[tuple[int, ...]], info: dict[str, Any]):
+        self.file, self.info = file, info
+        self._where: list[tuple[int, tuple[int, ...]]] = []
+        offset = 0
+        for shape in shapes:
+            self._where.append((offset, shape))
+            offset += int(np.prod(shape)) * 4
+
+    def get(self, index: int) -> np.ndarray:
+        offset, shape = self._where[index]
+        return np.memmap(self.file, dtype=np.float32, mode="c", offset=offset, shape=shape)
+
+
+class LogitCache:
+    """Reference logits kept on disk so that several verifications against one reference run it
+    once (the job runner's verify steps). The directory must belong to one reference content:
+    the runner names it by the sha256 of the reference's files. Within it an entry is keyed by
+    the token ids and the run settings (device, dtype, runtime, library versions), so a
+    different prompt set or setting computes again. An entry is written whole (logits, then
+    the index that commits it) under a lock, so a verification that starts while another
+    computes the same entry waits for it instead of computing it twice."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    @staticmethod
+    def key(ids: list[tuple[int, ...]] | list[list[int]], settings: dict[str, Any]) -> str:
+        versions: dict[str, str | None] = {}
+        for package in ("torch", "transformers", "llama_cpp_python"):
+            try:
+                versions[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                versions[package] = None
+        doc = {"ids": [list(i) for i in ids], "settings": settings, "versions": versions}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    @contextlib.contextmanager
+    def locked(self, key: str) -> Iterator[None]:
+        """This process alone computes or reads entry `key` inside."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / f"{key}.lock", "wb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def load(self, key: str) -> CachedLogits | None:
+        """The entry when it is whole (its index written, its logits file the size the index says)."""
+
+        index, data = self.directory / f"{key}.json", self.directory / f"{key}.logits"
+        try:
+            doc = json.loads(index.read_text())
+            shapes = [tuple(int(n) for n in s) for s in doc["shapes"]]
+            if data.stat().st_size != sum(int(np.prod(s)) for s in shapes) * 4:
+                return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return CachedLogits(data, shapes, dict(doc.get("info") or {}))
+
+    def save(self, key: str, store: LogitStore, count: int, info: dict[str, Any]) -> None:
+        """Write the first `count` logits of `store` as entry `key` (logits first, index last)."""
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        shapes = []
+        tmp = self.directory / f".{key}.logits.tmp"
+        with open(tmp, "wb") as f:
+            for i in range(count):
+                logits = np.ascontiguousarray(store.get(i), dtype=np.float32)
+                shapes.append(list(logits.shape))
+                logits.tofile(f)
+        os.replace(tmp, self.directory / f"{key}.logits")
+        index_tmp = self.directory / f".{key}.json.tmp"
+        index_tmp.write_text(json.dumps({"shapes": shapes, "info": info}))
+        os.replace(index_tmp, self.directory / f"{key}.json")

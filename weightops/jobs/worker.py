@@ -1,0 +1,103 @@
+"""A fused unit's child process: `python -m weightops.jobs.worker UNIT.json`.
+
+UNIT.json names the command line of the unit's first gguf step (`argv`, as the job file
+builds it; the click command parses it, so the options mean what they mean on the command
+line), the `(type, output)` of every step in the unit, and `done`, a file where each output
+is listed once it is published, so that a unit that fails part-way keeps what it finished
+(the runner marks those steps complete). Errors and warnings are printed as the CLI prints
+them (`error: ...`, `warning: ...`); the exit codes are the CLI's.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import console, progress
+from ..errors import WeightopsError, shown
+from ..pipelines.gguf import GGUFReport, export_gguf
+
+
+def export_gguf_matrix(
+    model: str | Path,
+    outputs: Sequence[str | Path],
+    *,
+    types: Sequence[str],
+    published: Callable[[Path], None] = lambda _path: None,
+    **options: Any,
+) -> list[GGUFReport]:
+    """ADAPTER, to be replaced at merge by `weightops.pipelines.gguf.export_gguf_matrix` (one
+    read of MODEL for every type): until then one `export_gguf` per type, which gives the
+    same bytes. `published(path)` is told each output as soon as it is in place."""
+    reports = []
+    for output, qtype in zip(outputs, types, strict=True):
+        reports.append(export_gguf(model, output, type=qtype, **options))
+        published(Path(output))
+    return reports
+
+
+def gguf_options(params: dict[str, Any]) -> dict[str, Any]:
+    """export_gguf's keyword arguments from the gguf command's parsed options, as cli/gguf.py
+    passes them (the type and output are the unit's own; the runner has cleared the outputs)."""
+    options = {k: v for k, v in params.items() if k not in {"model", "output", "qtype", "force"}}
+    options["lora_options"] = {k: options.pop(k) for k in ("rounding", "tp_lora_r", "tp_lora_alpha") if k in options}
+    return options
+
+
+def run_unit(spec: dict[str, Any]) -> None:
+    from .spec import command  # the gguf command's parameters parse the step's options
+
+    gguf = command("gguf")
+    params = gguf.make_context("gguf", list(spec["argv"][1:])).params
+    done = Path(spec["done"])
+
+    def published(path: Path) -> None:
+        with open(done, "a", encoding="utf-8") as f:
+            f.write(json.dumps(str(path)) + "\n")
+
+    def warn(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    export_gguf_matrix(
+        params["model"],
+        [Path(o) for _, o in spec["outputs"]],
+        types=[t for t, _ in spec["outputs"]],
+        published=published,
+        warn=warn,
+        **gguf_options(params),
+    )
+    for qtype, output in spec["outputs"]:
+        print(f"wrote {output} ({qtype})")
+
+
+def _terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt  # unwinds every `with`: nothing half-written is published
+
+
+def main(argv: list[str]) -> int:
+    console.install()
+    progress.set_quiet(True)
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        run_unit(json.loads(Path(argv[0]).read_text()))
+    except WeightopsError as e:
+        print(f"error: {shown(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except click.ClickException as e:  # options the gguf command refuses, as the CLI says it
+        print(f"error: {shown(e.format_message())}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; no output was published", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -132,6 +133,8 @@ def test_job_report_and_resume_after_kill(tmp_path, tiny_llama, target):
     doc = json.loads((out / "release-report.json").read_text())
     assert doc["verifications"][0]["kld_max"] == 0 and doc["verifications"][0]["top1_agreement"] == 1
     assert all(s["peak_rss_mb"] > 50 and s["wall_s"] > 0 for s in doc["steps"])
+    assert {(s["node"], s["executor"], s["attempts"]) for s in doc["steps"]} == {(socket.gethostname(), "local", 1)}
+    assert [s["device"] for s in doc["steps"][:2]] == ["cpu", "cpu"]  # make/apply-delta have no --device
     merged_manifest = json.loads((out / "merged" / "weightops-manifest.json").read_text())
     assert doc["artefacts"]["merged"] == merged_manifest["files"]
 
@@ -210,3 +213,18 @@ def test_step_peak_rss_is_the_childs_own(tmp_path, tiny_llama):
     code, _, rss = run_child(["-m", "weightops", "-q", "inspect", str(tiny_llama)], tmp_path / "inspect.log")
     assert code == 0 and 5 < rss < 200, rss
     del ballast
+
+
+def test_gpu_step_is_refused_locally_without_a_gpu(tmp_path, tiny_llama):
+    """gpu = true means --device cuda; where torch sees no GPU the job stops before any step."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    job = _job(
+        tmp_path,
+        DELTA_STEPS + GATE.replace('op = "verify"', 'op = "verify"\ngpu = true'),
+        {"base": tiny_llama, "target": tiny_llama},
+    )
+    with pytest.raises(WeightopsError, match=r"step 'gate' asks for a GPU \(gpu = true\), but torch sees no CUDA"):
+        jobs.run_job(job)
+    assert not list((tmp_path / "out" / jobs.STATE_DIR).glob("*.log"))

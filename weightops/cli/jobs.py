@@ -38,13 +38,28 @@ from . import main
 )
 @click.option(
     "--executor",
-    type=click.Choice(["local"]),
-    default="local",
-    show_default=True,
-    help="Where units run: local child processes.",
+    type=click.Choice(["local", "ray"]),
+    default=None,
+    help="Where units run: `local` (child processes on this machine, the default) or `ray` (tasks on a Ray "
+    "cluster, which needs `pip install weightops[ray]`; paths must be on storage every node sees). "
+    "Overrides [job] executor.",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDR",
+    default=None,
+    help="The Ray cluster to run on (HOST:PORT of its head, as `ray start --head` prints). "
+    "Default: $RAY_ADDRESS, else the cluster running on this machine.",
 )
 def run(
-    job_file: Path, resume: bool, dry_run: bool, as_json: bool, jobs: int, max_memory: str | None, executor: str
+    job_file: Path,
+    resume: bool,
+    dry_run: bool,
+    as_json: bool,
+    jobs: int,
+    max_memory: str | None,
+    executor: str | None,
+    ray_address: str | None,
 ) -> None:
     """Run the steps of JOB.toml in order and write release-report.md and
     release-report.json (wall time and peak RSS per step, verification results, sha256 of
@@ -65,9 +80,19 @@ def run(
     Refused before anything runs (every problem listed): a step output that is not a path
     inside the job's output directory, or that is, holds or lies inside the job file, an input
     or another step's output; a job output that is the job file's directory or holds an
-    input; step names that are not plain file names, or repeat.
+    input; step names that are not plain file names, or repeat; a step with gpu = true where
+    no GPU is (this machine for --executor local, every node for ray); with --executor ray,
+    paths a node does not see as this machine does.
     """
-    doc = job_lib.run_job(job_file, resume=resume, dry_run=dry_run, jobs=jobs, max_memory=max_memory, executor=executor)
+    doc = job_lib.run_job(
+        job_file,
+        resume=resume,
+        dry_run=dry_run,
+        jobs=jobs,
+        max_memory=max_memory,
+        executor=executor,
+        ray_address=ray_address,
+    )
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     elif dry_run:

@@ -3,7 +3,8 @@ or resumed.
 
     spec.py       load and validate a job file into steps (a gguf step's type list: one step per type)
     planner.py    units (gguf steps on one input fused into one read), their order, memory estimates
-    executors.py  where units run (local child processes; the interface a Ray executor implements)
+    executors.py  where units run: the interface, local child processes, `run_task` (attempts, retries)
+    ray_executor.py  `--executor ray`: each unit a Ray task (resource and path checks first)
     worker.py     the child process of a fused unit
     runner.py     scheduling (`--jobs`, the memory budget), resume, finishing each step
     report.py     release-report.json / .md;  card.py  the model card;  screen.py  what is shown
@@ -14,6 +15,7 @@ Job file:
     name = "chatyuan-7b release"
     output = "release"                 # directory for artefacts, the report and the model card
     base_model = "org/model"           # optional: the Hub model the artefacts derive from
+    executor = "local"                 # or "ray": units as tasks on a Ray cluster (--executor overrides)
 
     [inputs]
     base = "llama-7b"                   # paths relative to the job file

@@ -5,8 +5,10 @@ what a user reads on the Hub: YAML front matter the Hub indexes (`base_model`,
 `base_model_relation`, `library_name`, `license`, `tags`), one table row per weight file (type,
 size, bits per weight, the verify step's KLD / top-1 / perplexity ratio, sha256) and how the
 files were made. Its numbers are the report's own (sizes and hashes from the manifests, metrics
-from the verify results), so the two cannot disagree. It holds no timestamp, no wall time and no
-absolute path: the same job gives the same bytes wherever it runs, and `--resume` rewrites it.
+from the verify results), so the two cannot disagree. It holds no timestamp, no wall time, no
+node name and no absolute path: the same job gives the same bytes wherever it runs on the same
+kind of device (each step's `cpu` or `cuda` is listed), and `--resume` rewrites it. Where each
+step ran, its wall time and peak memory are in the report, which the card points to.
 """
 
 from __future__ import annotations
@@ -286,6 +288,12 @@ def _label(job: Job, path: str | None) -> str:
     return _code(p.name)
 
 
+def _device(entry: dict) -> str:
+    """What a step computed on, `cpu` or `cuda`: which GPU, and the node, change from run to
+    run, and the card is the same bytes for the same job (the report has them)."""
+    return _cell(str(entry.get("device") or "-").split(" (")[0])
+
+
 def _option(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -419,10 +427,17 @@ def render(job: Job, report: dict, hasher: Callable[[Path], str]) -> str:
     out += [f"- base model: {_cell(source.base_model_note)}", f"- license: {_cell(source.license_note)}"]
     if job.inputs:
         out.append("- inputs: " + ", ".join(f"{_code(k)} ({_code(p.name)})" for k, p in job.inputs.items()))
-    out += ["", "| # | step | op | options |", "|---|---|---|---|"]
+    out += [
+        "",
+        "Where each step ran (node), its wall time and peak memory: `release-report.md`.",
+        "",
+        "| # | step | op | options | device |",
+        "|---|---|---|---|---|",
+    ]
+    devices = {e["name"]: _device(e) for e in report["steps"]}
     for i, s in enumerate(job.steps, 1):
         opts = " ".join(f"{k.replace('_', '-')}={_option(v)}" for k, v in s.options.items())
-        out.append(f"| {i} | {_code(s.name)} | {s.op} | {_code(opts) if opts else '-'} |")
+        out.append(f"| {i} | {_code(s.name)} | {s.op} | {_code(opts) if opts else '-'} | {devices.get(s.name, '-')} |")
     return "\n".join(out) + "\n"
 
 

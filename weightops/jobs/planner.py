@@ -43,6 +43,12 @@ class Unit:
     steps: list[Step]
     after: list[str] = field(default_factory=list)  # units whose outputs it reads
     memory_bytes: int = PROCESS_BYTES
+    cpus: float = 1  # CPUs an executor reserves for it (a child process computes on about one)
+
+    @property
+    def gpu(self) -> bool:
+        """A step of it asks for a GPU (`gpu = true`)."""
+        return any(s.gpu for s in self.steps)
 
     @property
     def fused(self) -> bool:

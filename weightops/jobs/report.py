@@ -5,8 +5,22 @@ from __future__ import annotations
 
 import json
 
+from ..errors import shown
 from ..io import outputs
 from .spec import REPORT, Job
+
+
+def _ran_on(entry: dict) -> str:
+    """Node and device of a step (a skipped one: of the run that made it), the executor when
+    not local, and how many attempts it took when more than one."""
+    if not entry.get("node"):
+        return "-"
+    text = f"{shown(entry['node'])}, {entry.get('device') or '-'}"
+    if entry.get("executor", "local") != "local":
+        text += f" ({entry['executor']})"
+    if entry.get("attempts", 1) > 1:
+        text += f", {entry['attempts']} attempts"
+    return text.replace("|", "\\|")
 
 
 def render_report(report: dict) -> str:
@@ -17,12 +31,12 @@ def render_report(report: dict) -> str:
         "",
         "## Steps",
         "",
-        "| step | op | status | wall (s) | peak RSS (MB) | unit |",
-        "|---|---|---|---|---|---|",
+        "| step | op | status | ran on | wall (s) | peak RSS (MB) | unit |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in report["steps"]:
         out.append(
-            f"| {s['name']} | {s['op']} | {s.get('status', '-')} | {s.get('wall_s', '-')} | "
+            f"| {s['name']} | {s['op']} | {s.get('status', '-')} | {_ran_on(s)} | {s.get('wall_s', '-')} | "
             f"{s.get('peak_rss_mb', '-')} | {s.get('unit', '-')} |"
         )
     ran = [u for u in report.get("units", []) if "started_s" in u]

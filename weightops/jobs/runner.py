@@ -52,22 +52,25 @@ def run_job(
     *,
     jobs: int = 1,
     max_memory: str | int | None = None,
-    executor: str = "local",
+    executor: str | None = None,
+    ray_address: str | None = None,
 ) -> dict:
     """Run (or plan) a job; returns the report document. `jobs`: units run at once; `max_memory`:
-    the budget their memory estimates must fit (default: the memory available now). A failed
-    verify gate raises MismatchError after the report is written; any other failure raises
-    WeightopsError."""
+    the budget their memory estimates must fit (default: the memory available now); `executor`
+    ("local" or "ray", default: [job] executor) runs the units, `ray_address` names the Ray
+    cluster. A failed verify gate raises MismatchError after the report is written; any other
+    failure raises WeightopsError."""
     job = load_job(path)
     if jobs < 1:
         raise WeightopsError(f"--jobs {jobs}: run at least one unit at a time")
+    executor = executor or job.executor
     if executor not in EXECUTORS:
         raise WeightopsError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
     budget = parse_size(max_memory) if max_memory is not None else planner.available_memory()
     if dry_run:
         return planner.document(job, jobs, budget)
     card.check_writable(job)
-    return _Run(job, resume, jobs, budget).run(EXECUTORS[executor]())
+    return _Run(job, resume, jobs, budget).run(EXECUTORS[executor](ray_address))
 
 
 @dataclass
@@ -113,6 +116,7 @@ class _Run:
         running: dict[str, _Started] = {}
         ready: set[str] = set()  # units finished (or skipped) without failing
         try:
+            executor.check(self.job, self._pending(pending))
             while pending or running:
                 if self.failure is None:
                     for unit in list(pending):
@@ -138,6 +142,20 @@ class _Run:
             executor.close()
             self.cache.save()
         return self._end()
+
+    def _pending(self, units: list[planner.Unit]) -> list[planner.Unit]:
+        """The units a run will start, as far as can be told now (one whose inputs an earlier
+        unit makes counts as pending): what the executor must be able to run before any starts."""
+        if not self.resume:
+            return units
+
+        def complete(step: Step) -> bool:
+            try:
+                return _completed(self.job, step, _fingerprint(step.inputs, self.cache), self.cache) is not None
+            except WeightopsError:  # an input not made yet
+                return False
+
+        return [u for u in units if not all(complete(s) for s in u.steps)]
 
     # ------------------------------------------------------------------------------------ one unit
 
@@ -177,12 +195,13 @@ class _Run:
             return None
         log = self.state / f"{unit.name}.log"
         outputs.start_file(log, f"unit {unit.name!r}: log")
+        attempts = outputs.start_file(self.state / f"{unit.name}.attempts", f"unit {unit.name!r}: attempts")
         done_file = None
         if len(todo) == 1:
             args = ("-m", "weightops", "-q", *self._argv(todo[0], inputs[todo[0].name]))
         else:
             done_file = self.state / f"{unit.name}.published"
-            outputs.remove(done_file, f"unit {unit.name!r}: published list", announce=False)
+            outputs.start_file(done_file, f"unit {unit.name!r}: published list")
             spec_file = self.state / f"{unit.name}.unit.json"
             spec = {
                 "argv": todo[0].argv,
@@ -193,7 +212,21 @@ class _Run:
                 tmp.write_text(json.dumps(spec, indent=2))
             args = ("-m", "weightops.jobs.worker", str(spec_file))
         entry.update(runs=[s.name for s in todo], alongside=alongside)
-        return _Started(unit, todo, inputs, log, done_file, entry, Task(unit.name, args, log, unit.memory_bytes))
+        clear = [p for s in todo if s.output is not None for p in (s.output, manifest_lib.manifest_path(s.output))]
+        clear += [self._verify_json(s) for s in todo if s.op == "verify"]
+        task = Task(
+            unit.name,
+            args,
+            log,
+            unit.memory_bytes,
+            cpus=unit.cpus,
+            gpu=unit.gpu,
+            uses_device=len(todo) == 1 and todo[0].uses_device,
+            clear=tuple(clear),
+            published=done_file,
+            attempts=attempts,
+        )
+        return _Started(unit, todo, inputs, log, done_file, entry, task)
 
     def _argv(self, step: Step, inputs: dict[str, str]) -> list[str]:
         if step.op != "verify":
@@ -209,7 +242,7 @@ class _Run:
 
     def _finish(self, started: _Started, outcome: Outcome) -> bool:
         """Finish each step of an ended unit: ok (manifest, marker, artefact) or failed."""
-        measured = {"wall_s": round(outcome.wall_s, 3), "peak_rss_mb": round(outcome.peak_rss_mb, 1)}
+        measured = outcome.measured()
         started.entry.update(
             status="ok" if outcome.exit_code == 0 else "failed",
             exit_code=outcome.exit_code,
@@ -227,6 +260,11 @@ class _Run:
             if outcome.exit_code == 0 or (step.output is not None and str(step.output) in published):
                 entry["status"] = "ok"
                 self._complete(step, started.inputs[step.name], measured, started.unit.name)
+            elif outcome.error:
+                entry.update(status="failed", why=outcome.error)
+                detail = outcome.error
+                if self.failure is None:
+                    self.failure = WeightopsError(f"step {step.name!r} ({step.op}) could not run: {outcome.error}")
             else:
                 entry.update(status="failed", exit_code=outcome.exit_code)
                 entry["why"] = "\n".join(text.strip().splitlines()[-5:])

@@ -30,8 +30,9 @@ else:  # pragma: no cover
 
 STATE_DIR = ".weightops-job"
 REPORT = "release-report"
-_JOB_KEYS = {"name", "output", "base_model"}
-_STEP_KEYS = {"name", "op"}
+_JOB_KEYS = {"name", "output", "base_model", "executor"}
+_STEP_KEYS = {"name", "op", "gpu"}
+EXECUTOR_NAMES = ("local", "ray")  # executors.EXECUTORS: where units run
 _NO_STEP = {"run", "demo", "inspect"}  # commands that make no sense as steps
 # written by the runner itself, into the state directory
 RUNNER_OPTIONS = {"verify": {"json", "reference_cache"}}
@@ -54,6 +55,8 @@ class Step:
     sources: dict[str, Path] = field(default_factory=dict)  # argument/option -> the path it reads (first one)
     argv: list[str] = field(default_factory=list)
     label: str = ""  # "step N ('name')", how messages name it
+    gpu: bool = False  # `gpu = true`: the step needs a GPU (an executor places it on one)
+    uses_device: bool = False  # its command takes --device
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Job:
     inputs: dict[str, Path]
     steps: list[Step]
     base_model: tuple[str, ...] = ()  # [job] base_model: the model card's `base_model`
+    executor: str = "local"  # [job] executor: where units run unless `--executor` says otherwise
 
 
 class _Problems:
@@ -130,6 +134,10 @@ def load_job(path: str | Path) -> Job:
     head = doc.get("job", {})
     for key in sorted(head.keys() - _JOB_KEYS):
         problems.add("[job]", f"unknown key {key!r}{_suggest(key, _JOB_KEYS)}")
+    executor = head.get("executor", "local")
+    if executor not in EXECUTOR_NAMES:
+        problems.add("[job]", f"executor must be one of {', '.join(map(repr, EXECUTOR_NAMES))}, not {executor!r}")
+        executor = "local"
     base = path.parent
     out_text = head.get("output", "release")
     if not isinstance(out_text, str) or not out_text:
@@ -199,7 +207,7 @@ def load_job(path: str | Path) -> Job:
         problems.add("[[steps]]", "the job has no steps")
     _check_paths(problems, path, out_text, out_dir, inputs, steps)
     problems.raise_if_any()
-    return Job(path, head.get("name", path.stem), out_dir, inputs, steps, tuple(base_model))
+    return Job(path, head.get("name", path.stem), out_dir, inputs, steps, tuple(base_model), executor)
 
 
 def _expand_types(problems: _Problems, where: str, raw: dict) -> list[tuple[str, dict]] | None:
@@ -331,7 +339,15 @@ def _build_step(
         problems.add(where, f"unknown option {key.replace('_', '-')!r} for {raw['op']}{_suggest(key, params)}")
     for key in sorted(options.keys() & RUNNER_OPTIONS.get(raw["op"], set())):
         problems.add(where, f"option {key!r} is set by the runner (it keeps the result in {STATE_DIR})")
-    step = Step(str(raw["name"]), raw["op"], options, label=where)
+    step = Step(str(raw["name"]), raw["op"], options, label=where, uses_device="device" in params)
+    gpu = raw.get("gpu", False)
+    if not isinstance(gpu, bool):
+        problems.add(where, "gpu is a flag: write true or false")
+    elif gpu and "device" not in params:
+        problems.add(where, f"gpu = true, but {raw['op']} runs on the CPU only (it has no --device)")
+    elif gpu and options.setdefault("device", "cuda") != "cuda":
+        problems.add(where, f"gpu = true asks for a GPU, but device = {options['device']!r}")
+    step.gpu = gpu is True
 
     def resolve(value: Any, param: click.Parameter) -> str:
         text = str(value)

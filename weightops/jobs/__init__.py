@@ -19,6 +19,8 @@ Job file:
     name = "chatyuan-7b release"
     output = "release"                 # directory for artefacts, the report and the model card
     base_model = "org/model"           # optional: the Hub model the artefacts derive from
+    split_max_size = "50G"             # optional: GGUF steps write split sets of files this size
+                                       # (default: split only what the Hub's 200 GB limit refuses)
 
     [inputs]
     base = "llama-7b"                   # paths relative to the job file
@@ -58,7 +60,7 @@ import click
 
 from .. import console, dtypes
 from ..errors import MismatchError, WeightopsError, names_file
-from ..io import outputs
+from ..io import gguf_split, outputs
 from ..pipelines.manifest import create_manifest
 from ..verify import manifest as manifest_lib
 from ..verify.hash_cache import HashCache
@@ -73,7 +75,7 @@ else:  # pragma: no cover
 STATE_DIR = ".weightops-job"
 REPORT = "release-report"
 HASH_CACHE = "hashes.json"  # in STATE_DIR: (path, size, mtime, ctime, inode) -> sha256, see verify/hash_cache.py
-_JOB_KEYS = {"name", "output", "base_model"}
+_JOB_KEYS = {"name", "output", "base_model", "split_max_size"}
 _STEP_KEYS = {"name", "op"}
 _NO_STEP = {"run", "demo", "inspect"}  # commands that make no sense as steps
 _RUNNER_OPTIONS = {"verify": {"json"}}  # written by the runner itself, into the state directory
@@ -93,6 +95,7 @@ class Step:
     paths: dict[str, Path] = field(default_factory=dict)  # option -> a path given literally (not @name)
     argv: list[str] = field(default_factory=list)
     label: str = ""  # "step N ('name')", how messages name it
+    hub_split: bool = False  # a gguf step split at the Hub's file limit (no split option given)
 
 
 @dataclass
@@ -223,8 +226,24 @@ def load_job(path: str | Path) -> Job:
     if not steps and not problems.items:
         problems.add("[[steps]]", "the job has no steps")
     _check_paths(problems, path, out_text, out_dir, inputs, steps)
+    _split_gguf_steps(problems, head, steps)
     problems.raise_if_any()
     return Job(path, head.get("name", path.stem), out_dir, inputs, steps, tuple(base_model))
+
+
+def _split_gguf_steps(problems: _Problems, head: dict, steps: list[Step]) -> None:
+    """Give every gguf step that sets no split option of its own the job's `split_max_size`, or
+    else the Hub's limit (`gguf_split.HUB_SPLIT_SIZE`), so that no step writes a file the Hub
+    cannot take."""
+    size = str(head.get("split_max_size", gguf_split.HUB_SPLIT_SIZE))
+    try:
+        gguf_split.parse_split_size(size)
+    except WeightopsError as e:
+        problems.add("[job]", f"split_max_size: {e}")
+    for step in steps:
+        if step.op == "gguf" and not step.options.keys() & {"split_max_size", "split_max_tensors"}:
+            step.argv += ["--split-max-size", size]
+            step.hub_split = "split_max_size" not in head
 
 
 def _resolve(base: Path, text: str) -> Path:
@@ -391,7 +410,7 @@ def _fingerprint(paths: list[Path], cache: HashCache) -> dict[str, str]:
     """sha256 over each input's current file hashes (through the stat cache). A manifest the
     input carries is never used: it says what the files were, not what they are."""
     out = {}
-    for p in paths:
+    for p in map(gguf_split.first_split, paths):  # an earlier gguf step's split set: its first file
         if not p.exists():
             raise WeightopsError(f"input {p} does not exist")
         files = manifest_lib.file_hashes(p, cache.sha256)
@@ -402,6 +421,7 @@ def _fingerprint(paths: list[Path], cache: HashCache) -> dict[str, str]:
 def _output_state(output: Path, cache: HashCache) -> dict | None:
     """The output's files and its manifest as they are on disk now; None when either is gone."""
     mpath = manifest_lib.manifest_path(output)
+    output = gguf_split.first_split(output)
     if not output.exists() or not mpath.is_file():
         return None
     return {"files": manifest_lib.file_hashes(output, cache.sha256), "manifest": cache.sha256(mpath)}
@@ -431,7 +451,8 @@ def _clear(step: Step, output: Path) -> None:
     wrote: anything else stops the job. (A partial one is only a temporary sibling, which
     the step itself removes when it plans the same output.)"""
     what = f"step {step.name!r}: output"
-    for path in (output, manifest_lib.manifest_path(output)):
+    splits = gguf_split.slot_files(output) if step.op == "gguf" else []  # an earlier split set of it
+    for path in (manifest_lib.manifest_path(output), output, *splits):
         outputs.remove(path, what)
 
 
@@ -518,6 +539,8 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
         verify_json = state / f"{step.name}.verify.json"
         log = state / f"{step.name}.log"
         argv = step.argv + (["--json", str(verify_json)] if step.op == "verify" else [])
+        present = {str(p): str(gguf_split.first_split(p)) for p in step.inputs}  # a split set: its first file
+        argv = [present.get(a, a) for a in argv]
         detail = ""  # what the step's line says after its time
         inputs = _fingerprint(step.inputs, cache)  # before the step: an input changed meanwhile reruns it
         done = _completed(job, step, inputs, cache) if resume else None
@@ -550,6 +573,12 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
                     files = json.loads(mpath.read_text())["files"]  # hashed from disk just now
                     output = {"files": files, "manifest": cache.sha256(mpath)}
                     report["artefacts"][step.name] = files
+                    if step.hub_split and len(files) > 1:
+                        entry["note"] = (
+                            f"split into {len(files)} files: one file would exceed the Hugging Face Hub's "
+                            f"{gguf_split.HUB_FILE_LIMIT // 10**9} GB per-file limit (set split_max_size to choose)"
+                        )
+                        screen.remarks.append(("note", step.name, entry["note"]))
                 with outputs.Output(_marker(job, step), kind="file", force=True).writing() as tmp:
                     tmp.write_text(
                         json.dumps(

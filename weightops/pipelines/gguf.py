@@ -29,9 +29,8 @@ from ..arch.transforms import to_gguf
 from ..devices import resolve_device
 from ..errors import WeightopsError, shown
 from ..io.checkpoint import Checkpoint, Format, open_checkpoint
-from ..io.gguf import GGUFTensor, move_keys_to_end, plan_writer, write_gguf
+from ..io.gguf import GGUFTensor, Split, move_keys_to_end, plan_output, plan_writer, write_gguf
 from ..io.gguf_tokenizer import TokenizerSummary, add_tokenizer
-from ..io.outputs import Output
 from ..quant import ggml_types, policy
 from ..stream import TensorRef, matches_any
 
@@ -48,6 +47,7 @@ class GGUFReport:
     tokenizer: TokenizerSummary
     bytes_written: int
     warnings: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # the split set (or the one file), first file first
 
 
 def export_gguf(
@@ -69,6 +69,8 @@ def export_gguf(
     warn: Callable[[str], None] | None = None,
     lora: Sequence[str | Path] = (),
     lora_options: dict | None = None,
+    split_max_size: str | int | None = None,
+    split_max_tensors: int | None = None,
 ) -> GGUFReport:
     """Write `model` as a llama.cpp GGUF file at `output` (atomically; refuses to overwrite
     without `force`). `type` is the file type (see `quant.policy`), `tensor_types` are
@@ -76,7 +78,8 @@ def export_gguf(
     two tensors, `via` (f16/bf16, llama-quantize file types only) rounds the weights to that
     type first, as a two-pass file is made; `tokenizer` a directory with the HF tokenizer
     files (default: the model's own directory). `lora` adapters are merged on the way
-    (`pipelines.merge_lora.lora_stage`, with `lora_options`). Warnings go to `warn` and into the result."""
+    (`pipelines.merge_lora.lora_stage`, with `lora_options`). `split_max_size` / `split_max_tensors`
+    make a split set `OUTPUT-0000k-of-0000N.gguf` (`io.gguf_split`). Warnings go to `warn` and into the result."""
     warnings: list[str] = []
 
     def note(msg: str) -> None:
@@ -101,7 +104,8 @@ def export_gguf(
     via = via.lower() if via else None
     dev = resolve_device(device)
     ckpt = open_checkpoint(model, tp_config)
-    target = Output(output, [ckpt.path, tokenizer, tp_config, *lora], kind="file", force=force)
+    split = Split.parse(split_max_size, split_max_tensors)
+    target = plan_output(output, [ckpt.path, tokenizer, tp_config, *lora], split=split, force=force)
     output = target.path
     hf_refs, config = hf_stream(ckpt)
     if lora:
@@ -150,7 +154,9 @@ def export_gguf(
         for r in refs
     ]
     in_file = sorted(planned, key=lambda t: policy.weights_map_key(t.name)) if ftype.quantizer else planned
-    writer = plan_writer(spec.gguf_name, in_file)
+    writer = plan_writer(spec.gguf_name, in_file, split)
+    if split and len(writer.tensors) == 1:
+        note(f"every tensor fits in one file under the split limit ({split.describe()}): wrote one file, {output}")
     writer.add_type(gguf.GGUFType.MODEL)
     _add_general(writer, ckpt)
     spec.config.add_gguf_parameters(writer, config, int(ftype.file_type))
@@ -174,15 +180,16 @@ def export_gguf(
         move_keys_to_end(writer, (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE))
     total = sum(t.nbytes for t in planned)
     with progress.bar(total, f"gguf {qtype_name}") as bar:
-        write_gguf(writer, planned, target, on_tensor=lambda t: bar.update(t.nbytes))
+        files = write_gguf(writer, planned, target, on_tensor=lambda t: bar.update(t.nbytes))
     return GGUFReport(
-        output,
+        files[0],
         spec.gguf_name,
         ftype.file_type.name,
         {t.name: t.ggml_type.name for t in in_file},
         summary,
-        output.stat().st_size,
+        sum(f.stat().st_size for f in files),
         warnings,
+        files,
     )
 
 

@@ -201,6 +201,10 @@ def test_inspect_verify_manifest_take_the_set(split_set, single, cli, tmp_path):
     third.write_bytes(bytes(data))
     r = cli("manifest", "check", first)
     assert r.exit_code == 3 and f"file {third.name}: sha256" in r.output
+    (copy / split_set[3].name).unlink()
+    r = cli("manifest", "check", first)
+    assert r.exit_code == 3 and f"file {split_set[3].name}: missing" in r.output, r.output
+    assert "1 of its 5 files missing" in r.output and f"file {split_set[4].name}: missing" not in r.output
 
 
 def test_a_later_split_or_a_missing_file_is_refused(split_set, cli, tmp_path):
@@ -310,3 +314,11 @@ def test_a_killed_run_leaves_no_set_and_the_next_run_sweeps_it(tiny_llama, tmp_p
     assert r.returncode == 0, r.stderr
     assert f"removing a temporary left by an interrupted run: {tmp_path / temp}" in r.stderr
     assert _slot(tmp_path) == [f"m-{i:05d}-of-00005.gguf" for i in range(1, 6)]
+
+
+def test_a_model_under_the_limit_is_one_file_without_split_keys(cli, tiny_llama, single, tmp_path):
+    """As GGUFWriter does: the file of the unsplit run, at OUTPUT."""
+    assert _gguf(cli, tiny_llama, tmp_path / "m.gguf", "--type", "f16", "--split-max-size", "1G") == [
+        tmp_path / "m.gguf"
+    ]
+    assert (tmp_path / "m.gguf").read_bytes() == single.read_bytes()

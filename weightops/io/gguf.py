@@ -153,21 +153,12 @@ class Split:
             raise WeightopsError(f"--split-max-tensors {max_tensors}: must be at least 1")
         return Split(parse_split_size(max_size) if max_size is not None else 0, max_tensors or 0)
 
-    def describe(self) -> str:
-        size = next(
-            f"{self.max_size // u}{n}"
-            for n, u in (("G", 10**9), ("M", 10**6), ("K", 1000), ("", 1))
-            if not self.max_size % u
-        )
-        limits = [f"{self.max_tensors} tensors" if self.max_tensors else "", f"{size} bytes" if self.max_size else ""]
-        return " or ".join(x for x in limits if x)
-
 
 def plan_output(
-    path: str | Path, inputs: Iterable[Path | str | None] = (), *, split: Split | None, force: bool = False
+    path: str | Path, inputs: Iterable[Path | str | None] = (), *, may_split: bool, force: bool = False
 ) -> OutputSet:
     """The output slot of a GGUF export to `path` (the file, or the split set of its stem),
-    planned before any work (see `io.output_set`)."""
+    planned before any work (see `io.output_set`); `may_split`: a split option was given."""
     from .gguf_split import SET_XATTR, in_slot
 
     target = Path(path)
@@ -176,7 +167,7 @@ def plan_output(
         inputs,
         belongs=lambda name: in_slot(target, name),
         set_id_xattr=SET_XATTR,
-        may_split=split is not None,
+        may_split=may_split,
         force=force,
     )
 
@@ -213,7 +204,7 @@ def write_gguf(
             raise ValueError("write_gguf: a split set needs an OutputSet (plan_output)")
         target = output
     else:
-        target = plan_output(output, split=None, force=False) if several else Output(output, kind="file")
+        target = plan_output(output, may_split=True) if several else Output(output, kind="file")
     where = {name: i for i, infos in enumerate(shards) for name in infos}
     if sorted(where) != sorted(t.name for t in tensors):
         raise ValueError("write_gguf: the tensors are not the ones the writer was planned with")

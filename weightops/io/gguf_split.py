@@ -116,15 +116,21 @@ def _key(header: Header, key: str) -> int | None:
 
 
 def set_files(path: Path) -> list[Path]:
-    """The files of the model `path` names: every file of a GGUF split set (checked as a whole)
-    given its first file, else `[path]`."""
+    """The files of the model `path` names, for hashing: those of its split set that exist,
+    from the first file's `split.count` (a broken set is refused when it is opened as a model,
+    and a manifest check then names each missing file), else `[path]`."""
     try:
         with open(path, "rb") as f:
             if f.read(4) != MAGIC:
                 return [path]
-    except OSError:
+        count = _key(read_header(path), SPLIT_COUNT)
+    except (OSError, WeightopsError):
         return [path]
-    return [h.path for h in open_set(path)]
+    m = _NAME.match(path.name)
+    if count is None or count <= 1 or m is None:
+        return [path]
+    names = [path.with_name(split_name(m.group("prefix"), i, count)) for i in range(count)]
+    return [p for p in names if p.is_file()]
 
 
 def open_set(path: Path, first: Header | None = None) -> list[Header]:

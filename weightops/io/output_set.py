@@ -135,7 +135,7 @@ class OutputSet:
                     if p.name in self._kept:
                         continue
                     if p.name not in self._replace:
-                        raise self._changed(f"gained {p.name}")
+                        raise self._appeared(p.name)
                     os.rename(p, trash / p.name)
                     moved.append(p.name)
                     st = (trash / p.name).lstat()
@@ -171,13 +171,16 @@ class OutputSet:
         try:
             os.link(src, final)  # fails if something appeared at `final`: never overwrites
         except FileExistsError:
-            raise self._changed(f"gained {final.name}") from None
+            raise self._appeared(final.name) from None
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
                 raise
             if final.exists() or final.is_symlink():
-                raise self._changed(f"gained {final.name}") from None
+                raise self._appeared(final.name) from None
             os.rename(src, final)
+
+    def _appeared(self, name: str) -> WeightopsError:
+        return self._changed("appeared" if name == self.path.name else f"(its sibling {name}) appeared")
 
     def _changed(self, how: str) -> WeightopsError:
         return WeightopsError(

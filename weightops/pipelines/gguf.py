@@ -105,7 +105,7 @@ def export_gguf(
     dev = resolve_device(device)
     ckpt = open_checkpoint(model, tp_config)
     split = Split.parse(split_max_size, split_max_tensors)
-    target = plan_output(output, [ckpt.path, tokenizer, tp_config, *lora], split=split, force=force)
+    target = plan_output(output, [ckpt.path, tokenizer, tp_config, *lora], may_split=bool(split), force=force)
     output = target.path
     hf_refs, config = hf_stream(ckpt)
     if lora:
@@ -155,8 +155,6 @@ def export_gguf(
     ]
     in_file = sorted(planned, key=lambda t: policy.weights_map_key(t.name)) if ftype.quantizer else planned
     writer = plan_writer(spec.gguf_name, in_file, split)
-    if split and len(writer.tensors) == 1:
-        note(f"every tensor fits in one file under the split limit ({split.describe()}): wrote one file, {output}")
     writer.add_type(gguf.GGUFType.MODEL)
     _add_general(writer, ckpt)
     spec.config.add_gguf_parameters(writer, config, int(ftype.file_type))

@@ -284,14 +284,16 @@ def test_inputs_given_by_option_are_never_inside_the_output(cli, tmp_path, tiny_
 _HELD = """
 import os, sys, time
 from pathlib import Path
-from weightops.io import outputs
-publish = outputs.Output._publish
-def held(self, tmp):
-    print("READY", flush=True)
-    while not Path(os.environ["FLAG"]).exists():
-        time.sleep(0.01)
-    publish(self, tmp)
-outputs.Output._publish = held
+from weightops.io import output_set, outputs
+def holding(publish):
+    def held(self, *args):
+        print("READY", flush=True)
+        while not Path(os.environ["FLAG"]).exists():
+            time.sleep(0.01)
+        publish(self, *args)
+    return held
+outputs.Output._publish = holding(outputs.Output._publish)
+output_set.OutputSet._publish = holding(output_set.OutputSet._publish)  # GGUF outputs (file or split set)
 sys.argv[0] = "weightops"
 from weightops.cli import run
 run()

@@ -152,6 +152,19 @@ _QUANTIZER_SPAN = " ... ".join(_QUANTIZER.split("/")[:: len(_QUANTIZER.split("/"
 )
 @lora_options("--lora-rounding")
 @click.option(
+    "--split-max-size",
+    metavar="SIZE",
+    help="Write a split set OUTPUT-00001-of-0000N.gguf ... whose files hold at most SIZE bytes of tensor data "
+    "each (bytes, or a whole number of K, M or G: decimal, 1G = 10^9; metadata not counted; a larger tensor "
+    "gets a file of its own), laid out as convert_hf_to_gguf.py --split-max-size lays it out.",
+)
+@click.option(
+    "--split-max-tensors",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Write a split set whose files hold at most N tensors each (= convert_hf_to_gguf.py --split-max-tensors).",
+)
+@click.option(
     "--force",
     is_flag=True,
     help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
@@ -176,6 +189,8 @@ def gguf(
     rounding: str,
     tp_lora_r: int | None,
     tp_lora_alpha: float | None,
+    split_max_size: str | None,
+    split_max_tensors: int | None,
     force: bool,
 ) -> None:
     result = export_gguf(
@@ -197,11 +212,14 @@ def gguf(
         warn=warn,
         lora=lora,
         lora_options={"rounding": rounding, "tp_lora_r": tp_lora_r, "tp_lora_alpha": tp_lora_alpha},
+        split_max_size=split_max_size,
+        split_max_tensors=split_max_tensors,
     )
     counts = Counter(result.tensor_types.values())
     tok = result.tokenizer
+    files = f" and {len(result.files) - 1} more split files" if len(result.files) > 1 else ""
     click.echo(
-        f"wrote {result.output} ({result.bytes_written / 2**20:.1f} MiB, {result.architecture}, "
+        f"wrote {result.output}{files} ({result.bytes_written / 2**20:.1f} MiB, {result.architecture}, "
         f"{result.file_type}): "
         + ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
         + f"; tokenizer {tok.model}/{tok.pre} ({tok.pre_source}), {tok.tokens} tokens"

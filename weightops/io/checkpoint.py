@@ -16,6 +16,7 @@ from .. import arch, progress
 from ..errors import WeightopsError
 from ..stream import TensorRef, require_unique
 from . import gguf as gguf_io
+from . import gguf_split
 from . import hf as hf_io
 from . import tencentpretrain as tp_io
 from .config import read_config
@@ -75,7 +76,7 @@ class Checkpoint:
 
 def open_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> Checkpoint:
     """Open any supported checkpoint lazily; nothing but headers is read."""
-    path = Path(path)
+    path = gguf_split.first_split(path)  # OUT.gguf names the split set written for it
     if not path.exists():
         raise WeightopsError(f"{path}: no such file or directory")
     if path.is_file():
@@ -99,13 +100,13 @@ def open_checkpoint(path: str | Path, tp_config: str | Path | None = None) -> Ch
 
 def _open_file(path: Path) -> Checkpoint:
     if gguf_io.is_gguf(path):
-        reader = gguf_io.open_reader(path)
-        meta = gguf_io.read_metadata(path, reader)
+        headers = gguf_split.open_set(path)  # [the header], or every split's, checked as one model
+        meta = gguf_io.read_metadata(path, headers[0])
         return Checkpoint(
             path,
             Format.GGUF,
-            gguf_io.read_gguf(path, reader),
-            [path],
+            [ref for h in headers for ref in gguf_io.read_gguf(h.path, h)],
+            [h.path for h in headers],
             config=meta,
             architecture=meta.get("general.architecture"),
             config_file=path,
@@ -148,11 +149,12 @@ def _open_dir(path: Path) -> Checkpoint:
             if tp_io.looks_like_tp(r.name for r in refs):
                 return Checkpoint(path, Format.TENCENTPRETRAIN, refs, bins, hf_io.aux_files(path))
         ggufs = members(path, "*.gguf")
-        if len(ggufs) == 1:
-            return _open_file(ggufs[0])
+        one = ggufs[0] if len(ggufs) == 1 else gguf_split.one_set(ggufs)  # a split set: its first file
+        if one is not None:
+            return _open_file(one)
         raise WeightopsError(
             f"{path}: no checkpoint found (looked for *.safetensors, pytorch_model.bin, "
-            f"their index files, {tp_io.INDEX}, a TencentPretrain .bin, or one .gguf)"
+            f"their index files, {tp_io.INDEX}, a TencentPretrain .bin, one .gguf or one GGUF split set)"
         ) from None
     return Checkpoint(path, Format(fmt), refs, files, hf_io.aux_files(path), *_hf_config(path))
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import WeightopsError, names_file, writing
 from ..stream import TensorRef
 from .gguf_header import Header, read_header
+from .output_set import OutputSet
 from .outputs import Output
 
 if TYPE_CHECKING:  # gguf (with numpy) and torch are slow to import: loaded only for GGUF work
@@ -116,16 +117,59 @@ class GGUFTensor:
         return ggml_nbytes(self.shape, self.ggml_type)
 
 
-def plan_writer(arch: str, tensors: Sequence[GGUFTensor]) -> GGUFWriter:
+def plan_writer(arch: str, tensors: Sequence[GGUFTensor], split: Split | None = None) -> GGUFWriter:
     """A `GGUFWriter` that knows every tensor's name, shape and type, in file order (so offsets
-    and the parameter count are known) but holds no data; the caller adds the metadata."""
+    and the parameter count are known) but holds no data; the caller adds the metadata. With
+    `split`, the tensors are assigned to the files of a split set here, as GGUFWriter assigns
+    them (see `gguf_split`): `writer.tensors` holds one dict per file."""
     import numpy as np
     from gguf import GGUFWriter
 
-    writer = GGUFWriter(None, arch)
+    split = split or Split()
+    writer = GGUFWriter(None, arch, split_max_tensors=split.max_tensors, split_max_size=split.max_size)
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
+    if len(writer.tensors) == 1:  # GGUFWriter would log that the model "fails split requirements"
+        writer.split_max_tensors = writer.split_max_size = 0
     return writer
+
+
+@dataclass(frozen=True)
+class Split:
+    """How to split a GGUF file (0: no limit): `max_size` bytes of tensor data per file
+    (unpadded, metadata not counted), `max_tensors` tensors per file."""
+
+    max_size: int = 0
+    max_tensors: int = 0
+
+    @staticmethod
+    def parse(max_size: str | int | None = None, max_tensors: int | None = None) -> Split | None:
+        """From the command's options; None when neither is given."""
+        from .gguf_split import parse_split_size
+
+        if max_size is None and max_tensors is None:
+            return None
+        if max_tensors is not None and max_tensors < 1:
+            raise WeightopsError(f"--split-max-tensors {max_tensors}: must be at least 1")
+        return Split(parse_split_size(max_size) if max_size is not None else 0, max_tensors or 0)
+
+
+def plan_output(
+    path: str | Path, inputs: Iterable[Path | str | None] = (), *, may_split: bool, force: bool = False
+) -> OutputSet:
+    """The output slot of a GGUF export to `path` (the file, or the split set of its stem),
+    planned before any work (see `io.output_set`); `may_split`: a split option was given."""
+    from .gguf_split import SET_XATTR, in_slot
+
+    target = Path(path)
+    return OutputSet(
+        target,
+        inputs,
+        belongs=lambda name: in_slot(target, name),
+        set_id_xattr=SET_XATTR,
+        may_split=may_split,
+        force=force,
+    )
 
 
 def move_keys_to_end(writer: GGUFWriter, keys: Sequence[str]) -> None:
@@ -139,33 +183,49 @@ def move_keys_to_end(writer: GGUFWriter, keys: Sequence[str]) -> None:
 def write_gguf(
     writer: GGUFWriter,
     tensors: Sequence[GGUFTensor],
-    output: str | Path | Output,
+    output: str | Path | Output | OutputSet,
     on_tensor: Callable[[GGUFTensor], None] | None = None,
-) -> None:
-    """Write header, metadata and tensor infos (file order: as `writer` was planned), then each
-    tensor's bytes at its offset, in the order of `tensors` (the order they are read in, which
-    may differ from the file's), each padded to the 32-byte alignment as GGUFWriter pads, into a
-    temporary sibling that becomes `output` only at the end. `output` is a path, or an `Output`
-    the caller planned (and checked against its inputs) before its own work."""
+) -> list[Path]:
+    """Write header, metadata and tensor infos of every file (file order: as `writer` was
+    planned, one file or a split set), then each tensor's bytes at its offset in its file, in
+    the order of `tensors` (the order they are read in, which may differ from the file's), each
+    padded to the 32-byte alignment as GGUFWriter pads, into temporaries that become the output
+    only at the end (all files of a set, or none). `output` is a path, or an `Output` /
+    `OutputSet` the caller planned (and checked against its inputs) before its own work.
+    Returns the files published, the one readers open first."""
     import numpy as np
 
-    target = output if isinstance(output, Output) else Output(output, kind="file")
-    infos = writer.tensors[0]
-    if sorted(infos) != sorted(t.name for t in tensors):
+    shards = writer.tensors
+    several = len(shards) > 1
+    if isinstance(output, OutputSet):
+        target: Output | OutputSet = output
+    elif isinstance(output, Output):
+        if several:
+            raise ValueError("write_gguf: a split set needs an OutputSet (plan_output)")
+        target = output
+    else:
+        target = plan_output(output, may_split=True) if several else Output(output, kind="file")
+    where = {name: i for i, infos in enumerate(shards) for name in infos}
+    if sorted(where) != sorted(t.name for t in tensors):
         raise ValueError("write_gguf: the tensors are not the ones the writer was planned with")
-    with target.writing() as tmp, writing(target.path):
+    files = writer.format_shard_names(target.path)  # the final names, for messages
+    temporary = target.writing(several) if isinstance(target, OutputSet) else target.writing()
+    with temporary as tmp, writing(target.path):
         try:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             assert writer.fout is not None  # opened by write_header_to_file
-            fout, align = writer.fout[0], writer.data_alignment
-            offsets, at = {}, writer.ggml_pad(fout.tell(), align)
-            for name, info in infos.items():
-                offsets[name] = at
-                at += writer.ggml_pad(info.nbytes, align)
+            align = writer.data_alignment
+            offsets = {}
+            for fout, infos in zip(writer.fout, shards, strict=True):
+                at = writer.ggml_pad(fout.tell(), align)
+                for name, info in infos.items():
+                    offsets[name] = at
+                    at += writer.ggml_pad(info.nbytes, align)
             for t in tensors:
-                with writing(target.path, t.name):
+                fout, file = writer.fout[where[t.name]], files[where[t.name]]
+                with writing(file, t.name):
                     fout.seek(offsets[t.name])
                     written = 0
                     for piece in t.produce():
@@ -175,7 +235,7 @@ def write_gguf(
                         del piece
                     if written != t.nbytes:
                         raise WeightopsError(
-                            f"{target.path}: tensor {t.name!r} {t.shape} as {t.ggml_type.name} "
+                            f"{file}: tensor {t.name!r} {t.shape} as {t.ggml_type.name} "
                             f"produced {written} bytes, expected {t.nbytes}"
                         )
                     fout.write(bytes(-written % align))
@@ -185,3 +245,4 @@ def write_gguf(
                     on_tensor(t)
         finally:
             writer.close()
+    return target.published() if isinstance(target, OutputSet) else [target.path]

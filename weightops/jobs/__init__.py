@@ -16,6 +16,8 @@ Job file:
     output = "release"                 # directory for artefacts, the report and the model card
     base_model = "org/model"           # optional: the Hub model the artefacts derive from
     executor = "local"                 # or "ray": units as tasks on a Ray cluster (--executor overrides)
+    split_max_size = "50G"             # optional: GGUF steps write split sets of files this size
+                                       # (default: split only what the Hub's 200 GB limit refuses)
 
     [inputs]
     base = "llama-7b"                   # paths relative to the job file

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MismatchError, WeightopsError
-from ..io import outputs
+from ..io import gguf_split, outputs
 from ..io.index import parse_size
 from ..pipelines.manifest import create_manifest
 from ..verify import manifest as manifest_lib
@@ -229,9 +229,11 @@ class _Run:
         return _Started(unit, todo, inputs, log, done_file, entry, task)
 
     def _argv(self, step: Step, inputs: dict[str, str]) -> list[str]:
+        present = {str(p): str(gguf_split.first_split(p)) for p in step.inputs}  # a split set: its first file
+        argv = [present.get(a, a) for a in step.argv]
         if step.op != "verify":
-            return step.argv
-        argv = [*step.argv, "--json", str(self._verify_json(step))]
+            return argv
+        argv = [*argv, "--json", str(self._verify_json(step))]
         reference = step.sources.get("reference")
         if reference is not None and str(reference) in inputs:
             argv += ["--reference-cache", str(self.state / LOGITS / inputs[str(reference)])]
@@ -287,6 +289,13 @@ class _Run:
             files = json.loads(mpath.read_text())["files"]  # hashed from disk just now
             output = {"files": files, "manifest": self.cache.sha256(mpath)}
             self.report["artefacts"][step.name] = files
+            if step.hub_split and len(files) > 1:
+                note = (
+                    f"split into {len(files)} files: one file would exceed the Hugging Face Hub's "
+                    f"{gguf_split.HUB_FILE_LIMIT // 10**9} GB per-file limit (set split_max_size to choose)"
+                )
+                self.entries[step.name]["note"] = note
+                self.screen.remarks.append(("note", step.name, note))
         with outputs.Output(_marker(self.job, step), kind="file", force=True).writing() as tmp:
             tmp.write_text(
                 json.dumps(
@@ -344,7 +353,7 @@ def _fingerprint(paths: list[Path], cache: HashCache) -> dict[str, str]:
     """sha256 over each input's current file hashes (through the stat cache). A manifest the
     input carries is never used: it says what the files were, not what they are."""
     out = {}
-    for p in paths:
+    for p in map(gguf_split.first_split, paths):  # an earlier gguf step's split set: its first file
         if not p.exists():
             raise WeightopsError(f"input {p} does not exist")
         files = manifest_lib.file_hashes(p, cache.sha256)
@@ -355,6 +364,7 @@ def _fingerprint(paths: list[Path], cache: HashCache) -> dict[str, str]:
 def _output_state(output: Path, cache: HashCache) -> dict | None:
     """The output's files and its manifest as they are on disk now; None when either is gone."""
     mpath = manifest_lib.manifest_path(output)
+    output = gguf_split.first_split(output)
     if not output.exists() or not mpath.is_file():
         return None
     return {"files": manifest_lib.file_hashes(output, cache.sha256), "manifest": cache.sha256(mpath)}
@@ -384,5 +394,6 @@ def _clear(step: Step, output: Path) -> None:
     wrote: anything else stops the job. (A partial one is only a temporary sibling, which
     the step itself removes when it plans the same output.)"""
     what = f"step {step.name!r}: output"
-    for path in (output, manifest_lib.manifest_path(output)):
+    splits = gguf_split.slot_files(output) if step.op == "gguf" else []  # an earlier split set of it
+    for path in (manifest_lib.manifest_path(output), output, *splits):
         outputs.remove(path, what)

@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from ..errors import WeightopsError, names_file
+from ..io import gguf_split
 from ..verify import manifest as manifest_lib
 from . import card
 
@@ -30,7 +31,7 @@ else:  # pragma: no cover
 
 STATE_DIR = ".weightops-job"
 REPORT = "release-report"
-_JOB_KEYS = {"name", "output", "base_model", "executor"}
+_JOB_KEYS = {"name", "output", "base_model", "executor", "split_max_size"}
 _STEP_KEYS = {"name", "op", "gpu"}
 EXECUTOR_NAMES = ("local", "ray")  # executors.EXECUTORS: where units run
 _NO_STEP = {"run", "demo", "inspect"}  # commands that make no sense as steps
@@ -55,6 +56,7 @@ class Step:
     sources: dict[str, Path] = field(default_factory=dict)  # argument/option -> the path it reads (first one)
     argv: list[str] = field(default_factory=list)
     label: str = ""  # "step N ('name')", how messages name it
+    hub_split: bool = False  # a gguf step split at the Hub's file limit (no split option given)
     gpu: bool = False  # `gpu = true`: the step needs a GPU (an executor places it on one)
     uses_device: bool = False  # its command takes --device
 
@@ -206,8 +208,24 @@ def load_job(path: str | Path) -> Job:
     if not steps and not problems.items:
         problems.add("[[steps]]", "the job has no steps")
     _check_paths(problems, path, out_text, out_dir, inputs, steps)
+    _split_gguf_steps(problems, head, steps)
     problems.raise_if_any()
     return Job(path, head.get("name", path.stem), out_dir, inputs, steps, tuple(base_model), executor)
+
+
+def _split_gguf_steps(problems: _Problems, head: dict, steps: list[Step]) -> None:
+    """Give every gguf step that sets no split option of its own the job's `split_max_size`, or
+    else the Hub's limit (`gguf_split.HUB_SPLIT_SIZE`), so that no step writes a file the Hub
+    cannot take."""
+    size = str(head.get("split_max_size", gguf_split.HUB_SPLIT_SIZE))
+    try:
+        gguf_split.parse_split_size(size)
+    except WeightopsError as e:
+        problems.add("[job]", f"split_max_size: {e}")
+    for step in steps:
+        if step.op == "gguf" and not step.options.keys() & {"split_max_size", "split_max_tensors"}:
+            step.argv += ["--split-max-size", size]
+            step.hub_split = "split_max_size" not in head
 
 
 def _expand_types(problems: _Problems, where: str, raw: dict) -> list[tuple[str, dict]] | None:

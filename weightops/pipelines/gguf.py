@@ -29,9 +29,8 @@ from ..arch.transforms import to_gguf
 from ..devices import resolve_device
 from ..errors import WeightopsError, shown
 from ..io.checkpoint import Checkpoint, Format, open_checkpoint
-from ..io.gguf import GGUFTensor, move_keys_to_end, plan_writer, write_gguf
+from ..io.gguf import GGUFTensor, Split, move_keys_to_end, plan_output, plan_writer, write_gguf
 from ..io.gguf_tokenizer import TokenizerSummary, add_tokenizer
-from ..io.outputs import Output
 from ..quant import ggml_types, policy
 from ..stream import TensorRef, matches_any
 from .gguf_imatrix import add_quantize_kv, load_calibration
@@ -49,6 +48,7 @@ class GGUFReport:
     tokenizer: TokenizerSummary
     bytes_written: int
     warnings: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # the split set (or the one file), first file first
 
 
 def export_gguf(
@@ -71,6 +71,8 @@ def export_gguf(
     lora: Sequence[str | Path] = (),
     lora_options: dict | None = None,
     imatrix: str | Path | None = None,
+    split_max_size: str | int | None = None,
+    split_max_tensors: int | None = None,
 ) -> GGUFReport:
     """Write `model` as a llama.cpp GGUF file at `output` (atomically; refuses to overwrite
     without `force`). `type` is the file type (see `quant.policy`), `tensor_types` are
@@ -80,8 +82,9 @@ def export_gguf(
     files (default: the model's own directory). `lora` adapters are merged on the way
     (`pipelines.merge_lora.lora_stage`, with `lora_options`). `imatrix` (llama-quantize file
     types only) is an importance-matrix file: weighted quantization, its type rules and its
-    metadata, as `llama-quantize --imatrix` (`pipelines.gguf_imatrix`). Warnings go to `warn`
-    and into the result."""
+    metadata, as `llama-quantize --imatrix` (`pipelines.gguf_imatrix`). `split_max_size` /
+    `split_max_tensors` make a split set `OUTPUT-0000k-of-0000N.gguf` (`io.gguf_split`).
+    Warnings go to `warn` and into the result."""
     warnings: list[str] = []
 
     def note(msg: str) -> None:
@@ -111,7 +114,8 @@ def export_gguf(
     via = via.lower() if via else None
     dev = resolve_device(device)
     ckpt = open_checkpoint(model, tp_config)
-    target = Output(output, [ckpt.path, tokenizer, tp_config, imatrix, *lora], kind="file", force=force)
+    split = Split.parse(split_max_size, split_max_tensors)
+    target = plan_output(output, [ckpt.path, tokenizer, tp_config, imatrix, *lora], may_split=bool(split), force=force)
     output = target.path
     hf_refs, config = hf_stream(ckpt)
     if lora:
@@ -174,7 +178,7 @@ def export_gguf(
         for r in refs
     ]
     in_file = sorted(planned, key=lambda t: policy.weights_map_key(t.name)) if ftype.quantizer else planned
-    writer = plan_writer(spec.gguf_name, in_file)
+    writer = plan_writer(spec.gguf_name, in_file, split)
     writer.add_type(gguf.GGUFType.MODEL)
     _add_general(writer, ckpt)
     spec.config.add_gguf_parameters(writer, config, int(ftype.file_type))
@@ -199,15 +203,16 @@ def export_gguf(
         move_keys_to_end(writer, (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE, *imatrix_keys))
     total = sum(t.nbytes for t in planned)
     with progress.bar(total, f"gguf {qtype_name}") as bar:
-        write_gguf(writer, planned, target, on_tensor=lambda t: bar.update(t.nbytes))
+        files = write_gguf(writer, planned, target, on_tensor=lambda t: bar.update(t.nbytes))
     return GGUFReport(
-        output,
+        files[0],
         spec.gguf_name,
         ftype.file_type.name,
         {t.name: t.ggml_type.name for t in in_file},
         summary,
-        output.stat().st_size,
+        sum(f.stat().st_size for f in files),
         warnings,
+        files,
     )
 
 

@@ -188,7 +188,12 @@ def load_runner(
         if gguf_runtime not in GGUF_RUNTIMES:
             raise WeightopsError(f"--gguf-runtime {gguf_runtime!r}: choose one of {', '.join(GGUF_RUNTIMES)}")
         if gguf_runtime == "llama.cpp":
-            return LlamaCppRunner(model.ckpt.path, n_ctx, dev)
+            return LlamaCppRunner(model.ckpt.path, n_ctx, dev)  # the first split: llama.cpp finds the rest
+        if len(model.ckpt.weight_files) > 1:
+            raise WeightopsError(
+                f"{model.path}: transformers' GGUF loader reads one file, not a split set of "
+                f"{len(model.ckpt.weight_files)}; use --gguf-runtime llama.cpp"
+            )
     dt = compute_dtype(dev, dtype)
     _quiet_transformers()
     if model.format is Format.TENCENTPRETRAIN:

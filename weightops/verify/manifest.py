@@ -16,6 +16,7 @@ from pathlib import Path
 from .. import progress
 from ..errors import WeightopsError, names_file, shown
 from ..io.checkpoint import open_checkpoint
+from ..io.gguf_split import first_split, set_files
 from ..io.paths import check_link
 from ..stream import TensorRef
 
@@ -24,7 +25,8 @@ _CHUNK = 8 << 20
 
 
 def manifest_path(path: Path) -> Path:
-    path = Path(path)
+    """Beside a file (a GGUF split set's first file), inside a directory."""
+    path = first_split(path)
     return path / MANIFEST if path.is_dir() else path.with_name(path.name + "." + MANIFEST)
 
 
@@ -42,9 +44,11 @@ def _files(path: Path) -> list[Path]:
     """The files a manifest covers. A symlink that leads out of the directory is refused, not
     followed (it would hash — and certify — a file that is not part of the checkpoint, e.g.
     /etc/hostname) and not skipped (the manifest would then silently not cover a file that
-    ships with the directory, as any copy that follows links would)."""
+    ships with the directory, as any copy that follows links would). A GGUF split set is every
+    file of the set (checked as a whole)."""
+    path = first_split(path)
     if path.is_file():
-        return [path]
+        return set_files(path)
     found = sorted(
         p
         for p in path.rglob("*")

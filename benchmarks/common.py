@@ -175,10 +175,11 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-def measure(cmd: list[str], interval: float = 0.01) -> Measured:
-    """Run `cmd`, sampling its memory; raises if it fails."""
+def measure(cmd: list[str], interval: float = 0.01, log: Path | None = None) -> Measured:
+    """Run `cmd`, sampling its memory; raises if it fails. With `log`, its output goes there."""
+    out = open(log, "wb") if log else None  # noqa: SIM115  (closed below, after the child exits)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=out)
     peak = {"VmHWM": 0, "RssAnon": 0}
     done = threading.Event()
 
@@ -195,11 +196,28 @@ def measure(cmd: list[str], interval: float = 0.01) -> Measured:
     wall = time.perf_counter() - start
     done.set()
     t.join()
+    if out:
+        out.close()
     if rc != 0:
-        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}")
+        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}" + (f" (output in {log})" if log else ""))
     return Measured(wall, peak["VmHWM"] / 1024, peak["RssAnon"] / 1024, rc)
 
 
 def python(code: str) -> list[str]:
     """A command running `code` in a fresh interpreter (so imports count the same for every contender)."""
     return [sys.executable, "-c", code]
+
+
+def llama_imatrix() -> Path:
+    """llama.cpp's own llama-imatrix, built from the source package of the installed
+    llama-cpp-python against its libllama/libggml with llama.cpp's Release flags, by the
+    builder the test oracles use (tests/oracles/llama_cpp_build.py; its command-line parser
+    is tests/oracles/llama_imatrix.cpp). Cached after the first build (about a minute)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "oracles"))
+    import llama_cpp_build as build
+
+    try:
+        tools = build.build_tools(build.LLAMA_IMATRIX, build.IMATRIX_COMMON, optimize=("-O3", "-DNDEBUG"))
+    except build.Unavailable as e:
+        raise SystemExit(f"cannot build llama-imatrix: {e}") from None
+    return tools["llama-imatrix"]

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from safetensors.torch import load_file, save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).parent / "oracles"))
+
+import llama_cpp_build  # noqa: E402  (tests/oracles: shared with the benchmarks)
 
 from weightops import tiny  # noqa: E402
 from weightops.cli import main  # noqa: E402
@@ -87,75 +92,12 @@ def load_all():
     return load
 
 
-def _test_cache() -> Path:
-    return Path(os.environ.get("WEIGHTOPS_TEST_CACHE", Path.home() / ".cache" / "weightops-tests"))
-
-
-# what the oracles use of llama.cpp's tree: convert_hf_to_gguf.py with its `conversion` package and
-# gguf-py; the sources of llama-quantize and llama-imatrix with the common/ code and headers they need
-_VENDORED_FILES = ("convert_hf_to_gguf.py",)
-_VENDORED_DIRS = (
-    "gguf-py",
-    "conversion",
-    "tools/quantize",
-    "tools/imatrix",
-    "common",
-    "include",
-    "ggml/include",
-    "vendor/nlohmann",
-)
-
-
 def _vendored_llama_cpp(files: tuple[str, ...]) -> Path:
-    """The installed llama-cpp-python's vendored llama.cpp tree (its pinned commit) in the test
-    cache, holding `files` (paths inside llama.cpp/). Fetched from the package registry (the
-    sdist) when one is missing, with everything every oracle uses; skips when neither the
-    cache nor the registry is there."""
-    import importlib.metadata
-    import subprocess
-    import sys
-    import tarfile
-    import tempfile
-
-    version = importlib.metadata.version("llama-cpp-python")
-    cache = _test_cache()
-    root = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
-    if all((root / f).is_file() for f in files):
-        return root
-    with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--no-binary",
-                ":all:",
-                "--no-deps",
-                f"llama-cpp-python=={version}",
-                "-d",
-                tmp,
-            ],
-            capture_output=True,
-            text=True,
-        )
-        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if got.returncode or not sdists:
-            pytest.skip(f"llama-cpp-python {version} source not available: {got.stderr.strip()[-300:]}")
-        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-        with tarfile.open(sdists[0]) as tar:
-            wanted = [
-                m
-                for m in tar.getmembers()
-                if m.name.startswith(prefix)
-                and (
-                    m.name[len(prefix) :] in _VENDORED_FILES
-                    or m.name.startswith(tuple(prefix + d + "/" for d in _VENDORED_DIRS))
-                )
-            ]
-            tar.extractall(cache, members=wanted, filter="data")
-    return root
+    """The vendored llama.cpp tree in the test cache holding `files`; skips without it."""
+    try:
+        return llama_cpp_build.vendored_llama_cpp(files)
+    except llama_cpp_build.Unavailable as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")
@@ -536,81 +478,21 @@ def libggml():
     return quantize
 
 
-_COMMON_SOURCES = ("common/imatrix-loader.cpp", "common/common.cpp", "common/log.cpp", "common/json.cpp")
-_TOOLS = {  # tool -> its own sources (each linked with the common ones)
-    "llama-quantize": ("tools/quantize/main.cpp", "tools/quantize/quantize.cpp"),
-    "imatrix-combine": (str(Path(__file__).parent / "oracles" / "imatrix_combine.cpp"),),
-}
-
-
 @pytest.fixture(scope="session")
 def llama_cpp_tools() -> dict[str, Path]:
     """llama.cpp's own tools as oracles, built once against the installed llama-cpp-python's
     libllama/libggml from its vendored source (the pinned commit) and cached outside the
-    repository (about 15-30 s of compiling): `llama-quantize` (tools/quantize, with the few
-    common/ sources it needs: imatrix loader, logging, argument helpers) and `imatrix-combine`
-    (llama-imatrix's --in-file combine path, tests/oracles/imatrix_combine.cpp). Tool name ->
-    executable. Skips without llama-cpp-python, the source or a C++ compiler."""
-    import hashlib
-    import shutil
-    import subprocess
-    import tempfile
-    from concurrent.futures import ThreadPoolExecutor
-
-    llama_cpp = pytest.importorskip("llama_cpp")
-    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if compiler is None:
-        pytest.skip("no C++ compiler to build llama.cpp's tools")
-    root = _vendored_llama_cpp(
-        (*_COMMON_SOURCES, *_TOOLS["llama-quantize"], "tools/imatrix/imatrix.cpp", "common/build-info.cpp.in")
-    )
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    shims = b"".join(Path(s).read_bytes() for srcs in _TOOLS.values() for s in srcs if Path(s).is_absolute())
-    key = hashlib.sha256(f"{root}\n{libdir.resolve()}\n".encode() + shims).hexdigest()[:12]
-    out = _test_cache() / f"llama-cpp-tools-{key}"
-    tools = {name: out / name for name in _TOOLS}
-    if all(t.is_file() for t in tools.values()):
-        return tools
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp_name:
-        tmp = Path(tmp_name)
-        info = (root / "common" / "build-info.cpp.in").read_text()
-        for k, v in {"NUMBER": "0", "COMMIT": "vendored"}.items():
-            info = info.replace(f"@LLAMA_BUILD_{k}@", v)
-        info = info.replace("@BUILD_COMPILER@", "c++").replace("@BUILD_TARGET@", "weightops-tests")
-        (tmp / "build-info.cpp").write_text(info)
-        sources = [root / s for s in _COMMON_SOURCES] + [tmp / "build-info.cpp"]
-        sources += [root / s for srcs in _TOOLS.values() for s in srcs]
-        flags = ["-std=c++17", "-O0", "-ffunction-sections", "-fdata-sections"]
-        flags += [f"-I{root / d}" for d in ("", "common", "include", "ggml/include", "vendor")]
-
-        def compile_one(i: int) -> subprocess.CompletedProcess:
-            obj = tmp / f"{i}.o"
-            return subprocess.run(
-                [compiler, *flags, "-c", str(sources[i]), "-o", str(obj)], capture_output=True, text=True
-            )
-
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            done = list(pool.map(compile_one, range(len(sources))))
-        failed = [d for d in done if d.returncode]
-        if failed:
-            pytest.skip(f"llama.cpp's tools do not build here: {failed[0].stderr.strip()[-600:]}")
-        common = [str(tmp / f"{i}.o") for i in range(len(_COMMON_SOURCES) + 1)]
-        i = len(common)
-        for name, srcs in _TOOLS.items():
-            objs = [str(tmp / f"{j}.o") for j in range(i, i + len(srcs))]
-            i += len(srcs)
-            linked = subprocess.run(
-                [compiler, *objs, *common, "-Wl,--gc-sections", f"-L{libdir}", f"-Wl,-rpath,{libdir}"]
-                + ["-lllama", "-lggml", "-lggml-base", "-pthread", "-o", str(tmp / name)],
-                capture_output=True,
-                text=True,
-            )
-            if linked.returncode:
-                pytest.skip(f"{name} does not link here: {linked.stderr.strip()[-600:]}")
-        for name, path in tools.items():
-            os.replace(tmp / name, path)
-    return tools
+    repository (about 15-30 s of compiling; tests/oracles/llama_cpp_build.py): `llama-quantize`
+    (tools/quantize, with the few common/ sources it needs: imatrix loader, logging, argument
+    helpers) and `imatrix-combine` (llama-imatrix's --in-file combine path,
+    tests/oracles/imatrix_combine.cpp). Tool name -> executable. Skips without llama-cpp-python,
+    the source or a C++ compiler."""
+    try:
+        return llama_cpp_build.build_tools(
+            {**llama_cpp_build.LLAMA_QUANTIZE, **llama_cpp_build.IMATRIX_COMBINE}, llama_cpp_build.QUANTIZE_COMMON
+        )
+    except llama_cpp_build.Unavailable as e:
+        pytest.skip(str(e))
 
 
 def _runner(exe: Path):

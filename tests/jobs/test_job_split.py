@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from weightops import jobs
+from weightops.errors import WeightopsError
 from weightops.io import gguf_split
 
 STEPS = """
@@ -70,5 +71,5 @@ def test_job_split_max_size_replaces_an_earlier_set(tmp_path, tiny_llama, monkey
 
 def test_a_bad_split_max_size_is_a_job_problem(tmp_path, tiny_llama):
     job = _job(tmp_path, tiny_llama, 'split_max_size = "50GB"')
-    with pytest.raises(jobs.WeightopsError, match=r"\[job\]: split_max_size: --split-max-size '50GB'"):
+    with pytest.raises(WeightopsError, match=r"\[job\]: split_max_size: --split-max-size '50GB'"):
         jobs.load_job(job)

@@ -138,6 +138,7 @@ def bench_model(
     sizes: dict[str, int] = {}
     for _ in range(repeat):
         for label, cmd in commands.items():
+            out.unlink(missing_ok=True)  # the library contender does not pass --force
             runs[label].append(run(cmd))
             sizes[label] = out.stat().st_size
     r = {label: sorted(rs, key=lambda x: x.m.wall_s)[len(rs) // 2] for label, rs in runs.items()}

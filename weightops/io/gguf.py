@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import WeightopsError, names_file, writing
+from ..errors import WeightopsError, names_file
 from ..stream import TensorRef
 from .gguf_header import Header, read_header
 from .outputs import Output
@@ -146,42 +146,23 @@ def write_gguf(
     tensor's bytes at its offset, in the order of `tensors` (the order they are read in, which
     may differ from the file's), each padded to the 32-byte alignment as GGUFWriter pads, into a
     temporary sibling that becomes `output` only at the end. `output` is a path, or an `Output`
-    the caller planned (and checked against its inputs) before its own work."""
-    import numpy as np
+    the caller planned (and checked against its inputs) before its own work. (Several files
+    from one stream, resumable: `io.gguf_partial`.)"""
+    from .gguf_partial import PartialGGUF, write_tensor
 
     target = output if isinstance(output, Output) else Output(output, kind="file")
-    infos = writer.tensors[0]
-    if sorted(infos) != sorted(t.name for t in tensors):
+    if sorted(writer.tensors[0]) != sorted(t.name for t in tensors):
         raise ValueError("write_gguf: the tensors are not the ones the writer was planned with")
-    with target.writing() as tmp, writing(target.path):
+    with target.writing() as tmp:
+        out = PartialGGUF(writer, target.path)
         try:
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            assert writer.fout is not None  # opened by write_header_to_file
-            fout, align = writer.fout[0], writer.data_alignment
-            offsets, at = {}, writer.ggml_pad(fout.tell(), align)
-            for name, info in infos.items():
-                offsets[name] = at
-                at += writer.ggml_pad(info.nbytes, align)
+            out.open(tmp)
             for t in tensors:
-                with writing(target.path, t.name):
-                    fout.seek(offsets[t.name])
-                    written = 0
-                    for piece in t.produce():
-                        piece = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
-                        fout.write(piece.data)
-                        written += piece.nbytes
-                        del piece
-                    if written != t.nbytes:
-                        raise WeightopsError(
-                            f"{target.path}: tensor {t.name!r} {t.shape} as {t.ggml_type.name} "
-                            f"produced {written} bytes, expected {t.nbytes}"
-                        )
-                    fout.write(bytes(-written % align))
+                write_tensor([out], t.name, t.shape, t.ggml_type, t.produce())
                 if t.release:
                     t.release()
                 if on_tensor:
                     on_tensor(t)
+            out.finish()
         finally:
-            writer.close()
+            out.close()

@@ -10,7 +10,8 @@ its inputs and output files hash now as they did then. Hashes are of what is on 
 (a manifest an input carries is never trusted), through a stat cache in the state directory
 so unchanged files are not read again (verify/hash_cache.py). Everything else is redone from
 scratch — operators publish atomically, so a killed step leaves only a temporary sibling,
-which is removed. The runner removes a step's previous output only when weightops wrote
+which is removed — except a gguf step's, which `--resume` continues from the last tensor
+that step wrote (`io.gguf_partial`). The runner removes a step's previous output only when weightops wrote
 it (`io.outputs`); anything else there stops the job.
 
 Job file:
@@ -76,7 +77,12 @@ HASH_CACHE = "hashes.json"  # in STATE_DIR: (path, size, mtime, ctime, inode) ->
 _JOB_KEYS = {"name", "output", "base_model"}
 _STEP_KEYS = {"name", "op"}
 _NO_STEP = {"run", "demo", "inspect"}  # commands that make no sense as steps
-_RUNNER_OPTIONS = {"verify": {"json"}}  # written by the runner itself, into the state directory
+# options the runner sets itself: why, by op and option
+_RUNNER_OPTIONS = {
+    "verify": {"json": f"it keeps the result in {STATE_DIR}"},
+    "gguf": {"resume": "`weightops run --resume` passes it, to continue a killed step's files"},
+}
+_RESUMABLE = {"gguf"}  # ops that continue a killed run's temporary when given --resume
 # step names become file names in the state directory (NAME.log, NAME.done.json)
 _STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _UNBUILT = object()  # a step too broken to build: its problems are reported, references to it are not
@@ -322,8 +328,9 @@ def _build_step(
     options = {k.replace("-", "_"): v for k, v in raw.items() if k not in _STEP_KEYS}
     for key in sorted(options.keys() - params.keys()):
         problems.add(where, f"unknown option {key.replace('_', '-')!r} for {raw['op']}{_suggest(key, params)}")
-    for key in sorted(options.keys() & _RUNNER_OPTIONS.get(raw["op"], set())):
-        problems.add(where, f"option {key!r} is set by the runner (it keeps the result in {STATE_DIR})")
+    for key, why in sorted(_RUNNER_OPTIONS.get(raw["op"], {}).items()):
+        if key in options:
+            problems.add(where, f"option {key!r} is set by the runner ({why})")
     step = Step(str(raw["name"]), raw["op"], options, label=where)
 
     def resolve(value: Any, param: click.Parameter) -> str:
@@ -518,6 +525,7 @@ def run_job(path: str | Path, resume: bool = False, dry_run: bool = False) -> di
         verify_json = state / f"{step.name}.verify.json"
         log = state / f"{step.name}.log"
         argv = step.argv + (["--json", str(verify_json)] if step.op == "verify" else [])
+        argv += ["--resume"] if resume and step.op in _RESUMABLE else []  # tensors a killed run wrote
         detail = ""  # what the step's line says after its time
         inputs = _fingerprint(step.inputs, cache)  # before the step: an input changed meanwhile reruns it
         done = _completed(job, step, inputs, cache) if resume else None
@@ -612,7 +620,10 @@ def _estimate(step: Step, sizes: dict[Path, tuple[int, int]]) -> tuple[int, int]
     params, nbytes = source
     o = step.options
     if step.op == "gguf":
-        return params, int(params * _gguf_bytes_per_weight(str(o.get("type", "f16"))))
+        types = o.get("type", "f16")  # a list: a matrix, one file per type
+        return params, int(
+            params * sum(_gguf_bytes_per_weight(str(t)) for t in (types if isinstance(types, list) else [types]))
+        )
     if step.op == "bnb":
         return params, int(params * (1 if int(o.get("bits", 8)) == 8 else 0.55))
     if str(o.get("dtype", dtypes.AUTO)) in dtypes.FLOAT_CHOICES:

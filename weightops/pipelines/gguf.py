@@ -398,7 +398,12 @@ def _recipe(ckpt: Checkpoint, lora: Sequence[str | Path], lora_options: dict | N
         version = metadata.version("weightops")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    base = {"weightops": version, "llama.cpp": LLAMA_CPP_PIN, "files": stats, "lora": dict(lora_options or {})}
+    base = {
+        "weightops": version,
+        "llama.cpp": LLAMA_CPP_PIN,
+        "files": stats,
+        "lora": dict(lora_options or {}) if lora else {},
+    }
     return lambda via: json.dumps({**base, "via": via}, sort_keys=True, default=str)
 
 

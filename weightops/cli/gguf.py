@@ -79,7 +79,7 @@ _QUANTIZER_SPAN = " ... ".join(_QUANTIZER.split("/")[:: len(_QUANTIZER.split("/"
 @click.argument("output", type=click.Path())
 @click.option(
     "--type",
-    "qtypes",
+    "qtype",
     type=click.Choice(FILE_TYPE_NAMES, case_sensitive=False),
     multiple=True,
     default=["f16"],
@@ -175,7 +175,7 @@ _QUANTIZER_SPAN = " ... ".join(_QUANTIZER.split("/")[:: len(_QUANTIZER.split("/"
 def gguf(
     model: Path,
     output: str,
-    qtypes: tuple[str, ...],
+    qtype: tuple[str, ...],  # every --type given
     pure: bool,
     tensor_types: tuple[str, ...],
     output_tensor_type: str | None,
@@ -193,17 +193,17 @@ def gguf(
     resume: bool,
     force: bool,
 ) -> None:
-    directory = len(qtypes) > 1 or output.endswith(os.sep)  # a trailing slash names a directory
+    directory = len(qtype) > 1 or output.endswith(os.sep)  # a trailing slash names a directory
     if directory and Path(output).suffix.lower() == ".gguf":
         raise click.UsageError(
-            f"{len(qtypes)} --type write a directory of files (MODEL-TYPE.gguf), but OUTPUT {output} names a "
+            f"{len(qtype)} --type write a directory of files (MODEL-TYPE.gguf), but OUTPUT {output} names a "
             ".gguf file: name a directory",
             ctx=click.get_current_context(),
         )
     results = export_gguf_matrix(
         model,
         output if directory else [output],
-        qtypes,
+        qtype,
         pure=pure,
         tensor_types=tensor_types,
         output_tensor_type=output_tensor_type,

@@ -413,12 +413,13 @@ class Output:
     def writing(self, adopt: Callable[[Path], bool] | None = None) -> Iterator[Path]:
         """Yield a locked temporary sibling; on success it becomes the output (see module doc).
         With `resume`, `adopt` is asked (under the temporary's lock) whether a temporary a killed
-        run left is worth continuing: the first it accepts is yielded as it is."""
+        run left is worth continuing: the first it accepts is yielded as it is, the others are
+        removed."""
         final = self.path
         parent = final.parent
         parent.mkdir(parents=True, exist_ok=True)
         prefix = f".{final.name}.weightops-tmp-"
-        found = self._adopt(adopt) if self.resume and adopt else None
+        found = self._adopt(adopt or (lambda _: False)) if self.resume else None
         if found is not None:
             fd, tmp = found
         elif self.kind == "dir":

@@ -244,3 +244,63 @@ def test_job_resume_continues_a_killed_gguf_step(model, matrix, tmp_path):
     assert "continuing a temporary left by an interrupted run" in log and "tensors kept" in log
     assert (tmp_path / "out" / "m.gguf").read_bytes() == (out / "model-Q4_K_M.gguf").read_bytes()
     assert "m.gguf" in report["artefacts"]["q"]
+
+
+def test_imatrix_outputs_are_their_single_runs_and_share_only_alike_weights(model, tmp_path):
+    """--imatrix in a matrix: each file is its single run's (whose bytes test_gguf_imatrix.py
+    holds against llama-quantize --imatrix); an encoding is shared only between outputs that
+    weight the tensor alike (the same file, or no weights at all)."""
+    from weightops.io.imatrix import read_imatrix
+    from weightops.pipelines.imatrix import compute_imatrix
+
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n".join(tiny.corpus(30, seed=5)), encoding="utf-8")
+    imatrix = compute_imatrix(model, tmp_path / "m.imatrix", text=text, ctx=64, device="cpu").output
+    variants = [GGUFVariant("q6_k", imatrix=imatrix), GGUFVariant("q4_k_m", imatrix=imatrix), GGUFVariant("q6_k")]
+    reports = export_gguf_matrix(model, [tmp_path / f"{i}.gguf" for i in range(3)], variants)
+    for i, (v, r) in enumerate(zip(variants, reports, strict=True)):
+        single = export_gguf(model, tmp_path / f"single-{i}.gguf", type=v.type, imatrix=v.imatrix)
+        assert r.output.read_bytes() == single.output.read_bytes(), v
+    held = reports[2].tensor_types
+    weighted = {n for n in read_imatrix(imatrix).entries if held.get(n, "F32") != "F32"}
+    assert weighted and reports[2].encoded == len(weighted)  # the unweighted q6_k encodes these itself
+    assert reports[2].shared == len(held) - len(weighted)
+    assert reports[1].shared > 0  # q4_k_m's weighted Q6_K tensors are the weighted q6_k's
+
+
+def split_journals(temp: Path) -> dict[str, list[str]]:
+    return {p.name: [e["tensor"] for e in journal(p)] for p in sorted(temp.iterdir())}
+
+
+def test_split_matrix_killed_mid_tensor_resumes_to_the_same_sets(model, tmp_path):
+    """Each output a split set: a killed matrix run's temporary directory holds every set's
+    files, each with its own journal; --resume continues them to the uninterrupted sets."""
+    kinds, split = ["q8_0", "q4_k_m"], ("--split-max-tensors", "20")
+    whole = export_gguf_matrix(model, tmp_path / "whole", kinds, split_max_tensors=20)
+    for t, r in zip(kinds, whole, strict=True):
+        single = export_gguf(model, tmp_path / f"{t}.gguf", type=t, split_max_tensors=20)
+        assert [f.name for f in r.files] == [f"model-{t.upper()}-0000{k}-of-00004.gguf" for k in range(1, 5)]
+        assert [f.read_bytes() for f in r.files] == [f.read_bytes() for f in single.files], t
+    target = tmp_path / "release"
+    killed_run("gguf", model, target, *[a for t in kinds for a in ("--type", t)], *split)
+    (temp,) = [p for p in tmp_path.iterdir() if p.name.startswith(".release.weightops-tmp-")]
+    written = split_journals(temp)
+    assert sorted(written) == sorted(f.name for r in whole for f in r.files)
+    assert not any(VICTIM in names for names in written.values()) and sum(map(len, written.values())) > 0
+    reports = export_gguf_matrix(model, target, kinds, split_max_tensors=20, resume=True)
+    for r, w in zip(reports, whole, strict=True):
+        assert [f.read_bytes() for f in r.files] == [f.read_bytes() for f in w.files]
+        assert r.resumed == sum(len(written[f.name]) for f in w.files) > 0
+
+
+def test_split_file_killed_mid_tensor_resumes_through_the_cli(cli, model, tmp_path):
+    """One output, a split set in its own slot (io.output_set): `gguf --resume` continues it."""
+    whole = export_gguf(model, tmp_path / "whole" / "m.gguf", type="q4_k_m", split_max_tensors=20)
+    out = tmp_path / "m.gguf"
+    killed_run("gguf", model, out, "--type", "q4_k_m", "--split-max-tensors", "20")
+    (temp,) = [p for p in tmp_path.iterdir() if p.name.startswith(".m.gguf.weightops-tmp-")]
+    kept = sum(map(len, split_journals(temp).values()))
+    r = cli("gguf", model, out, "--type", "q4_k_m", "--split-max-tensors", "20", "--resume")
+    assert r.exit_code == 0, r.output
+    assert f"{kept} tensors kept from the interrupted run" in r.stdout and kept > 0
+    assert [p.read_bytes() for p in sorted(tmp_path.glob("m-*.gguf"))] == [f.read_bytes() for f in whole.files]

@@ -100,6 +100,7 @@ class PartialGGUF:
                 f.write(self.headers[i])
                 f.seek(size)
                 f.write(head + b"".join(_line(n, h) for n, h in kept.items()))
+                f.flush()  # a file no tensor reaches before a kill still names its plan
                 self._end.append(f.tell())
             self.written.update(kept)
         return len(self.written)

@@ -2,7 +2,7 @@
 LLaMA and on synthetic LLaMA-shaped checkpoints (random bf16, hidden 2048, GQA 16/4 heads).
 
     python benchmarks/bench_gguf.py [--workdir DIR] [--layers 8 16] [--skip-library] [--repeat N]
-                                    [--convert-script PATH/convert_hf_to_gguf.py]
+                                    [--convert-script PATH/convert_hf_to_gguf.py] [--matrix-only]
 
 Contenders, each a fresh child process (wall time and peak RSS / anonymous RSS sampled from /proc):
   q8_0  weightops gguf --type q8_0
@@ -20,8 +20,15 @@ Contenders, each a fresh child process (wall time and peak RSS / anonymous RSS s
             pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
             ... --convert-script llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py
 
+  matrix  the release matrix {Q8_0, Q6_K, Q5_K_M, Q4_K_M}: one `weightops gguf OUTDIR --type ...`
+        run (the source read once, shared encodings computed once) vs four single
+        `weightops gguf` runs vs llama.cpp's way: one F16 conversion (pass 1 as above) then one
+        llama_model_quantize per type (2 threads). --matrix-only runs just these.
+
 Targets (issues 6 and 16): whole HF -> Q4_0 and HF -> Q4_K_M jobs <= 0.5x the two-pass
 pipeline; peak (anonymous) RSS <= 0.5x the pipeline's and flat in model size (8 vs 16 layers).
+Issue 19: the matrix <= 0.6x four single runs and <= 0.4x llama.cpp's way; its peak RSS flat
+in model size and <= 1.5x a single run's.
 """
 
 from __future__ import annotations
@@ -185,6 +192,76 @@ def bench_model(
     return r
 
 
+MATRIX = ("q8_0", "q6_k", "q5_k_m", "q4_k_m")
+
+
+def bench_matrix(
+    name: str, model: Path, tokenizer: Path, work: Path, repeat: int, convert_script: Path | None
+) -> dict[str, Run]:
+    """The release matrix three ways, every command once per round, `repeat` rounds interleaved;
+    each command's median-wall run counts. A way of several commands sums their wall and CPU
+    time and takes the highest of their memory peaks."""
+    outdir, out, f16 = work / "matrix", work / "out.gguf", work / "f16.gguf"
+    tok = ["--tokenizer", str(tokenizer)]
+    commands = {"ours matrix (one run, 4 files)": weightops(str(model), str(outdir), *tok, *_types(MATRIX))}
+    commands.update({f"ours single {t}": weightops(str(model), str(out), "--type", t, *tok) for t in MATRIX})
+    if convert_script:
+        commands["pass 1: convert_hf_to_gguf.py f16"] = convert_script_command(convert_script, model, tokenizer, f16)
+    else:
+        commands["pass 1: f16 GGUF (weightops stand-in)"] = weightops(str(model), str(f16), "--type", "f16", *tok)
+    commands.update(
+        {
+            f"llama.cpp quantize {t.upper()}": python(LLAMA_CPP_QUANTIZE) + [str(f16), str(out), t.upper()]
+            for t in MATRIX
+        }
+    )
+    runs: dict[str, list[Run]] = {label: [] for label in commands}
+    for _ in range(repeat):
+        for label, cmd in commands.items():
+            runs[label].append(run(cmd))
+    r = {label: sorted(rs, key=lambda x: x.m.wall_s)[len(rs) // 2] for label, rs in runs.items()}
+    r["four single runs"] = _total([r[f"ours single {t}"] for t in MATRIX])
+    r["llama.cpp: f16 + 4 quantize"] = _total([v for k, v in r.items() if k.startswith(("pass 1", "llama.cpp q"))])
+    sizes = sum(p.stat().st_size for p in outdir.glob("*.gguf"))
+    shutil.rmtree(outdir)
+    f16.unlink()
+    out.unlink()
+    size = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
+    print(
+        f"\n== matrix {{{', '.join(t.upper() for t in MATRIX)}}}, {name}: {size:.3f} GB bf16 safetensors, "
+        f"{sizes / 1e9:.3f} GB of GGUF files; load average {os.getloadavg()[0]:.1f}"
+    )
+    for label, m in r.items():
+        print(m.row(label))
+    ours, singles, theirs = r["ours matrix (one run, 4 files)"], r["four single runs"], r["llama.cpp: f16 + 4 quantize"]
+    single_rss = max(r[f"ours single {t}"].m.peak_rss_mb for t in MATRIX)
+    print(
+        f"matrix / four single runs: wall {ours.m.wall_s / singles.m.wall_s:.2f}x, "
+        f"CPU {ours.cpu_s / singles.cpu_s:.2f}x "
+        f"(target <= 0.6x); / llama.cpp's way: wall {ours.m.wall_s / theirs.m.wall_s:.2f}x, CPU "
+        f"{ours.cpu_s / theirs.cpu_s:.2f}x (target <= 0.4x); peak RSS {ours.m.peak_rss_mb:.0f} MB = "
+        f"{ours.m.peak_rss_mb / single_rss:.2f}x a single run's (target <= 1.5x)"
+    )
+    return r
+
+
+def _types(types: tuple[str, ...]) -> list[str]:
+    return [a for t in types for a in ("--type", t)]
+
+
+def _total(runs: list[Run]) -> Run:
+    """Commands run one after another: wall and CPU add up, memory is the highest peak."""
+    return Run(
+        Measured(
+            sum(x.m.wall_s for x in runs),
+            max(x.m.peak_rss_mb for x in runs),
+            max(x.m.peak_anon_mb for x in runs),
+            0,
+        ),
+        sum(x.cpu_s for x in runs),
+    )
+
+
 def kernel_throughput() -> None:
     """Values per second (wall and CPU) of the block kernels alone on one 5632 x 2048 float32
     tensor, in process: weightops' torch kernels and gguf.quants' numpy ones."""
@@ -235,6 +312,7 @@ def main() -> None:
         default=None,
         help="llama.cpp's convert_hf_to_gguf.py, for pass 1 of the two-pass pipeline",
     )
+    ap.add_argument("--matrix-only", action="store_true", help="run only the release-matrix contenders")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="weightops-bench-gguf-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -246,19 +324,31 @@ def main() -> None:
     small = work / "tiny-llama"
     if not (small / "config.json").is_file():
         tiny.tiny_llama(small, spm)
-    kernel_throughput()
-    bench_model("tiny LLaMA (2 layers, hidden 64)", small, spm, work, True, args.repeat, args.convert_script)
-    results = {}
+    if not args.matrix_only:
+        kernel_throughput()
+        bench_model("tiny LLaMA (2 layers, hidden 64)", small, spm, work, True, args.repeat, args.convert_script)
+    results, matrices = {}, {}
     for layers in args.layers:
         model = synthetic_llama(work / f"llama-{layers}", layers, kv_heads=4)
+        label = f"synthetic LLaMA, {layers} layers, hidden 2048"
+        matrices[layers] = bench_matrix(label, model, spm, work, args.repeat, args.convert_script)
+        if args.matrix_only:
+            continue
         results[layers] = bench_model(
-            f"synthetic LLaMA, {layers} layers, hidden 2048",
+            label,
             model,
             spm,
             work,
             not args.skip_library,
             args.repeat,
             args.convert_script,
+        )
+    if len(matrices) >= 2:
+        lo, hi = min(matrices), max(matrices)
+        a, b = matrices[lo]["ours matrix (one run, 4 files)"].m, matrices[hi]["ours matrix (one run, 4 files)"].m
+        print(
+            f"ours matrix: peak RSS {lo} -> {hi} layers {a.peak_rss_mb:.0f} -> {b.peak_rss_mb:.0f} MB, "
+            f"peak anon {a.peak_anon_mb:.0f} -> {b.peak_anon_mb:.0f} MB"
         )
     if len(results) >= 2:
         lo, hi = min(results), max(results)

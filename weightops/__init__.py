@@ -27,6 +27,8 @@ _API = {
     "expand_vocab": "pipelines.expand_vocab",
     "VocabReport": "pipelines.expand_vocab",
     "export_gguf": "pipelines.gguf",
+    "export_gguf_matrix": "pipelines.gguf",
+    "GGUFVariant": "pipelines.gguf",
     "GGUFReport": "pipelines.gguf",
     "export_bnb": "pipelines.bnb",
     "BnbReport": "pipelines.bnb",

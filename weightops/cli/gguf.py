@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
 import click
 
 from ..devices import DEVICES
-from ..pipelines.gguf import QUALITIES, export_gguf
+from ..pipelines.gguf import QUALITIES, export_gguf_matrix
 from ..quant.ggml_types import FILE_TYPE_NAMES, FILE_TYPES, NAMES, VIA_NAMES
 from . import main, warn
 from .merge_lora import lora_options
@@ -19,7 +20,8 @@ _QUANTIZER_SPAN = " ... ".join(_QUANTIZER.split("/")[:: len(_QUANTIZER.split("/"
 
 
 @main.command(
-    help="""Write MODEL as a llama.cpp GGUF file, quantized, in one pass.
+    help="""Write MODEL as a llama.cpp GGUF file, quantized, in one pass; or, with several
+    --type, a directory of GGUF files (a release matrix) from one read of MODEL.
 
     MODEL is an HF directory (safetensors or .bin, sharded or not) or a TencentPretrain
     checkpoint (with --tp-config). The file is what llama.cpp's convert_hf_to_gguf.py
@@ -44,6 +46,19 @@ _QUANTIZER_SPAN = " ... ".join(_QUANTIZER.split("/")[:: len(_QUANTIZER.split("/"
         warning naming the tensor.
 
     \b
+    Several --type (or an OUTPUT ending in /): OUTPUT is a directory holding one file per
+    type, named after MODEL's directory and the type (MODEL-Q4_K_M.gguf), published as a
+    whole. Each source tensor is read once and an encoding several files share (the Q6_K
+    output tensor of the K mixes) is computed once; each file is byte for byte the one a
+    single-type run writes.
+
+    \b
+    --resume: a run killed outright (SIGKILL, out of memory, power) leaves its temporary
+    beside OUTPUT, with a journal of the tensors written and their hashes; --resume
+    continues it from the last tensor written (checked against the hashes), giving the
+    same bytes as an uninterrupted run. Without --resume the temporary is removed.
+
+    \b
     Tokenizer: SentencePiece (tokenizer.model) or byte-level BPE (tokenizer.json) from
     MODEL's directory or --tokenizer. Added special tokens (e.g. YaYi's <|End|>) become
     CONTROL tokens that llama.cpp never splits; embedding rows beyond the tokenizer get
@@ -55,19 +70,22 @@ _QUANTIZER_SPAN = " ... ".join(_QUANTIZER.split("/")[:: len(_QUANTIZER.split("/"
     Examples:
       weightops gguf chinese-alpaca-7b alpaca-q4_k_m.gguf --type q4_k_m
       weightops gguf yayi-7b yayi-q8_0.gguf --type q8_0
+      weightops gguf yayi-7b release --type q8_0 --type q6_k --type q5_k_m --type q4_k_m
       weightops gguf tp-llama.bin out.gguf --tp-config llama_7b_config.json \\
           --tokenizer chinese-llama-tokenizer --type q5_1 --pure
 """.replace("{converter}", _CONVERTER).replace("{quantizer}", _QUANTIZER)
 )
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", type=click.Path())
 @click.option(
     "--type",
     "qtype",
     type=click.Choice(FILE_TYPE_NAMES, case_sensitive=False),
-    default="f16",
+    multiple=True,
+    default=["f16"],
     show_default=True,
-    help="File type: the 2-D weights' type, or one of llama-quantize's mixes (see above).",
+    help="File type: the 2-D weights' type, or one of llama-quantize's mixes (see above). Repeat it for a "
+    "matrix: OUTPUT is then a directory with one file per type.",
 )
 @click.option(
     "--pure",
@@ -165,6 +183,12 @@ _QUANTIZER_SPAN = " ... ".join(_QUANTIZER.split("/")[:: len(_QUANTIZER.split("/"
     help="Write a split set whose files hold at most N tensors each (= convert_hf_to_gguf.py --split-max-tensors).",
 )
 @click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the temporary a killed run of the same command left (tensors whose bytes match its "
+    "journal are kept); without it such a temporary is removed.",
+)
+@click.option(
     "--force",
     is_flag=True,
     help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
@@ -172,8 +196,8 @@ _QUANTIZER_SPAN = " ... ".join(_QUANTIZER.split("/")[:: len(_QUANTIZER.split("/"
 )
 def gguf(
     model: Path,
-    output: Path,
-    qtype: str,
+    output: str,
+    qtype: tuple[str, ...],  # every --type given
     pure: bool,
     tensor_types: tuple[str, ...],
     output_tensor_type: str | None,
@@ -191,12 +215,20 @@ def gguf(
     tp_lora_alpha: float | None,
     split_max_size: str | None,
     split_max_tensors: int | None,
+    resume: bool,
     force: bool,
 ) -> None:
-    result = export_gguf(
+    directory = len(qtype) > 1 or output.endswith(os.sep)  # a trailing slash names a directory
+    if directory and Path(output).suffix.lower() == ".gguf":
+        raise click.UsageError(
+            f"{len(qtype)} --type write a directory of files (MODEL-TYPE.gguf), but OUTPUT {output} names a "
+            ".gguf file: name a directory",
+            ctx=click.get_current_context(),
+        )
+    results = export_gguf_matrix(
         model,
-        output,
-        type=qtype,
+        output if directory else [output],
+        qtype,
         pure=pure,
         tensor_types=tensor_types,
         output_tensor_type=output_tensor_type,
@@ -214,14 +246,23 @@ def gguf(
         lora_options={"rounding": rounding, "tp_lora_r": tp_lora_r, "tp_lora_alpha": tp_lora_alpha},
         split_max_size=split_max_size,
         split_max_tensors=split_max_tensors,
+        resume=resume,
     )
-    counts = Counter(result.tensor_types.values())
-    tok = result.tokenizer
-    files = f" and {len(result.files) - 1} more split files" if len(result.files) > 1 else ""
-    click.echo(
-        f"wrote {result.output}{files} ({result.bytes_written / 2**20:.1f} MiB, {result.architecture}, "
-        f"{result.file_type}): "
-        + ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
-        + f"; tokenizer {tok.model}/{tok.pre} ({tok.pre_source}), {tok.tokens} tokens"
-        + (f", {tok.padding} [PAD] fillers" if tok.padding else "")
-    )
+    for result in results:
+        counts = Counter(result.tensor_types.values())
+        tok = result.tokenizer
+        files = f" and {len(result.files) - 1} more split files" if len(result.files) > 1 else ""
+        click.echo(
+            f"wrote {result.output}{files} ({result.bytes_written / 2**20:.1f} MiB, {result.architecture}, "
+            f"{result.file_type}): "
+            + ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+            + f"; tokenizer {tok.model}/{tok.pre} ({tok.pre_source}), {tok.tokens} tokens"
+            + (f", {tok.padding} [PAD] fillers" if tok.padding else "")
+            + (f"; {result.resumed} tensors kept from the interrupted run" if result.resumed else "")
+        )
+    if len(results) > 1:
+        encoded = sum(r.encoded for r in results)
+        click.echo(
+            f"{len(results)} files, {encoded + sum(r.shared for r in results)} tensors written from {encoded} "
+            "encodings, the source read once"
+        )

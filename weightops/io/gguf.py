@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import WeightopsError, names_file, writing
+from ..errors import WeightopsError, names_file
 from ..stream import TensorRef
 from .gguf_header import Header, read_header
 from .output_set import OutputSet
@@ -155,10 +155,16 @@ class Split:
 
 
 def plan_output(
-    path: str | Path, inputs: Iterable[Path | str | None] = (), *, may_split: bool, force: bool = False
+    path: str | Path,
+    inputs: Iterable[Path | str | None] = (),
+    *,
+    may_split: bool,
+    force: bool = False,
+    resume: bool = False,
 ) -> OutputSet:
     """The output slot of a GGUF export to `path` (the file, or the split set of its stem),
-    planned before any work (see `io.output_set`); `may_split`: a split option was given."""
+    planned before any work (see `io.output_set`); `may_split`: a split option was given;
+    `resume`: keep a killed run's temporaries to continue."""
     from .gguf_split import SET_XATTR, in_slot
 
     target = Path(path)
@@ -169,6 +175,7 @@ def plan_output(
         set_id_xattr=SET_XATTR,
         may_split=may_split,
         force=force,
+        resume=resume,
     )
 
 
@@ -192,11 +199,11 @@ def write_gguf(
     padded to the 32-byte alignment as GGUFWriter pads, into temporaries that become the output
     only at the end (all files of a set, or none). `output` is a path, or an `Output` /
     `OutputSet` the caller planned (and checked against its inputs) before its own work.
-    Returns the files published, the one readers open first."""
-    import numpy as np
+    Returns the files published, the one readers open first. (Several outputs from one stream,
+    resumable: `io.gguf_partial`.)"""
+    from .gguf_partial import PartialGGUF, write_tensor
 
-    shards = writer.tensors
-    several = len(shards) > 1
+    several = len(writer.tensors) > 1
     if isinstance(output, OutputSet):
         target: Output | OutputSet = output
     elif isinstance(output, Output):
@@ -205,44 +212,20 @@ def write_gguf(
         target = output
     else:
         target = plan_output(output, may_split=True) if several else Output(output, kind="file")
-    where = {name: i for i, infos in enumerate(shards) for name in infos}
-    if sorted(where) != sorted(t.name for t in tensors):
+    if sorted(n for infos in writer.tensors for n in infos) != sorted(t.name for t in tensors):
         raise ValueError("write_gguf: the tensors are not the ones the writer was planned with")
-    files = writer.format_shard_names(target.path)  # the final names, for messages
+    out = PartialGGUF(writer, target.path)
     temporary = target.writing(several) if isinstance(target, OutputSet) else target.writing()
-    with temporary as tmp, writing(target.path):
+    with temporary as tmp:
         try:
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            assert writer.fout is not None  # opened by write_header_to_file
-            align = writer.data_alignment
-            offsets = {}
-            for fout, infos in zip(writer.fout, shards, strict=True):
-                at = writer.ggml_pad(fout.tell(), align)
-                for name, info in infos.items():
-                    offsets[name] = at
-                    at += writer.ggml_pad(info.nbytes, align)
+            out.open(tmp)
             for t in tensors:
-                fout, file = writer.fout[where[t.name]], files[where[t.name]]
-                with writing(file, t.name):
-                    fout.seek(offsets[t.name])
-                    written = 0
-                    for piece in t.produce():
-                        piece = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
-                        fout.write(piece.data)
-                        written += piece.nbytes
-                        del piece
-                    if written != t.nbytes:
-                        raise WeightopsError(
-                            f"{file}: tensor {t.name!r} {t.shape} as {t.ggml_type.name} "
-                            f"produced {written} bytes, expected {t.nbytes}"
-                        )
-                    fout.write(bytes(-written % align))
+                write_tensor([out], t.name, t.shape, t.ggml_type, t.produce())
                 if t.release:
                     t.release()
                 if on_tensor:
                     on_tensor(t)
+            out.finish()
         finally:
-            writer.close()
+            out.close()
     return target.published() if isinstance(target, OutputSet) else [target.path]

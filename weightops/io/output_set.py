@@ -29,7 +29,7 @@ from pathlib import Path
 from ..errors import WeightopsError
 from ..progress import human_size
 from .atomic import fsync_dir, fsync_tree
-from .outputs import _check_inputs, _listing, _publish_modes, _register, _say, _set_xattr, refusal, sweep
+from .outputs import _check_inputs, _listing, _publish_modes, _register, _say, _set_xattr, adopt_stale, refusal, sweep
 
 
 class OutputSet:
@@ -45,7 +45,9 @@ class OutputSet:
         may_split: bool = True,
         force: bool = False,
         what: str = "output",
+        resume: bool = False,
     ):
+        self.resume = resume
         self.path, self.belongs, self.xattr, self.what = Path(path), belongs, set_id_xattr, what
         if str(path).endswith(os.sep) or (self.path.is_dir() and not self.path.is_symlink()):
             raise WeightopsError(f"{what} {path} names a directory, but a file is written here: name the file")
@@ -73,7 +75,7 @@ class OutputSet:
                 f"{what} {self.path} exists (weightops wrote {_listing(ours, self.path.parent)}); "
                 "pass --force to replace it"
             )
-        sweep(self.path)
+        sweep(self.path, keep=resume)
 
     def _members(self) -> list[Path]:
         parent = self.path.parent
@@ -82,14 +84,22 @@ class OutputSet:
         return sorted(p for p in parent.iterdir() if self.belongs(p.name))
 
     @contextlib.contextmanager
-    def writing(self, several: bool) -> Iterator[Path]:
+    def writing(self, several: bool, adopt: Callable[[Path], bool] | None = None) -> Iterator[Path]:
         """Yield the path to write: a locked temporary file, or (`several`) the output's name
         inside a locked temporary directory, next to which the writer puts every file of the set
-        under its final name. Published when the block ends cleanly, removed otherwise."""
+        under its final name. Published when the block ends cleanly, removed otherwise. With
+        `resume`, `adopt` is offered (that path in) each temporary a killed run left, as
+        `Output.writing` offers them: the first it accepts is continued."""
         parent = self.path.parent
         parent.mkdir(parents=True, exist_ok=True)
         prefix = f".{self.path.name}.weightops-tmp-"
-        if several:
+        found = None
+        if self.resume:
+            accept = adopt or (lambda _: False)
+            found = adopt_stale(self.path, several, lambda e: accept(e / self.path.name if several else e))
+        if found is not None:
+            fd, tmp = found
+        elif several:
             tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
             fd = os.open(tmp, os.O_RDONLY)
         else:

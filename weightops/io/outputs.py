@@ -17,7 +17,10 @@ Writing happens in a hidden temporary sibling (`.NAME.weightops-tmp-*`), held un
 flock for the life of the process; it is published by rename only when the stream ended
 cleanly, after checking that OUTPUT is still what was planned for replacement. A
 temporary whose lock nobody holds was left by a killed run: the next run writing the
-same OUTPUT removes it and says so.
+same OUTPUT removes it and says so — unless that run resumes (`Output(..., resume=True)`): it
+offers each such temporary to its writer (`writing(adopt=...)`), which continues the first one
+it recognises as its own plan (a GGUF file's journal of written tensors, `io.gguf_partial`);
+the others are removed as usual.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -41,7 +44,7 @@ from .atomic import fsync_dir, fsync_tree
 
 MARKER = ".weightops-output.json"
 XATTR = "user.weightops.output"
-_TEMP = re.compile(r"^\.(?P<name>.+)\.weightops-(?:tmp|old)-[A-Za-z0-9_]+$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.weightops-(?P<kind>tmp|old)-[A-Za-z0-9_]+$")
 _SHOWN = 8
 
 Kind = Literal["dir", "file"]
@@ -330,24 +333,68 @@ def _check_inputs(output: Path, inputs: Iterable[Path | str | None]) -> None:
             )
 
 
-def sweep(output: Path) -> None:
-    """Remove stale temporaries of `output` (their lock is free: a killed run left them)."""
-    output = Path(output)
+def sweep(output: Path, keep: bool = False) -> None:
+    """Remove stale temporaries of `output` (their lock is free: a killed run left them);
+    `keep` spares the ones a resuming writer may continue (not the trash of a replacement)."""
+    for entry in _stale(Path(output)):
+        if not (keep and _temp_kind(entry) == "tmp"):
+            _drop_stale(entry)
+
+
+def _stale(output: Path) -> list[Path]:
     parent = output.parent
     if not parent.is_dir():
-        return
+        return []
+    found = []
     for entry in sorted(parent.iterdir()):
         m = _TEMP.match(entry.name)
         if m and m.group("name") == output.name and _is_stale_temp(entry):
-            with contextlib.suppress(FileNotFoundError):
-                _delete(entry, "removing a temporary left by an interrupted run:")
+            found.append(entry)
+    return found
+
+
+def _temp_kind(entry: Path) -> str:
+    """ "tmp" (being written) or "old" (the trash of a replaced output)."""
+    m = _TEMP.match(entry.name)
+    return m["kind"] if m else ""
+
+
+def _drop_stale(entry: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        _delete(entry, "removing a temporary left by an interrupted run:")
+
+
+def adopt_stale(output: Path, is_dir: bool, adopt: Callable[[Path], bool]) -> tuple[int, Path] | None:
+    """(locked descriptor, path) of the first stale temporary of `output` (a directory when
+    `is_dir`) that `adopt` accepts; the ones it refuses are removed, as a run that does not
+    resume removes them all."""
+    for entry in _stale(output):
+        if _temp_kind(entry) != "tmp" or entry.is_dir() != is_dir:
+            _drop_stale(entry)
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another run took it meanwhile
+            os.close(fd)
+            continue
+        if adopt(entry):
+            _say(f"continuing a temporary left by an interrupted run: {_describe(entry)}")
+            return fd, entry
+        _drop_stale(entry)
+        os.close(fd)
+    return None
 
 
 class Output:
     """One output of a command, checked when planned and published atomically by `writing()`.
 
     `inputs` are every path the command reads (positional or by option; None is skipped);
-    `kind` is "dir" or "file"; `force` allows replacing an existing output weightops wrote."""
+    `kind` is "dir" or "file"; `force` allows replacing an existing output weightops wrote;
+    `resume` keeps the temporaries killed runs left, for `writing(adopt=...)` to continue."""
 
     def __init__(
         self,
@@ -357,13 +404,14 @@ class Output:
         kind: Kind,
         force: bool = False,
         what: str = "output",
+        resume: bool = False,
     ):
-        self.path, self.kind, self.force, self.what = Path(path), kind, force, what
+        self.path, self.kind, self.force, self.what, self.resume = Path(path), kind, force, what, resume
         if kind == "file" and str(path).endswith(os.sep):
             raise WeightopsError(f"{what} {path} names a directory, but a file is written here: name the file")
         _check_inputs(self.path, inputs)
         self._planned = self._plan()
-        sweep(self.path)
+        sweep(self.path, keep=resume)
 
     def _plan(self) -> tuple[int, int] | None:
         """(device, inode) of what may be replaced; None when nothing is there."""
@@ -387,13 +435,19 @@ class Output:
         return st.st_dev, st.st_ino
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[Path]:
-        """Yield a locked temporary sibling; on success it becomes the output (see module doc)."""
+    def writing(self, adopt: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+        """Yield a locked temporary sibling; on success it becomes the output (see module doc).
+        With `resume`, `adopt` is asked (under the temporary's lock) whether a temporary a killed
+        run left is worth continuing: the first it accepts is yielded as it is, the others are
+        removed."""
         final = self.path
         parent = final.parent
         parent.mkdir(parents=True, exist_ok=True)
         prefix = f".{final.name}.weightops-tmp-"
-        if self.kind == "dir":
+        found = adopt_stale(final, self.kind == "dir", adopt or (lambda _: False)) if self.resume else None
+        if found is not None:
+            fd, tmp = found
+        elif self.kind == "dir":
             tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
             fd = os.open(tmp, os.O_RDONLY)
         else:

@@ -3,8 +3,8 @@ depend on each other, and the memory each is expected to need.
 
 Fusion: gguf steps that read the same input with the same options but for their type and
 output (the types of one `type = [...]` step, or separate steps) are one unit: one read of
-the source writes every file (`worker.export_gguf_matrix`). bnb steps are not fused with
-them: the GGUF matrix is one streaming pass of the GGUF writers, and bitsandbytes' export is a
+the source writes every file (`pipelines.gguf.export_gguf_matrix`, called by `worker`). bnb
+steps are not fused with them: the GGUF matrix is one streaming pass of the GGUF writers, and bitsandbytes' export is a
 pass of its own (model dtype cast, sharded safetensors); a shared read needs a tee of the
 source stream in the pipelines, which the matrix pass does not offer yet.
 

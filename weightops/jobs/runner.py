@@ -8,7 +8,9 @@ and output files hash now as they did then; a fused unit runs again for its inco
 only. Hashes are of what is on disk now (a manifest an input carries is never trusted), through
 a stat cache in the state directory so unchanged files are not read again
 (verify/hash_cache.py). Everything else is redone from scratch — operators publish atomically,
-so a killed step leaves only a temporary sibling, which is removed. The runner removes a step's
+so a killed step leaves only a temporary sibling, which is removed — except a gguf step's (or
+fused unit's), which `--resume` continues from the tensors it had written (`io.gguf_partial`).
+The runner removes a step's
 previous output only when weightops wrote it (`io.outputs`); anything else there stops the job.
 
 A failed step stops the job: no unit starts after it, the units already running finish (and
@@ -38,7 +40,7 @@ from . import card, planner
 from .executors import EXECUTORS, Executor, Outcome, Task
 from .report import write_report
 from .screen import Screen, reason, verify_detail
-from .spec import REPORT, STATE_DIR, Job, Step, load_job
+from .spec import REPORT, RESUMABLE, STATE_DIR, Job, Step, load_job
 
 HASH_CACHE = "hashes.json"  # in STATE_DIR: (path, size, mtime, ctime, inode) -> sha256, see verify/hash_cache.py
 LOGITS = "logits"  # in STATE_DIR: reference logits shared by verify steps, one directory per reference content
@@ -204,7 +206,7 @@ class _Run:
             outputs.start_file(done_file, f"unit {unit.name!r}: published list")
             spec_file = self.state / f"{unit.name}.unit.json"
             spec = {
-                "argv": todo[0].argv,
+                "argv": todo[0].argv + self._resuming(todo[0]),
                 "outputs": [[str(s.options.get("type", "f16")).lower(), str(s.output)] for s in todo],
                 "done": str(done_file),
             }
@@ -230,7 +232,7 @@ class _Run:
 
     def _argv(self, step: Step, inputs: dict[str, str]) -> list[str]:
         present = {str(p): str(gguf_split.first_split(p)) for p in step.inputs}  # a split set: its first file
-        argv = [present.get(a, a) for a in step.argv]
+        argv = [present.get(a, a) for a in step.argv] + self._resuming(step)
         if step.op != "verify":
             return argv
         argv = [*argv, "--json", str(self._verify_json(step))]
@@ -238,6 +240,10 @@ class _Run:
         if reference is not None and str(reference) in inputs:
             argv += ["--reference-cache", str(self.state / LOGITS / inputs[str(reference)])]
         return argv
+
+    def _resuming(self, step: Step) -> list[str]:
+        """`--resume` for a step that continues the tensors a killed run wrote, when resuming."""
+        return ["--resume"] if self.resume and step.op in RESUMABLE else []
 
     def _verify_json(self, step: Step) -> Path:
         return self.state / f"{step.name}.verify.json"

@@ -35,8 +35,15 @@ _JOB_KEYS = {"name", "output", "base_model", "executor", "split_max_size"}
 _STEP_KEYS = {"name", "op", "gpu"}
 EXECUTOR_NAMES = ("local", "ray")  # executors.EXECUTORS: where units run
 _NO_STEP = {"run", "demo", "inspect"}  # commands that make no sense as steps
-# written by the runner itself, into the state directory
-RUNNER_OPTIONS = {"verify": {"json", "reference_cache"}}
+# options the runner sets itself: why, by op and option
+RUNNER_OPTIONS = {
+    "verify": {
+        "json": f"it keeps the result in {STATE_DIR}",
+        "reference_cache": f"it keeps the reference logits in {STATE_DIR}",
+    },
+    "gguf": {"resume": "`weightops run --resume` passes it, to continue a killed step's files"},
+}
+RESUMABLE = {"gguf"}  # ops that continue a killed run's temporary when given --resume
 # step names become file names in the state directory (NAME.log, NAME.done.json)
 _STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _UNBUILT = object()  # a step too broken to build: its problems are reported, references to it are not
@@ -355,8 +362,9 @@ def _build_step(
     options = {k.replace("-", "_"): v for k, v in raw.items() if k not in _STEP_KEYS}
     for key in sorted(options.keys() - params.keys()):
         problems.add(where, f"unknown option {key.replace('_', '-')!r} for {raw['op']}{_suggest(key, params)}")
-    for key in sorted(options.keys() & RUNNER_OPTIONS.get(raw["op"], set())):
-        problems.add(where, f"option {key!r} is set by the runner (it keeps the result in {STATE_DIR})")
+    for key, why in sorted(RUNNER_OPTIONS.get(raw["op"], {}).items()):
+        if key in options:
+            problems.add(where, f"option {key!r} is set by the runner ({why})")
     step = Step(str(raw["name"]), raw["op"], options, label=where, uses_device="device" in params)
     gpu = raw.get("gpu", False)
     if not isinstance(gpu, bool):

@@ -3,8 +3,9 @@
 UNIT.json names the command line of the unit's first gguf step (`argv`, as the job file
 builds it; the click command parses it, so the options mean what they mean on the command
 line), the `(type, output)` of every step in the unit, and `done`, a file where each output
-is listed once it is published, so that a unit that fails part-way keeps what it finished
-(the runner marks those steps complete). Errors and warnings are printed as the CLI prints
+is listed once it is published (the runner marks those steps complete). The unit is one
+`pipelines.gguf.export_gguf_matrix`: MODEL is read once for every type, and the outputs are
+published together at the end. Errors and warnings are printed as the CLI prints
 them (`error: ...`, `warning: ...`); the exit codes are the CLI's.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +21,7 @@ import click
 
 from .. import console, progress
 from ..errors import WeightopsError, shown
-from ..pipelines.gguf import GGUFReport, export_gguf
-
-
-def export_gguf_matrix(
-    model: str | Path,
-    outputs: Sequence[str | Path],
-    *,
-    types: Sequence[str],
-    published: Callable[[Path], None] = lambda _path: None,
-    **options: Any,
-) -> list[GGUFReport]:
-    """ADAPTER, to be replaced at merge by `weightops.pipelines.gguf.export_gguf_matrix` (one
-    read of MODEL for every type): until then one `export_gguf` per type, which gives the
-    same bytes. `published(path)` is told each output as soon as it is in place."""
-    reports = []
-    for output, qtype in zip(outputs, types, strict=True):
-        reports.append(export_gguf(model, output, type=qtype, **options))
-        published(Path(output))
-    return reports
+from ..pipelines.gguf import export_gguf_matrix
 
 
 def gguf_options(params: dict[str, Any]) -> dict[str, Any]:
@@ -64,16 +46,16 @@ def run_unit(spec: dict[str, Any]) -> None:
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    export_gguf_matrix(
+    reports = export_gguf_matrix(
         params["model"],
         [Path(o) for _, o in spec["outputs"]],
-        types=[t for t, _ in spec["outputs"]],
-        published=published,
+        [t for t, _ in spec["outputs"]],
         warn=warn,
         **gguf_options(params),
     )
-    for qtype, output in spec["outputs"]:
-        print(f"wrote {output} ({qtype})")
+    for (qtype, output), report in zip(spec["outputs"], reports, strict=True):
+        published(Path(output))
+        print(f"wrote {output} ({qtype}; {report.encoded} tensors encoded, {report.shared} shared)")
 
 
 def _terminated(signum, frame) -> None:

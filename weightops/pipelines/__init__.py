@@ -5,6 +5,7 @@ named verb_object, each returning one result type.
     convert       convert_checkpoint             -> ConvertReport
     expand_vocab  expand_vocab                   -> VocabReport
     gguf          export_gguf                    -> GGUFReport
+                  export_gguf_matrix             -> list[GGUFReport] (one read, many files)
     bnb           export_bnb                     -> BnbReport
     verify        verify_checkpoint              -> the verify JSON document (dict)
     manifest      create_manifest, check_manifest -> the manifest's path / document

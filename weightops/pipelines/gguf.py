@@ -1,39 +1,50 @@
-"""Checkpoint -> llama.cpp GGUF in one streaming pass.
+"""Checkpoint -> llama.cpp GGUF files (one, or a release matrix) in one streaming pass.
 
 Any checkpoint the core reads (HF safetensors or .bin, TencentPretrain through the remap
 view) is renamed with the architecture's spec, its values moved to llama.cpp's layout
-(the spec's transforms: q/k interleaving, a fused QKV's order), typed by `quant.policy`, encoded (F32/F16/BF16 or
-GGML blocks quantized from the source values) and written by `io.gguf.write_gguf`, one
-tensor at a time. Metadata keys and tokenizer follow convert_hf_to_gguf.py; a llama-quantize
-file type (`FileType.quantizer`) is laid out as `llama_model_quantize` writes it from that
-converter's F32 file: general.quantization_version and general.file_type re-appended after
-the other keys, tensors in the loader's order (`policy.weights_map_key`; read in the model's
-order all the same, each written at its offset).
+(the spec's transforms: q/k interleaving, a fused QKV's order: `gguf_source`), typed by
+`quant.policy` for each output, encoded (F32/F16/BF16 or GGML blocks quantized from the
+source values) and written at its offset in every output file (`io.gguf_partial`), one
+tensor at a time: a source tensor is read once, and an encoding several outputs share
+(same tensor, type, --via and importance weights) is computed once. Each temporary journals the tensors written
+(with their hashes), so a killed run can be resumed. Metadata keys and tokenizer follow
+convert_hf_to_gguf.py; a llama-quantize file type (`FileType.quantizer`) is laid out as
+`llama_model_quantize` writes it from that converter's F32 file: general.quantization_version
+and general.file_type re-appended after the other keys, tensors in the loader's order
+(`policy.weights_map_key`; read in the model's order all the same, each written at its offset).
+With --imatrix the quantized tensors are weighted as `llama-quantize --imatrix` weights them
+(`gguf_imatrix`); with a split option each output is a split set (`io.gguf_split`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from .. import arch, progress
-from ..arch import ArchSpec, Role
-from ..arch.transforms import to_gguf
+from .. import progress
 from ..devices import resolve_device
-from ..errors import WeightopsError, shown
-from ..io.checkpoint import Checkpoint, Format, open_checkpoint
-from ..io.gguf import GGUFTensor, Split, move_keys_to_end, plan_output, plan_writer, write_gguf
-from ..io.gguf_tokenizer import TokenizerSummary, add_tokenizer
+from ..errors import WeightopsError
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.gguf import LLAMA_CPP_PIN, GGUFTensor, Split, move_keys_to_end, plan_output, plan_writer
+from ..io.gguf_partial import PartialGGUF, write_tensor
+from ..io.gguf_tokenizer import TokenizerSummary
+from ..io.output_set import OutputSet
+from ..io.outputs import Output
 from ..quant import ggml_types, policy
-from ..stream import TensorRef, matches_any
-from .gguf_imatrix import add_quantize_kv, load_calibration
+from ..stream import TensorRef
+from .gguf_imatrix import Calibration, add_quantize_kv, load_calibration
+from .gguf_source import Source, add_general, open_source, tokenizer_kv
 
 QUALITIES = ("reference",)
 CHUNK_ELEMENTS = 1 << 23  # values encoded at once on CPU (32 MiB of float32); 8x that on CUDA
@@ -49,6 +60,25 @@ class GGUFReport:
     bytes_written: int
     warnings: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)  # the split set (or the one file), first file first
+    # tensors this output's run encoded, took from an encoding made for an earlier output of
+    # the same matrix (same tensor, type and --via), and kept from an interrupted run (--resume)
+    encoded: int = 0
+    shared: int = 0
+    resumed: int = 0
+
+
+@dataclass(frozen=True)
+class GGUFVariant:
+    """One output of a matrix: its file type and the options that choose its tensors' types
+    (those of `export_gguf`)."""
+
+    type: str = "f16"
+    pure: bool = False
+    tensor_types: Sequence[str] = ()
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    via: str | None = None
+    imatrix: str | Path | None = None
 
 
 def export_gguf(
@@ -73,226 +103,389 @@ def export_gguf(
     imatrix: str | Path | None = None,
     split_max_size: str | int | None = None,
     split_max_tensors: int | None = None,
+    resume: bool = False,
 ) -> GGUFReport:
     """Write `model` as a llama.cpp GGUF file at `output` (atomically; refuses to overwrite
     without `force`). `type` is the file type (see `quant.policy`), `tensor_types` are
     `GLOB=TYPE` overrides, `output_tensor_type` / `token_embedding_type` the types of those
     two tensors, `via` (f16/bf16, llama-quantize file types only) rounds the weights to that
-    type first, as a two-pass file is made; `tokenizer` a directory with the HF tokenizer
-    files (default: the model's own directory). `lora` adapters are merged on the way
-    (`pipelines.merge_lora.lora_stage`, with `lora_options`). `imatrix` (llama-quantize file
-    types only) is an importance-matrix file: weighted quantization, its type rules and its
-    metadata, as `llama-quantize --imatrix` (`pipelines.gguf_imatrix`). `split_max_size` /
-    `split_max_tensors` make a split set `OUTPUT-0000k-of-0000N.gguf` (`io.gguf_split`).
-    Warnings go to `warn` and into the result."""
-    warnings: list[str] = []
+    type first, as a two-pass file is made; `imatrix` (llama-quantize file types only) is an
+    importance-matrix file: weighted quantization, its type rules and its metadata, as
+    `llama-quantize --imatrix` (`pipelines.gguf_imatrix`). The one-output case of
+    `export_gguf_matrix`, which describes the other options."""
+    variant = GGUFVariant(type, pure, tuple(tensor_types), output_tensor_type, token_embedding_type, via, imatrix)
+    return export_gguf_matrix(
+        model,
+        [output],
+        [variant],
+        quality=quality,
+        device=device,
+        tokenizer=tokenizer,
+        pre_tokenizer=pre_tokenizer,
+        tp_config=tp_config,
+        force=force,
+        warn=warn,
+        lora=lora,
+        lora_options=lora_options,
+        split_max_size=split_max_size,
+        split_max_tensors=split_max_tensors,
+        resume=resume,
+    )[0]
 
-    def note(msg: str) -> None:
-        warnings.append(msg)
-        if warn:
-            warn(msg)
 
+def export_gguf_matrix(
+    model: str | Path,
+    outputs: str | Path | Sequence[str | Path],
+    types: Sequence[str | GGUFVariant],
+    *,
+    pure: bool = False,
+    tensor_types: Sequence[str] = (),
+    output_tensor_type: str | None = None,
+    token_embedding_type: str | None = None,
+    via: str | None = None,
+    quality: str = "reference",
+    device: str = "auto",
+    tokenizer: str | Path | None = None,
+    pre_tokenizer: str | None = None,
+    tp_config: str | Path | None = None,
+    force: bool = False,
+    warn: Callable[[str], None] | None = None,
+    lora: Sequence[str | Path] = (),
+    lora_options: dict | None = None,
+    imatrix: str | Path | None = None,
+    split_max_size: str | int | None = None,
+    split_max_tensors: int | None = None,
+    resume: bool = False,
+) -> list[GGUFReport]:
+    """Write `model` as one GGUF file per entry of `types`, reading each source tensor once:
+    an encoding several outputs need (same tensor, same GGML type, same --via) is computed
+    once and written into each of them; memory stays a few tensors whatever the number of
+    outputs. Each file is byte for byte the one `export_gguf` writes for its type.
+
+    `outputs` is a directory (published as a whole; the files in it are named by
+    `matrix_file_name`) or one `.gguf` path per type. An entry of `types` is a file type
+    name, which takes `pure` / `tensor_types` / `output_tensor_type` / `token_embedding_type`
+    / `via` / `imatrix` from the arguments, or a `GGUFVariant` with its own. `split_max_size`
+    / `split_max_tensors` make each output a split set `NAME-0000k-of-0000N.gguf`
+    (`io.gguf_split`). `tokenizer` is a directory with the HF tokenizer files (default: the
+    model's own directory). `lora` adapters are
+    merged on the way (`pipelines.merge_lora.lora_stage`, with `lora_options`). `resume`
+    continues the temporaries a killed run left (`io.gguf_partial`: tensors whose bytes hash
+    as journaled are kept). Warnings go to `warn` (prefixed with the type when there are
+    several outputs) and into each output's report."""
+    variants = [
+        v
+        if isinstance(v, GGUFVariant)
+        else GGUFVariant(v, pure, tuple(tensor_types), output_tensor_type, token_embedding_type, via, imatrix)
+        for v in types
+    ]
+    if not variants:
+        raise WeightopsError("no --type given: a GGUF export writes at least one file type")
     if quality not in QUALITIES:
         raise WeightopsError(f"--quality {quality!r}: only 'reference' (llama.cpp's own rounding) is available")
-    qtype_name = type.lower()
-    ftype = ggml_types.parse_file_type(qtype_name)
-    overrides = policy.parse_overrides(tensor_types)
-    output_ggml = ggml_types.parse(output_tensor_type).ggml if output_tensor_type else None
-    token_embd_ggml = ggml_types.parse(token_embedding_type).ggml if token_embedding_type else None
-    if via is not None and via.lower() not in ggml_types.VIA_NAMES:
-        raise WeightopsError(f"--via {via!r}: choose one of {', '.join(ggml_types.VIA_NAMES)}")
-    if via is not None and not ftype.quantizer:
+    checked = [_check(v) for v in variants]
+    split = Split.parse(split_max_size, split_max_tensors)
+    dev = resolve_device(device)
+    ckpt = open_checkpoint(model, tp_config)
+    inputs = [ckpt.path, tokenizer, tp_config, *{v.variant.imatrix for v in checked}, *lora]
+    targets = _Targets(ckpt, outputs, checked, inputs, split, force, resume)
+
+    def channel(into: list[str], prefix: str = "") -> Callable[[str], None]:
+        def note(msg: str) -> None:
+            into.append(msg)
+            if warn:
+                warn(prefix + msg)
+
+        return note
+
+    common: list[str] = []
+    source = open_source(ckpt, tokenizer, lora, lora_options, channel(common))
+    for out in checked:
+        out_note = channel(out.warnings, f"{out.ftype.name}: " if len(checked) > 1 else "")
+        out.assign(source, out_note)
+        out.calibrate(source, out_note)
+    tok_warnings: list[str] = []
+    tok_kv, summary = tokenizer_kv(source, pre_tokenizer, channel(tok_warnings))
+    for out in checked:
+        out.plan(source, tok_kv, split)
+    recipe = _recipe(ckpt, lora, lora_options)
+    parts = [
+        PartialGGUF(v.planned_writer, path, recipe(v.via, v.variant.imatrix))
+        for v, path in zip(checked, targets.paths, strict=True)
+    ]
+    resumed, published = targets.write(parts, source.refs, checked, dev)
+    return [
+        GGUFReport(
+            files[0],
+            source.spec.gguf_name,
+            v.ftype.file_type.name,
+            {t.name: t.ggml_type.name for t in v.in_file},
+            summary,
+            sum(f.stat().st_size for f in files),
+            common + v.warnings + tok_warnings,
+            files,
+            encoded=v.encoded,
+            shared=v.shared,
+            resumed=kept,
+        )
+        for v, files, kept in zip(checked, published, resumed, strict=True)
+    ]
+
+
+def matrix_file_name(model: str | Path, type: str) -> str:
+    """The name of a matrix's file of `type` in its output directory: the model's directory
+    name (a single-file checkpoint's stem) and the file type, as published GGUF files are
+    usually named: `chinese-alpaca-7b-Q4_K_M.gguf`."""
+    path = Path(model)
+    stem = path.name if path.is_dir() else path.stem
+    return f"{stem}-{ggml_types.parse_file_type(type).name.upper()}.gguf"
+
+
+@dataclass
+class _Output:
+    """A variant checked, then planned: its tensors' types, file order and writer."""
+
+    variant: GGUFVariant
+    ftype: ggml_types.FileType
+    overrides: list
+    output_ggml: GGMLQuantizationType | None
+    token_embd_ggml: GGMLQuantizationType | None
+    warnings: list[str] = field(default_factory=list)
+    types: dict[str, GGMLQuantizationType] = field(default_factory=dict)
+    in_file: list[GGUFTensor] = field(default_factory=list)
+    writer: gguf.GGUFWriter | None = None
+    calibration: Calibration | None = None
+    encoded: int = 0
+    shared: int = 0
+
+    @property
+    def via(self) -> str | None:
+        return self.variant.via
+
+    @property
+    def planned_writer(self) -> gguf.GGUFWriter:
+        assert self.writer is not None, "plan() first"
+        return self.writer
+
+    def assign(self, source: Source, note: Callable[[str], None]) -> None:
+        hp = source.spec.config.hparams(source.config)
+        self.types = policy.assign_types(
+            ((r.name, r.shape) for r in source.refs),
+            self.ftype.name,
+            model=policy.Model(source.spec.gguf_name, hp.layers, hp.heads, hp.kv_heads),
+            pure=self.variant.pure,
+            overrides=self.overrides,
+            output_type=self.output_ggml,
+            token_embedding_type=self.token_embd_ggml,
+            via=self.via,
+            has_imatrix=self.variant.imatrix is not None,
+            warn=note,
+        )
+
+    def calibrate(self, source: Source, note: Callable[[str], None]) -> None:
+        """The importance matrix's weights for the tensors this output quantizes."""
+        imatrix = self.variant.imatrix
+        if imatrix is None:
+            return
+        quantized = [r for r in source.refs if self.types[r.name] != policy.input_type(r.name, r.shape, self.via)]
+        self.calibration = load_calibration(imatrix, ((r.name, r.shape) for r in quantized))
+        if not self.calibration.weights:
+            note(f"{imatrix}: the importance matrix has no entry for any tensor quantized here; nothing is weighted")
+
+    @property
+    def imatrix_key(self) -> str | None:
+        return os.path.abspath(self.variant.imatrix) if self.variant.imatrix is not None else None
+
+    def weights(self, name: str) -> np.ndarray | None:
+        return self.calibration.weights.get(name) if self.calibration else None
+
+    def plan(self, source: Source, tokenizer_kv: dict, split: Split | None) -> None:
+        """The writer with every key, in the order convert_hf_to_gguf.py (and, for its file
+        types, llama-quantize) writes them; tensor infos in file order."""
+        planned = [GGUFTensor(r.name, r.shape, self.types[r.name], _no_data) for r in source.refs]
+        quantizer = self.ftype.quantizer
+        self.in_file = sorted(planned, key=lambda t: policy.weights_map_key(t.name)) if quantizer else planned
+        writer = self.writer = plan_writer(source.spec.gguf_name, self.in_file, split)
+        writer.add_type(gguf.GGUFType.MODEL)
+        add_general(writer, source.ckpt)
+        source.spec.config.add_gguf_parameters(writer, source.config, int(self.ftype.file_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.kv_data[0].update(tokenizer_kv)
+        if quantizer:
+            imatrix_keys = add_quantize_kv(writer, self.calibration) if self.calibration else ()
+            move_keys_to_end(
+                writer, (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE, *imatrix_keys)
+            )
+
+
+def _no_data() -> Iterator[np.ndarray]:
+    raise AssertionError("a planned tensor's bytes come from the matrix stream")
+
+
+def _check(v: GGUFVariant) -> _Output:
+    """A variant's options parsed, or the refusal naming the bad one (before anything is read)."""
+    ftype = ggml_types.parse_file_type(v.type)
+    overrides = policy.parse_overrides(v.tensor_types)
+    output_ggml = ggml_types.parse(v.output_tensor_type).ggml if v.output_tensor_type else None
+    token_embd_ggml = ggml_types.parse(v.token_embedding_type).ggml if v.token_embedding_type else None
+    if v.via is not None and v.via.lower() not in ggml_types.VIA_NAMES:
+        raise WeightopsError(f"--via {v.via!r}: choose one of {', '.join(ggml_types.VIA_NAMES)}")
+    if v.via is not None and not ftype.quantizer:
         raise WeightopsError(
             f"--via applies to the file types llama-quantize makes from a converted file; --type {ftype.name} "
             "is convert_hf_to_gguf.py's own"
         )
-    if imatrix is not None and not ftype.quantizer:
+    if v.imatrix is not None and not ftype.quantizer:
         raise WeightopsError(
             f"--imatrix applies to the file types llama-quantize makes from a converted file; --type {ftype.name} "
             "is convert_hf_to_gguf.py's own"
         )
-    via = via.lower() if via else None
-    dev = resolve_device(device)
-    ckpt = open_checkpoint(model, tp_config)
-    split = Split.parse(split_max_size, split_max_tensors)
-    target = plan_output(output, [ckpt.path, tokenizer, tp_config, imatrix, *lora], may_split=bool(split), force=force)
-    output = target.path
-    hf_refs, config = hf_stream(ckpt)
-    if lora:
-        from .merge_lora import lora_stage
-
-        hf_refs, merged = lora_stage(hf_refs, config, lora, base=ckpt.path, **(lora_options or {}))
-        config.update(merged.config_update)
-        head = arch.get(config["model_type"]).tensor(Role.OUTPUT)
-        if merged.untied and (head is None or head.gguf is None):
-            raise WeightopsError(f"the adapters untie the output head; llama.cpp's {config['model_type']} has none")
-        tokenizer = tokenizer or merged.tokenizer
-        for w in merged.warnings:
-            note(w)
-    spec, refs = gguf_stream(hf_refs, config, ckpt.path)
-    embedding = spec.name_of(Role.EMBEDDING, "gguf")  # present: gguf_stream checks
-    n_vocab = next(r for r in refs if r.name == embedding).shape[0]
-    window = spec.config.sliding_window(config)
-    if window is not None and window < config["max_position_embeddings"]:
-        note(
-            f"{spec.name} attends to the last {window} positions only (sliding_window); llama.cpp's "
-            f"{spec.gguf_name} attends to all of them (convert_hf_to_gguf.py writes the same file), so its outputs "
-            f"differ from transformers' beyond {window} tokens"
-        )
-    config_vocab = config.get("vocab_size")
-    if config_vocab != n_vocab:
-        note(
-            f"config vocab_size is {config_vocab} but the embedding has {n_vocab} rows; "
-            f"writing {n_vocab} (llama.cpp needs one token per embedding row)"
-        )
-        config["vocab_size"] = n_vocab
-
-    hp = spec.config.hparams(config)
-    types = policy.assign_types(
-        ((r.name, r.shape) for r in refs),
-        qtype_name,
-        model=policy.Model(spec.gguf_name, hp.layers, hp.heads, hp.kv_heads),
-        pure=pure,
-        overrides=overrides,
-        output_type=output_ggml,
-        token_embedding_type=token_embd_ggml,
-        via=via,
-        has_imatrix=imatrix is not None,
-        warn=note,
+    variant = GGUFVariant(
+        ftype.name,
+        v.pure,
+        tuple(v.tensor_types),
+        v.output_tensor_type,
+        v.token_embedding_type,
+        v.via.lower() if v.via else None,
+        v.imatrix,
     )
-    calibration = None
-    if imatrix is not None:
-        quantized = [r for r in refs if types[r.name] != policy.input_type(r.name, r.shape, via)]
-        calibration = load_calibration(imatrix, ((r.name, r.shape) for r in quantized))
-        if not calibration.weights:
-            note(f"{imatrix}: the importance matrix has no entry for any tensor quantized here; nothing is weighted")
-    weights = calibration.weights if calibration else {}
-    planned = [
-        GGUFTensor(
-            r.name,
-            r.shape,
-            types[r.name],
-            _producer(r, types[r.name], dev, _rounding(r, via), weights.get(r.name)),
-            r.release,
-        )
-        for r in refs
-    ]
-    in_file = sorted(planned, key=lambda t: policy.weights_map_key(t.name)) if ftype.quantizer else planned
-    writer = plan_writer(spec.gguf_name, in_file, split)
-    writer.add_type(gguf.GGUFType.MODEL)
-    _add_general(writer, ckpt)
-    spec.config.add_gguf_parameters(writer, config, int(ftype.file_type))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    tok_dir = Path(tokenizer) if tokenizer else ckpt.directory
-    tok_dir = tok_dir if tok_dir.is_dir() else tok_dir.parent
-    summary = add_tokenizer(
-        writer,
-        tok_dir,
-        n_vocab=n_vocab,
-        encodings=spec.vocab.encodings,
-        default_pre=spec.vocab.default_pre,
-        add_space_prefix=spec.vocab.add_space_prefix,
-        pre_tokenizer=pre_tokenizer,
-        config_vocab=config_vocab,
-        embedding=f"{embedding} of {ckpt.path}",
-        warn=note,
-    )
-    spec.vocab.quirks(writer, tok_dir, config)
-    if ftype.quantizer:
-        imatrix_keys = add_quantize_kv(writer, calibration) if calibration else ()
-        move_keys_to_end(writer, (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE, *imatrix_keys))
-    total = sum(t.nbytes for t in planned)
-    with progress.bar(total, f"gguf {qtype_name}") as bar:
-        files = write_gguf(writer, planned, target, on_tensor=lambda t: bar.update(t.nbytes))
-    return GGUFReport(
-        files[0],
-        spec.gguf_name,
-        ftype.file_type.name,
-        {t.name: t.ggml_type.name for t in in_file},
-        summary,
-        sum(f.stat().st_size for f in files),
-        warnings,
-        files,
-    )
+    return _Output(variant, ftype, overrides, output_ggml, token_embd_ggml)
 
 
-def hf_stream(ckpt: Checkpoint) -> tuple[list[TensorRef], dict]:
-    """HF-named tensors and a config dict with every key the GGUF metadata needs (transformers'
-    defaults for missing ones, as convert_hf_to_gguf.py's AutoConfig gives) of any checkpoint;
-    TencentPretrain goes through the remap view (config from its --tp-config and the shapes)."""
-    if ckpt.format is Format.GGUF:
-        raise WeightopsError(f"{ckpt.path} is already a GGUF file; export from the HF or TencentPretrain checkpoint")
-    from ..io.remap import hf_view
+class _Targets:
+    """Where a matrix's outputs go: one directory published as a whole, or one output slot (a
+    file or a split set, `io.output_set`) per type."""
 
-    refs, config = hf_view(ckpt)
-    if not config:
-        raise WeightopsError(f"{ckpt.path}: no config.json next to the weights; GGUF needs the hyper-parameters")
-    model_type = config.get("model_type") or ckpt.architecture
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        outputs: str | Path | Sequence[str | Path],
+        planned: list[_Output],
+        inputs: list,
+        split: Split | None,
+        force: bool,
+        resume: bool,
+    ):
+        self.resume = resume
+        if isinstance(outputs, (str, Path)):
+            names = [matrix_file_name(ckpt.path, o.ftype.name) for o in planned]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise WeightopsError(f"{outputs}: --type given twice ({', '.join(twice)}): one file per type")
+            self.directory: Output | None = Output(outputs, inputs, kind="dir", force=force, resume=resume)
+            self.names = names
+            self.paths = [self.directory.path / n for n in names]
+            self.slots: list[OutputSet] = []
+        else:
+            paths = [Path(p) for p in outputs]
+            if len(paths) != len(planned):
+                raise WeightopsError(f"{len(paths)} GGUF output path(s) for {len(planned)} type(s)")
+            if len({os.path.abspath(p) for p in paths}) != len(paths):
+                raise WeightopsError(f"the same output path twice among {', '.join(map(str, paths))}")
+            self.directory, self.names = None, [p.name for p in paths]
+            self.slots = [plan_output(p, inputs, may_split=bool(split), force=force, resume=resume) for p in paths]
+            self.paths = [o.path for o in self.slots]
+
+    def write(
+        self, parts: list[PartialGGUF], refs: list[TensorRef], planned: list[_Output], dev: torch.device
+    ) -> tuple[list[int], list[list[Path]]]:
+        """Stream every output's tensors into its temporary (continuing recognised ones with
+        `resume`), then publish; returns how many tensors each output kept from a killed run,
+        and each output's files (a split set's, first file first)."""
+        with contextlib.ExitStack() as stack:
+            if self.directory is not None:
+                tmp = stack.enter_context(
+                    self.directory.writing(
+                        adopt=lambda d: any(p.recognises(d / n) for p, n in zip(parts, self.names, strict=True))
+                    )
+                )
+                ours = {n for p in parts for n in p.names}
+                for entry in tmp.iterdir():  # left by a killed run of another set of types
+                    if entry.name not in ours:
+                        entry.unlink()
+                temps = [tmp / n for n in self.names]
+            else:
+                temps = [
+                    stack.enter_context(o.writing(len(p.names) > 1, adopt=p.recognises))
+                    for o, p in zip(self.slots, parts, strict=True)
+                ]
+            for part in parts:
+                stack.callback(part.close)
+            kept = [part.open(t, self.resume) for part, t in zip(parts, temps, strict=True)]
+            _stream(parts, refs, planned, dev)
+            for part in parts:
+                part.finish()
+        if self.directory is not None:
+            return kept, [[self.directory.path / n for n in p.names] for p in parts]
+        return kept, [o.published() for o in self.slots]
+
+
+def _stream(parts: list[PartialGGUF], refs: list[TensorRef], planned: list[_Output], dev: torch.device) -> None:
+    """Each source tensor loaded once (if any output still lacks it); each distinct encoding of
+    it (GGML type, --via rounding, importance weights) computed once, slab by slab, and written into every output
+    that has it in that type."""
+    total = sum(p.spans[n][1] for p in parts for n in p.missing())
+    desc = f"gguf {planned[0].ftype.name}" if len(planned) == 1 else f"gguf {len(planned)} types"
+    with progress.bar(total, desc) as bar:
+        for ref in refs:
+            groups: dict[tuple, list[int]] = {}
+            for i, (part, out) in enumerate(zip(parts, planned, strict=True)):
+                if ref.name not in part.written:
+                    # one file's weights for a tensor are the same whichever output asks
+                    weighted = out.weights(ref.name) is not None
+                    key = (out.types[ref.name], _rounding(ref, out.via), out.imatrix_key if weighted else None)
+                    groups.setdefault(key, []).append(i)
+            if not groups:
+                continue
+            tensor = ref.load()
+            for (qtype, rounding, _), which in groups.items():
+                weights = planned[which[0]].weights(ref.name)
+                pieces = _lazily(tensor, qtype, dev, rounding, weights)
+                write_tensor([parts[i] for i in which], ref.name, ref.shape, qtype, pieces)
+                planned[which[0]].encoded += 1
+                for i in which[1:]:
+                    planned[i].shared += 1
+                bar.update(parts[which[0]].spans[ref.name][1] * len(which))
+            del tensor
+            ref.release()
+
+
+def _lazily(*args: Any) -> Iterator[np.ndarray]:
+    """`encode(*args)`, started only when its first piece is asked for: inside `write_tensor`,
+    which names the file and tensor of any error the encoding raises."""
+    yield from encode(*args)
+
+
+def _recipe(
+    ckpt: Checkpoint, lora: Sequence[str | Path], lora_options: dict | None
+) -> Callable[[str | None, str | Path | None], str]:
+    """What decides a file's tensor bytes beyond its header (which the journal hashes anyway):
+    the weight files (path, size, mtime), the adapters, their options, --via, the importance
+    matrix (path, size, mtime), the version."""
+    files = [*ckpt.weight_files]
+    for a in lora:
+        a = Path(a)
+        files += sorted(p for p in a.rglob("*") if p.is_file()) if a.is_dir() else [a]
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     try:
-        spec = arch.get(model_type)
-    except WeightopsError as e:
-        raise WeightopsError(f"{ckpt.path}: cannot be exported to GGUF: {e}") from None
-    filled = spec.config.fill_gguf(config)
-    if all(k in filled for k in spec.config.gguf_keys):
-        filled = {**filled, "model_type": model_type}  # complete: skip transformers' slow import
-    else:
-        from transformers import AutoConfig
+        version = metadata.version("weightops")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    base = {
+        "weightops": version,
+        "llama.cpp": LLAMA_CPP_PIN,
+        "files": stats,
+        "lora": dict(lora_options or {}) if lora else {},
+    }
 
-        filled = AutoConfig.for_model(spec.name, **{k: v for k, v in config.items() if k != "model_type"}).to_dict()
-    arch.check_config_shapes(spec, filled, refs, str(ckpt.config_file or ckpt.path))
-    return list(refs), filled
+    def recipe(via: str | None, imatrix: str | Path | None) -> str:
+        calibration = None
+        if imatrix is not None:
+            st = Path(imatrix).stat()
+            calibration = (str(Path(imatrix).resolve()), st.st_size, st.st_mtime_ns)
+        return json.dumps({**base, "via": via, "imatrix": calibration}, sort_keys=True, default=str)
 
-
-def gguf_stream(refs: Iterable[TensorRef], config: dict, source: Path) -> tuple[ArchSpec, list[TensorRef]]:
-    """HF tensors renamed to GGUF names (from the architecture's spec) with llama.cpp's values,
-    in llama.cpp's model order (embedding, blocks, output norm, output). Tensors llama.cpp does
-    not store (old rotary buffers, a tied output head it reads from the embedding) are left out."""
-    spec = arch.get(config["model_type"])
-    hp = spec.config.hparams(config)
-    skip = [p.replace("{n}", "*") for p in spec.droppable]
-    order = {n: i for i, n in enumerate(model_order(spec, hp.layers))}
-    out, unknown = [], []
-    for ref in refs:
-        if matches_any(spec.normalize_hf(ref.name), skip):
-            continue
-        found = spec.lookup(ref.name, "hf")
-        if found is None:
-            unknown.append(ref.name)
-            continue
-        row, layer, _ = found
-        if row.gguf is None:
-            continue
-        gname = row.gguf.format(n=layer)
-        out.append(
-            ref.derive(partial(to_gguf, row.to_gguf, hp=hp), name=gname)
-            if row.to_gguf is not arch.Transform.NONE
-            else ref.renamed(gname)
-        )
-    if unknown:
-        raise WeightopsError(
-            f"{source}: tensors with no GGUF name in the {spec.name} table: "
-            f"{', '.join(shown(n) for n in sorted(unknown))}"
-        )
-    output = spec.tensor(Role.OUTPUT)
-    optional = output.gguf if output else None  # llama.cpp reads the embedding when it is absent (tied)
-    missing = [n for n in order if n not in {r.name for r in out} and n != optional]
-    if missing:
-        raise WeightopsError(
-            f"{source}: checkpoint lacks tensors llama.cpp needs: {', '.join(missing[:8])}"
-            + (" ..." if len(missing) > 8 else "")
-        )
-    out.sort(key=lambda r: order.get(r.name, len(order)))
-    return spec, out
-
-
-def model_order(spec: ArchSpec, layers: int) -> list[str]:
-    """GGUF names layer by layer: tensors before the blocks, each block's tensors, tensors after."""
-    rows = [(t.gguf, t.in_layer) for t in spec.tensors if t.gguf is not None]
-    first = next(i for i, (_, layered) in enumerate(rows) if layered)
-    head = [g for g, _ in rows[:first]]
-    body = [g for g, layered in rows if layered]
-    tail = [g for g, layered in rows[first:] if not layered]
-    return head + [g.format(n=i) for i in range(layers) for g in body] + tail
+    return recipe
 
 
 def _rounding(ref: TensorRef, via: str | None) -> torch.dtype | None:
@@ -303,16 +496,6 @@ def _rounding(ref: TensorRef, via: str | None) -> torch.dtype | None:
     from .. import dtypes
 
     return dtypes.to_torch(ggml_types.parse(via).float_dtype or "")
-
-
-def _producer(
-    ref: TensorRef,
-    qtype: GGMLQuantizationType,
-    device: torch.device,
-    rounding: torch.dtype | None,
-    imatrix: np.ndarray | None = None,
-) -> Callable[[], Iterator[np.ndarray]]:
-    return lambda: encode(ref.load(), qtype, device, rounding, imatrix)
 
 
 def encode(
@@ -336,15 +519,3 @@ def encode(
         slab = rows[start : start + step]
         values = slab if rounding is None else slab.to(torch.float32).to(rounding)
         yield record.encode(values, device, imatrix=weights).numpy()
-
-
-def _add_general(writer: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
-    """general.* keys as convert_hf_to_gguf.py derives them (model card, config, directory name)."""
-    directory = ckpt.directory
-    total, shared, expert, experts = writer.get_total_parameter_count()
-    meta = gguf.Metadata.load(None, directory, None, total)
-    if meta.name is None:
-        meta.name = directory.name if ckpt.path.is_dir() else ckpt.path.stem
-    if meta.size_label is None and total > 0:
-        meta.size_label = gguf.size_label(total, shared, expert, experts)
-    meta.set_gguf_meta_model(writer)

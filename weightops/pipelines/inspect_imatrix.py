@@ -89,7 +89,7 @@ def model_matrices(model: str | Path, tp_config: str | Path | None = None) -> di
     if ckpt.format is Format.GGUF:
         refs = ckpt.tensors
     else:
-        from .gguf import gguf_stream, hf_stream  # torch: only when a non-GGUF model is given
+        from .gguf_source import gguf_stream, hf_stream  # torch: only when a non-GGUF model is given
 
         hf_refs, config = hf_stream(ckpt)
         refs = gguf_stream(hf_refs, config, ckpt.path)[1]

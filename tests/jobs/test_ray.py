@@ -239,10 +239,9 @@ def test_gpu_step_on_a_cluster_without_gpus_fails_fast(cluster, tmp_path, tiny_l
     address, _ = cluster
     steps = STEPS.replace('op = "verify"', 'op = "verify"\ngpu = true')
     job = _job(tmp_path, tiny_llama, steps)
-    start = time.monotonic()
+    # refused before any step (a wait for a GPU would never return here)
     with pytest.raises(WeightopsError, match=r"step 'check-q8' asks for a GPU \(gpu = true\), but no node"):
         jobs.run_job(job, executor="ray", ray_address=address)
-    assert time.monotonic() - start < 120  # refused before any step: not a wait for a GPU
     assert not list((tmp_path / "out" / jobs.STATE_DIR).glob("*.log"))  # nothing ran
     assert "--device cuda" in " ".join(jobs.load_job(job).steps[2].argv)  # never silently on a CPU
 

@@ -147,7 +147,8 @@ def bench_model(
         for label, cmd in commands.items():
             out.unlink(missing_ok=True)  # the library contender does not pass --force
             runs[label].append(run(cmd))
-            sizes[label] = out.stat().st_size
+            if out.is_file():  # pass 1 writes f16.gguf, not out.gguf
+                sizes[label] = out.stat().st_size
     r = {label: sorted(rs, key=lambda x: x.m.wall_s)[len(rs) // 2] for label, rs in runs.items()}
     q8_size, q4_size = sizes["ours q8_0"], sizes["ours q4_0"]
     one, two = next(v for k, v in r.items() if k.startswith("pass 1")), r["pass 2: llama.cpp quantize"]

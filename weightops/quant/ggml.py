@@ -172,6 +172,9 @@ def _cpu_pool() -> tuple[int, ThreadPoolExecutor | None]:
 
 
 def _single_threaded(ready: threading.Barrier) -> None:
+    # ATen sets a thread's OpenMP count from the process-wide one when the thread first asks
+    # for it; ask first, so that this thread's 1 outlives the main thread's restore
+    torch.get_num_threads()
     torch.set_num_threads(1)
     ready.wait()
 

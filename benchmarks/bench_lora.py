@@ -7,7 +7,10 @@ PEFT saves them). Each contender runs in a fresh process:
 - ours:  `weightops merge-lora` (streaming, `--rounding peft` so the outputs can be compared);
 - peft:  `AutoModelForCausalLM.from_pretrained` + `PeftModel.from_pretrained` +
          `merge_and_unload()` + `save_pretrained` (the whole model in memory);
-- floor: read the base to /dev/null and copy it to the output (`cp -r`), fsync.
+- floor: read the base to /dev/null and copy it to the output (`cp -r`), fsync: cp may copy
+         in the kernel (copy_file_range), as weightops does for tensors it leaves unchanged;
+- write floor: the base's bytes read and written through user space (`dd bs=16M`), fsync: what
+         writing new bytes costs at the least.
 
 Targets (issue 18): <= 0.5x PEFT's wall with <= 0.2x its peak RSS; our peak RSS flat from 8 to
 16 layers; at LLaMA-7B width, wall <= 1.3x the I/O floor.
@@ -51,6 +54,11 @@ Path(sys.argv[4]).write_text(str(time.perf_counter() - t0))
 """
 
 FLOOR = 'cat "$1"/*.safetensors > /dev/null && cp -r "$1" "$3" && sync "$3"/*'
+# the same bytes moved through user space, as any writer of new bytes must (cp may copy in the kernel)
+WRITE_FLOOR = (
+    'mkdir "$3" && for f in "$1"/*; do dd if="$f" of="$3/$(basename "$f")" bs=16M status=none || exit 1; done '
+    '&& sync "$3"/*'
+)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -86,7 +94,12 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-lora-"))
-    contenders = {"ours": python(OURS), "peft": python(PEFT), "floor": ["sh", "-c", FLOOR, "floor"]}
+    contenders = {
+        "ours": python(OURS),
+        "peft": python(PEFT),
+        "floor": ["sh", "-c", FLOOR, "floor"],
+        "write floor": ["sh", "-c", WRITE_FLOOR, "floor"],
+    }
     if not args.peft:
         del contenders["peft"]
     heads = args.hidden // 128
@@ -113,8 +126,9 @@ def main() -> None:
                 best.setdefault(name, Best()).add(m, float(clock.read_text()) if clock.exists() else m.wall_s)
         for name, b in best.items():
             print(b.row(f"merge-lora {name}"))
-        o, f = best["ours"], best["floor"]
+        o, f, w = best["ours"], best["floor"], best["write floor"]
         print(f"ours/floor wall {o.wall / f.wall:.2f}x (work {o.work / f.work:.2f}x)")
+        print(f"ours/write floor wall {o.wall / w.wall:.2f}x (work {o.work / w.work:.2f}x)")
         if "peft" in best:
             p = best["peft"]
             print(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -125,20 +126,20 @@ def _wide(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def _once(w: torch.Tensor, chain: tuple[Step, ...], out_dtype: torch.dtype) -> torch.Tensor:
-    acc = w.to(_wide(w.dtype), copy=True)
+    wide = _wide(w.dtype)
+    acc = w  # widened by the first change: `delta + w` is `acc += delta` with w widened first
     for step in chain:
         if step.replace is not None:
-            acc = step.replace.load().to(_wide(acc.dtype), copy=True)
+            acc = step.replace.load()
         for u in step.updates:
             if isinstance(u, Shift):
                 bias = u.bias.load()
-                acc.add_(bias.to(_wide(acc.dtype, bias.dtype)) * u.scaling)
+                acc = _owned(acc, wide).add_(bias.to(_wide(wide, bias.dtype)) * u.scaling)
                 continue
-            a, b = u.a.load(), u.b.load()
-            work = _wide(acc.dtype, a.dtype, b.dtype)
-            delta = _delta(a.to(work), b.to(work), u)
-            acc = _dora(acc, delta, u) if u.magnitude is not None else _add(acc, delta, u)
-    return acc.to(out_dtype)
+            work = _wide(wide, u.a.dtype, u.b.dtype)
+            delta = _delta(u, partial(torch.Tensor.to, dtype=work))
+            acc = _dora(acc.to(wide), delta, u) if u.magnitude is not None else _add(acc, delta, u, wide)
+    return acc.to(wide).to(out_dtype)
 
 
 # --- peft: merge_and_unload's arithmetic, adapter after adapter ----------------------------------
@@ -150,35 +151,62 @@ def _autocast(t: torch.Tensor) -> torch.Tensor:
 
 
 def _peft(w: torch.Tensor, chain: tuple[Step, ...], dtype: torch.dtype) -> torch.Tensor:
-    weight = w.to(dtype, copy=True)  # the model loaded in `dtype`
+    weight = w.to(dtype)  # the model loaded in `dtype` (still the reader's memory if it was `dtype`)
     for step in chain:
         if step.replace is not None:
-            weight = step.replace.load().to(dtype, copy=True)  # load_state_dict copies into the parameter
+            weight = step.replace.load().to(dtype)  # load_state_dict copies into the parameter
         for u in step.updates:
             if isinstance(u, Shift):
-                weight.add_(_autocast(u.bias.load()) * u.scaling)  # bias.data += lora_B.bias * scaling
+                weight = _owned(weight, dtype).add_(_autocast(u.bias.load()) * u.scaling)  # bias.data += ...
                 continue
-            delta = _delta(_autocast(u.a.load()), _autocast(u.b.load()), u)
+            delta = _delta(u, _autocast)
             if u.magnitude is not None:
                 weight = _dora(weight, delta, u).to(dtype)
             elif u.embedding:
-                weight.add_(delta.to(dtype))  # Embedding.merge: delta cast to the weight dtype first
-            else:
-                _add(weight, delta, u)  # Linear.merge: weight.data += delta, computed in float32
+                weight = _owned(weight, dtype).add_(delta.to(dtype))  # Embedding.merge: delta cast to dtype first
+            else:  # Linear.merge: weight.data += delta, computed in float32, rounded to the weight's dtype
+                weight = _add(weight, delta, u, dtype)
     return weight
 
 
 # --- the arithmetic both share -------------------------------------------------------------------
 
-
-def _delta(a: torch.Tensor, b: torch.Tensor, u: LowRank) -> torch.Tensor:
-    """`transpose(B @ A) · scaling`, as PEFT's get_delta_weight and the Chinese-LLaMA scripts write it."""
-    product = b @ a
-    return (product.T if u.transpose else product) * u.scaling
+_SLICE = 1 << 16  # values per slice of a mixed-dtype addition (its temporaries stay cache-sized)
 
 
-def _add(w: torch.Tensor, delta: torch.Tensor, u: LowRank) -> torch.Tensor:
-    """`w += delta` in place (in w's dtype, computed in the wider of the two), on `u.rows` of w."""
+def _owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` as `dtype` in memory of our own, to change in place (a loaded tensor may be the
+    reader's read-only mapping)."""
+    return t.to(dtype, copy=True)
+
+
+def _delta(u: LowRank, convert: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`transpose(B @ A) · scaling` of the factors as `convert` gives them, as PEFT's
+    get_delta_weight and the Chinese-LLaMA scripts write it. The factors' pages are dropped
+    afterwards: together they are as large as a few layers, and kept mapped they would add up
+    over the whole model."""
+    product = convert(u.b.load()) @ convert(u.a.load())
+    u.a.release()
+    u.b.release()
+    return (product.T if u.transpose else product).mul_(u.scaling)  # in place: product is ours
+
+
+def _add(w: torch.Tensor, delta: torch.Tensor, u: LowRank, dtype: torch.dtype) -> torch.Tensor:
+    """`w += delta` as `dtype` (computed in the wider of w's and delta's dtypes), on `u.rows` of
+    w, without changing `w` itself. With `delta` the wider and the same shape, w is added into
+    delta (addition commutes: the same bits) slice by slice, so neither a copy of w nor the
+    mixed-dtype kernel's whole-tensor temporary is made."""
+    if (
+        u.rows is None
+        and w.dim() > 0
+        and delta.shape == w.shape
+        and torch.promote_types(w.dtype, delta.dtype) == delta.dtype
+    ):
+        rows = max(1, _SLICE // max(1, w[0].numel()))
+        for start in range(0, w.shape[0], rows):
+            delta[start : start + rows].add_(w[start : start + rows])
+        return delta.to(dtype, memory_format=torch.contiguous_format)
+    w = _owned(w, dtype)
     if u.rows is None:
         w.add_(delta)
     else:

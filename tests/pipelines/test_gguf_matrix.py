@@ -246,6 +246,51 @@ def test_job_resume_continues_a_killed_gguf_step(model, matrix, tmp_path):
     assert "m.gguf" in report["artefacts"]["q"]
 
 
+# Runs export_gguf_matrix(MODEL, [OUT...], [TYPE...]) (arguments: VICTIM MODEL OUT TYPE OUT TYPE ...)
+# and SIGKILLs itself inside VICTIM, as KILLER does for the CLI: what a fused job unit, which is
+# one export_gguf_matrix call, leaves when it is killed.
+MATRIX_KILLER = (
+    KILLER.split("from weightops.cli import run")[0]
+    + """
+from pathlib import Path
+model, rest = sys.argv[2], sys.argv[3:]
+g.export_gguf_matrix(model, [Path(o) for o in rest[0::2]], rest[1::2])
+"""
+)
+
+
+def test_job_resume_continues_a_killed_fused_unit(model, matrix, tmp_path):
+    """Two gguf steps on one model run as one fused unit (one read for both files); killed inside
+    a tensor, `weightops run --resume` continues both files from the tensors they had, and each
+    equals its uninterrupted matrix file."""
+    out, _ = matrix
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'[job]\nname = "m"\noutput = "out"\n[inputs]\nm = "{model}"\n'
+        '[[steps]]\nname = "k4"\nop = "gguf"\nmodel = "@m"\noutput = "m4.gguf"\ntype = "q4_k_m"\n'
+        '[[steps]]\nname = "k6"\nop = "gguf"\nmodel = "@m"\noutput = "m6.gguf"\ntype = "q6_k"\n'
+    )
+    release = tmp_path / "out"
+    outputs.make_dir(release)
+    proc = subprocess.run(
+        [sys.executable, "-c", MATRIX_KILLER, VICTIM, str(model)]
+        + [str(release / "m4.gguf"), "q4_k_m", str(release / "m6.gguf"), "q6_k"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (release / "m4.gguf").exists() and not (release / "m6.gguf").exists()
+    report = run_job(job, resume=True)
+    (unit,) = report["units"]
+    assert unit["fused"] and unit["steps"] == ["k4", "k6"]
+    log = (release / ".weightops-job" / f"{unit['name']}.log").read_text()
+    assert "continuing a temporary left by an interrupted run" in log and "tensors kept" in log
+    assert (release / "m4.gguf").read_bytes() == (out / "model-Q4_K_M.gguf").read_bytes()
+    assert (release / "m6.gguf").read_bytes() == (out / "model-Q6_K.gguf").read_bytes()
+
+
 def test_imatrix_outputs_are_their_single_runs_and_share_only_alike_weights(model, tmp_path):
     """--imatrix in a matrix: each file is its single run's (whose bytes test_gguf_imatrix.py
     holds against llama-quantize --imatrix); an encoding is shared only between outputs that

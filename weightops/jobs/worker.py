@@ -55,7 +55,8 @@ def run_unit(spec: dict[str, Any]) -> None:
     )
     for (qtype, output), report in zip(spec["outputs"], reports, strict=True):
         published(Path(output))
-        print(f"wrote {output} ({qtype}; {report.encoded} tensors encoded, {report.shared} shared)")
+        kept = f"; {report.resumed} tensors kept from the interrupted run" if report.resumed else ""
+        print(f"wrote {output} ({qtype}; {report.encoded} tensors encoded, {report.shared} shared{kept})")
 
 
 def _terminated(signum, frame) -> None:

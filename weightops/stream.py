@@ -32,8 +32,10 @@ class TensorRef:
     tensors, whose `load()` dequantizes to float32 and whose `raw()` gives the stored blocks.
     `span` is (file, byte offset) where the tensor's bytes lie exactly as a writer stores
     them, so a writer may copy them file to file inside the kernel; any derived tensor
-    loses it. `dtype_name` is the dtype in safetensors' spelling (see `dtypes`); `dtype` gives
-    it as a torch dtype.
+    loses it. `mapped`: `load()` gives a view of a private file mapping nothing writes, whose
+    pages a consumer may drop as it goes (`pages.drop_mapped`; touched again, they are read
+    from the file); a derived tensor is not. `dtype_name` is the dtype in safetensors'
+    spelling (see `dtypes`); `dtype` gives it as a torch dtype.
     """
 
     name: str
@@ -45,6 +47,7 @@ class TensorRef:
     raw_loader: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
     releaser: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     span: tuple[str, int] | None = field(default=None, repr=False, compare=False)
+    mapped: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype_name, str):
@@ -129,6 +132,7 @@ class TensorRef:
             ggml_type=None,
             raw_loader=None,
             span=None,
+            mapped=False,
         )
 
     def renamed(self, name: str) -> TensorRef:

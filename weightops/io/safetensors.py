@@ -242,6 +242,7 @@ def read_safetensors(path: Path) -> list[TensorRef]:
             loader=partial(mapping.tensor, info),
             releaser=partial(mapping.release, info),
             span=(str(path), start + info["data_offsets"][0]),
+            mapped=True,
         )
         for name, info in items
     ]

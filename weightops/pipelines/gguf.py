@@ -41,6 +41,7 @@ from ..io.gguf_partial import PartialGGUF, write_tensor
 from ..io.gguf_tokenizer import TokenizerSummary
 from ..io.output_set import OutputSet
 from ..io.outputs import Output
+from ..io.pages import drop_mapped
 from ..quant import ggml_types, policy
 from ..stream import TensorRef
 from .gguf_imatrix import Calibration, add_quantize_kv, load_calibration
@@ -440,7 +441,7 @@ def _stream(parts: list[PartialGGUF], refs: list[TensorRef], planned: list[_Outp
             tensor = ref.load()
             for (qtype, rounding, _), which in groups.items():
                 weights = planned[which[0]].weights(ref.name)
-                pieces = _lazily(tensor, qtype, dev, rounding, weights)
+                pieces = _lazily(tensor, qtype, dev, rounding, weights, ref.mapped)
                 write_tensor([parts[i] for i in which], ref.name, ref.shape, qtype, pieces)
                 planned[which[0]].encoded += 1
                 for i in which[1:]:
@@ -504,13 +505,16 @@ def encode(
     device: torch.device,
     rounding: torch.dtype | None = None,
     imatrix: np.ndarray | None = None,
+    mapped: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Stored bytes of `t` as `qtype`, a slab of rows at a time (blocks never span rows, so the
-    bytes are the same as for the whole tensor, and a huge embedding never exists in float32
-    at once). Values go through float32 first: quantizing from the source values, as
-    llama.cpp's converter does, never from an F16 intermediate — unless `rounding` (--via)
-    asks for that intermediate's values. `imatrix`: per-column weights, for the weighted path
-    of the types that have one (ignored by the others, as libggml ignores them)."""
+    """Stored bytes of `t` as `qtype`, a slab of rows at a time (blocks never span rows, so the bytes
+    are the same as for the whole tensor, and a huge embedding never exists in float32 at once).
+    `mapped`: t is a view of a file mapping (`TensorRef.mapped`), whose pages are dropped slab
+    by slab once encoded, so a large embedding is not held whole either. Values go through
+    float32 first: quantizing from the source values, as llama.cpp's converter does, never from
+    an F16 intermediate — unless `rounding` (--via) asks for that intermediate's values.
+    `imatrix`: per-column weights, for the weighted path of the types that have one (ignored by
+    the others, as libggml ignores them)."""
     rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
     step = max(1, (CHUNK_ELEMENTS if device.type == "cpu" else 8 * CHUNK_ELEMENTS) // max(1, rows.shape[1]))
     record = ggml_types.get(qtype)
@@ -518,4 +522,7 @@ def encode(
     for start in range(0, rows.shape[0], step):
         slab = rows[start : start + step]
         values = slab if rounding is None else slab.to(torch.float32).to(rounding)
-        yield record.encode(values, device, imatrix=weights).numpy()
+        encoded = record.encode(values, device, imatrix=weights).numpy()
+        if mapped and slab.is_contiguous():
+            drop_mapped(slab.data_ptr(), slab.numel() * slab.element_size())
+        yield encoded

@@ -126,7 +126,7 @@ def run() -> None:
 
 
 def all_commands() -> Mapping[str, click.Command]:
-    """Every command, its module imported (the job runner validates steps against them)."""
+    """Every command, its module imported (the tests of help texts and docs walk them all)."""
     for module in sorted(set(_MODULES.values())):
         importlib.import_module(f"{__name__}.{module}")
     return main.commands

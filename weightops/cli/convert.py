@@ -7,62 +7,12 @@ from pathlib import Path
 import click
 
 from .. import dtypes
-from ..arch import supported
-from ..pipelines.convert import TARGETS, convert_checkpoint
+from ..commands.convert import CONVERT
+from ..pipelines.convert import convert_checkpoint
 from . import main, warn
 
 
-@main.command("convert")
-@click.argument("input", type=click.Path(exists=True, path_type=Path))
-@click.argument("output", type=click.Path(path_type=Path))
-@click.option(
-    "--to",
-    "to",
-    type=click.Choice(TARGETS),
-    required=True,
-    help="Format to write: hf (a from_pretrained directory) or tencentpretrain (a TencentPretrain "
-    "state dict plus its model config json).",
-)
-@click.option(
-    "--arch",
-    type=click.Choice(supported(tencentpretrain=True)),
-    help="Architecture, when the tensor names (TencentPretrain) or config.json (HF) do not tell it.",
-)
-@click.option(
-    "--tp-config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="TencentPretrain model config json of INPUT (e.g. models/llama/7b_config.json): the source of "
-    "heads_num and local_kv_heads_num (GQA), which no tensor shape tells; sizes it states are "
-    "checked against the tensors. Default: tencentpretrain_config.json beside INPUT, if any.",
-)
-@click.option(
-    "--tokenizer",
-    type=click.Path(exists=True, path_type=Path),
-    help="Tokenizer to ship with OUTPUT. To hf: a SentencePiece tokenizer.model (LLaMA; HF tokenizer "
-    "files are generated from it) or an HF tokenizer directory (BLOOM, or LLaMA). To "
-    "tencentpretrain: a tokenizer.model or directory to copy. Default: the tokenizer files "
-    "beside INPUT.",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(dtypes.DTYPE_CHOICES),
-    default="auto",
-    show_default=True,
-    help="dtype of the written floating-point tensors; auto keeps each tensor's own (bit-exact).",
-)
-@click.option(
-    "--max-shard-size",
-    default=None,
-    help="Largest output file (decimal KB/MB/GB or binary KiB/MiB/GiB). To hf: safetensors shards, "
-    "default 5GB. To tencentpretrain: default one tencentpretrain_model.bin; when set and "
-    "exceeded, tencentpretrain_model-N.bin parts plus tencentpretrain_model.bin.index.json.",
-)
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
-    "OUTPUT is refused.",
-)
+@main.command("convert", params=list(CONVERT))
 def convert_cmd(
     input: Path,
     output: Path,

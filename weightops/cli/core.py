@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..commands.core import MANIFEST_CREATE
 from ..pipelines.inspect import inspect_checkpoint, render
 from ..pipelines.manifest import check_manifest, create_manifest
 from . import main
@@ -49,8 +50,7 @@ def manifest() -> None:
     """sha256 manifests of every file and every tensor of a checkpoint."""
 
 
-@manifest.command("create")
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@manifest.command("create", params=list(MANIFEST_CREATE))
 def manifest_create(path: Path) -> None:
     """Write weightops-manifest.json into PATH (or FILE.weightops-manifest.json beside a file)."""
     out = create_manifest(path)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .. import dtypes
+from ..commands.delta import APPLY_DELTA, MAKE_DELTA
 from ..pipelines import deltas
 from ..pipelines.deltas import DeltaReport
 from . import main, warn
@@ -33,44 +34,6 @@ _SEMANTICS = """
 """
 
 
-def _options(fn):
-    fn = click.option(
-        "--allow-suspicious-delta",
-        is_flag=True,
-        help="Go on even when the norm-weight guard rail says the inputs do not look like a model "
-        "and its delta (see above).",
-    )(fn)
-    fn = click.option(
-        "--force",
-        is_flag=True,
-        help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything "
-        "else at OUTPUT is refused.",
-    )(fn)
-    fn = click.option(
-        "--max-shard-size",
-        default="5GB",
-        show_default=True,
-        help="Largest output shard (decimal KB/MB/GB or binary KiB/MiB/GiB), as save_pretrained shards.",
-    )(fn)
-    fn = click.option(
-        "--replace",
-        "replace",
-        multiple=True,
-        metavar="GLOB",
-        help="Tensor names (shell globs, repeatable) carried whole instead of as differences, "
-        "e.g. '*embed_tokens*', 'lm_head*', '*rotary_emb.inv_freq'. A glob that matches "
-        "nothing is an error.",
-    )(fn)
-    fn = click.option(
-        "--dtype",
-        type=click.Choice(dtypes.DTYPE_CHOICES),
-        default="auto",
-        show_default=True,
-        help="dtype of the written tensors; the arithmetic is float32 either way.",
-    )(fn)
-    return fn
-
-
 def _finish(output: Path, report: DeltaReport) -> None:
     for w in report.warnings:
         warn(w)
@@ -84,6 +47,7 @@ def _finish(output: Path, report: DeltaReport) -> None:
 
 @main.command(
     "apply-delta",
+    params=list(APPLY_DELTA),
     help=f"""Rebuild a model released as a delta: OUTPUT = BASE + DELTA.
 
     BASE is the original model (e.g. LLaMA-7B in HF format), DELTA the published difference
@@ -97,10 +61,6 @@ def _finish(output: Path, report: DeltaReport) -> None:
       weightops apply-delta llama-7b-hf chatyuan-7b-delta chatyuan-7b --dtype float16
 """,
 )
-@click.argument("base", type=click.Path(exists=True, path_type=Path))
-@click.argument("delta", type=click.Path(exists=True, path_type=Path))
-@click.argument("output", type=click.Path(path_type=Path))
-@_options
 def apply_delta(
     base: Path,
     delta: Path,
@@ -126,6 +86,7 @@ def apply_delta(
 
 @main.command(
     "make-delta",
+    params=list(MAKE_DELTA),
     help=f"""Publish a fine-tune as a delta: OUTPUT = TARGET - BASE.
 
     OUTPUT is a Hugging Face directory with the target's config and tokenizer files;
@@ -139,10 +100,6 @@ def apply_delta(
       weightops make-delta llama-7b-hf my-finetune my-finetune-delta --dtype float32
 """,
 )
-@click.argument("base", type=click.Path(exists=True, path_type=Path))
-@click.argument("target", type=click.Path(exists=True, path_type=Path))
-@click.argument("output", type=click.Path(path_type=Path))
-@_options
 def make_delta(
     base: Path,
     target: Path,

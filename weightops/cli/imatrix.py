@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 
-from ..devices import DEVICES
-from ..pipelines.imatrix import FORMATS, compute_imatrix
+from ..commands.imatrix import IMATRIX
+from ..pipelines.imatrix import compute_imatrix
 from . import main, warn
 
 
 @main.command(
+    params=list(IMATRIX),
     help="""Compute MODEL's importance matrix over a calibration text and write it as
     llama.cpp's imatrix file (what llama-imatrix writes; llama-quantize --imatrix and
     weightops gguf --imatrix read it).
@@ -31,64 +32,7 @@ from . import main, warn
       weightops imatrix llama-7b imatrix.gguf --text calibration.txt
       weightops imatrix llama-7b imatrix.dat --text calibration.txt --format dat --chunks 100
       weightops imatrix llama-7b all.gguf --in-file part1.gguf --in-file part2.gguf
-"""
-)
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--text",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Calibration text (UTF-8). Optional with --in-file.",
-)
-@click.option("--ctx", type=click.IntRange(min=1), default=512, show_default=True, help="Tokens per chunk.")
-@click.option("--chunks", type=click.IntRange(min=1), help="Use at most this many chunks (default: the whole text).")
-@click.option(
-    "--device",
-    type=click.Choice(DEVICES),
-    default="auto",
-    show_default=True,
-    help="Where the layers run: auto = CUDA when available, else CPU (float32 either way).",
-)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(FORMATS),
-    default="gguf",
-    show_default=True,
-    help="gguf: llama.cpp's current imatrix format; dat: the legacy one.",
-)
-@click.option(
-    "--process-output",
-    is_flag=True,
-    help="Also collect the output matrix (output.weight; none when it is tied to the embedding).",
-)
-@click.option(
-    "--in-file",
-    "in_files",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="An imatrix file to add in (repeatable): sums and counts are added, as llama-imatrix --in-file.",
-)
-@click.option(
-    "--tokenizer",
-    type=click.Path(exists=True, path_type=Path),
-    help="Directory with the HF tokenizer files (default: MODEL's own; a GGUF file's is llama.cpp's).",
-)
-@click.option(
-    "--tp-config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="TencentPretrain model config JSON, for a TencentPretrain MODEL.",
-)
-@click.option(
-    "--memory-budget",
-    metavar="SIZE",
-    help="RAM for the chunks' hidden states between layers (e.g. 8GB); beyond it they go to a "
-    "temporary file beside OUTPUT. Default: a quarter of the available memory.",
-)
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Replace an existing OUTPUT that weightops wrote; anything else at OUTPUT is refused.",
+""",
 )
 def imatrix(
     model: Path,

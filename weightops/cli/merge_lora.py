@@ -7,40 +7,14 @@ from pathlib import Path
 import click
 
 from .. import dtypes
-from ..pipelines.merge_lora import ROUNDINGS, merge_lora
+from ..commands.merge_lora import MERGE_LORA
+from ..pipelines.merge_lora import merge_lora
 from . import main, warn
-
-
-def lora_options(rounding_flag: str = "--rounding"):
-    """The options every command that merges adapters takes (merge-lora, gguf --lora)."""
-    return lambda fn: _lora_options(fn, rounding_flag)
-
-
-def _lora_options(fn, rounding_flag: str):
-    fn = click.option(
-        "--tp-lora-alpha",
-        type=float,
-        help="lora_alpha of a TencentPretrain adapter (its --lora_alpha when trained; the file has no config).",
-    )(fn)
-    fn = click.option(
-        "--tp-lora-r",
-        type=click.IntRange(min=1),
-        help="Rank of a TencentPretrain adapter (its --lora_r; must match the factors' shapes).",
-    )(fn)
-    fn = click.option(
-        rounding_flag,
-        "rounding",
-        type=click.Choice(ROUNDINGS),
-        default="once",
-        show_default=True,
-        help="once: W + scaling * B @ A in float32, rounded once (the Chinese-LLaMA merge scripts); "
-        "peft: bit for bit what PEFT's merge_and_unload gives on CPU, adapter after adapter.",
-    )(fn)
-    return fn
 
 
 @main.command(
     "merge-lora",
+    params=list(MERGE_LORA),
     help="""Merge LoRA adapters into BASE: OUTPUT = BASE + each ADAPTER in turn.
 
     BASE is an HF directory (safetensors or .bin, sharded or not) or a TencentPretrain
@@ -66,29 +40,6 @@ def _lora_options(fn, rounding_flag: str):
           chinese-alpaca-plus-7b --dtype float16
       weightops merge-lora llama-7b-tp.bin lora.bin merged --tp-lora-r 8 --tp-lora-alpha 16
 """,
-)
-@click.argument("base", type=click.Path(exists=True, path_type=Path))
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...", type=click.Path(exists=True, path_type=Path))
-@click.argument("output", type=click.Path(path_type=Path))
-@click.option(
-    "--dtype",
-    type=click.Choice(dtypes.DTYPE_CHOICES),
-    default="auto",
-    show_default=True,
-    help="dtype of the written tensors (auto: each keeps BASE's).",
-)
-@lora_options()
-@click.option(
-    "--max-shard-size",
-    default="5GB",
-    show_default=True,
-    help="Largest output shard (decimal KB/MB/GB or binary KiB/MiB/GiB), as save_pretrained shards.",
-)
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Replace an existing OUTPUT that weightops wrote (it says what it removes); anything else at "
-    "OUTPUT is refused.",
 )
 def merge_lora_command(
     base: Path,

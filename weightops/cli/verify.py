@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from .. import dtypes
-from ..devices import DEVICES
+from ..commands.verify import VERIFY
 from ..io.outputs import Output
 from ..pipelines.verify import raise_if_failed, render, verify_checkpoint
 from ..verify.gate import KINDS
@@ -18,6 +17,7 @@ _DEFAULTS = "; ".join(f"{k} {kld:g}/{100 * top1:g}%" for k, (kld, top1) in KINDS
 
 
 @main.command(
+    params=list(VERIFY),
     help=f"""Prove that CANDIDATE computes what REFERENCE computes.
 
     Both are run on the same token ids, one model at a time (the reference's logits are kept
@@ -62,94 +62,7 @@ _DEFAULTS = "; ".join(f"{k} {kld:g}/{100 * top1:g}%" for k, (kld, top1) in KINDS
       weightops verify chinese-llama-7b chinese-llama-7b-q8_0.gguf
       weightops verify merged-hf tp-model.bin --tp-config llama_7b_config.json --json report.json
       weightops verify yayi-7b yayi-7b-q4_0.gguf --prompts chat.jsonl --max-kld 0.1 --min-top1 0.85
-"""
-)
-@click.argument("reference", type=click.Path(exists=True, path_type=Path))
-@click.argument("candidate", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--prompts",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help='Prompts file: JSONL with a "text" field (optional "name"), or plain text with one prompt '
-    "per blank-line-separated paragraph. Default: the built-in set (~2k tokens of English and "
-    "Chinese text and Alpaca/ChatYuan/YaYi/Huozi/BLOOM-style chat turns).",
-)
-@click.option(
-    "--tokenizer",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="HF tokenizer directory to tokenise the prompts with, instead of the reference's own "
-    "(needed for a TencentPretrain reference, which carries no tokenizer).",
-)
-@click.option(
-    "--device",
-    type=click.Choice(DEVICES),
-    default="auto",
-    show_default=True,
-    help="auto = CUDA when torch sees a GPU, else CPU. GGUF files use the GPU only when "
-    "llama-cpp-python was built with GPU support.",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(dtypes.DTYPE_CHOICES),
-    default="auto",
-    show_default=True,
-    help="Compute dtype of transformers models: auto = bf16 (fp16 without bf16 "
-    "support) on CUDA, fp32 on CPU. The same for both sides.",
-)
-@click.option(
-    "--max-kld",
-    type=click.FloatRange(min=0),
-    help="Highest acceptable mean KL divergence (default: by candidate kind).",
-)
-@click.option(
-    "--min-top1",
-    type=click.FloatRange(0, 1),
-    help="Lowest acceptable top-1 agreement, 0..1 (default: by candidate kind).",
-)
-@click.option(
-    "--max-tokens",
-    type=click.IntRange(min=1),
-    help="Cut each prompt to this many tokens (default: the models' context).",
-)
-@click.option(
-    "--json",
-    "json_out",
-    metavar="FILE",
-    help="Also write the result as JSON to FILE ('-' for stdout; the table then goes to stderr). "
-    "Written before the exit code is decided, so a failed gate still leaves its report.",
-)
-@click.option(
-    "--structure-only",
-    is_flag=True,
-    help="Compare names, shapes, checksums, vocabulary and special tokens without running either model.",
-)
-@click.option(
-    "--gguf-runtime",
-    type=click.Choice(["llama.cpp", "transformers"]),
-    default="llama.cpp",
-    show_default=True,
-    help="What runs a GGUF file: llama.cpp (what users ship) or transformers' GGUF "
-    "loader (an independent second reader).",
-)
-@click.option(
-    "--tp-config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="TencentPretrain model config json for whichever side is a TencentPretrain checkpoint.",
-)
-@click.option(
-    "--allow-tokenizer-mismatch",
-    is_flag=True,
-    help="Report a candidate tokenizer that tokenises differently instead of failing on it.",
-)
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Replace an existing --json FILE that weightops wrote (anything else there is refused).",
-)
-@click.option(
-    "--reference-cache",
-    type=click.Path(file_okay=False, path_type=Path),
-    hidden=True,  # the job runner's: a directory it names by the reference's sha256
-    help="Keep (or reuse) the reference's logits in this directory, which belongs to this reference's content.",
+""",
 )
 def verify(
     reference: Path,

@@ -1,7 +1,8 @@
 """Job files: read, validate and expand a TOML job into steps (what the plan and the runner use).
 
 A step is one `weightops` command with the same options as on the command line (the
-command's own click parameters validate the keys, so a typo is an error, never ignored).
+command's parameters, declared in `weightops.commands` for the CLI and job files alike,
+validate the keys, so a typo is an error, never ignored).
 A gguf step may take a list of types, `type = ["q4_k_m", "q8_0"]`, with `{type}` in its
 output: it stands for one step per type, named `NAME.TYPE` (`@NAME.TYPE` refers to one),
 each its own artefact with its own finished marker and report entry; the plan fuses them
@@ -19,6 +20,7 @@ from typing import Any
 
 import click
 
+from .. import commands
 from ..errors import WeightopsError, names_file
 from ..io import gguf_split
 from ..verify import manifest as manifest_lib
@@ -34,7 +36,6 @@ REPORT = "release-report"
 _JOB_KEYS = {"name", "output", "base_model", "executor", "split_max_size"}
 _STEP_KEYS = {"name", "op", "gpu"}
 EXECUTOR_NAMES = ("local", "ray")  # executors.EXECUTORS: where units run
-_NO_STEP = {"run", "demo", "inspect"}  # commands that make no sense as steps
 # options the runner sets itself: why, by op and option
 RUNNER_OPTIONS = {
     "verify": {
@@ -98,22 +99,6 @@ class _Problems:
             )
 
 
-def _commands() -> dict[str, click.Command]:
-    from ..cli import all_commands
-
-    commands = all_commands()
-    cmds = {n: c for n, c in commands.items() if n not in _NO_STEP and not isinstance(c, click.Group)}
-    manifest = commands["manifest"]
-    assert isinstance(manifest, click.Group)  # `manifest create|check`
-    cmds["manifest"] = manifest.commands["create"]
-    return cmds
-
-
-def command(op: str) -> click.Command:
-    """The click command whose parameters a step of `op` takes."""
-    return _commands()[op]
-
-
 def _suggest(word: str, choices) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -166,7 +151,6 @@ def load_job(path: str | Path) -> Job:
             problems.add("[inputs]", f"{k!r} must be a non-empty path")
         else:
             inputs[k] = _resolve(base, v)
-    commands = _commands()
     known: dict[str, Any] = dict(inputs)
     folded: dict[str, str] = {}
     steps = []
@@ -193,11 +177,9 @@ def load_job(path: str | Path) -> Job:
                 "(the same file on a case-insensitive file system)",
             )
         folded.setdefault(name.casefold(), name)
-        if raw["op"] not in commands:
-            problems.add(
-                where,
-                f"unknown op {raw['op']!r}{_suggest(str(raw['op']), commands)}; ops: {', '.join(sorted(commands))}",
-            )
+        if raw["op"] not in commands.STEP_OPS:
+            ops = sorted(commands.STEP_OPS)
+            problems.add(where, f"unknown op {raw['op']!r}{_suggest(str(raw['op']), ops)}; ops: {', '.join(ops)}")
             known.setdefault(name, _UNBUILT)
             continue
         expanded = _expand_types(problems, where, raw)
@@ -207,7 +189,7 @@ def load_job(path: str | Path) -> Job:
         for sub_where, sub in expanded:
             if sub is not raw and sub["name"] in known:
                 problems.add(sub_where, f"name {sub['name']!r} is already used")
-            step = _build_step(problems, sub_where, sub, commands[raw["op"]], known, path.parent, out_dir)
+            step = _build_step(problems, sub_where, sub, commands.params(raw["op"]), known, path.parent, out_dir)
             known.setdefault(sub["name"], step.output)
             steps.append(step)
         if len(expanded) > 1 or expanded[0][1] is not raw:
@@ -352,13 +334,13 @@ def _build_step(
     problems: _Problems,
     where: str,
     raw: dict,
-    command: click.Command,
+    declared: commands.Params,
     known: dict[str, Any],
     job_dir: Path,
     out_dir: Path,
 ) -> Step:
     # a key is an argument's name or an option's long flag (`type` for --type), - or _ alike
-    params = {_key(p): p for p in command.params if p.name != "help"}
+    params = {_key(p): p for p in declared}
     options = {k.replace("-", "_"): v for k, v in raw.items() if k not in _STEP_KEYS}
     for key in sorted(options.keys() - params.keys()):
         problems.add(where, f"unknown option {key.replace('_', '-')!r} for {raw['op']}{_suggest(key, params)}")
@@ -412,7 +394,7 @@ def _build_step(
         return text
 
     argv: list[str] = []
-    for p in command.params:
+    for p in declared:
         if isinstance(p, click.Argument):
             if p.name not in options:
                 if p.required:
@@ -420,7 +402,7 @@ def _build_step(
                 continue
             values = options[p.name] if isinstance(options[p.name], list) else [options[p.name]]
             argv += [resolve(v, p) for v in values]
-    for p in command.params:
+    for p in declared:
         if not isinstance(p, click.Option) or _key(p) not in options:
             continue
         flag = "--" + _key(p).replace("_", "-")

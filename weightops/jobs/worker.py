@@ -1,12 +1,12 @@
 """A fused unit's child process: `python -m weightops.jobs.worker UNIT.json`.
 
 UNIT.json names the command line of the unit's first gguf step (`argv`, as the job file
-builds it; the click command parses it, so the options mean what they mean on the command
-line), the `(type, output)` of every step in the unit, and `done`, a file where each output
-is listed once it is published (the runner marks those steps complete). The unit is one
-`pipelines.gguf.export_gguf_matrix`: MODEL is read once for every type, and the outputs are
-published together at the end. Errors and warnings are printed as the CLI prints
-them (`error: ...`, `warning: ...`); the exit codes are the CLI's.
+builds it; the gguf command's declared parameters parse it and `commands.gguf.export_arguments`
+maps them, as for the command line), the `(type, output)` of every step in the unit, and
+`done`, a file where each output is listed once it is published (the runner marks those
+steps complete). The unit is one `pipelines.gguf.export_gguf_matrix`: MODEL is read once for
+every type, and the outputs are published together at the end. Errors and warnings are
+printed as the CLI prints them (`error: ...`, `warning: ...`); the exit codes are the CLI's.
 """
 
 from __future__ import annotations
@@ -19,24 +19,14 @@ from typing import Any
 
 import click
 
-from .. import console, progress
+from .. import commands, console, progress
+from ..commands.gguf import export_arguments
 from ..errors import WeightopsError, shown
 from ..pipelines.gguf import export_gguf_matrix
 
 
-def gguf_options(params: dict[str, Any]) -> dict[str, Any]:
-    """export_gguf's keyword arguments from the gguf command's parsed options, as cli/gguf.py
-    passes them (the type and output are the unit's own; the runner has cleared the outputs)."""
-    options = {k: v for k, v in params.items() if k not in {"model", "output", "qtype", "force"}}
-    options["lora_options"] = {k: options.pop(k) for k in ("rounding", "tp_lora_r", "tp_lora_alpha") if k in options}
-    return options
-
-
 def run_unit(spec: dict[str, Any]) -> None:
-    from .spec import command  # the gguf command's parameters parse the step's options
-
-    gguf = command("gguf")
-    params = gguf.make_context("gguf", list(spec["argv"][1:])).params
+    values = commands.parser("gguf").make_context("gguf", list(spec["argv"][1:])).params
     done = Path(spec["done"])
 
     def published(path: Path) -> None:
@@ -46,13 +36,9 @@ def run_unit(spec: dict[str, Any]) -> None:
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    reports = export_gguf_matrix(
-        params["model"],
-        [Path(o) for _, o in spec["outputs"]],
-        [t for t, _ in spec["outputs"]],
-        warn=warn,
-        **gguf_options(params),
-    )
+    options = {**export_arguments(values), "force": False}  # the runner has cleared the outputs
+    outputs = [Path(o) for _, o in spec["outputs"]]
+    reports = export_gguf_matrix(values["model"], outputs, [t for t, _ in spec["outputs"]], warn=warn, **options)
     for (qtype, output), report in zip(spec["outputs"], reports, strict=True):
         published(Path(output))
         kept = f"; {report.resumed} tensors kept from the interrupted run" if report.resumed else ""

@@ -344,3 +344,24 @@ def test_worker_threads_leave_torch_thread_settings_alone(monkeypatch):
     later.start()
     later.join()
     assert seen == [before]  # a thread started afterwards gets the process default, not the workers' 1
+
+
+def test_worker_threads_run_torch_single_threaded():
+    """Each worker runs its chunks on one thread, as llama.cpp's do: ATen sets a new thread's
+    count from the process-wide one the first time the thread asks, so a worker that set 1
+    before asking would run a team of the process's count and oversubscribe the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        n, pool = ggml._cpu_pool()
+        assert n == 2 and pool is not None
+        start = threading.Barrier(2)  # both workers at once: each reports its own thread
+
+        def count(_: int) -> int:
+            start.wait(timeout=30)
+            return torch.get_num_threads()
+
+        assert list(pool.map(count, range(2))) == [1, 1]
+        assert torch.get_num_threads() == 2  # the caller keeps its own count
+    finally:
+        torch.set_num_threads(before)

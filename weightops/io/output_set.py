@@ -29,7 +29,17 @@ from pathlib import Path
 from ..errors import WeightopsError
 from ..progress import human_size
 from .atomic import fsync_dir, fsync_tree
-from .outputs import _check_inputs, _listing, _publish_modes, _register, _say, _set_xattr, adopt_stale, refusal, sweep
+from .outputs import (
+    _check_inputs,
+    _listing,
+    _publish_modes,
+    _register,
+    _say,
+    _set_xattr,
+    locked_temporary,
+    refusal,
+    sweep,
+)
 
 
 class OutputSet:
@@ -90,33 +100,10 @@ class OutputSet:
         under its final name. Published when the block ends cleanly, removed otherwise. With
         `resume`, `adopt` is offered (that path in) each temporary a killed run left, as
         `Output.writing` offers them: the first it accepts is continued."""
-        parent = self.path.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{self.path.name}.weightops-tmp-"
-        found = None
-        if self.resume:
-            accept = adopt or (lambda _: False)
-            found = adopt_stale(self.path, several, lambda e: accept(e / self.path.name if several else e))
-        if found is not None:
-            fd, tmp = found
-        elif several:
-            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-            fd = os.open(tmp, os.O_RDONLY)
-        else:
-            fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
-            tmp = Path(name)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        offered = None if adopt is None else (lambda e: adopt(e / self.path.name if several else e))
+        with locked_temporary(self.path, several, self.resume, offered) as tmp:
             yield tmp / self.path.name if several else tmp
-            files = {f.name: f for f in sorted(tmp.iterdir())} if several else {self.path.name: tmp}
-            self._publish(files)
-        finally:
-            if tmp.is_dir() and not tmp.is_symlink():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-            os.close(fd)
+            self._publish({f.name: f for f in sorted(tmp.iterdir())} if several else {self.path.name: tmp})
 
     def published(self) -> list[Path]:
         """The files of the set now in place, in order (after `writing` ended)."""

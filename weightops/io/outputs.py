@@ -389,6 +389,36 @@ def adopt_stale(output: Path, is_dir: bool, adopt: Callable[[Path], bool]) -> tu
     return None
 
 
+@contextlib.contextmanager
+def locked_temporary(final: Path, is_dir: bool, resume: bool, adopt: Callable[[Path], bool] | None) -> Iterator[Path]:
+    """A hidden temporary sibling of `final` (a directory when `is_dir`), locked while the block
+    runs and removed at its end unless the block moved it into place. With `resume`, the first
+    temporary a killed run left that `adopt` accepts (the others are removed); else, or if none
+    is accepted, a new one."""
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{final.name}.weightops-tmp-"
+    found = adopt_stale(final, is_dir, adopt or (lambda _: False)) if resume else None
+    if found is not None:
+        fd, tmp = found
+    elif is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        fd = os.open(tmp, os.O_RDONLY)
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
+        tmp = Path(name)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield tmp
+    finally:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        os.close(fd)
+
+
 class Output:
     """One output of a command, checked when planned and published atomically by `writing()`.
 
@@ -440,32 +470,9 @@ class Output:
         With `resume`, `adopt` is asked (under the temporary's lock) whether a temporary a killed
         run left is worth continuing: the first it accepts is yielded as it is, the others are
         removed."""
-        final = self.path
-        parent = final.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{final.name}.weightops-tmp-"
-        found = adopt_stale(final, self.kind == "dir", adopt or (lambda _: False)) if self.resume else None
-        if found is not None:
-            fd, tmp = found
-        elif self.kind == "dir":
-            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-            fd = os.open(tmp, os.O_RDONLY)
-        else:
-            fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
-            tmp = Path(name)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with locked_temporary(self.path, self.kind == "dir", self.resume, adopt) as tmp:
             yield tmp
             self._publish(tmp)
-        except BaseException:
-            if tmp.is_dir() and not tmp.is_symlink():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-            raise
-        finally:
-            os.close(fd)
 
     def _publish(self, tmp: Path) -> None:
         final = self.path

@@ -153,15 +153,7 @@ def bench_model(
     q8_size, q4_size = sizes["ours q8_0"], sizes["ours q4_0"]
     one, two = next(v for k, v in r.items() if k.startswith("pass 1")), r["pass 2: llama.cpp quantize"]
     for total, second in (("two-pass total", two), ("two-pass total Q4_K_M", r["pass 2: llama.cpp quantize Q4_K_M"])):
-        r[total] = Run(
-            Measured(
-                one.m.wall_s + second.m.wall_s,
-                max(one.m.peak_rss_mb, second.m.peak_rss_mb),
-                max(one.m.peak_anon_mb, second.m.peak_anon_mb),
-                0,
-            ),
-            one.cpu_s + second.cpu_s,
-        )
+        r[total] = _total([one, second])
     f16.unlink()
     out.unlink()
     size = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9

@@ -91,7 +91,7 @@ def gguf(model: Path, output: str, qtype: tuple[str, ...], **options: Any) -> No
             + ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
             + f"; tokenizer {tok.model}/{tok.pre} ({tok.pre_source}), {tok.tokens} tokens"
             + (f", {tok.padding} [PAD] fillers" if tok.padding else "")
-            + (f"; {result.resumed} tensors kept from the interrupted run" if result.resumed else "")
+            + result.resumed_note
         )
     if len(results) > 1:
         encoded = sum(r.encoded for r in results)

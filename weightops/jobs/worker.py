@@ -41,8 +41,8 @@ def run_unit(spec: dict[str, Any]) -> None:
     reports = export_gguf_matrix(values["model"], outputs, [t for t, _ in spec["outputs"]], warn=warn, **options)
     for (qtype, output), report in zip(spec["outputs"], reports, strict=True):
         published(Path(output))
-        kept = f"; {report.resumed} tensors kept from the interrupted run" if report.resumed else ""
-        print(f"wrote {output} ({qtype}; {report.encoded} tensors encoded, {report.shared} shared{kept})")
+        counts = f"{report.encoded} tensors encoded, {report.shared} shared{report.resumed_note}"
+        print(f"wrote {output} ({qtype}; {counts})")
 
 
 def _terminated(signum, frame) -> None:

@@ -67,6 +67,11 @@ class GGUFReport:
     shared: int = 0
     resumed: int = 0
 
+    @property
+    def resumed_note(self) -> str:
+        """What a summary line adds when --resume kept tensors of an interrupted run ('' if none)."""
+        return f"; {self.resumed} tensors kept from the interrupted run" if self.resumed else ""
+
 
 @dataclass(frozen=True)
 class GGUFVariant:

@@ -10,6 +10,8 @@ chunks whose values leave that range (degenerate scales), where the two differ.
 
 from __future__ import annotations
 
+import math
+import threading
 from functools import cache
 
 import torch
@@ -21,6 +23,29 @@ _MAGIC = 12582912.0  # 1.5 * 2**23: v + _MAGIC has round(v) in its low mantissa 
 # CPU index_add_ adds the source slices to their target in index order, one vectorised add per
 # slice: the reference's sequential loop in a single op (CUDA's uses atomics in no fixed order).
 INDEX_ADD_DEVICES = frozenset({"cpu"})
+
+
+_scratch = threading.local()
+
+
+def scratch(key: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised tensor of `shape` on `like`'s device that this thread reuses for every
+    later call with the same key (one buffer per key and dtype, grown to the largest request).
+
+    Why: on CPU, a fresh tensor of a few MB is new memory from the kernel, and its first write
+    page-faults every 4 KB; the search's temporaries are chunk-sized and made again for every
+    chunk, which cost a third of the CPU time in faults. The caller must be done with the
+    tensor before it asks for the same key again (keys are per function; results are never
+    scratch). CUDA's caching allocator already reuses memory, so other devices get a plain
+    torch.empty."""
+    if like.device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    buffers: dict[tuple[str, torch.dtype], torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    n = math.prod(shape)
+    buf = buffers.get((key, dtype))
+    if buf is None or buf.numel() < n:
+        buf = buffers[(key, dtype)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
 
 
 def positions(x: torch.Tensor, size: int) -> torch.Tensor:

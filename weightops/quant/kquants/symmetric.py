@@ -11,8 +11,11 @@ Why the code looks the way it does:
   `nearest_int` (half to even), strict comparisons so the first candidate wins.
 - The scale search tries 19 (Q6_K) candidate scales per sub-block. Their rounded values and
   sums are computed for all candidates at once over slices of a chunk (cache-sized, few ops),
-  then the reference's sequential choice runs on the sums; only the winning candidate's scale
-  is kept, and its levels are recomputed once with the reference's own expression.
+  then the reference's sequential choice runs on the sums, carrying only the best value and
+  the index of the winning candidate; its scale and levels are taken once at the end.
+- Each position's sums over the candidates are one `accumulate` (index_add_ on CPU, in order),
+  and every chunk-sized temporary is a per-thread `scratch` buffer: fresh multi-MB tensors
+  page-fault on first write, which had cost a third of the CPU time.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from ..ggml import _const, _put_f16, _signed_max
-from .common import blocks, nearest_exact, positions, sqrt
+from .common import accumulate, blocks, nearest_exact, positions, scratch, sqrt
 
 _GROUP_MAX_EPS = 1e-15
 _SLICE_VALUES = 1 << 19  # float32 values per candidate tensor in the scale search (cache-sized)
@@ -42,54 +45,55 @@ def _sequential_sums(terms: torch.Tensor, out: torch.Tensor) -> None:
         out += terms[i]
 
 
-def make_qx(x: torch.Tensor, xt: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_qx(
+    x: torch.Tensor, xt: torch.Tensor, w: torch.Tensor, nmax: int, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants(size, nmax, x, L, rmse_type=1, qw) for every sub-block: (scale (S,), L
-    (size, S) float32 levels 0..2*nmax-1). `x` is the (S, size) sub-blocks, `xt` the same by
-    position, `w` the weights by position (x*x without an importance matrix)."""
+    (size, S) float32 levels 0..2*nmax-1, in `out` when given). `x` is the (S, size) sub-blocks,
+    `xt` the same by position, `w` the weights by position (x*x without an importance matrix)."""
     m = _signed_max(x).view(-1)  # the first value of largest magnitude
     empty = m.abs() < _GROUP_MAX_EPS
     numerators = _candidates(nmax).to(x.device)[:, None]
-    iscales = numerators / m  # (K, S), true division
-    k, s = iscales.shape
-    size = xt.shape[0]
-    sums = torch.empty((2, k, s), dtype=torch.float32, device=x.device)
+    k, s, size = numerators.shape[0], m.shape[0], xt.shape[0]
+    iscales = torch.div(numerators, m, out=scratch("qx.iscales", (k, s), x))  # true division
+    wx = torch.mul(w, xt, out=scratch("qx.wx", (size, s), x))  # w*x*l is (w*x)*l, w*l*l is (w*l)*l
+    sums = scratch("qx.sums", (2, k, s), x)
     step = max(1, _SLICE_VALUES // (size * k))
-    buffers: dict[int, tuple[torch.Tensor, ...]] = {}
+    targets = (0,) * size
     for a in range(0, s, step):
         b = min(s, a + step)
-        if b - a not in buffers:  # reused: fresh large tensors cost page faults on every op
-            shape = (size, k, b - a)
-            buffers[b - a] = (
-                torch.empty(shape, device=x.device),
-                torch.empty((size, 2, k, b - a), device=x.device),
-                torch.empty((k, b - a), device=x.device),
-            )
-        lv, terms, isc = buffers[b - a]
-        xs, ws = xt[:, a:b].contiguous(), w[:, a:b].contiguous()
-        torch.div(numerators, m[a:b], out=isc)
-        torch.mul(xs[:, None], isc, out=lv)
+        lv = scratch("qx.levels", (size, 1, k, b - a), x)
+        terms = scratch("qx.terms", (size, 2, k, b - a), x)
+        acc = scratch("qx.acc", (1, 2, k, b - a), x).zero_()
+        torch.mul(xt[:, None, None, a:b], iscales[:, a:b], out=lv)
         lv.round_().clamp_(-nmax, nmax - 1)
-        torch.mul((ws * xs)[:, None], lv, out=terms[:, 0])
-        torch.mul(ws[:, None], lv, out=terms[:, 1])
-        terms[:, 1] *= lv
-        _sequential_sums(terms, sums[:, :, a:b])
+        torch.mul(wx[:, None, None, a:b], lv, out=terms[:, :1])
+        torch.mul(w[:, None, None, a:b], lv, out=terms[:, 1:])
+        terms[:, 1:] *= lv
+        accumulate(acc, terms, targets)
+        sums[:, :, a:b] = acc[0]
     slx, sl2 = sums[0], sums[1]
-    scales = slx / sl2
+    scales = torch.div(slx, sl2, out=scratch("qx.scales", (k, s), x))
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
-    scale = torch.where(sl2[0] != 0, scales[0], zero)
-    best = scale * slx[0]
-    bests = scales * slx  # the best each candidate would set
+    torch.where(sl2[0] != 0, scales[0], zero, out=scales[0])
+    bests = torch.mul(scales, slx, out=scratch("qx.bests", (k, s), x))  # the best each candidate would set
     # slx^2, or -inf where sl2 > 0 fails (then slx^2 > best*sl2 fails too, as the C's && does)
-    squares = torch.where(sl2 > 0, slx * slx, _const(-float("inf"), x))
-    iscale = iscales[0]
+    squares = torch.mul(slx, slx, out=scratch("qx.squares", (k, s), x))
+    squares.masked_fill_(sl2 <= 0, -float("inf"))
+    best = bests[0].clone()
+    bound = torch.empty_like(best)
+    better = torch.empty(s, dtype=torch.bool, device=x.device)
+    chosen = torch.zeros((1, s), dtype=torch.int64, device=x.device)
     for c in range(1, k):
-        better = squares[c] > best * sl2[c]
-        scale = torch.where(better, scales[c], scale)
-        best = torch.where(better, bests[c], best)
-        iscale = torch.where(better, iscales[c], iscale)
-    levels = (xt * iscale).round_().clamp_(-nmax, nmax - 1).add_(nmax)
+        torch.mul(best, sl2[c], out=bound)
+        torch.gt(squares[c], bound, out=better)
+        torch.where(better, bests[c], best, out=best)
+        chosen[0].masked_fill_(better, c)
+    scale = scales.gather(0, chosen)[0]
+    iscale = iscales.gather(0, chosen)[0]
+    levels = torch.mul(xt, iscale, out=out).round_().clamp_(-nmax, nmax - 1).add_(nmax)
     if bool(empty.any()):  # all |x| < 1e-15: levels 0 and scale 0
-        levels = torch.where(empty, zero, levels)
+        levels.masked_fill_(empty, 0)
         scale = torch.where(empty, zero, scale)
     return scale, levels
 
@@ -98,11 +102,11 @@ def _requantize(xt: torch.Tensor, d: torch.Tensor, levels: torch.Tensor, nmax: i
     """The reference's second pass: L = clamp(nearest(x / d_j)) + nmax where the stored scale d_j
     (S,) is not zero, the search's levels where it is. A non-finite d_j (fp16 d overflowed)
     gives level nmax, as libggml's nearest_int of x/inf (0) and of x/NaN (its bit trick reads the
-    x86 default NaN as 0) do."""
-    q = (xt / d).round_().clamp_(-nmax, nmax - 1).add_(nmax)
+    x86 default NaN as 0) do. Overwrites and returns `levels`."""
+    q = torch.div(xt, d, out=scratch("requantize", xt.shape, xt)).round_().clamp_(-nmax, nmax - 1).add_(nmax)
     if not bool(torch.isfinite(d).all()):
-        q = torch.where(torch.isfinite(d), q, _const(float(nmax), xt))
-    return torch.where(d != 0, q, levels)
+        q.masked_fill_(~torch.isfinite(d), nmax)
+    return torch.where(d != 0, q, levels, out=levels)
 
 
 # --- Q6_K: ql[128], qh[64], scales[16] int8, d --------------------------------------------------
@@ -113,9 +117,13 @@ def encode_q6_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None
     matrix values of each element (quantize_row_q6_K_impl), None for the reference path."""
     n = x.shape[0]
     sub = x.reshape(-1, 16)
-    xt = positions(x, 16)
-    w = xt * xt if weights is None else positions(weights.to(torch.float32), 16)
-    scales, levels = make_qx(sub, xt, w, 32)
+    xt = scratch("q6.x", (16, sub.shape[0]), x).copy_(sub.t())
+    w = scratch("q6.w", xt.shape, x)
+    if weights is None:
+        torch.mul(xt, xt, out=w)
+    else:
+        w.copy_(weights.reshape(-1, 16).t())
+    scales, levels = make_qx(sub, xt, w, 32, out=scratch("q6.levels", xt.shape, x))
     scales = scales.view(n, 16)
     max_scale = _signed_max(scales)  # (n, 1)
     empty = (max_scale.abs() < _GROUP_MAX_EPS).view(-1)
@@ -124,7 +132,9 @@ def encode_q6_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None
     sc = (iscale * scales).round_().clamp_(max=127)  # the largest maps to -128
     d16 = d.to(torch.float16).to(torch.float32)
     dj = (d16 * sc).view(-1)  # (S,)
-    q = blocks(_requantize(xt, dj, levels, 32), 16).to(torch.uint8).view(n, 2, 4, 32)
+    q = scratch("q6.q", (xt.shape[1], 16), x, torch.uint8)
+    q.copy_(_requantize(xt, dj, levels, 32).t())
+    q = q.view(n, 2, 4, 32)
     low, high = q & 15, q >> 4
     out[:, :128].view(n, 2, 2, 32).copy_(low[:, :, :2] | (low[:, :, 2:] << 4))
     qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)

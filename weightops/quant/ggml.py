@@ -258,7 +258,7 @@ def _range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.amin(1, keepdim=True), x.amax(1, keepdim=True)
 
 
-def _signed_max(x: torch.Tensor) -> torch.Tensor:
+def _signed_max(x: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
     """Per block, the value of largest magnitude with its sign: the first one when +a and -a
     both occur, +0.0 when every value is zero (llama.cpp starts from max = 0.0f and replaces
     it only on a strictly larger magnitude).
@@ -266,10 +266,12 @@ def _signed_max(x: torch.Tensor) -> torch.Tensor:
     Integer maxima of the bit patterns (twice as fast as float reductions on CPU): the largest
     int32 is the largest value with a clear sign bit, and with the sign bit flipped, the
     negative value of largest magnitude. A block without one of the two gets the other twice,
-    which still picks the right one below. hi + lo is exactly 0 only when hi == -lo (a tie)."""
+    which still picks the right one below. hi + lo is exactly 0 only when hi == -lo (a tie).
+    `work`: an int32 tensor of x's shape for the flipped bits (a reused buffer saves page faults)."""
     bits = x.view(torch.int32)
     hi = bits.amax(1, keepdim=True).view(torch.float32)
-    lo = (bits ^ _SIGN_BIT).amax(1, keepdim=True).bitwise_xor_(_SIGN_BIT).view(torch.float32)
+    flipped = torch.bitwise_xor(bits, _SIGN_BIT, out=work)
+    lo = flipped.amax(1, keepdim=True).bitwise_xor_(_SIGN_BIT).view(torch.float32)
     balance = hi + lo
     m = torch.where(balance > 0, hi, lo)
     if not bool(balance.all()):

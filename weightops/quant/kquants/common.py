@@ -83,11 +83,16 @@ def sequential_sum(t: torch.Tensor) -> torch.Tensor:
     return out[0]
 
 
-def nearest_exact(v: torch.Tensor) -> torch.Tensor:
+def nearest_exact(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """libggml's nearest_int(v) for every float32 v (also NaN, infinities and |v| >= 2**22,
-    where it returns the low mantissa bits of v + 1.5 * 2**23), as float32."""
-    bits = (v + _MAGIC).view(torch.int32)
-    return ((bits & 0x7FFFFF) - 0x400000).to(torch.float32)
+    where it returns the low mantissa bits of v + 1.5 * 2**23), as float32 (in `out`, which
+    may be v itself, when given)."""
+    if out is None:
+        bits = (v + _MAGIC).view(torch.int32)
+        return ((bits & 0x7FFFFF) - 0x400000).to(torch.float32)
+    bits = torch.add(v, _MAGIC, out=out).view(torch.int32)
+    bits.bitwise_and_(0x7FFFFF).sub_(0x400000)
+    return out.copy_(bits)
 
 
 def nearest_byte(v: torch.Tensor) -> torch.Tensor:

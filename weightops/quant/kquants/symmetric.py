@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..ggml import _const, _put_f16, _signed_max
-from .common import accumulate, blocks, nearest_exact, positions, scratch, sqrt
+from .common import accumulate, nearest_exact, positions, scratch, sqrt
 
 _GROUP_MAX_EPS = 1e-15
 _SLICE_VALUES = 1 << 19  # float32 values per candidate tensor in the scale search (cache-sized)
@@ -51,7 +51,7 @@ def make_qx(
     """make_qx_quants(size, nmax, x, L, rmse_type=1, qw) for every sub-block: (scale (S,), L
     (size, S) float32 levels 0..2*nmax-1, in `out` when given). `x` is the (S, size) sub-blocks,
     `xt` the same by position, `w` the weights by position (x*x without an importance matrix)."""
-    m = _signed_max(x).view(-1)  # the first value of largest magnitude
+    m = _signed_max(x, scratch("signs", x.shape, x, torch.int32)).view(-1)  # the first value of largest magnitude
     empty = m.abs() < _GROUP_MAX_EPS
     numerators = _candidates(nmax).to(x.device)[:, None]
     k, s, size = numerators.shape[0], m.shape[0], xt.shape[0]
@@ -166,14 +166,26 @@ def _q3_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One element of make_q3_quants' coordinate descent: (accept, new level, new sumlx, new
     suml2) for moving element x (weight w = x*x, wx = w*x) from level li to its best level given
-    the sums of the sub-block."""
-    slx = sumlx - wx * li
-    sl2 = suml2 - (w * li) * li
-    new = nearest_exact(x * sl2 / slx).clamp_(-4, 3)
-    slx_new = slx + wx * new
-    sl2_new = sl2 + (w * new) * new
-    accept = (slx > 0) & (new != li) & (sl2_new > 0)
-    accept &= (slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new
+    the sums of the sub-block. The results are scratch, valid until the next call."""
+
+    def buf(key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return scratch(f"q3.{key}", x.shape, x, dtype)
+
+    slx = torch.mul(wx, li, out=buf("slx"))
+    torch.sub(sumlx, slx, out=slx)
+    sl2 = torch.mul(w, li, out=buf("sl2")).mul_(li)
+    torch.sub(suml2, sl2, out=sl2)
+    ratio = torch.mul(x, sl2, out=buf("new")).div_(slx)
+    new = nearest_exact(ratio, out=ratio).clamp_(-4, 3)
+    slx_new = torch.mul(wx, new, out=buf("slx_new")).add_(slx)  # slx + wx*new
+    sl2_new = torch.mul(w, new, out=buf("sl2_new")).mul_(new).add_(sl2)
+    accept = torch.gt(slx, 0, out=buf("accept", torch.bool))
+    test = torch.ne(new, li, out=buf("test", torch.bool))
+    accept &= test
+    accept &= torch.gt(sl2_new, 0, out=test)
+    lhs = torch.mul(slx_new, slx_new, out=slx).mul_(suml2)
+    rhs = torch.mul(sl2_new, sumlx * sumlx, out=sl2)  # (sumlx*sumlx)*sl2_new
+    accept &= torch.gt(lhs, rhs, out=test)
     return accept, new, slx_new, sl2_new
 
 
@@ -187,12 +199,12 @@ def _make_q3(x: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     acceptance nothing moves), which one vectorised test over all positions finds; only those
     sub-blocks (a fifth of them, then a few percent) take the sequential pass, and only they
     go on to the next."""
-    m = _signed_max(x).view(-1)
+    m = _signed_max(x, scratch("signs", x.shape, x, torch.int32)).view(-1)
     empty = m.abs() < _GROUP_MAX_EPS
-    w = xt * xt
-    wx = w * xt
-    levels = (xt * (_const(-4.0, x) / m)).round_().clamp_(-4, 3)
-    terms = torch.empty((16, 2, xt.shape[1]), dtype=torch.float32, device=x.device)
+    w = torch.mul(xt, xt, out=scratch("q3.w", xt.shape, x))
+    wx = torch.mul(w, xt, out=scratch("q3.wx", xt.shape, x))
+    levels = torch.mul(xt, _const(-4.0, x) / m, out=scratch("q3.levels", xt.shape, x)).round_().clamp_(-4, 3)
+    terms = scratch("q3.terms", (16, 2, xt.shape[1]), x)
     torch.mul(wx, levels, out=terms[:, 0])
     torch.mul(w, levels, out=terms[:, 1])
     terms[:, 1] *= levels
@@ -243,7 +255,7 @@ def _q3_weighted(
     w = positions(weights.to(torch.float32), 16) * sqrt(sigma + xt * xt)
     sw = torch.empty(xt.shape[1], dtype=torch.float32, device=x.device)
     _sequential_sums(w, sw)
-    scales, levels = make_qx(sub, xt, w, 4)
+    scales, levels = make_qx(sub, xt, w, 4, out=scratch("q3.levels", xt.shape, x))
     scales = scales.view(n, 16)
     st = scales.t().contiguous()
     d_block, ls = make_qx(scales, st, sw.view(n, 16).t().contiguous(), 32)
@@ -255,7 +267,7 @@ def encode_q3_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None
     matrix values of each element (quantize_row_q3_K_impl), None for the reference path."""
     n = x.shape[0]
     sub = x.reshape(-1, 16)
-    xt = positions(x, 16)
+    xt = scratch("q3.x", (16, sub.shape[0]), x).copy_(sub.t())
     if weights is None:
         scales, levels = _make_q3(sub, xt)
         scales = scales.view(n, 16)
@@ -271,7 +283,8 @@ def encode_q3_k(x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None
         d = d_block.view(n, 1)
     d16 = d.to(torch.float16).to(torch.float32)
     dj = (d16 * (ls - 32)).reshape(-1)
-    q = blocks(_requantize(xt, dj, levels, 4), 16).to(torch.uint8)  # (n, 256) levels 0..7
+    q = scratch("q3.q", (xt.shape[1], 16), x, torch.uint8)
+    q = q.copy_(_requantize(xt, dj, levels, 4).t()).view(n, 256)  # levels 0..7
     high = q >> 2  # bit 2: hmask bit (j // 32) of byte j % 32
     hbits = high.view(n, 8, 32) << torch.arange(8, dtype=torch.uint8, device=x.device).view(1, 8, 1)
     hmask = hbits[:, 0]

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import WeightopsError
 from . import ggml_types
+from .kquants.common import scratch
 
 CHUNK_VALUES = 1 << 19  # float32 values per chunk (2 MB, cache-sized temporaries), whole blocks
 _HALF_DOWN = 0.5 - 2.0**-25  # largest float32 below 0.5: trunc(v + copysign(it, v)) rounds half away from zero
@@ -117,7 +118,7 @@ def _quantize_weighted(t: torch.Tensor, record: ggml_types.GGMLType, imatrix: to
     def run(start: int) -> None:
         x = rows[start : start + step].to(torch.float32)
         n = x.shape[0]
-        weights = imatrix.expand(n, cols).reshape(-1, block)
+        weights = scratch("imatrix", (n, cols), x).copy_(imatrix).view(-1, block)  # repeated over the rows
         dst = out[start * per_row : (start + n) * per_row]
         if by_row:
             from .weighted_legacy import row_mean_square

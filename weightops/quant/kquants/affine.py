@@ -16,6 +16,9 @@ things keep the search cheap without changing any rounding:
   from them at the end (its smallest and largest x give them: the ops are monotonic); a chunk
   that leaves the range is redone with the bit-exact `nearest_exact` (only degenerate chunks:
   subnormal or overflowing ranges).
+Every chunk-sized temporary is a per-thread `common.scratch` buffer written through `out=` and
+in-place ops: fresh multi-MB tensors page-fault on their first write, which had cost a fifth
+to a third of the CPU time.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 
 from ..ggml import _put_f16
-from .common import NEAREST_LIMIT, accumulate, blocks, f32, nearest_byte, nearest_exact, positions, sequential_sum, sqrt
+from .common import NEAREST_LIMIT, accumulate, f32, nearest_byte, nearest_exact, scratch, sequential_sum, sqrt
 
 CPU_BLOCKS = 1024  # super-blocks the CPU searches at once (256K values: fastest measured)
 
@@ -78,7 +81,7 @@ def _levels(x: torch.Tensor, iscale: torch.Tensor, base: torch.Tensor, p: _Searc
     """clamp(nearest_int(iscale * (x - base)), 0, nmax) as float32 into out, per sub-block (column)."""
     v = torch.sub(x, base, out=out).mul_(iscale)
     if exact:
-        out.copy_(nearest_exact(v))
+        nearest_exact(v, out=out)
     else:
         v.round_()
     return out.clamp_(0, p.nmax)
@@ -107,10 +110,10 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, p: _Search, exact: bool) -> _Fit:
     ends = torch.stack([lo, hi])
 
     # xl[:, 0] = the candidate's L, xl[:, 1] = x; prod = [w*L, (w*L)*L, (w*L)*x] (one op for the last two)
-    xl = torch.empty((size, 2, n), dtype=x.dtype, device=dev)
+    xl = scratch("affine.xl", (size, 2, n), x)
     xl[:, 1] = x
     x, levels = xl[:, 1], xl[:, 0]
-    prod = torch.empty((size, 3, n), dtype=x.dtype, device=dev)
+    prod = scratch("affine.prod", (size, 3, n), x)
     # sums = [sum_x, sum_l, sum_xl, sum_w, sum_l2, sum_x]:
     #   sums[2:5] * sums[3:6] = [sum_w*sum_xl, sum_w*sum_l2, sum_l2*sum_x]
     #   sum_l * sums[0:3]     = [sum_x*sum_l,  sum_l*sum_l,  sum_l*sum_xl]
@@ -125,7 +128,7 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, p: _Search, exact: bool) -> _Fit:
     iscale = torch.where(flat, zero, f32(p.nmax, x) / (hi - mn))
     scale = torch.where(flat, zero, f32(1.0, x) / iscale)
     _levels(x, iscale, mn, p, exact, out=levels)
-    err = torch.empty((size, n), dtype=x.dtype, device=dev)  # contiguous: index_add_ is slow on strided rows
+    err = scratch("affine.err", (size, n), x)  # contiguous: index_add_ is slow on strided rows
     best = torch.zeros((1, n), dtype=x.dtype, device=dev)
     accumulate(best, _error(x, w, scale, mn, levels, p.mad, out=err), (0,) * size)
     best = torch.where(flat, -torch.inf, best[0])  # no candidate is ever better
@@ -134,7 +137,8 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, p: _Search, exact: bool) -> _Fit:
     new = torch.empty_like(state)
     cur, fit = new[0:1], new[1:3]  # fit = [this_scale, this_min]
     refit = torch.zeros_like(fit)  # [sum_xl / sum_l2, 0]: the fit when this_min > 0
-    mins = torch.empty((p.nstep + 2, n), dtype=x.dtype, device=dev)  # the min each candidate starts from
+    mins = scratch("affine.mins", (p.nstep + 2, n), x)  # the min each candidate starts from
+    terms, other = scratch("affine.terms", (3, n), x), scratch("affine.other", (3, n), x)
     mins[0] = mn
     targets = (_SL, _SL2, _SXL) * size
     for k, step in enumerate(_steps(p, dev), start=1):
@@ -147,8 +151,8 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, p: _Search, exact: bool) -> _Fit:
         sums[_SL : _SXL + 1].zero_()
         sums[_SL2].zero_()
         accumulate(sums, prod, targets)
-        terms = torch.mul(sums[2:5], sums[3:6])
-        terms.sub_(torch.mul(sum_l, sums[0:3]))
+        torch.mul(sums[2:5], sums[3:6], out=terms)
+        terms.sub_(torch.mul(sum_l, sums[0:3], out=other))
         det = terms[1]
         torch.div(terms[0::2], det, out=fit)
         torch.div(sums[_SXL], sums[_SL2], out=refit[0])
@@ -160,8 +164,10 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, p: _Search, exact: bool) -> _Fit:
     if exact:
         regular = torch.ones((), dtype=torch.bool, device=dev)
     else:  # every rounded value lies between those of the block's extremes
-        inverse = torch.stack([f32(p.nmax, x), *_steps(p, dev)]).unsqueeze(1) / (hi - mins)
-        bound = ((ends - mins.unsqueeze(1)) * inverse.unsqueeze(1)).abs_().amax((0, 1))
+        inverse = torch.sub(hi, mins, out=scratch("affine.inverse", mins.shape, x))
+        torch.div(_numerators(p, dev), inverse, out=inverse)
+        bound = torch.sub(ends, mins.unsqueeze(1), out=scratch("affine.bound", (mins.shape[0], 2, n), x))
+        bound = bound.mul_(inverse.unsqueeze(1)).abs_().amax((0, 1))
         regular = ((bound < NEAREST_LIMIT) | flat).all()
     return _Fit(state[1], -state[2], state[3], state[4], ends, regular)
 
@@ -181,6 +187,12 @@ def _first_zero(x: torch.Tensor, lo: torch.Tensor) -> None:
 def _steps(p: _Search, device: torch.device) -> tuple[torch.Tensor, ...]:
     """The candidates' `rmin + rdelta*is + nmax` as float32 0-dim tensors on device."""
     return tuple(torch.tensor(s, dtype=torch.float32, device=device) for s in p.steps)
+
+
+@cache
+def _numerators(p: _Search, device: torch.device) -> torch.Tensor:
+    """(nstep + 2, 1): the first guess's nmax, then the candidates' numerators (`_steps`)."""
+    return torch.tensor([float(p.nmax), *p.steps], dtype=torch.float32, device=device).unsqueeze(1)
 
 
 def _super_scale(v: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,11 +231,13 @@ def _importance(x: torch.Tensor, xs: torch.Tensor, weights: torch.Tensor, p: _Se
     """The search's element weights qw * sqrt(sigma2 + x²), by position like `xs`: sigma2 is the
     super-block's sequential Σx² / 256, doubled for Q4_K and Q5_K (quantize_row_q{4,5}_K_impl)
     and not for Q2_K (quantize_row_q2_K_impl)."""
-    xb = x.t().contiguous()  # (256, n): the sum runs over the whole super-block in element order
+    w = scratch("affine.w", xs.shape, x)
+    xb = w.view(256, -1).copy_(x.t())  # the sum runs over the whole super-block in element order
     factor = 1.0 if p.size == 16 else 2.0
-    sigma2 = (f32(factor, x) * sequential_sum(xb * xb)) / f32(256, x)
+    sigma2 = (f32(factor, x) * sequential_sum(xb.mul_(xb))) / f32(256, x)
     sigma2 = sigma2.repeat_interleave(256 // p.size)  # per sub-block (column of xs)
-    return positions(weights.to(torch.float32), p.size) * sqrt(sigma2 + xs * xs)
+    torch.mul(xs, xs, out=w).add_(sigma2)  # sigma2 + x*x
+    return sqrt(w, out=w).mul_(weights.reshape(-1, p.size).t())
 
 
 def _weighted_scales(fit: _Fit, sw: torch.Tensor, p: _Search) -> tuple[torch.Tensor, ...]:
@@ -327,14 +341,15 @@ def qkx3(xs: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, to
 def _fit(x: torch.Tensor, p: _Search, exact: bool, weights: torch.Tensor | None = None) -> _Levels | None:
     """The stored values of (n, 256) x; None when this chunk must be redone with exact rounding.
     With `weights` (the importance matrix values of x) the search and scales are the weighted ones."""
-    xs = positions(x, p.size)
+    xs = scratch("affine.x", (p.size, x.numel() // p.size), x).copy_(x.reshape(-1, p.size).t())
     if weights is not None:
-        w = _importance(x, xs, weights, p)
+        w = _importance(x, xs, weights.to(torch.float32), p)
     elif p.mad:  # Q2_K: w = |x|
-        w = xs.abs()
+        w = torch.abs(xs, out=scratch("affine.w", xs.shape, x))
     else:  # w = sqrt(Σx²/32) + |x|
-        av = sqrt(sequential_sum(xs * xs) / f32(p.size, x))
-        w = xs.abs().add_(av)
+        w = torch.mul(xs, xs, out=scratch("affine.w", xs.shape, x))
+        av = sqrt(sequential_sum(w) / f32(p.size, x))
+        torch.abs(xs, out=w).add_(av)
     fit = _qkx2(xs, w, p, exact)
     per = 256 // p.size
     if weights is None:
@@ -348,11 +363,13 @@ def _fit(x: torch.Tensor, p: _Search, exact: bool, weights: torch.Tensor | None 
         bound = ((fit.ends + dm) / dq).abs_().amax(0)
         if not bool(fit.regular & ((bound < NEAREST_LIMIT) | skip).all()):
             return None
-    v = (xs + dm).div_(dq)
-    levels = (nearest_exact(v) if exact else v.round_()).clamp_(0, p.nmax)
+    v = torch.add(xs, dm, out=scratch("affine.err", xs.shape, x)).div_(dq)  # the search is done with its buffers
+    levels = (nearest_exact(v, out=v) if exact else v.round_()).clamp_(0, p.nmax)
     if bool(skip.any()):
-        levels = torch.where(skip, _levels(xs, fit.iscale, fit.base, p, exact, torch.empty_like(xs)), levels)
-    return _Levels(blocks(levels.to(torch.uint8), per), d, dmin, scale_levels, min_levels)
+        searched = _levels(xs, fit.iscale, fit.base, p, exact, scratch("affine.xl", xs.shape, x))
+        torch.where(skip, searched, levels, out=levels)
+    q = scratch("affine.q", (xs.shape[1], p.size), x, torch.uint8).copy_(levels.t())  # integers: exact
+    return _Levels(q.view(-1, 256), d, dmin, scale_levels, min_levels)
 
 
 def _fit_exactly(x: torch.Tensor, p: _Search, weights: torch.Tensor | None) -> _Levels:

@@ -101,10 +101,13 @@ def nearest_byte(v: torch.Tensor) -> torch.Tensor:
     return ((bits & 0x7FFFFF) - 0x400000).bitwise_and_(0xFF).to(torch.uint8)
 
 
-def sqrt(v: torch.Tensor) -> torch.Tensor:
+def sqrt(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """sqrtf(v), correctly rounded: torch's vectorised float32 sqrt on CPU is not always (it can
-    be 1 ulp off). The float64 root rounded to float32 is the float32 root (53 >= 2 * 24 + 2)."""
-    return torch.sqrt(v.to(torch.float64)).to(torch.float32)
+    be 1 ulp off). The float64 root rounded to float32 is the float32 root (53 >= 2 * 24 + 2).
+    In `out` (which may be v itself) when given, through a scratch float64 buffer."""
+    if out is None:
+        return torch.sqrt(v.to(torch.float64)).to(torch.float32)
+    return out.copy_(scratch("sqrt", v.shape, v, torch.float64).copy_(v).sqrt_())
 
 
 def f32(value: float, like: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import WeightopsError
 from . import ggml_types
-from .kquants.common import scratch
+from .kquants.common import scratch, scratch_frame
 
 CHUNK_VALUES = 1 << 19  # float32 values per chunk (2 MB, cache-sized temporaries), whole blocks
 _HALF_DOWN = 0.5 - 2.0**-25  # largest float32 below 0.5: trunc(v + copysign(it, v)) rounds half away from zero
@@ -95,7 +95,8 @@ def quantize(t: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None) -
     encode = record.encoder
 
     def run(start: int) -> None:
-        encode(blocks[start : start + step].to(torch.float32), out[start : start + step])
+        with scratch_frame():
+            encode(blocks[start : start + step].to(torch.float32), out[start : start + step])
 
     _run_chunks(run, range(0, blocks.shape[0], step), pool)
     return out.reshape(*t.shape[:-1], t.shape[-1] // block * size)
@@ -118,15 +119,16 @@ def _quantize_weighted(t: torch.Tensor, record: ggml_types.GGMLType, imatrix: to
     def run(start: int) -> None:
         x = rows[start : start + step].to(torch.float32)
         n = x.shape[0]
-        weights = scratch("imatrix", (n, cols), x).copy_(imatrix).view(-1, block)  # repeated over the rows
         dst = out[start * per_row : (start + n) * per_row]
-        if by_row:
-            from .weighted_legacy import row_mean_square
+        with scratch_frame():
+            weights = scratch("imatrix", (n, cols), x).copy_(imatrix).view(-1, block)  # repeated over the rows
+            if by_row:
+                from .weighted_legacy import row_mean_square
 
-            sigma2 = row_mean_square(x).repeat_interleave(per_row)
-            encode(x.reshape(-1, block), dst, weights, sigma2)
-        else:
-            encode(x.reshape(-1, block), dst, weights)
+                sigma2 = row_mean_square(x).repeat_interleave(per_row)
+                encode(x.reshape(-1, block), dst, weights, sigma2)
+            else:
+                encode(x.reshape(-1, block), dst, weights)
 
     _run_chunks(run, range(0, rows.shape[0], step), pool)
     return out.reshape(*t.shape[:-1], per_row * size)

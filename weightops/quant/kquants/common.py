@@ -10,8 +10,10 @@ chunks whose values leave that range (degenerate scales), where the two differ.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+from collections.abc import Iterator
 from functools import cache
 
 import torch
@@ -25,27 +27,68 @@ _MAGIC = 12582912.0  # 1.5 * 2**23: v + _MAGIC has round(v) in its low mantissa 
 INDEX_ADD_DEVICES = frozenset({"cpu"})
 
 
-_scratch = threading.local()
+_ALIGN = 64  # bytes: every scratch region starts on a cache line (and suits any dtype)
+
+
+class _Arena(threading.local):
+    """One thread's scratch memory: a byte buffer carved into regions, one per key, in the order
+    the frame asks for them; `top` is where the next region goes."""
+
+    def __init__(self) -> None:
+        self.block = torch.empty(0, dtype=torch.uint8)
+        self.top = 0
+        self.depth = 0
+        self.regions: dict[str, tuple[int, int]] = {}  # key -> (offset, bytes)
+
+
+_arena = _Arena()
+
+
+@contextlib.contextmanager
+def scratch_frame() -> Iterator[None]:
+    """Scratch buffers asked for inside are valid until this frame (the outermost one, frames
+    nest) ends; the next frame of the thread reuses the same memory. One frame per chunk
+    (`ggml.quantize`): every encoder of the thread shares one buffer, sized to the largest
+    chunk's needs, not the sum of every encoder's (one chunk runs at a time per thread)."""
+    arena = _arena
+    arena.depth += 1
+    try:
+        yield
+    finally:
+        arena.depth -= 1
+        if arena.depth == 0:
+            if arena.top > arena.block.numel():  # this frame overflowed: size the next ones to it
+                arena.block = torch.empty(0, dtype=torch.uint8)
+                arena.block = torch.empty(arena.top, dtype=torch.uint8)
+            arena.top = 0
+            arena.regions.clear()
 
 
 def scratch(key: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An uninitialised tensor of `shape` on `like`'s device that this thread reuses for every
-    later call with the same key (one buffer per key and dtype, grown to the largest request).
+    """An uninitialised tensor of `shape` on `like`'s device, for a chunk-sized temporary: inside
+    a `scratch_frame` on CPU, a region of the thread's arena that later calls with the same key
+    get again (a larger request gets a new region), and that later frames reuse.
 
     Why: on CPU, a fresh tensor of a few MB is new memory from the kernel, and its first write
     page-faults every 4 KB; the search's temporaries are chunk-sized and made again for every
     chunk, which cost a third of the CPU time in faults. The caller must be done with the
     tensor before it asks for the same key again (keys are per function; results are never
-    scratch). CUDA's caching allocator already reuses memory, so other devices get a plain
-    torch.empty."""
-    if like.device.type != "cpu":
+    scratch). Outside a frame, and on other devices (CUDA's caching allocator already reuses
+    memory), a plain torch.empty."""
+    arena = _arena
+    if like.device.type != "cpu" or arena.depth == 0:
         return torch.empty(shape, dtype=dtype, device=like.device)
-    buffers: dict[tuple[str, torch.dtype], torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
-    n = math.prod(shape)
-    buf = buffers.get((key, dtype))
-    if buf is None or buf.numel() < n:
-        buf = buffers[(key, dtype)] = torch.empty(n, dtype=dtype)
-    return buf[:n].view(shape)
+    size = math.prod(shape) * dtype.itemsize
+    offset, held = arena.regions.get(key, (0, -1))
+    if held < size:
+        offset = arena.top
+        arena.top += -(-size // _ALIGN) * _ALIGN
+        arena.regions[key] = (offset, size)
+    if offset + size <= arena.block.numel():
+        memory = arena.block[offset : offset + size]
+    else:  # beyond the arena (a thread's first chunks): a fresh tensor, and a larger arena next frame
+        memory = torch.empty(size, dtype=torch.uint8)
+    return memory.view(dtype).view(shape)
 
 
 def positions(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -12,13 +12,16 @@ Why the code looks the way it does:
 - The scale search tries 19 (Q6_K) candidate scales per sub-block. Their rounded values and
   sums are computed for all candidates at once over slices of a chunk (cache-sized, few ops),
   then the reference's sequential choice runs on the sums, carrying only the best value and
-  the index of the winning candidate; its scale and levels are taken once at the end.
+  recording which candidates beat it; the winner (the last of those) and its scale and levels
+  are taken once at the end.
 - Each position's sums over the candidates are one `accumulate` (index_add_ on CPU, in order),
   and every chunk-sized temporary is a per-thread `scratch` buffer: fresh multi-MB tensors
   page-fault on first write, which had cost a third of the CPU time.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import numpy as np
 import torch
@@ -36,6 +39,12 @@ def _candidates(nmax: int) -> torch.Tensor:
     tenth = np.float32(0.1)
     steps = [np.float32(nmax)] + [np.float32(nmax) + tenth * np.float32(i) for i in range(-9, 10) if i]
     return torch.tensor(np.negative(np.array(steps, dtype=np.float32)))
+
+
+@cache
+def _order(k: int, device: torch.device) -> torch.Tensor:
+    """(k, 1) uint8 0..k-1: the candidates' indices."""
+    return torch.arange(k, dtype=torch.uint8, device=device).unsqueeze(1)
 
 
 def _sequential_sums(terms: torch.Tensor, out: torch.Tensor) -> None:
@@ -82,13 +91,14 @@ def make_qx(
     squares.masked_fill_(sl2 <= 0, -float("inf"))
     best = bests[0].clone()
     bound = torch.empty_like(best)
-    better = torch.empty(s, dtype=torch.bool, device=x.device)
-    chosen = torch.zeros((1, s), dtype=torch.int64, device=x.device)
+    better = scratch("qx.better", (k, s), x, torch.bool)  # better[c]: c beat the best before it
+    better[0] = True
     for c in range(1, k):
         torch.mul(best, sl2[c], out=bound)
-        torch.gt(squares[c], bound, out=better)
-        torch.where(better, bests[c], best, out=best)
-        chosen[0].masked_fill_(better, c)
+        torch.gt(squares[c], bound, out=better[c])
+        torch.where(better[c], bests[c], best, out=best)
+    # the winner is the last candidate that beat the best before it (one op, not one per candidate)
+    chosen = torch.mul(better.view(torch.uint8), _order(k, x.device)).amax(0, keepdim=True).long()
     scale = scales.gather(0, chosen)[0]
     iscale = iscales.gather(0, chosen)[0]
     levels = torch.mul(xt, iscale, out=out).round_().clamp_(-nmax, nmax - 1).add_(nmax)

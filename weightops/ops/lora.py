@@ -96,17 +96,25 @@ def merge_lora(
 
 
 def _merger(ref: TensorRef, chain: tuple[Step, ...], rounding: str, out_dtype: torch.dtype):
+    updates = _blockable(ref, chain)
+
     def merge(w: torch.Tensor) -> torch.Tensor:
+        if updates is not None:
+            return _blocked(ref, w, updates, rounding, out_dtype, partial(_refuse, ref, chain))
         out = _once(w, chain, out_dtype) if rounding == "once" else _peft(w, chain, out_dtype)
         if not _finite(out):
-            adapters = ", ".join(dict.fromkeys(shown(s.adapter) for s in chain))
-            raise WeightopsError(
-                f"{shown(ref.source)}: tensor {ref.name!r}: merging {adapters} gives NaN or infinite values "
-                f"({out.dtype}); a model with them computes NaN, so nothing was written"
-            )
+            _refuse(ref, chain, out.dtype)
         return out
 
     return merge
+
+
+def _refuse(ref: TensorRef, chain: tuple[Step, ...], dtype: torch.dtype) -> None:
+    adapters = ", ".join(dict.fromkeys(shown(s.adapter) for s in chain))
+    raise WeightopsError(
+        f"{shown(ref.source)}: tensor {ref.name!r}: merging {adapters} gives NaN or infinite values "
+        f"({dtype}); a model with them computes NaN, so nothing was written"
+    )
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -224,3 +232,82 @@ def _dora(w: torch.Tensor, delta: torch.Tensor, u: LowRank) -> torch.Tensor:
     factor = _autocast(u.magnitude.load()) / norm
     factor = factor.view(-1, 1)
     return (factor.T if u.transpose else factor) * (w + delta)
+
+
+# --- row-blocked: Linear products, one block of output rows at a time ------------------------------
+
+_ROWS = 128  # output rows per block: every block's product has exactly this many rows (see _blocked)
+_DROP_EVERY = 1 << 22  # bytes of a mapped base read between drops of its pages
+
+
+def _blockable(ref: TensorRef, chain: tuple[Step, ...]) -> tuple[LowRank, ...] | None:
+    """The chain's updates when all are plain Linear products on a whole, non-empty 2-D tensor
+    (no replacement, row view, transposition, embedding or DoRA), which `_blocked` merges."""
+    if len(ref.shape) != 2 or ref.numel == 0 or any(step.replace is not None for step in chain):
+        return None
+    updates = [u for step in chain for u in step.updates]
+    plain = [
+        u
+        for u in updates
+        if isinstance(u, LowRank) and u.rows is None and not (u.transpose or u.embedding or u.magnitude)
+    ]
+    return tuple(plain) if plain and len(plain) == len(updates) else None
+
+
+def _blocked(
+    ref: TensorRef,
+    w: torch.Tensor,
+    updates: tuple[LowRank, ...],
+    rounding: str,
+    out_dtype: torch.dtype,
+    refuse: Callable[[torch.dtype], None],
+) -> torch.Tensor:
+    """`_once` / `_peft` for `_blockable` updates, computed block of output rows by block into
+    the output: each block's products (`B[rows] @ A`), sums and roundings are those of the same
+    rows of the whole-tensor formula, but stay in cache, and neither the float32 product nor
+    any float32 copy of the tensor is ever whole in memory.
+
+    Bit identity rests on one property of the matrix product: the rows of `B[r0:r0+n] @ A` are
+    those of `B @ A` when every block has the same `n` rows (MKL computes an element the same
+    way for any such block; blocks of 1 to 7 rows, or a short last block, may not). So every
+    block has exactly `_ROWS` rows, and the last one overlaps the one before instead of being
+    short (its rows are computed twice, from the base, to the same values); a tensor with fewer
+    rows is one block, the whole formula itself. tests/ops/test_lora_blocked.py checks the
+    property on this machine's BLAS."""
+    once = rounding == "once"
+    wide = _wide(w.dtype)
+    factors = []
+    for u in updates:  # as `_delta` converts them
+        convert = partial(torch.Tensor.to, dtype=_wide(wide, u.a.dtype, u.b.dtype)) if once else _autocast
+        factors.append((convert(u.b.load()), convert(u.a.load()), u.scaling))
+    out = torch.empty(w.shape, dtype=out_dtype)
+    rows = w.shape[0]
+    n = min(_ROWS, rows)
+    starts = list(range(0, rows - n + 1, n))
+    if rows % n:
+        starts.append(rows - n)
+    drop = max(1, _DROP_EVERY // max(1, n * w[0].numel() * w.element_size())) if ref.mapped else 0
+    for i, start in enumerate(starts):
+        block = slice(start, start + n)
+        acc = w[block] if once else w[block].to(out_dtype)
+        for b, a, scaling in factors:
+            acc = _plus((b[block] @ a).mul_(scaling), acc).to(wide if once else out_dtype)
+        target = out[block]
+        target.copy_(acc)
+        if not _finite(target):
+            refuse(out_dtype)
+        if drop and (i + 1) % drop == 0:
+            ref.release()  # the base's pages read so far leave RSS (`TensorRef.mapped`)
+    for u in updates:
+        u.a.release()
+        u.b.release()
+    if ref.mapped:
+        ref.release()
+    return out
+
+
+def _plus(delta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`w + delta` in the wider dtype, in delta's memory when it is the wider (the sum commutes)."""
+    if torch.promote_types(w.dtype, delta.dtype) == delta.dtype:
+        return delta.add_(w)
+    return torch.add(w, delta)

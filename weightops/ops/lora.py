@@ -26,6 +26,7 @@ from functools import partial
 
 import torch
 
+from ..devices import cpu_pool, run_chunks
 from ..errors import WeightopsError, shown
 from ..stream import TensorRef, cast
 
@@ -265,15 +266,18 @@ def _blocked(
     """`_once` / `_peft` for `_blockable` updates, computed block of output rows by block into
     the output: each block's products (`B[rows] @ A`), sums and roundings are those of the same
     rows of the whole-tensor formula, but stay in cache, and neither the float32 product nor
-    any float32 copy of the tensor is ever whole in memory.
+    any float32 copy of the tensor is ever whole in memory. The blocks are split among the CPU
+    workers (`devices.cpu_pool`), each running torch single-threaded: a block is a few small
+    ops, and torch's own threads would meet at a barrier after each.
 
     Bit identity rests on one property of the matrix product: the rows of `B[r0:r0+n] @ A` are
     those of `B @ A` when every block has the same `n` rows (MKL computes an element the same
-    way for any such block; blocks of 1 to 7 rows, or a short last block, may not). So every
-    block has exactly `_ROWS` rows, and the last one overlaps the one before instead of being
-    short (its rows are computed twice, from the base, to the same values); a tensor with fewer
-    rows is one block, the whole formula itself. tests/ops/test_lora_blocked.py checks the
-    property on this machine's BLAS."""
+    way for any such block, on any number of threads; blocks of 1 to 7 rows, such as a short
+    last block, may not). So every block has exactly `_ROWS` rows, and the last one overlaps the
+    one before instead of being short (its product is computed from the base rows the block
+    before also covers; only its own rows are written); a tensor with fewer rows is one block,
+    the whole formula itself. tests/ops/test_lora_blocked.py checks the property on this
+    machine's BLAS."""
     once = rounding == "once"
     wide = _wide(w.dtype)
     factors = []
@@ -283,21 +287,26 @@ def _blocked(
     out = torch.empty(w.shape, dtype=out_dtype)
     rows = w.shape[0]
     n = min(_ROWS, rows)
-    starts = list(range(0, rows - n + 1, n))
-    if rows % n:
-        starts.append(rows - n)
-    drop = max(1, _DROP_EVERY // max(1, n * w[0].numel() * w.element_size())) if ref.mapped else 0
-    for i, start in enumerate(starts):
-        block = slice(start, start + n)
-        acc = w[block] if once else w[block].to(out_dtype)
-        for b, a, scaling in factors:
-            acc = _plus((b[block] @ a).mul_(scaling), acc).to(wide if once else out_dtype)
-        target = out[block]
-        target.copy_(acc)
-        if not _finite(target):
-            refuse(out_dtype)
-        if drop and (i + 1) % drop == 0:
-            ref.release()  # the base's pages read so far leave RSS (`TensorRef.mapped`)
+    blocks = -(-rows // n)
+    workers, pool = cpu_pool()
+    per_worker = -(-blocks // workers)
+    drop = max(1, _DROP_EVERY // (n * w[0].numel() * w.element_size() or 1)) if ref.mapped else 0
+
+    def run(first: int) -> None:
+        for i in range(first, min(blocks, first + per_worker)):
+            start = min(i * n, rows - n)  # the last block overlaps the one before
+            block = slice(start, start + n)
+            acc = w[block] if once else w[block].to(out_dtype)
+            for b, a, scaling in factors:
+                acc = _plus((b[block] @ a).mul_(scaling), acc).to(wide if once else out_dtype)
+            target = out[i * n : start + n]
+            target.copy_(acc[i * n - start :])
+            if not _finite(target):
+                refuse(out_dtype)
+            if drop and (i - first + 1) % drop == 0:
+                ref.release()  # the base's pages read so far leave RSS (`TensorRef.mapped`)
+
+    run_chunks(run, range(0, blocks, per_worker), pool)
     for u in updates:
         u.a.release()
         u.b.release()

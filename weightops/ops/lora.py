@@ -21,14 +21,14 @@ Two rounding rules, because the two reference implementations differ:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
 from ..devices import cpu_pool, run_chunks
 from ..errors import WeightopsError, shown
-from ..stream import TensorRef, cast
+from ..stream import BufferPool, TensorRef, cast
 
 ROUNDINGS = ("once", "peft")
 
@@ -81,9 +81,11 @@ def merge_lora(
 ) -> Iterator[TensorRef]:
     """Every tensor of `stream` with the `steps` for its name applied in order (see the module
     doc for `rounding`), cast to `dtype` (None: each tensor keeps the base's dtype). Tensors
-    without steps pass through untouched."""
+    without steps pass through untouched. A merged tensor may live in memory reused once its
+    reference is released."""
     if rounding not in ROUNDINGS:
         raise WeightopsError(f"--rounding {rounding!r}: choose one of {', '.join(ROUNDINGS)}")
+    pool = BufferPool()
     for ref in stream:
         chain = steps.get(ref.name, ())
         if not chain:
@@ -93,15 +95,37 @@ def merge_lora(
             raise WeightopsError(f"{shown(ref.source)}: tensor {ref.name!r} is {ref.dtype_name}: LoRA adds to floats")
         shape = next((s.replace.shape for s in reversed(chain) if s.replace is not None), ref.shape)
         out_dtype = dtype or ref.dtype
-        yield ref.derive(_merger(ref, tuple(chain), rounding, out_dtype), shape=shape, dtype=out_dtype)
+        lent: list[torch.Tensor] = []  # the pool buffer a loaded result lives in, until released
+        merger = _merger(ref, tuple(chain), rounding, out_dtype, partial(_lend, pool, lent))
+        merged = ref.derive(merger, shape=shape, dtype=out_dtype)
+        yield replace(merged, releaser=partial(_give_back, ref, pool, lent))
 
 
-def _merger(ref: TensorRef, chain: tuple[Step, ...], rounding: str, out_dtype: torch.dtype):
+def _lend(pool: BufferPool, lent: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    buffer, tensor = pool.take(shape, dtype)
+    lent.append(buffer)
+    return tensor
+
+
+def _give_back(ref: TensorRef, pool: BufferPool, lent: list[torch.Tensor]) -> None:
+    ref.release()
+    while lent:
+        pool.give(lent.pop())
+
+
+def _merger(
+    ref: TensorRef,
+    chain: tuple[Step, ...],
+    rounding: str,
+    out_dtype: torch.dtype,
+    take: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
+):
     updates = _blockable(ref, chain)
 
     def merge(w: torch.Tensor) -> torch.Tensor:
         if updates is not None:
-            return _blocked(ref, w, updates, rounding, out_dtype, partial(_refuse, ref, chain))
+            out = take(ref.shape, out_dtype)
+            return _blocked(ref, w, updates, rounding, out, partial(_refuse, ref, chain))
         out = _once(w, chain, out_dtype) if rounding == "once" else _peft(w, chain, out_dtype)
         if not _finite(out):
             _refuse(ref, chain, out.dtype)
@@ -260,11 +284,11 @@ def _blocked(
     w: torch.Tensor,
     updates: tuple[LowRank, ...],
     rounding: str,
-    out_dtype: torch.dtype,
+    out: torch.Tensor,
     refuse: Callable[[torch.dtype], None],
 ) -> torch.Tensor:
     """`_once` / `_peft` for `_blockable` updates, computed block of output rows by block into
-    the output: each block's products (`B[rows] @ A`), sums and roundings are those of the same
+    `out` (of the output dtype): each block's products (`B[rows] @ A`), sums and roundings are those of the same
     rows of the whole-tensor formula, but stay in cache, and neither the float32 product nor
     any float32 copy of the tensor is ever whole in memory. The blocks are split among the CPU
     workers (`devices.cpu_pool`), each running torch single-threaded: a block is a few small
@@ -279,12 +303,11 @@ def _blocked(
     the whole formula itself. tests/ops/test_lora_blocked.py checks the property on this
     machine's BLAS."""
     once = rounding == "once"
-    wide = _wide(w.dtype)
+    wide, out_dtype = _wide(w.dtype), out.dtype
     factors = []
     for u in updates:  # as `_delta` converts them
         convert = partial(torch.Tensor.to, dtype=_wide(wide, u.a.dtype, u.b.dtype)) if once else _autocast
         factors.append((convert(u.b.load()), convert(u.a.load()), u.scaling))
-    out = torch.empty(w.shape, dtype=out_dtype)
     rows = w.shape[0]
     n = min(_ROWS, rows)
     blocks = -(-rows // n)

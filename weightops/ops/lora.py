@@ -320,8 +320,10 @@ def _blocked(
             start = min(i * n, rows - n)  # the last block overlaps the one before
             block = slice(start, start + n)
             acc = w[block] if once else w[block].to(out_dtype)
-            for b, a, scaling in factors:
-                acc = _plus((b[block] @ a).mul_(scaling), acc).to(wide if once else out_dtype)
+            for j, (b, a, scaling) in enumerate(factors):
+                acc = _plus((b[block] @ a).mul_(scaling), acc)
+                if once or j < len(factors) - 1:  # peft's last rounding is the copy into `out`
+                    acc = acc.to(wide if once else out_dtype)
             target = out[i * n : start + n]
             target.copy_(acc[i * n - start :])
             if not _finite(target):

@@ -44,9 +44,10 @@ def cpu_pool() -> tuple[int, ThreadPoolExecutor | None]:
     (no pool when n is 1).
 
     Why not torch's own intra-op threads: they meet at a barrier after every op, and a chunk
-    takes many small ops (~30 for a GGML block type), so one descheduled thread on a busy machine stalls every op (on a
-    loaded machine many times the work itself; benchmarks/README.md). Whole chunks per
-    thread, as llama.cpp splits rows, join once per tensor. torch.set_num_threads(1) in a worker
+    takes many small ops (~30 for a GGML block type, ~6 for a LoRA merge's block), so one
+    descheduled thread on a busy machine stalls every op (on a loaded machine many times the
+    work itself; benchmarks/README.md). Whole chunks per thread, as llama.cpp splits rows, join
+    once per tensor. torch.set_num_threads(1) in a worker
     sets that thread's own count (OpenMP keeps it per thread) and the process-wide default,
     which is restored once the workers are set up."""
     global _pool

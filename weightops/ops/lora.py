@@ -288,9 +288,9 @@ def _blocked(
     refuse: Callable[[torch.dtype], None],
 ) -> torch.Tensor:
     """`_once` / `_peft` for `_blockable` updates, computed block of output rows by block into
-    `out` (of the output dtype): each block's products (`B[rows] @ A`), sums and roundings are those of the same
-    rows of the whole-tensor formula, but stay in cache, and neither the float32 product nor
-    any float32 copy of the tensor is ever whole in memory. The blocks are split among the CPU
+    `out` (of the output dtype): each block's products (`B[rows] @ A`), sums and roundings are
+    those of the same rows of the whole-tensor formula, but stay in cache, and neither the
+    float32 product nor any float32 copy of the tensor is ever whole in memory. The blocks are split among the CPU
     workers (`devices.cpu_pool`), each running torch single-threaded: a block is a few small
     ops, and torch's own threads would meet at a barrier after each.
 

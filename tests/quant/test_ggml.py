@@ -18,6 +18,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, quants
 from gguf.quants import quant_shape_to_byte_shape
 
+from weightops import devices
 from weightops.errors import WeightopsError
 from weightops.quant import ggml, ggml_types
 
@@ -353,7 +354,7 @@ def test_worker_threads_run_torch_single_threaded():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        n, pool = ggml._cpu_pool()
+        n, pool = devices.cpu_pool()
         assert n == 2 and pool is not None
         start = threading.Barrier(2)  # both workers at once: each reports its own thread
 

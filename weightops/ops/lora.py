@@ -21,13 +21,14 @@ Two rounding rules, because the two reference implementations differ:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
+from ..devices import cpu_pool, run_chunks
 from ..errors import WeightopsError, shown
-from ..stream import TensorRef, cast
+from ..stream import BufferPool, TensorRef, cast
 
 ROUNDINGS = ("once", "peft")
 
@@ -80,9 +81,11 @@ def merge_lora(
 ) -> Iterator[TensorRef]:
     """Every tensor of `stream` with the `steps` for its name applied in order (see the module
     doc for `rounding`), cast to `dtype` (None: each tensor keeps the base's dtype). Tensors
-    without steps pass through untouched."""
+    without steps pass through untouched. A merged tensor may live in memory reused once its
+    reference is released."""
     if rounding not in ROUNDINGS:
         raise WeightopsError(f"--rounding {rounding!r}: choose one of {', '.join(ROUNDINGS)}")
+    pool = BufferPool()
     for ref in stream:
         chain = steps.get(ref.name, ())
         if not chain:
@@ -92,21 +95,51 @@ def merge_lora(
             raise WeightopsError(f"{shown(ref.source)}: tensor {ref.name!r} is {ref.dtype_name}: LoRA adds to floats")
         shape = next((s.replace.shape for s in reversed(chain) if s.replace is not None), ref.shape)
         out_dtype = dtype or ref.dtype
-        yield ref.derive(_merger(ref, tuple(chain), rounding, out_dtype), shape=shape, dtype=out_dtype)
+        lent: list[torch.Tensor] = []  # the pool buffer a loaded result lives in, until released
+        merger = _merger(ref, tuple(chain), rounding, out_dtype, partial(_lend, pool, lent))
+        merged = ref.derive(merger, shape=shape, dtype=out_dtype)
+        yield replace(merged, releaser=partial(_give_back, ref, pool, lent))
 
 
-def _merger(ref: TensorRef, chain: tuple[Step, ...], rounding: str, out_dtype: torch.dtype):
+def _lend(pool: BufferPool, lent: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    buffer, tensor = pool.take(shape, dtype)
+    lent.append(buffer)
+    return tensor
+
+
+def _give_back(ref: TensorRef, pool: BufferPool, lent: list[torch.Tensor]) -> None:
+    ref.release()
+    while lent:
+        pool.give(lent.pop())
+
+
+def _merger(
+    ref: TensorRef,
+    chain: tuple[Step, ...],
+    rounding: str,
+    out_dtype: torch.dtype,
+    take: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
+):
+    updates = _blockable(ref, chain)
+
     def merge(w: torch.Tensor) -> torch.Tensor:
+        if updates is not None:
+            out = take(ref.shape, out_dtype)
+            return _blocked(ref, w, updates, rounding, out, partial(_refuse, ref, chain))
         out = _once(w, chain, out_dtype) if rounding == "once" else _peft(w, chain, out_dtype)
         if not _finite(out):
-            adapters = ", ".join(dict.fromkeys(shown(s.adapter) for s in chain))
-            raise WeightopsError(
-                f"{shown(ref.source)}: tensor {ref.name!r}: merging {adapters} gives NaN or infinite values "
-                f"({out.dtype}); a model with them computes NaN, so nothing was written"
-            )
+            _refuse(ref, chain, out.dtype)
         return out
 
     return merge
+
+
+def _refuse(ref: TensorRef, chain: tuple[Step, ...], dtype: torch.dtype) -> None:
+    adapters = ", ".join(dict.fromkeys(shown(s.adapter) for s in chain))
+    raise WeightopsError(
+        f"{shown(ref.source)}: tensor {ref.name!r}: merging {adapters} gives NaN or infinite values "
+        f"({dtype}); a model with them computes NaN, so nothing was written"
+    )
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -224,3 +257,91 @@ def _dora(w: torch.Tensor, delta: torch.Tensor, u: LowRank) -> torch.Tensor:
     factor = _autocast(u.magnitude.load()) / norm
     factor = factor.view(-1, 1)
     return (factor.T if u.transpose else factor) * (w + delta)
+
+
+# --- row-blocked: Linear products, one block of output rows at a time ------------------------------
+
+_ROWS = 128  # output rows per block: every block's product has exactly this many rows (see _blocked)
+_DROP_EVERY = 1 << 22  # bytes of a mapped base read between drops of its pages
+
+
+def _blockable(ref: TensorRef, chain: tuple[Step, ...]) -> tuple[LowRank, ...] | None:
+    """The chain's updates when all are plain Linear products on a whole, non-empty 2-D tensor
+    (no replacement, row view, transposition, embedding or DoRA), which `_blocked` merges."""
+    if len(ref.shape) != 2 or ref.numel == 0 or any(step.replace is not None for step in chain):
+        return None
+    updates = [u for step in chain for u in step.updates]
+    plain = [
+        u
+        for u in updates
+        if isinstance(u, LowRank) and u.rows is None and not (u.transpose or u.embedding or u.magnitude)
+    ]
+    return tuple(plain) if plain and len(plain) == len(updates) else None
+
+
+def _blocked(
+    ref: TensorRef,
+    w: torch.Tensor,
+    updates: tuple[LowRank, ...],
+    rounding: str,
+    out: torch.Tensor,
+    refuse: Callable[[torch.dtype], None],
+) -> torch.Tensor:
+    """`_once` / `_peft` for `_blockable` updates, computed block of output rows by block into
+    `out` (of the output dtype): each block's products (`B[rows] @ A`), sums and roundings are
+    those of the same rows of the whole-tensor formula, but stay in cache, and neither the
+    float32 product nor any float32 copy of the tensor is ever whole in memory. The blocks are split among the CPU
+    workers (`devices.cpu_pool`), each running torch single-threaded: a block is a few small
+    ops, and torch's own threads would meet at a barrier after each.
+
+    Bit identity rests on one property of the matrix product: the rows of `B[r0:r0+n] @ A` are
+    those of `B @ A` when every block has the same `n` rows (MKL computes an element the same
+    way for any such block, on any number of threads; blocks of 1 to 7 rows, such as a short
+    last block, may not). So every block has exactly `_ROWS` rows, and the last one overlaps the
+    one before instead of being short (its product is computed from the base rows the block
+    before also covers; only its own rows are written); a tensor with fewer rows is one block,
+    the whole formula itself. tests/ops/test_lora_blocked.py checks the property on this
+    machine's BLAS."""
+    once = rounding == "once"
+    wide, out_dtype = _wide(w.dtype), out.dtype
+    factors = []
+    for u in updates:  # as `_delta` converts them
+        convert = partial(torch.Tensor.to, dtype=_wide(wide, u.a.dtype, u.b.dtype)) if once else _autocast
+        factors.append((convert(u.b.load()), convert(u.a.load()), u.scaling))
+    rows = w.shape[0]
+    n = min(_ROWS, rows)
+    blocks = -(-rows // n)
+    workers, pool = cpu_pool()
+    per_worker = -(-blocks // workers)
+    drop = max(1, _DROP_EVERY // (n * w[0].numel() * w.element_size() or 1)) if ref.mapped else 0
+
+    def run(first: int) -> None:
+        for i in range(first, min(blocks, first + per_worker)):
+            start = min(i * n, rows - n)  # the last block overlaps the one before
+            block = slice(start, start + n)
+            acc = w[block] if once else w[block].to(out_dtype)
+            for j, (b, a, scaling) in enumerate(factors):
+                acc = _plus((b[block] @ a).mul_(scaling), acc)
+                if once or j < len(factors) - 1:  # peft's last rounding is the copy into `out`
+                    acc = acc.to(wide if once else out_dtype)
+            target = out[i * n : start + n]
+            target.copy_(acc[i * n - start :])
+            if not _finite(target):
+                refuse(out_dtype)
+            if drop and (i - first + 1) % drop == 0:
+                ref.release()  # the base's pages read so far leave RSS (`TensorRef.mapped`)
+
+    run_chunks(run, range(0, blocks, per_worker), pool)
+    for u in updates:
+        u.a.release()
+        u.b.release()
+    if ref.mapped:
+        ref.release()
+    return out
+
+
+def _plus(delta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`w + delta` in the wider dtype, in delta's memory when it is the wider (the sum commutes)."""
+    if torch.promote_types(w.dtype, delta.dtype) == delta.dtype:
+        return delta.add_(w)
+    return torch.add(w, delta)

@@ -16,18 +16,17 @@ Two details make that hold on every device:
 
 Tensors are processed in chunks of whole blocks so temporaries stay bounded whatever the
 shape. On CPU the chunks go to torch.get_num_threads() worker threads that each run torch
-single-threaded (see `_cpu_pool`).
+single-threaded (see `devices.cpu_pool`).
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 
 import torch
 
+from ..devices import cpu_pool, run_chunks
 from ..errors import WeightopsError
 from . import ggml_types
 from .kquants.common import scratch, scratch_frame
@@ -89,7 +88,7 @@ def quantize(t: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None) -
             return _quantize_weighted(t, record, imatrix.to(device=t.device, dtype=torch.float32))
     blocks = t.reshape(-1, block)
     out = torch.empty((blocks.shape[0], size), dtype=torch.uint8, device=t.device)
-    workers, pool = _cpu_pool() if t.device.type == "cpu" else (1, None)
+    workers, pool = cpu_pool() if t.device.type == "cpu" else (1, None)
     # chunks of at most CHUNK_VALUES, and at least one per worker
     step = max(1, min(CHUNK_VALUES // block, -(-blocks.shape[0] // workers)))
     encode = record.encoder
@@ -98,7 +97,7 @@ def quantize(t: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None) -
         with scratch_frame():
             encode(blocks[start : start + step].to(torch.float32), out[start : start + step])
 
-    _run_chunks(run, range(0, blocks.shape[0], step), pool)
+    run_chunks(run, range(0, blocks.shape[0], step), pool)
     return out.reshape(*t.shape[:-1], t.shape[-1] // block * size)
 
 
@@ -111,7 +110,7 @@ def _quantize_weighted(t: torch.Tensor, record: ggml_types.GGMLType, imatrix: to
     per_row = cols // block
     rows = t.reshape(-1, cols)
     out = torch.empty((rows.shape[0] * per_row, size), dtype=torch.uint8, device=t.device)
-    workers, pool = _cpu_pool() if t.device.type == "cpu" else (1, None)
+    workers, pool = cpu_pool() if t.device.type == "cpu" else (1, None)
     step = max(1, min(CHUNK_VALUES // cols, -(-rows.shape[0] // workers)))
     encode = record.weighted_encoder
     by_row = record.imatrix == ggml_types.ROW_WEIGHTS
@@ -130,56 +129,8 @@ def _quantize_weighted(t: torch.Tensor, record: ggml_types.GGMLType, imatrix: to
             else:
                 encode(x.reshape(-1, block), dst, weights)
 
-    _run_chunks(run, range(0, rows.shape[0], step), pool)
+    run_chunks(run, range(0, rows.shape[0], step), pool)
     return out.reshape(*t.shape[:-1], per_row * size)
-
-
-def _run_chunks(run: Callable[[int], None], starts: range, pool: ThreadPoolExecutor | None) -> None:
-    if pool is None:
-        for start in starts:
-            run(start)
-    else:
-        list(pool.map(run, starts))
-
-
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-_pool_lock = threading.Lock()
-
-
-def _cpu_pool() -> tuple[int, ThreadPoolExecutor | None]:
-    """(n, pool): torch.get_num_threads() = n worker threads that run torch ops single-threaded
-    (no pool when n is 1).
-
-    Why not torch's own intra-op threads: they meet at a barrier after every op, and a chunk
-    takes ~30 small ops, so one descheduled thread on a busy machine stalls every op (on a
-    loaded machine many times the work itself; benchmarks/README.md). Whole chunks per
-    thread, as llama.cpp splits rows, join once per tensor. torch.set_num_threads(1) in a worker
-    sets that thread's own count (OpenMP keeps it per thread) and the process-wide default,
-    which is restored once the workers are set up."""
-    global _pool
-    n = torch.get_num_threads()
-    if n <= 1:
-        return 1, None
-    with _pool_lock:
-        if _pool is None or _pool[0] != n:
-            if _pool is not None:
-                _pool[1].shutdown(wait=False)
-            pool = ThreadPoolExecutor(n, thread_name_prefix="weightops-ggml")
-            ready = threading.Barrier(n + 1)  # holds each setup task on its own thread
-            for _ in range(n):
-                pool.submit(_single_threaded, ready)
-            ready.wait()
-            torch.set_num_threads(n)
-            _pool = (n, pool)
-        return _pool
-
-
-def _single_threaded(ready: threading.Barrier) -> None:
-    # ATen sets a thread's OpenMP count from the process-wide one when the thread first asks
-    # for it; ask first, so that this thread's 1 outlives the main thread's restore
-    torch.get_num_threads()
-    torch.set_num_threads(1)
-    ready.wait()
 
 
 def dequantize(blocks: torch.Tensor, qtype: str, shape: Sequence[int]) -> torch.Tensor:

@@ -32,6 +32,8 @@ _API = {
     "GGUFReport": "pipelines.gguf",
     "export_bnb": "pipelines.bnb",
     "BnbReport": "pipelines.bnb",
+    "export_fused": "pipelines.fused",
+    "FusedReport": "pipelines.fused",
     "verify_checkpoint": "pipelines.verify",
     "raise_if_failed": "pipelines.verify",
     "create_manifest": "pipelines.manifest",

@@ -12,6 +12,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 from . import dtypes
@@ -35,7 +36,9 @@ class TensorRef:
     loses it. `mapped`: `load()` gives a view of a private file mapping nothing writes, whose
     pages a consumer may drop as it goes (`pages.drop_mapped`; touched again, they are read
     from the file); a derived tensor is not. `dtype_name` is the dtype in safetensors'
-    spelling (see `dtypes`); `dtype` gives it as a torch dtype.
+    spelling (see `dtypes`); `dtype` gives it as a torch dtype. `origin` names the source
+    tensor a reference is computed from, when one read is shared (`SharedRead`); derived and
+    renamed references keep it.
     """
 
     name: str
@@ -48,6 +51,7 @@ class TensorRef:
     releaser: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     span: tuple[str, int] | None = field(default=None, repr=False, compare=False)
     mapped: bool = field(default=False, repr=False, compare=False)
+    origin: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype_name, str):
@@ -141,6 +145,39 @@ class TensorRef:
 
 
 Stream = Iterable[TensorRef]
+
+
+class SharedRead:
+    """One read of a stream's tensors for several consumers. `refs` are the tensors as the
+    consumers see them (views derived from them work unchanged): each `load()` goes through a
+    one-slot cache, so consumers asking for the same source tensor one after another get the
+    one loaded tensor, and their `release()` does nothing. The driver that walks the sources
+    calls `release()` when it moves on; loading another source tensor releases the cached one
+    too. Consumers must not change a loaded tensor in place (none does: they compute new ones).
+    Tensors are not `mapped` (a consumer must not drop pages another still reads) and have no
+    `span` (they are written from the one loaded copy, not copied from the file again)."""
+
+    def __init__(self, refs: Iterable[TensorRef]):
+        self.sources = list(refs)
+        self.refs = [
+            replace(r, loader=partial(self._load, r), releaser=None, span=None, mapped=False, origin=r.name)
+            for r in self.sources
+        ]
+        self._slot: tuple[TensorRef, torch.Tensor] | None = None
+
+    def _load(self, source: TensorRef) -> torch.Tensor:
+        if self._slot is not None and self._slot[0] is source:
+            return self._slot[1]
+        self.release()
+        tensor = source.load()
+        self._slot = (source, tensor)
+        return tensor
+
+    def release(self) -> None:
+        """Drop the cached source tensor (and release its reference)."""
+        if self._slot is not None:
+            source, self._slot = self._slot[0], None
+            source.release()
 
 
 class BufferPool:

@@ -9,9 +9,10 @@ from safetensors.torch import load_file, save_file
 from weightops.dtypes import name_of
 from weightops.errors import WeightopsError
 from weightops.io.checkpoint import open_checkpoint, save_hf
+from weightops.io.hf import HFWeights
 from weightops.io.index import parse_size, plan_shards
 from weightops.io.outputs import MARKER
-from weightops.io.safetensors import read_safetensors, write_safetensors
+from weightops.io.safetensors import PlannedFile, read_safetensors, write_safetensors
 from weightops.stream import TensorRef
 
 
@@ -133,6 +134,52 @@ def test_same_layout_as_save_pretrained(tmp_path, tiny_llama):
     ref_index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     our_index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
     assert our_index == ref_index
+    for shard in sorted(set(ref_index["weight_map"].values())):
+        assert (tmp_path / "ours" / shard).read_bytes() == (tmp_path / "hf" / shard).read_bytes()
+
+
+@pytest.mark.parametrize("order", ["reverse", "random"])
+def test_planned_file_takes_tensors_in_any_order(tmp_path, order):
+    g = torch.Generator().manual_seed(2)
+    tensors = {
+        "b.w": torch.randn(3, 5, generator=g).half(),
+        "a.w": torch.randn(4, generator=g),
+        "z": torch.randn(2, 2, generator=g).bfloat16(),
+        "ids": torch.arange(7),
+        "empty": torch.zeros(0, 3),
+        "i8": torch.tensor([-3, 4], dtype=torch.int8),
+    }
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    refs = _refs(tensors)
+    refs = refs[::-1] if order == "reverse" else [refs[i] for i in torch.randperm(len(refs), generator=g)]
+    with PlannedFile(_refs(tensors), tmp_path / "ours.safetensors", metadata={"format": "pt"}) as out:
+        for r in refs:
+            out.put(r, r.load())
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_planned_file_refuses_to_close_with_a_tensor_missing(tmp_path):
+    tensors = {"a": torch.ones(3), "b": torch.zeros(2)}
+    refs = _refs(tensors)
+    with pytest.raises(WeightopsError, match="never written: b"), PlannedFile(refs, tmp_path / "x.safetensors") as out:
+        out.put(refs[0], tensors["a"])
+
+
+def test_hf_weights_in_any_order_are_save_pretrained_bytes(tmp_path, tiny_llama):
+    """Every shard open at once, tensors put in reverse order: save_pretrained's shards and index."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf", max_shard_size="60KB")
+    refs = _refs(model.state_dict())
+    (tmp_path / "ours").mkdir()
+    with HFWeights(refs, tmp_path / "ours", parse_size("60KB")) as weights:
+        for r in reversed(refs):
+            weights.put(r, r.load())
+    ref_index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text()) == ref_index
+    written = {*ref_index["weight_map"].values(), "model.safetensors.index.json"}
+    assert sorted(p.name for p in weights.paths) == sorted(written)
     for shard in sorted(set(ref_index["weight_map"].values())):
         assert (tmp_path / "ours" / shard).read_bytes() == (tmp_path / "hf" / shard).read_bytes()
 

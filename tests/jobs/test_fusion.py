@@ -13,6 +13,7 @@ from weightops import jobs
 from weightops.errors import MismatchError
 from weightops.pipelines.gguf import export_gguf
 from weightops.pipelines.verify import verify_checkpoint
+from weightops.verify.manifest import MANIFEST
 
 PROMPTS = "The quick brown fox jumps over the lazy dog.\n\n我们发布了中文模型的权重。\n"
 
@@ -191,3 +192,83 @@ def test_a_type_list_needs_a_type_field_in_its_output(cli, tmp_path, tiny_llama)
     refs = QUANTS + CHECKS.replace('"@q4"', '"@more"')
     r = cli("run", _job(tmp_path / "refs", tiny_llama, refs), "--dry-run")
     assert r.exit_code == 1 and "'@more' writes one file per type: name one, e.g. '@more.TYPE'" in r.stderr
+
+
+BNB_STEPS = """
+[[steps]]
+name = "nf4"
+op = "bnb"
+model = "@source"
+output = "tiny-nf4"
+bits = 4
+double-quant = true
+
+[[steps]]
+name = "int8-other"
+op = "bnb"
+model = "@other"
+output = "other-int8"
+bits = 8
+"""
+
+
+def _dir_files(path: Path) -> dict[str, str]:
+    """A directory's content (its ownership marker, which lists the job's manifest too, aside)."""
+    from weightops.io.outputs import MARKER
+
+    return {str(p.relative_to(path)): _sha(p) for p in sorted(path.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def test_bnb_steps_on_the_same_input_join_the_gguf_read(cli, tmp_path, tiny_llama, tiny_llama_tied, separate):
+    pytest.importorskip("bitsandbytes")
+    from weightops.pipelines.bnb import export_bnb
+
+    steps = "[[steps]]" + "[[steps]]".join(QUANTS.split("[[steps]]")[1:3]) + BNB_STEPS
+    job = _job(tmp_path, tiny_llama, steps)
+    job.write_text(job.read_text().replace("[inputs]\n", f'[inputs]\nother = "{tiny_llama_tied}"\n'))
+    plan = json.loads(cli("run", job, "--dry-run", "--json").stdout)
+    units = {u["name"]: u for u in plan["units"]}
+    assert list(units) == ["q8+2", "int8-other"]
+    assert units["q8+2"]["steps"] == ["q8", "q4", "nf4"] and units["q8+2"]["op"] == "gguf+bnb"
+    assert not units["int8-other"]["fused"]
+    text = cli("run", job, "--dry-run").stdout
+    assert "q8+2 [gguf+bnb x3, fused: one read of" in text and "weightops bnb" in text
+
+    report = jobs.run_job(job)
+    out = tmp_path / "out"
+    assert {s["name"]: (s["status"], s["unit"]) for s in report["steps"]} == {
+        "q8": ("ok", "q8+2"),
+        "q4": ("ok", "q8+2"),
+        "nf4": ("ok", "q8+2"),
+        "int8-other": ("ok", "int8-other"),
+    }
+    for step in ("q8", "q4"):
+        assert _sha(out / FILES[step]) == separate[step], step
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    export_bnb(tiny_llama, alone / "nf4", bits=4, double_quant=True)
+    export_bnb(tiny_llama_tied, alone / "int8", bits=8)
+    for ours, theirs in ((out / "tiny-nf4", alone / "nf4"), (out / "other-int8", alone / "int8")):
+        files = _dir_files(ours)
+        assert files.pop(MANIFEST) and files == _dir_files(theirs), ours.name
+
+
+def test_bnb_does_not_join_a_gguf_step_that_reads_more(cli, tmp_path, tiny_llama):
+    """--tokenizer (or --lora, --tp-config) makes the gguf read more than the checkpoint: bnb
+    stays alone; a second bnb step on the same input joins the first."""
+    gguf = QUANTS.split("[[steps]]")[1] + f'tokenizer = "{tiny_llama}"\n'
+    second = BNB_STEPS.split("[[steps]]")[1].replace('"nf4"', '"nf4-b"').replace("tiny-nf4", "tiny-nf4-b")
+    steps = "[[steps]]" + gguf + "[[steps]]" + BNB_STEPS.split("[[steps]]")[1] + "[[steps]]" + second
+    job = _job(tmp_path, tiny_llama, steps)
+    plan = json.loads(cli("run", job, "--dry-run", "--json").stdout)
+    assert [(u["name"], u["steps"]) for u in plan["units"]] == [("q8", ["q8"]), ("nf4+1", ["nf4", "nf4-b"])]
+
+    pytest.importorskip("bitsandbytes")
+    from weightops.pipelines.bnb import export_bnb
+
+    report = jobs.run_job(job)  # the bnb-only unit: one fused read, no GGUF matrix
+    assert all(s["status"] == "ok" for s in report["steps"])
+    export_bnb(tiny_llama, tmp_path / "alone", bits=4, double_quant=True)
+    for name in ("tiny-nf4", "tiny-nf4-b"):
+        files = _dir_files(tmp_path / "out" / name)
+        assert files.pop(MANIFEST) and files == _dir_files(tmp_path / "alone"), name

@@ -224,7 +224,7 @@ def test_killed_worker_is_retried_with_the_same_bytes(cluster, local_run, tmp_pa
     while Path(f"/proc/{killed[1]}").exists() and "Z" not in _state(killed[1]):
         assert time.time() < deadline, "the step's process outlived its worker"
         time.sleep(0.05)
-    log = (tmp_path / "out" / jobs.STATE_DIR / "q8.log").read_text()
+    log = (tmp_path / "out" / jobs.STATE_DIR / f"{q8['unit']}.log").read_text()  # q8+1: int8 shares its read
     assert "attempt 2" in log
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from ..commands.bnb import BNB
+from ..commands.bnb import BNB, export_arguments
 from ..pipelines.bnb import export_bnb
 from . import main
 
@@ -41,32 +42,8 @@ from . import main
       weightops bnb bloom-7b1 bloom-int8 --bits 8 --skip 'transformer.h.0.*'
 """,
 )
-def bnb(
-    model: Path,
-    output: Path,
-    bits: str,
-    quant_type: str,
-    double_quant: bool,
-    compute_dtype: str,
-    skip: tuple[str, ...],
-    device: str,
-    max_shard_size: str,
-    force: bool,
-) -> None:
-    if double_quant and bits == "8":
-        raise click.UsageError("--double-quant applies to --bits 4 only")
-    report = export_bnb(
-        model,
-        output,
-        bits=int(bits),
-        quant_type=quant_type,
-        double_quant=double_quant,
-        compute_dtype=compute_dtype,
-        skip=skip,
-        device=device,
-        max_shard_size=max_shard_size,
-        force=force,
-    )
+def bnb(model: Path, output: Path, bits: str, quant_type: str, double_quant: bool, **_: Any) -> None:
+    report = export_bnb(model, **export_arguments(click.get_current_context().params))
     kind = "int8" if bits == "8" else quant_type + (" double-quant" if double_quant else "")
     kept = f", {len(report.skipped)} kept by --skip" if report.skipped else ""
     click.echo(

@@ -1,6 +1,10 @@
-"""bnb."""
+"""bnb, and how its values become `pipelines.bnb.export_bnb`'s arguments (the CLI and a job's
+fused unit call it alike)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import click
 
@@ -62,3 +66,11 @@ BNB: Params = (
     save_pretrained_shard_size(),
     force(),
 )
+
+
+def export_arguments(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`export_bnb`'s keyword arguments from the bnb command's parsed values, OUTPUT included
+    (MODEL is the caller's); --double-quant with --bits 8 is refused as a usage error."""
+    if values["double_quant"] and values["bits"] == "8":
+        raise click.UsageError("--double-quant applies to --bits 4 only")
+    return {**{k: v for k, v in values.items() if k != "model"}, "bits": int(values["bits"])}

@@ -6,7 +6,8 @@ magic) and returns lazy references; `save_hf` writes a complete HF directory ato
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -182,13 +183,42 @@ def save_hf(
     """
     target = output if isinstance(output, Output) else Output(output, inputs, kind="dir", force=force)
     refs = list(refs)
+    with (
+        hf_writing(
+            refs,
+            target,
+            max_shard_size,
+            total_parameters,
+            aux_files=aux_files,
+            config_update=config_update,
+            extra_files=extra_files,
+        ) as weights,
+        progress.bar(sum(r.nbytes for r in refs), desc) as b,
+    ):
+        weights.fill(on_tensor=lambda r: b.update(r.nbytes))
+    return content(target.path)
+
+
+@contextmanager
+def hf_writing(
+    refs: Iterable[TensorRef],
+    target: Output,
+    max_shard_size: str | int = "5GB",
+    total_parameters: int | None = None,
+    *,
+    aux_files: Iterable[Path] = (),
+    config_update: dict | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
+) -> Iterator[hf_io.HFWeights]:
+    """The HF directory `save_hf` writes, opened: every weight file planned and open in the
+    target's temporary, for the caller to fill (`HFWeights.put`, in any order, or `fill`);
+    on a clean exit the index, config and tokenizer files are added and `target` published."""
+    refs = list(refs)
     require_unique(refs)
     limit = parse_size(max_shard_size)
-    with target.writing() as tmp, progress.bar(sum(r.nbytes for r in refs), desc) as b:
-        hf_io.write_hf_weights(
-            refs, tmp, limit, on_tensor=lambda r: b.update(r.nbytes), total_parameters=total_parameters
-        )
+    with target.writing() as tmp:
+        with hf_io.HFWeights(refs, tmp, limit, total_parameters) as weights:
+            yield weights
         hf_io.copy_aux(aux_files, tmp, config_update)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
-    return content(target.path)

@@ -3,16 +3,21 @@ tokenizer files, and a writer that shards exactly as `save_pretrained` does."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..stream import TensorRef
 from .index import plan_shards, read_sharded, write_index
 from .paths import member, members
-from .safetensors import read_safetensors, write_safetensors
+from .safetensors import PlannedFile, fill, read_safetensors
 from .torchbin import read_torch_bin
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -54,6 +59,73 @@ def read_hf_dir(directory: Path) -> tuple[str, list[TensorRef], list[Path]]:
     raise FileNotFoundError(directory)
 
 
+class HFWeights:
+    """The weight files of an HF directory, planned before any data: `model.safetensors` or
+    `model-0000i-of-0000N.safetensors` + index, sharded as transformers 5's `save_pretrained`
+    shards (tensors in name order, `plan_shards`), so the shard boundaries (and bytes) match
+    its output for the same tensors. Used as a context manager it holds every shard open,
+    and a tensor may be `put` (or `copy`) in any order into whichever shard holds it; the
+    index is written on a clean exit. The index's `total_parameters` is the model's parameter
+    count, which is the tensors' element count unless given (quantized tensors store
+    parameters differently)."""
+
+    def __init__(
+        self, refs: Iterable[TensorRef], directory: Path, max_shard_size: int, total_parameters: int | None = None
+    ):
+        self.refs = sorted(refs, key=lambda r: r.name)
+        self.directory = Path(directory)
+        self.total_parameters = total_parameters
+        shards = plan_shards(self.refs, max_shard_size)
+        if len(shards) == 1:
+            names = ["model.safetensors"]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        self.files = [
+            PlannedFile(shard, self.directory / name, metadata={"format": "pt"})
+            for shard, name in zip(shards, names, strict=True)
+        ]
+        self._file_of = {r.name: f for f in self.files for r in f.refs}
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every file written: the shards, then the index when there are several."""
+        return [f.path for f in self.files] + ([self.directory / SAFETENSORS_INDEX] if len(self.files) > 1 else [])
+
+    def put(self, ref: TensorRef, tensor: torch.Tensor) -> None:
+        self._file_of[ref.name].put(ref, tensor)
+
+    def copy(self, ref: TensorRef) -> bool:
+        return self._file_of[ref.name].copy(ref)
+
+    def fill(self, on_tensor: Callable[[TensorRef], None] | None = None) -> None:
+        """Write every tensor, shard after shard, each in name order (`safetensors.fill`),
+        closing each shard when it is complete."""
+        for f in self.files:
+            fill(f, on_tensor)
+            f.close()
+
+    def __enter__(self) -> HFWeights:
+        with contextlib.ExitStack() as opened:
+            for f in self.files:
+                f.open()
+                opened.callback(f.abandon)
+            opened.pop_all()
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is not None:
+            for f in self.files:
+                f.abandon()
+            return
+        for f in self.files:
+            f.close()
+        if len(self.files) > 1:
+            weight_map = {r.name: f.path.name for f in self.files for r in f.refs}
+            params = sum(r.numel for r in self.refs) if self.total_parameters is None else self.total_parameters
+            meta = {"total_parameters": params, "total_size": sum(r.nbytes for r in self.refs)}
+            write_index(self.directory / SAFETENSORS_INDEX, weight_map, meta)
+
+
 def write_hf_weights(
     refs: Iterable[TensorRef],
     directory: Path,
@@ -61,29 +133,10 @@ def write_hf_weights(
     on_tensor: Callable[[TensorRef], None] | None = None,
     total_parameters: int | None = None,
 ) -> list[Path]:
-    """Write `model.safetensors` or `model-0000i-of-0000N.safetensors` + index into `directory`.
-
-    Tensors are taken in name order, as transformers 5's `save_pretrained` does before
-    sharding, so the shard boundaries (and bytes) match its output for the same tensors.
-    The index's `total_parameters` is the model's parameter count, which is the tensors'
-    element count unless given (quantized tensors store parameters differently).
-    """
-    refs = sorted(refs, key=lambda r: r.name)
-    shards = plan_shards(refs, max_shard_size)
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for shard, name in zip(shards, names, strict=True):
-        write_safetensors(shard, directory / name, metadata={"format": "pt"}, on_tensor=on_tensor)
-    written = [directory / n for n in names]
-    if len(shards) > 1:
-        weight_map = {r.name: name for shard, name in zip(shards, names, strict=True) for r in shard}
-        params = sum(r.numel for r in refs) if total_parameters is None else total_parameters
-        meta = {"total_parameters": params, "total_size": sum(r.nbytes for r in refs)}
-        write_index(directory / SAFETENSORS_INDEX, weight_map, meta)
-        written.append(directory / SAFETENSORS_INDEX)
-    return written
+    """Write `refs` as the weight files of an HF directory (`HFWeights`), in name order."""
+    with HFWeights(refs, directory, max_shard_size, total_parameters) as weights:
+        weights.fill(on_tensor)
+    return weights.paths
 
 
 def copy_aux(files: Iterable[Path], directory: Path, config_update: dict | None = None) -> None:

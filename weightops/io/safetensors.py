@@ -9,9 +9,11 @@ by the tests.)
 The writer lays out the header exactly as `safetensors.torch.save_file` does (tensors
 sorted by dtype, largest first, then by name; compact JSON padded to 8 bytes), so our
 files are byte-identical to the library's, yet it writes one tensor at a time instead of
-needing the whole shard in memory. It loads tensors in name order and writes each at its
-offset, so tensors that one computation produces together (a bitsandbytes weight and its
-scales, which differ in dtype) are asked for together, not a dtype section apart.
+needing the whole shard in memory. The layout is planned before any data (`PlannedFile`),
+so tensors may come in any order, each written at its offset; `write_safetensors` asks for
+them in name order, so tensors that one computation produces together (a bitsandbytes
+weight and its scales, which differ in dtype) are asked for together, not a dtype section
+apart.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from .. import dtypes
 from ..errors import WeightopsError, names_file, shown, writing
@@ -283,32 +285,97 @@ def _copy_span(ref: TensorRef, fd: int, offset: int) -> bool:
     return True
 
 
-def write_safetensors(
-    refs: Iterable[TensorRef],
-    path: Path,
-    metadata: dict[str, str] | None = None,
-    on_tensor: Callable[[TensorRef], None] | None = None,
-) -> None:
-    """Write one safetensors file, one tensor at a time.
+class PlannedFile:
+    """One safetensors file whose layout (`_layout`) is fixed before any data: each tensor is
+    written at its planned offset whenever it comes (`put`, `copy`), so several producers
+    may fill it in any order and the bytes are those of a name-ordered write."""
 
-    Tensors stored unchanged in a source file are copied file to file in the kernel;
-    others are loaded (the next one while the current one is written, so computing
-    operators overlap with the disk). `on_tensor` is called once per tensor written
-    (progress).
-    """
-    refs = list(refs)
-    for r in refs:
-        if r.dtype_name not in dtypes.SAFETENSORS_NAMES:
-            raise WeightopsError(
-                f"tensor {r.name!r} from {r.source}: dtype {r.dtype_name.removeprefix('torch.')} "
-                "is not one weightops writes to safetensors"
-            )
-    head, order = _layout(refs, metadata)
-    offsets, position = {}, len(head)
-    for r in order:
-        offsets[r.name] = position
-        position += r.nbytes
-    in_name_order = sorted(order, key=lambda r: r.name)
+    def __init__(self, refs: Iterable[TensorRef], path: Path, metadata: dict[str, str] | None = None):
+        self.refs = list(refs)
+        for r in self.refs:
+            if r.dtype_name not in dtypes.SAFETENSORS_NAMES:
+                raise WeightopsError(
+                    f"tensor {r.name!r} from {r.source}: dtype {r.dtype_name.removeprefix('torch.')} "
+                    "is not one weightops writes to safetensors"
+                )
+        self.path = Path(path)
+        self.head, order = _layout(self.refs, metadata)
+        self.offsets: dict[str, int] = {}
+        position = len(self.head)
+        for r in order:
+            self.offsets[r.name] = position
+            position += r.nbytes
+        self._file: BinaryIO | None = None
+        self._missing: set[str] = set()
+
+    def open(self) -> None:
+        with writing(self.path):
+            self._file = open(self.path, "wb")
+            self._file.write(self.head)
+            self._file.flush()
+        self._missing = set(self.offsets)
+
+    def copy(self, ref: TensorRef) -> bool:
+        """Copy a tensor stored unchanged in its source file (`span`) in the kernel; False when
+        it has no span or the kernel cannot (then `put` it)."""
+        assert self._file is not None, "open() first"
+        with writing(self.path, ref.name):
+            if ref.span is None or not _copy_span(ref, self._file.fileno(), self.offsets[ref.name]):
+                return False
+        self._missing.discard(ref.name)
+        return True
+
+    def put(self, ref: TensorRef, tensor: torch.Tensor) -> None:
+        """Write `tensor`, the data of `ref` (one of the planned tensors), at its offset."""
+        assert self._file is not None, "open() first"
+        with writing(self.path, ref.name):
+            if tensor.dtype != ref.dtype:
+                raise WeightopsError(
+                    f"tensor {ref.name!r} from {shown(ref.source)}: produced {tensor.dtype}, declared {ref.dtype}"
+                )
+            self._file.seek(self.offsets[ref.name])
+            self._file.write(tensor_bytes(tensor).data)
+            self._file.flush()
+        self._missing.discard(ref.name)
+
+    def close(self) -> None:
+        """Make the file durable and drop its pages from the cache; an error if a planned tensor
+        was never written (the file would hold a hole of zeros)."""
+        if self._file is None:
+            return
+        f, self._file = self._file, None
+        with writing(self.path), f:
+            if self._missing:
+                raise WeightopsError(f"{self.path}: tensors never written: {', '.join(sorted(self._missing))}")
+            os.fsync(f.fileno())
+            drop_cache(f.fileno())
+
+    def abandon(self) -> None:
+        """Close without the checks (a failed write: the caller removes the temporary)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> PlannedFile:
+        self.open()
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abandon()
+
+
+def fill(
+    out: PlannedFile, on_tensor: Callable[[TensorRef], None] | None = None, refs: Iterable[TensorRef] | None = None
+) -> None:
+    """Write `refs` (default: every planned tensor) into the open `out` in name order, each
+    released once written. Tensors stored unchanged in a source file are copied file to file
+    in the kernel; others are loaded (the next one while the current one is written, so
+    computing operators overlap with the disk). `on_tensor` is called once per tensor
+    written (progress)."""
+    in_name_order = sorted(out.refs if refs is None else refs, key=lambda r: r.name)
 
     def fetch(i: int) -> Future | None:
         """Start loading the next tensor that cannot be copied from its file."""
@@ -316,27 +383,26 @@ def write_safetensors(
             return worker.submit(in_name_order[i].load)
         return None
 
-    with writing(path), open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as worker:
-        f.write(head)
-        f.flush()
+    with ThreadPoolExecutor(max_workers=1) as worker:
         upcoming = fetch(0)
         for i, r in enumerate(in_name_order):
             loading, upcoming = upcoming, fetch(i + 1)
-            with writing(path, r.name):
-                if r.span is not None and _copy_span(r, f.fileno(), offsets[r.name]):
-                    t = None
-                else:
+            if not out.copy(r):
+                with writing(out.path, r.name):
                     t = loading.result() if loading is not None else r.load()
-                    if t.dtype != r.dtype:
-                        raise WeightopsError(
-                            f"tensor {r.name!r} from {shown(r.source)}: produced {t.dtype}, declared {r.dtype}"
-                        )
-                    f.seek(offsets[r.name])
-                    f.write(tensor_bytes(t).data)
-                    f.flush()
+                out.put(r, t)
+                del t
             if on_tensor:
                 on_tensor(r)
-            del t
             r.release()
-        os.fsync(f.fileno())
-        drop_cache(f.fileno())
+
+
+def write_safetensors(
+    refs: Iterable[TensorRef],
+    path: Path,
+    metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[TensorRef], None] | None = None,
+) -> None:
+    """Write one safetensors file, one tensor at a time, in name order (`fill`)."""
+    with PlannedFile(refs, path, metadata) as out:
+        fill(out, on_tensor)

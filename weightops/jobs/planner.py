@@ -1,12 +1,13 @@
 """The plan of a job: its steps grouped into units (what runs as one child), the order units
 depend on each other, and the memory each is expected to need.
 
-Fusion: gguf steps that read the same input with the same options but for their type and
-output (the types of one `type = [...]` step, or separate steps) are one unit: one read of
-the source writes every file (`pipelines.gguf.export_gguf_matrix`, called by `worker`). bnb
-steps are not fused with them: the GGUF matrix is one streaming pass of the GGUF writers, and bitsandbytes' export is a
-pass of its own (model dtype cast, sharded safetensors); a shared read needs a tee of the
-source stream in the pipelines, which the matrix pass does not offer yet.
+Fusion: steps that read the same input as streams are one unit, which reads each source
+tensor once for all of them (`pipelines.fused`, called by `worker`): gguf steps whose command
+lines are the same but for their type and output (the types of one `type = [...]` step, or
+separate steps; one GGUF matrix), and bnb steps on the same input, which join that unit (or
+each other). A gguf step with --lora, --tp-config or --tokenizer reads more than the
+checkpoint's own files, so bnb steps do not join it; gguf steps with different options are
+separate matrices, so separate units.
 
 Memory: a unit's estimate is the interpreter and its libraries plus what its operator holds:
 a few of the largest tensors (in float32) for a streaming step, the whole model in float32 for
@@ -37,7 +38,7 @@ class Size(NamedTuple):
 
 @dataclass
 class Unit:
-    """Steps that run as one child: one step, or fused gguf steps sharing one read."""
+    """Steps that run as one child: one step, or fused gguf and bnb steps sharing one read."""
 
     name: str
     steps: list[Step]
@@ -56,12 +57,16 @@ class Unit:
 
     @property
     def op(self) -> str:
-        return self.steps[0].op
+        """The op of its steps ("gguf+bnb" for a unit of both)."""
+        return "+".join(dict.fromkeys(s.op for s in self.steps))
+
+
+_OWN_READ = ("--lora", "--tp-config", "--tokenizer")  # a gguf step that reads more than the checkpoint
 
 
 def fusion_key(step: Step) -> tuple[str, ...] | None:
-    """Steps with the same key are one read: gguf steps whose command lines are the same but
-    for the output and `--type`. None: the step runs on its own."""
+    """gguf steps with the same key are one GGUF matrix: their command lines are the same but
+    for the output and `--type`. None: not a gguf step (or one without an output)."""
     if step.op != "gguf" or step.output is None:
         return None
     argv, out, kept = step.argv, str(step.output), []
@@ -72,20 +77,38 @@ def fusion_key(step: Step) -> tuple[str, ...] | None:
     return tuple(kept)
 
 
+def shared_read(step: Step) -> Path | None:
+    """The checkpoint a step reads as a plain stream, which a bnb step may share with other
+    steps (`pipelines.fused`); None when it may not."""
+    if step.op not in ("gguf", "bnb") or step.output is None or "model" not in step.sources:
+        return None
+    if step.op == "gguf" and any(flag in step.argv for flag in _OWN_READ):
+        return None
+    return step.sources["model"]
+
+
 def make_plan(job: Job, sizes: dict[Path, Size] | None = None) -> list[Unit]:
     """Units in job order (a fused unit where its first step is), each with the units it
     follows and its memory estimate."""
-    groups: dict[tuple[str, ...], Unit] = {}
+    matrices: dict[tuple[str, ...], Unit] = {}
+    by_read: dict[Path, Unit] = {}
     units: list[Unit] = []
     for step in job.steps:
-        key = fusion_key(step)
-        if key is not None and key in groups:
-            groups[key].steps.append(step)
-            continue
-        unit = Unit(step.name, [step])
-        units.append(unit)
+        key, read = fusion_key(step), shared_read(step)
+        unit = matrices.get(key) if key is not None else None
+        if unit is None and read is not None and read in by_read:
+            joined = by_read[read]
+            if step.op == "bnb" or not any(s.op == "gguf" for s in joined.steps):  # one matrix per unit
+                unit = joined
+        if unit is not None:
+            unit.steps.append(step)
+        else:
+            unit = Unit(step.name, [step])
+            units.append(unit)
         if key is not None:
-            groups[key] = unit
+            matrices.setdefault(key, unit)
+        if read is not None:
+            by_read.setdefault(read, unit)
     for unit in units:
         if unit.fused:
             unit.name = f"{unit.steps[0].name}+{len(unit.steps) - 1}"  # '+' is in no step name
@@ -153,13 +176,16 @@ def estimate(step: Step, sizes: dict[Path, Size]) -> Size | None:
 
 
 def _memory(unit: Unit, sizes: dict[Path, Size]) -> int:
+    """A fused unit holds what one stream holds, plus about one more of the largest tensors for
+    each bnb output beside it (the quantized parts of the weight it is writing)."""
     step = unit.steps[0]
     known = [sizes[p] for p in step.inputs if p in sizes]
     if not known:
         return PROCESS_BYTES
     if step.op in _LOADS_MODEL:
         return PROCESS_BYTES + 4 * max(s.params for s in known)
-    return PROCESS_BYTES + 4 * _STREAM_TENSORS * max(s.largest for s in known)
+    held = _STREAM_TENSORS + sum(s.op == "bnb" for s in unit.steps[1:])
+    return PROCESS_BYTES + 4 * held * max(s.largest for s in known)
 
 
 def available_memory() -> int:

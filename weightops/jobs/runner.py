@@ -205,9 +205,11 @@ class _Run:
             done_file = self.state / f"{unit.name}.published"
             outputs.start_file(done_file, f"unit {unit.name!r}: published list")
             spec_file = self.state / f"{unit.name}.unit.json"
+            gguf = [s for s in todo if s.op == "gguf"]
             spec = {
-                "argv": todo[0].argv + self._resuming(todo[0]),
-                "outputs": [[str(s.options.get("type", "f16")).lower(), str(s.output)] for s in todo],
+                "argv": gguf[0].argv + self._resuming(gguf[0]) if gguf else None,
+                "outputs": [[str(s.options.get("type", "f16")).lower(), str(s.output)] for s in gguf],
+                "bnb": [s.argv for s in todo if s.op == "bnb"],
                 "done": str(done_file),
             }
             with outputs.Output(spec_file, kind="file", force=True).writing() as tmp:

@@ -1,12 +1,15 @@
 """A fused unit's child process: `python -m weightops.jobs.worker UNIT.json`.
 
 UNIT.json names the command line of the unit's first gguf step (`argv`, as the job file
-builds it; the gguf command's declared parameters parse it and `commands.gguf.export_arguments`
-maps them, as for the command line), the `(type, output)` of every step in the unit, and
-`done`, a file where each output is listed once it is published (the runner marks those
-steps complete). The unit is one `pipelines.gguf.export_gguf_matrix`: MODEL is read once for
-every type, and the outputs are published together at the end. Errors and warnings are
-printed as the CLI prints them (`error: ...`, `warning: ...`); the exit codes are the CLI's.
+builds it; null when the unit runs no gguf step), the `(type, output)` of every gguf step,
+the command line of every bnb step (`bnb`), and `done`, a file where each output is listed
+once it is published (the runner marks those steps complete). Each command's declared
+parameters parse its command line and `commands.gguf.export_arguments` /
+`commands.bnb.export_arguments` map them, as for the command line. gguf steps alone are one
+`pipelines.gguf.export_gguf_matrix`; with bnb steps, one `pipelines.fused.export_fused`: MODEL
+is read once for every output either way, and the outputs are published together at the end.
+Errors and warnings are printed as the CLI prints them (`error: ...`, `warning: ...`); the exit
+codes are the CLI's.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from typing import Any
 import click
 
 from .. import commands, console, progress
-from ..commands.gguf import export_arguments
+from ..commands.bnb import export_arguments as bnb_arguments
+from ..commands.gguf import export_arguments as gguf_arguments
 from ..errors import WeightopsError, shown
+from ..pipelines.fused import export_fused
 from ..pipelines.gguf import export_gguf_matrix
 
 
 def run_unit(spec: dict[str, Any]) -> None:
-    values = commands.parser("gguf").make_context("gguf", list(spec["argv"][1:])).params
     done = Path(spec["done"])
 
     def published(path: Path) -> None:
@@ -36,13 +40,26 @@ def run_unit(spec: dict[str, Any]) -> None:
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    options = {**export_arguments(values), "force": False}  # the runner has cleared the outputs
+    gguf = commands.parser("gguf").make_context("gguf", list(spec["argv"][1:])).params if spec["argv"] else None
+    bnb = [commands.parser("bnb").make_context("bnb", list(argv[1:])).params for argv in spec.get("bnb", [])]
     outputs = [Path(o) for _, o in spec["outputs"]]
-    reports = export_gguf_matrix(values["model"], outputs, [t for t, _ in spec["outputs"]], warn=warn, **options)
-    for (qtype, output), report in zip(spec["outputs"], reports, strict=True):
+    types = [t for t, _ in spec["outputs"]]
+    options = {**gguf_arguments(gguf), "force": False} if gguf else {}  # the runner has cleared the outputs
+    entries = [{**bnb_arguments(values), "force": False} for values in bnb]
+    if bnb:
+        model = gguf["model"] if gguf else bnb[0]["model"]
+        report = export_fused(model, outputs, types, options, entries, warn=warn)
+        gguf_reports, bnb_reports = report.gguf, report.bnb
+    else:
+        assert gguf is not None  # a unit runs at least one step
+        gguf_reports, bnb_reports = export_gguf_matrix(gguf["model"], outputs, types, warn=warn, **options), []
+    for (qtype, output), result in zip(spec["outputs"], gguf_reports, strict=True):
         published(Path(output))
-        counts = f"{report.encoded} tensors encoded, {report.shared} shared{report.resumed_note}"
+        counts = f"{result.encoded} tensors encoded, {result.shared} shared{result.resumed_note}"
         print(f"wrote {output} ({qtype}; {counts})")
+    for entry, bnb_report in zip(entries, bnb_reports, strict=True):
+        published(Path(entry["output"]))
+        print(f"wrote {entry['output']} (bnb; {len(bnb_report.quantized)} linear weights on {bnb_report.device})")
 
 
 def _terminated(signum, frame) -> None:
@@ -59,7 +76,7 @@ def main(argv: list[str]) -> int:
     except WeightopsError as e:
         print(f"error: {shown(str(e))}", file=sys.stderr)
         return e.exit_code
-    except click.ClickException as e:  # options the gguf command refuses, as the CLI says it
+    except click.ClickException as e:  # options the commands refuse, as the CLI says it
         print(f"error: {shown(e.format_message())}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ named verb_object, each returning one result type.
     gguf          export_gguf                    -> GGUFReport
                   export_gguf_matrix             -> list[GGUFReport] (one read, many files)
     bnb           export_bnb                     -> BnbReport
+    fused         export_fused                   -> FusedReport (GGUF and bnb outputs, one read)
     verify        verify_checkpoint              -> the verify JSON document (dict)
     manifest      create_manifest, check_manifest -> the manifest's path / document
     inspect       inspect_checkpoint             -> the inspect JSON document (dict)

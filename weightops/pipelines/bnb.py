@@ -3,7 +3,8 @@ around the stream quantizer of `quant.bnb`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from ..arch import Role, check_config_shapes, supported
 from ..arch import get as get_arch
 from ..devices import resolve_device
 from ..errors import WeightopsError
-from ..io.checkpoint import open_checkpoint, save_hf
-from ..io.outputs import Output
+from ..io.checkpoint import Checkpoint, hf_writing, open_checkpoint, save_hf
+from ..io.hf import HFWeights
+from ..io.outputs import Output, content
 from ..io.remap import complete_hf_config
 from ..quant.bnb import BnbSpec, linear_weights, quantize_bnb
 from ..stream import Stream, TensorRef, cast, matches_any
@@ -57,10 +59,81 @@ def export_bnb(
     after `from_pretrained(MODEL, quantization_config=BitsAndBytesConfig(...))`, loadable with
     `AutoModelForCausalLM.from_pretrained(OUTPUT)`. `skip` globs (on tensor names) keep more
     linear weights unquantized; they are recorded in `llm_int8_skip_modules` with `lm_head`."""
+    plan = plan_bnb(
+        model,
+        output,
+        bits=bits,
+        quant_type=quant_type,
+        double_quant=double_quant,
+        compute_dtype=compute_dtype,
+        skip=skip,
+        device=device,
+        max_shard_size=max_shard_size,
+        force=force,
+    )
+    plan.report.files = save_hf(
+        plan.refs,
+        plan.target,
+        aux_files=plan.aux_files,
+        max_shard_size=plan.max_shard_size,
+        config_update=plan.config_update,
+        total_parameters=plan.total_parameters,
+        desc=plan.desc,
+    )
+    return plan.report
+
+
+@dataclass
+class BnbPlan:
+    """A bnb export planned (`plan_bnb`): the output, and the tensors it will hold (quantized
+    lazily, as the writer asks for them)."""
+
+    target: Output
+    refs: list[TensorRef]
+    aux_files: list[Path]
+    max_shard_size: str | int
+    config_update: dict
+    total_parameters: int
+    desc: str
+    report: BnbReport
+
+    @contextmanager
+    def writing(self) -> Iterator[HFWeights]:
+        """The output's weight files open for tensors in any order (`HFWeights.put`); config
+        and tokenizer files added and the directory published on a clean exit."""
+        with hf_writing(
+            self.refs,
+            self.target,
+            self.max_shard_size,
+            self.total_parameters,
+            aux_files=self.aux_files,
+            config_update=self.config_update,
+        ) as weights:
+            yield weights
+        self.report.files = content(self.target.path)
+
+
+def plan_bnb(
+    model: str | Path | Checkpoint,
+    output: str | Path,
+    *,
+    bits: int,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    compute_dtype: str = "float32",
+    skip: Sequence[str] = (),
+    device: str = "auto",
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+) -> BnbPlan:
+    """`export_bnb` up to its first write: every check, the output claimed, the quantized
+    tensors planned. With --double-quant this reads every quantized weight once already (the
+    sizing pass of `quant.bnb`). `model` may be a Checkpoint already opened (the fused release
+    pass gives one whose tensors share a read)."""
     if compute_dtype not in dtypes.FLOAT_CHOICES:
         raise WeightopsError(f"--compute-dtype {compute_dtype!r}: choose one of {', '.join(dtypes.FLOAT_CHOICES)}")
     spec = BnbSpec(bits, quant_type, double_quant, dtypes.to_torch(dtypes.FLOAT_CHOICES[compute_dtype]))
-    ckpt = open_checkpoint(model)
+    ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     target = Output(output, [ckpt.path], kind="dir", force=force)
     if not ckpt.format.is_hf:
         raise WeightopsError(
@@ -109,13 +182,13 @@ def export_bnb(
     if spec.bits == 4 and spec.double_quant:
         stream = progress.iterate(stream, total=len(tensors), desc="sizing quant states")
     refs = quantize_bnb(stream, spec, lambda r: linear(r) and r.name not in kept, dev)
-    report.files = save_hf(
-        refs,
+    return BnbPlan(
         target,
-        aux_files=ckpt.aux_files,
-        max_shard_size=max_shard_size,
-        config_update={"quantization_config": report.quantization_config},
-        total_parameters=sum(r.numel for r in tensors),  # as the loaded model counts them
-        desc=f"bnb {bits}-bit" + (f" {quant_type}" if bits == 4 else ""),
+        list(refs),  # with --double-quant, the sizing pass runs here
+        ckpt.aux_files,
+        max_shard_size,
+        {"quantization_config": report.quantization_config},
+        sum(r.numel for r in tensors),  # as the loaded model counts them
+        f"bnb {bits}-bit" + (f" {quant_type}" if bits == 4 else ""),
+        report,
     )
-    return report

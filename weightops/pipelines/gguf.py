@@ -179,6 +179,58 @@ def export_gguf_matrix(
     continues the temporaries a killed run left (`io.gguf_partial`: tensors whose bytes hash
     as journaled are kept). Warnings go to `warn` (prefixed with the type when there are
     several outputs) and into each output's report."""
+    return plan_gguf_matrix(
+        model,
+        outputs,
+        types,
+        pure=pure,
+        tensor_types=tensor_types,
+        output_tensor_type=output_tensor_type,
+        token_embedding_type=token_embedding_type,
+        via=via,
+        quality=quality,
+        device=device,
+        tokenizer=tokenizer,
+        pre_tokenizer=pre_tokenizer,
+        tp_config=tp_config,
+        force=force,
+        warn=warn,
+        lora=lora,
+        lora_options=lora_options,
+        imatrix=imatrix,
+        split_max_size=split_max_size,
+        split_max_tensors=split_max_tensors,
+        resume=resume,
+    ).write()
+
+
+def plan_gguf_matrix(
+    model: str | Path | Checkpoint,
+    outputs: str | Path | Sequence[str | Path],
+    types: Sequence[str | GGUFVariant],
+    *,
+    pure: bool = False,
+    tensor_types: Sequence[str] = (),
+    output_tensor_type: str | None = None,
+    token_embedding_type: str | None = None,
+    via: str | None = None,
+    quality: str = "reference",
+    device: str = "auto",
+    tokenizer: str | Path | None = None,
+    pre_tokenizer: str | None = None,
+    tp_config: str | Path | None = None,
+    force: bool = False,
+    warn: Callable[[str], None] | None = None,
+    lora: Sequence[str | Path] = (),
+    lora_options: dict | None = None,
+    imatrix: str | Path | None = None,
+    split_max_size: str | int | None = None,
+    split_max_tensors: int | None = None,
+    resume: bool = False,
+) -> GGUFMatrix:
+    """`export_gguf_matrix` up to the first tensor: options checked, every output typed and
+    planned, its temporary named (`GGUFMatrix.writing` opens it). `model` may be a Checkpoint
+    already opened (the fused release pass gives one whose tensors share a read)."""
     variants = [
         v
         if isinstance(v, GGUFVariant)
@@ -192,7 +244,7 @@ def export_gguf_matrix(
     checked = [_check(v) for v in variants]
     split = Split.parse(split_max_size, split_max_tensors)
     dev = resolve_device(device)
-    ckpt = open_checkpoint(model, tp_config)
+    ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model, tp_config)
     inputs = [ckpt.path, tokenizer, tp_config, *{v.variant.imatrix for v in checked}, *lora]
     targets = _Targets(ckpt, outputs, checked, inputs, split, force, resume)
 
@@ -219,23 +271,7 @@ def export_gguf_matrix(
         PartialGGUF(v.planned_writer, path, recipe(v.via, v.variant.imatrix))
         for v, path in zip(checked, targets.paths, strict=True)
     ]
-    resumed, published = targets.write(parts, source.refs, checked, dev)
-    return [
-        GGUFReport(
-            files[0],
-            source.spec.gguf_name,
-            v.ftype.file_type.name,
-            {t.name: t.ggml_type.name for t in v.in_file},
-            summary,
-            sum(f.stat().st_size for f in files),
-            common + v.warnings + tok_warnings,
-            files,
-            encoded=v.encoded,
-            shared=v.shared,
-            resumed=kept,
-        )
-        for v, files, kept in zip(checked, published, resumed, strict=True)
-    ]
+    return GGUFMatrix(source, checked, targets, parts, dev, common, tok_warnings, summary)
 
 
 def matrix_file_name(model: str | Path, type: str) -> str:
@@ -392,12 +428,11 @@ class _Targets:
             self.slots = [plan_output(p, inputs, may_split=bool(split), force=force, resume=resume) for p in paths]
             self.paths = [o.path for o in self.slots]
 
-    def write(
-        self, parts: list[PartialGGUF], refs: list[TensorRef], planned: list[_Output], dev: torch.device
-    ) -> tuple[list[int], list[list[Path]]]:
-        """Stream every output's tensors into its temporary (continuing recognised ones with
-        `resume`), then publish; returns how many tensors each output kept from a killed run,
-        and each output's files (a split set's, first file first)."""
+    @contextlib.contextmanager
+    def opened(self, parts: list[PartialGGUF]) -> Iterator[list[int]]:
+        """Every output's temporary open (continuing recognised ones with `resume`): yields how
+        many tensors each kept from a killed run; on a clean exit each is finished and
+        published (`published` then names its files)."""
         with contextlib.ExitStack() as stack:
             if self.directory is not None:
                 tmp = stack.enter_context(
@@ -417,43 +452,106 @@ class _Targets:
                 ]
             for part in parts:
                 stack.callback(part.close)
-            kept = [part.open(t, self.resume) for part, t in zip(parts, temps, strict=True)]
-            _stream(parts, refs, planned, dev)
+            yield [part.open(t, self.resume) for part, t in zip(parts, temps, strict=True)]
             for part in parts:
                 part.finish()
+
+    def published(self, parts: list[PartialGGUF]) -> list[list[Path]]:
+        """Each output's files once published (a split set's, first file first)."""
         if self.directory is not None:
-            return kept, [[self.directory.path / n for n in p.names] for p in parts]
-        return kept, [o.published() for o in self.slots]
+            return [[self.directory.path / n for n in p.names] for p in parts]
+        return [o.published() for o in self.slots]
 
 
-def _stream(parts: list[PartialGGUF], refs: list[TensorRef], planned: list[_Output], dev: torch.device) -> None:
-    """Each source tensor loaded once (if any output still lacks it); each distinct encoding of
-    it (GGML type, --via rounding, importance weights) computed once, slab by slab, and written into every output
-    that has it in that type."""
-    total = sum(p.spans[n][1] for p in parts for n in p.missing())
-    desc = f"gguf {planned[0].ftype.name}" if len(planned) == 1 else f"gguf {len(planned)} types"
-    with progress.bar(total, desc) as bar:
-        for ref in refs:
-            groups: dict[tuple, list[int]] = {}
-            for i, (part, out) in enumerate(zip(parts, planned, strict=True)):
-                if ref.name not in part.written:
-                    # one file's weights for a tensor are the same whichever output asks
-                    weighted = out.weights(ref.name) is not None
-                    key = (out.types[ref.name], _rounding(ref, out.via), out.imatrix_key if weighted else None)
-                    groups.setdefault(key, []).append(i)
-            if not groups:
-                continue
-            tensor = ref.load()
-            for (qtype, rounding, _), which in groups.items():
-                weights = planned[which[0]].weights(ref.name)
-                pieces = _lazily(tensor, qtype, dev, rounding, weights, ref.mapped)
-                write_tensor([parts[i] for i in which], ref.name, ref.shape, qtype, pieces)
-                planned[which[0]].encoded += 1
-                for i in which[1:]:
-                    planned[i].shared += 1
-                bar.update(parts[which[0]].spans[ref.name][1] * len(which))
-            del tensor
-            ref.release()
+@dataclass
+class GGUFMatrix:
+    """A matrix planned (`plan_gguf_matrix`): what every output is, and where it goes. Inside
+    `writing()`, `put` streams one source tensor into every output that still lacks it; the
+    source's tensors are `refs`, in llama.cpp's model order."""
+
+    source: Source
+    planned: list[_Output]
+    targets: _Targets
+    parts: list[PartialGGUF]
+    device: torch.device
+    common: list[str]
+    tok_warnings: list[str]
+    summary: TokenizerSummary
+    kept: list[int] = field(default_factory=list)
+    files: list[list[Path]] = field(default_factory=list)
+
+    @property
+    def refs(self) -> list[TensorRef]:
+        return self.source.refs
+
+    @property
+    def desc(self) -> str:
+        return f"gguf {self.planned[0].ftype.name}" if len(self.planned) == 1 else f"gguf {len(self.planned)} types"
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """The outputs' temporaries open; published on a clean exit."""
+        with self.targets.opened(self.parts) as kept:
+            self.kept = kept
+            yield
+        self.files = self.targets.published(self.parts)
+
+    def remaining(self) -> int:
+        """Bytes still to write (less than the total when resuming)."""
+        return sum(p.spans[n][1] for p in self.parts for n in p.missing())
+
+    def write(self) -> list[GGUFReport]:
+        """Every source tensor once, in order; the reports."""
+        with self.writing(), progress.bar(self.remaining(), self.desc) as bar:
+            for ref in self.refs:
+                bar.update(self.put(ref))
+        return self.reports()
+
+    def put(self, ref: TensorRef) -> int:
+        """`ref` loaded (if any output still lacks it), each distinct encoding of it (GGML type,
+        --via rounding, importance weights) computed once, slab by slab, and written into every
+        output that has it in that type; then released. Returns the bytes written."""
+        parts, planned = self.parts, self.planned
+        groups: dict[tuple, list[int]] = {}
+        for i, (part, out) in enumerate(zip(parts, planned, strict=True)):
+            if ref.name not in part.written:
+                # one file's weights for a tensor are the same whichever output asks
+                weighted = out.weights(ref.name) is not None
+                key = (out.types[ref.name], _rounding(ref, out.via), out.imatrix_key if weighted else None)
+                groups.setdefault(key, []).append(i)
+        if not groups:
+            return 0
+        written = 0
+        tensor = ref.load()
+        for (qtype, rounding, _), which in groups.items():
+            weights = planned[which[0]].weights(ref.name)
+            pieces = _lazily(tensor, qtype, self.device, rounding, weights, ref.mapped)
+            write_tensor([parts[i] for i in which], ref.name, ref.shape, qtype, pieces)
+            planned[which[0]].encoded += 1
+            for i in which[1:]:
+                planned[i].shared += 1
+            written += parts[which[0]].spans[ref.name][1] * len(which)
+        del tensor
+        ref.release()
+        return written
+
+    def reports(self) -> list[GGUFReport]:
+        return [
+            GGUFReport(
+                files[0],
+                self.source.spec.gguf_name,
+                v.ftype.file_type.name,
+                {t.name: t.ggml_type.name for t in v.in_file},
+                self.summary,
+                sum(f.stat().st_size for f in files),
+                self.common + v.warnings + self.tok_warnings,
+                files,
+                encoded=v.encoded,
+                shared=v.shared,
+                resumed=kept,
+            )
+            for v, files, kept in zip(self.planned, self.files, self.kept, strict=True)
+        ]
 
 
 def _lazily(*args: Any) -> Iterator[np.ndarray]:

@@ -189,6 +189,7 @@ def quantize_bnb(
                 dtypes.name_of(t.dtype),
                 ref.source,
                 loader=partial(shared.take, suffix),
+                origin=ref.origin,
             )
 
 

@@ -48,7 +48,7 @@ from .gguf_imatrix import Calibration, add_quantize_kv, load_calibration
 from .gguf_source import Source, add_general, open_source, tokenizer_kv
 
 QUALITIES = ("reference",)
-CHUNK_ELEMENTS = 1 << 23  # values encoded at once on CPU (32 MiB of float32); 8x that on CUDA
+CHUNK_ELEMENTS = 1 << 21  # values encoded at once on CPU (8 MiB of float32; less holds less); 8x that on CUDA
 
 
 @dataclass

@@ -31,7 +31,7 @@ from ..errors import WeightopsError
 from . import ggml_types
 from .kquants.common import scratch, scratch_frame
 
-CHUNK_VALUES = 1 << 19  # float32 values per chunk (2 MB, cache-sized temporaries), whole blocks
+CHUNK_VALUES = 1 << 18  # float32 values per chunk (1 MB; a K encoder's scratch is ~17x that per thread), whole blocks
 _HALF_DOWN = 0.5 - 2.0**-25  # largest float32 below 0.5: trunc(v + copysign(it, v)) rounds half away from zero
 _INT32_LIMIT = 2.0**31
 

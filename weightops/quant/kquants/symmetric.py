@@ -176,26 +176,17 @@ def _q3_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One element of make_q3_quants' coordinate descent: (accept, new level, new sumlx, new
     suml2) for moving element x (weight w = x*x, wx = w*x) from level li to its best level given
-    the sums of the sub-block. The results are scratch, valid until the next call."""
-
-    def buf(key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return scratch(f"q3.{key}", x.shape, x, dtype)
-
-    slx = torch.mul(wx, li, out=buf("slx"))
-    torch.sub(sumlx, slx, out=slx)
-    sl2 = torch.mul(w, li, out=buf("sl2")).mul_(li)
-    torch.sub(suml2, sl2, out=sl2)
-    ratio = torch.mul(x, sl2, out=buf("new")).div_(slx)
-    new = nearest_exact(ratio, out=ratio).clamp_(-4, 3)
-    slx_new = torch.mul(wx, new, out=buf("slx_new")).add_(slx)  # slx + wx*new
-    sl2_new = torch.mul(w, new, out=buf("sl2_new")).mul_(new).add_(sl2)
-    accept = torch.gt(slx, 0, out=buf("accept", torch.bool))
-    test = torch.ne(new, li, out=buf("test", torch.bool))
-    accept &= test
-    accept &= torch.gt(sl2_new, 0, out=test)
-    lhs = torch.mul(slx_new, slx_new, out=slx).mul_(suml2)
-    rhs = torch.mul(sl2_new, sumlx * sumlx, out=sl2)  # (sumlx*sumlx)*sl2_new
-    accept &= torch.gt(lhs, rhs, out=test)
+    the sums of the sub-block. Plain ops, not scratch buffers: the subsets it works on shrink
+    to a few percent of the chunk, so each op is short and more of them (the `out=` form needs
+    about twice as many) costs two worker threads more in dispatch, under the GIL, than it
+    saves in page faults."""
+    slx = sumlx - wx * li
+    sl2 = suml2 - (w * li) * li
+    new = nearest_exact(x * sl2 / slx).clamp_(-4, 3)
+    slx_new = slx + wx * new
+    sl2_new = sl2 + (w * new) * new
+    accept = (slx > 0) & (new != li) & (sl2_new > 0)
+    accept &= (slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new
     return accept, new, slx_new, sl2_new
 
 

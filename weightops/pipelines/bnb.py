@@ -59,18 +59,7 @@ def export_bnb(
     after `from_pretrained(MODEL, quantization_config=BitsAndBytesConfig(...))`, loadable with
     `AutoModelForCausalLM.from_pretrained(OUTPUT)`. `skip` globs (on tensor names) keep more
     linear weights unquantized; they are recorded in `llm_int8_skip_modules` with `lm_head`."""
-    plan = plan_bnb(
-        model,
-        output,
-        bits=bits,
-        quant_type=quant_type,
-        double_quant=double_quant,
-        compute_dtype=compute_dtype,
-        skip=skip,
-        device=device,
-        max_shard_size=max_shard_size,
-        force=force,
-    )
+    plan = plan_bnb(**locals())  # the same parameters
     plan.report.files = save_hf(
         plan.refs,
         plan.target,

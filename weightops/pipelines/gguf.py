@@ -179,29 +179,7 @@ def export_gguf_matrix(
     continues the temporaries a killed run left (`io.gguf_partial`: tensors whose bytes hash
     as journaled are kept). Warnings go to `warn` (prefixed with the type when there are
     several outputs) and into each output's report."""
-    return plan_gguf_matrix(
-        model,
-        outputs,
-        types,
-        pure=pure,
-        tensor_types=tensor_types,
-        output_tensor_type=output_tensor_type,
-        token_embedding_type=token_embedding_type,
-        via=via,
-        quality=quality,
-        device=device,
-        tokenizer=tokenizer,
-        pre_tokenizer=pre_tokenizer,
-        tp_config=tp_config,
-        force=force,
-        warn=warn,
-        lora=lora,
-        lora_options=lora_options,
-        imatrix=imatrix,
-        split_max_size=split_max_size,
-        split_max_tensors=split_max_tensors,
-        resume=resume,
-    ).write()
+    return plan_gguf_matrix(**locals()).write()  # the same parameters, planned then written
 
 
 def plan_gguf_matrix(

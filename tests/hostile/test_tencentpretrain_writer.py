@@ -20,6 +20,9 @@ import builtins, errno, os, signal, sys
 import weightops.io.torchbin as torchbin
 import weightops.stream as stream
 
+# Ctrl-C as a terminal delivers it, even when this test runs in a background job (which
+# starts children with SIGINT ignored, so Python would never raise KeyboardInterrupt)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 mode, arg = sys.argv[1], sys.argv[2]
 if mode == "fail-load":  # reading the ARG-th tensor from its safetensors file fails
     import weightops.io.safetensors as st

@@ -64,7 +64,7 @@ class HFWeights:
     `model-0000i-of-0000N.safetensors` + index, sharded as transformers 5's `save_pretrained`
     shards (tensors in name order, `plan_shards`), so the shard boundaries (and bytes) match
     its output for the same tensors. Used as a context manager it holds every shard open,
-    and a tensor may be `put` (or `copy`) in any order into whichever shard holds it; the
+    and a tensor may be `put` in any order into whichever shard holds it; the
     index is written on a clean exit. The index's `total_parameters` is the model's parameter
     count, which is the tensors' element count unless given (quantized tensors store
     parameters differently)."""
@@ -93,9 +93,6 @@ class HFWeights:
 
     def put(self, ref: TensorRef, tensor: torch.Tensor) -> None:
         self._file_of[ref.name].put(ref, tensor)
-
-    def copy(self, ref: TensorRef) -> bool:
-        return self._file_of[ref.name].copy(ref)
 
     def fill(self, on_tensor: Callable[[TensorRef], None] | None = None) -> None:
         """Write every tensor, shard after shard, each in name order (`safetensors.fill`),

@@ -367,15 +367,12 @@ class PlannedFile:
             self.abandon()
 
 
-def fill(
-    out: PlannedFile, on_tensor: Callable[[TensorRef], None] | None = None, refs: Iterable[TensorRef] | None = None
-) -> None:
-    """Write `refs` (default: every planned tensor) into the open `out` in name order, each
-    released once written. Tensors stored unchanged in a source file are copied file to file
-    in the kernel; others are loaded (the next one while the current one is written, so
-    computing operators overlap with the disk). `on_tensor` is called once per tensor
-    written (progress)."""
-    in_name_order = sorted(out.refs if refs is None else refs, key=lambda r: r.name)
+def fill(out: PlannedFile, on_tensor: Callable[[TensorRef], None] | None = None) -> None:
+    """Write every planned tensor into the open `out` in name order, each released once
+    written. Tensors stored unchanged in a source file are copied file to file in the kernel;
+    others are loaded (the next one while the current one is written, so computing operators
+    overlap with the disk). `on_tensor` is called once per tensor written (progress)."""
+    in_name_order = sorted(out.refs, key=lambda r: r.name)
 
     def fetch(i: int) -> Future | None:
         """Start loading the next tensor that cannot be copied from its file."""

@@ -15,12 +15,13 @@ from ..arch import Role, check_config_shapes, supported
 from ..arch import get as get_arch
 from ..devices import resolve_device
 from ..errors import WeightopsError
-from ..io.checkpoint import Checkpoint, hf_writing, open_checkpoint, save_hf
+from ..io.checkpoint import Checkpoint, hf_writing, open_checkpoint
 from ..io.hf import HFWeights
 from ..io.outputs import Output, content
 from ..io.remap import complete_hf_config
 from ..quant.bnb import BnbSpec, linear_weights, quantize_bnb
 from ..stream import Stream, TensorRef, cast, matches_any
+from .planned import written
 
 
 def model_dtype(config: dict | None, refs: Iterable[TensorRef]) -> torch.dtype | None:
@@ -40,36 +41,6 @@ class BnbReport:
     quantization_config: dict = field(default_factory=dict)
     device: str = "cpu"
     dtype: str | None = None
-
-
-def export_bnb(
-    model: str | Path,
-    output: str | Path,
-    *,
-    bits: int,
-    quant_type: str = "nf4",
-    double_quant: bool = False,
-    compute_dtype: str = "float32",
-    skip: Sequence[str] = (),
-    device: str = "auto",
-    max_shard_size: str | int = "5GB",
-    force: bool = False,
-) -> BnbReport:
-    """Write OUTPUT: MODEL (an HF checkpoint) as the bitsandbytes checkpoint transformers saves
-    after `from_pretrained(MODEL, quantization_config=BitsAndBytesConfig(...))`, loadable with
-    `AutoModelForCausalLM.from_pretrained(OUTPUT)`. `skip` globs (on tensor names) keep more
-    linear weights unquantized; they are recorded in `llm_int8_skip_modules` with `lm_head`."""
-    plan = plan_bnb(**locals())  # the same parameters
-    plan.report.files = save_hf(
-        plan.refs,
-        plan.target,
-        aux_files=plan.aux_files,
-        max_shard_size=plan.max_shard_size,
-        config_update=plan.config_update,
-        total_parameters=plan.total_parameters,
-        desc=plan.desc,
-    )
-    return plan.report
 
 
 @dataclass
@@ -100,6 +71,12 @@ class BnbPlan:
         ) as weights:
             yield weights
         self.report.files = content(self.target.path)
+
+    def write(self) -> BnbReport:
+        """The output written on its own: every tensor in name order, with a progress bar."""
+        with self.writing() as weights, progress.bar(sum(r.nbytes for r in self.refs), self.desc) as bar:
+            weights.fill(on_tensor=lambda r: bar.update(r.nbytes))
+        return self.report
 
 
 def plan_bnb(
@@ -181,3 +158,14 @@ def plan_bnb(
         f"bnb {bits}-bit" + (f" {quant_type}" if bits == 4 else ""),
         report,
     )
+
+
+export_bnb = written(
+    plan_bnb,
+    name="export_bnb",
+    returns="BnbReport",
+    doc="""Write OUTPUT: MODEL (an HF checkpoint) as the bitsandbytes checkpoint transformers saves
+    after `from_pretrained(MODEL, quantization_config=BitsAndBytesConfig(...))`, loadable with
+    `AutoModelForCausalLM.from_pretrained(OUTPUT)`. `skip` globs (on tensor names) keep more
+    linear weights unquantized; they are recorded in `llm_int8_skip_modules` with `lm_head`.""",
+)

@@ -46,6 +46,7 @@ from ..quant import ggml_types, policy
 from ..stream import TensorRef
 from .gguf_imatrix import Calibration, add_quantize_kv, load_calibration
 from .gguf_source import Source, add_general, open_source, tokenizer_kv
+from .planned import written
 
 QUALITIES = ("reference",)
 CHUNK_ELEMENTS = 1 << 21  # values encoded at once on CPU (8 MiB of float32; less holds less); 8x that on CUDA
@@ -139,49 +140,6 @@ def export_gguf(
     )[0]
 
 
-def export_gguf_matrix(
-    model: str | Path,
-    outputs: str | Path | Sequence[str | Path],
-    types: Sequence[str | GGUFVariant],
-    *,
-    pure: bool = False,
-    tensor_types: Sequence[str] = (),
-    output_tensor_type: str | None = None,
-    token_embedding_type: str | None = None,
-    via: str | None = None,
-    quality: str = "reference",
-    device: str = "auto",
-    tokenizer: str | Path | None = None,
-    pre_tokenizer: str | None = None,
-    tp_config: str | Path | None = None,
-    force: bool = False,
-    warn: Callable[[str], None] | None = None,
-    lora: Sequence[str | Path] = (),
-    lora_options: dict | None = None,
-    imatrix: str | Path | None = None,
-    split_max_size: str | int | None = None,
-    split_max_tensors: int | None = None,
-    resume: bool = False,
-) -> list[GGUFReport]:
-    """Write `model` as one GGUF file per entry of `types`, reading each source tensor once:
-    an encoding several outputs need (same tensor, same GGML type, same --via) is computed
-    once and written into each of them; memory stays a few tensors whatever the number of
-    outputs. Each file is byte for byte the one `export_gguf` writes for its type.
-
-    `outputs` is a directory (published as a whole; the files in it are named by
-    `matrix_file_name`) or one `.gguf` path per type. An entry of `types` is a file type
-    name, which takes `pure` / `tensor_types` / `output_tensor_type` / `token_embedding_type`
-    / `via` / `imatrix` from the arguments, or a `GGUFVariant` with its own. `split_max_size`
-    / `split_max_tensors` make each output a split set `NAME-0000k-of-0000N.gguf`
-    (`io.gguf_split`). `tokenizer` is a directory with the HF tokenizer files (default: the
-    model's own directory). `lora` adapters are
-    merged on the way (`pipelines.merge_lora.lora_stage`, with `lora_options`). `resume`
-    continues the temporaries a killed run left (`io.gguf_partial`: tensors whose bytes hash
-    as journaled are kept). Warnings go to `warn` (prefixed with the type when there are
-    several outputs) and into each output's report."""
-    return plan_gguf_matrix(**locals()).write()  # the same parameters, planned then written
-
-
 def plan_gguf_matrix(
     model: str | Path | Checkpoint,
     outputs: str | Path | Sequence[str | Path],
@@ -250,6 +208,29 @@ def plan_gguf_matrix(
         for v, path in zip(checked, targets.paths, strict=True)
     ]
     return GGUFMatrix(source, checked, targets, parts, dev, common, tok_warnings, summary)
+
+
+export_gguf_matrix = written(
+    plan_gguf_matrix,
+    name="export_gguf_matrix",
+    returns="list[GGUFReport]",
+    doc="""Write `model` as one GGUF file per entry of `types`, reading each source tensor once:
+    an encoding several outputs need (same tensor, same GGML type, same --via) is computed
+    once and written into each of them; memory stays a few tensors whatever the number of
+    outputs. Each file is byte for byte the one `export_gguf` writes for its type.
+
+    `outputs` is a directory (published as a whole; the files in it are named by
+    `matrix_file_name`) or one `.gguf` path per type. An entry of `types` is a file type
+    name, which takes `pure` / `tensor_types` / `output_tensor_type` / `token_embedding_type`
+    / `via` / `imatrix` from the arguments, or a `GGUFVariant` with its own. `split_max_size`
+    / `split_max_tensors` make each output a split set `NAME-0000k-of-0000N.gguf`
+    (`io.gguf_split`). `tokenizer` is a directory with the HF tokenizer files (default: the
+    model's own directory). `lora` adapters are
+    merged on the way (`pipelines.merge_lora.lora_stage`, with `lora_options`). `resume`
+    continues the temporaries a killed run left (`io.gguf_partial`: tensors whose bytes hash
+    as journaled are kept). Warnings go to `warn` (prefixed with the type when there are
+    several outputs) and into each output's report.""",
+)
 
 
 def matrix_file_name(model: str | Path, type: str) -> str:

@@ -253,22 +253,49 @@ def test_bnb_steps_on_the_same_input_join_the_gguf_read(cli, tmp_path, tiny_llam
         assert files.pop(MANIFEST) and files == _dir_files(theirs), ours.name
 
 
-def test_bnb_does_not_join_a_gguf_step_that_reads_more(cli, tmp_path, tiny_llama):
-    """--tokenizer (or --lora, --tp-config) makes the gguf read more than the checkpoint: bnb
-    stays alone; a second bnb step on the same input joins the first."""
-    gguf = QUANTS.split("[[steps]]")[1] + f'tokenizer = "{tiny_llama}"\n'
+def test_bnb_does_not_join_a_gguf_step_that_reads_other_tensors(cli, tmp_path, tiny_llama):
+    """--lora (or --tp-config) makes the gguf step read other tensors than the checkpoint's:
+    bnb stays apart; a second bnb step on the same input joins the first, and that bnb-only
+    unit is one read with no GGUF matrix."""
+    gguf = QUANTS.split("[[steps]]")[1] + f'lora = ["{tmp_path / "adapter"}"]\n'
     second = BNB_STEPS.split("[[steps]]")[1].replace('"nf4"', '"nf4-b"').replace("tiny-nf4", "tiny-nf4-b")
-    steps = "[[steps]]" + gguf + "[[steps]]" + BNB_STEPS.split("[[steps]]")[1] + "[[steps]]" + second
-    job = _job(tmp_path, tiny_llama, steps)
+    bnb_steps = "[[steps]]" + BNB_STEPS.split("[[steps]]")[1] + "[[steps]]" + second
+    job = _job(tmp_path, tiny_llama, "[[steps]]" + gguf + bnb_steps)
     plan = json.loads(cli("run", job, "--dry-run", "--json").stdout)
     assert [(u["name"], u["steps"]) for u in plan["units"]] == [("q8", ["q8"]), ("nf4+1", ["nf4", "nf4-b"])]
 
     pytest.importorskip("bitsandbytes")
     from weightops.pipelines.bnb import export_bnb
 
-    report = jobs.run_job(job)  # the bnb-only unit: one fused read, no GGUF matrix
-    assert all(s["status"] == "ok" for s in report["steps"])
+    report = jobs.run_job(_job(tmp_path / "bnb-only", tiny_llama, bnb_steps))
+    assert [(s["status"], s["unit"]) for s in report["steps"]] == [("ok", "nf4+1")] * 2
     export_bnb(tiny_llama, tmp_path / "alone", bits=4, double_quant=True)
     for name in ("tiny-nf4", "tiny-nf4-b"):
-        files = _dir_files(tmp_path / "out" / name)
+        files = _dir_files(tmp_path / "bnb-only" / "out" / name)
         assert files.pop(MANIFEST) and files == _dir_files(tmp_path / "alone"), name
+
+
+def test_bnb_joins_a_gguf_step_with_its_own_tokenizer(cli, tmp_path, tiny_llama):
+    """--tokenizer only feeds the GGUF metadata: the bnb step shares the gguf step's read, and
+    each output is its own run's bytes (the GGUF file with that tokenizer)."""
+    pytest.importorskip("bitsandbytes")
+    from weightops.pipelines.bnb import export_bnb
+
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    for f in tiny_llama.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (tokenizer / f.name).write_bytes(f.read_bytes())
+    gguf = QUANTS.split("[[steps]]")[1] + f'tokenizer = "{tokenizer}"\n'
+    job = _job(tmp_path / "job", tiny_llama, "[[steps]]" + gguf + "[[steps]]" + BNB_STEPS.split("[[steps]]")[1])
+    plan = json.loads(cli("run", job, "--dry-run", "--json").stdout)
+    assert [(u["name"], u["steps"], u["op"]) for u in plan["units"]] == [("q8+1", ["q8", "nf4"], "gguf+bnb")]
+
+    report = jobs.run_job(job)
+    assert [(s["status"], s["unit"]) for s in report["steps"]] == [("ok", "q8+1")] * 2
+    out = tmp_path / "job" / "out"
+    export_gguf(tiny_llama, tmp_path / "alone.gguf", type="q8_0", tokenizer=tokenizer)
+    assert _sha(out / FILES["q8"]) == _sha(tmp_path / "alone.gguf")
+    export_bnb(tiny_llama, tmp_path / "alone", bits=4, double_quant=True)
+    files = _dir_files(out / "tiny-nf4")
+    assert files.pop(MANIFEST) and files == _dir_files(tmp_path / "alone")

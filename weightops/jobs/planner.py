@@ -5,9 +5,10 @@ Fusion: steps that read the same input as streams are one unit, which reads each
 tensor once for all of them (`pipelines.fused`, called by `worker`): gguf steps whose command
 lines are the same but for their type and output (the types of one `type = [...]` step, or
 separate steps; one GGUF matrix), and bnb steps on the same input, which join that unit (or
-each other). A gguf step with --lora, --tp-config or --tokenizer reads more than the
-checkpoint's own files, so bnb steps do not join it; gguf steps with different options are
-separate matrices, so separate units.
+each other). A gguf step with --lora or --tp-config reads other tensors than the
+checkpoint's own (merged, or remapped from TencentPretrain), so bnb steps do not join it; its
+--tokenizer is only read for the GGUF metadata, so they do. gguf steps with different options
+are separate matrices, so separate units.
 
 Memory: a unit's estimate is the interpreter and its libraries plus what its operator holds:
 a few of the largest tensors (in float32) for a streaming step, the whole model in float32 for
@@ -61,7 +62,7 @@ class Unit:
         return "+".join(dict.fromkeys(s.op for s in self.steps))
 
 
-_OWN_READ = ("--lora", "--tp-config", "--tokenizer")  # a gguf step that reads more than the checkpoint
+_OWN_READ = ("--lora", "--tp-config")  # a gguf step whose tensors are not the checkpoint's own
 
 
 def fusion_key(step: Step) -> tuple[str, ...] | None:

@@ -1,5 +1,7 @@
 """Atomic publication, output safety checks, TencentPretrain layout, GGUF reading."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,9 @@ def test_gguf_reader_exposes_types_and_dequantizes(tmp_path):
     assert ref.ggml_type == "Q8_0" and ref.shape == (8, 64)
     assert np.array_equal(ref.load().numpy(), dequantize(q, gguf.GGMLQuantizationType.Q8_0))
     assert bytes(ref.raw()) == q.tobytes()
+    before = path.read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns of a tensor over read-only memory
+        norm = ckpt.tensor("output_norm.weight").load()  # F32: a view of the file's map
+    norm.add_(1)  # a private copy: the consumer's, not the file's
+    assert torch.equal(norm, torch.full((64,), 2.0)) and path.read_bytes() == before

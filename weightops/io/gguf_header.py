@@ -170,7 +170,9 @@ def read_header(path: Path) -> Header:
         size = f.seek(0, 2)
         if size < 24:
             raise WeightopsError(f"{path}: not a GGUF file (only {size} bytes)")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # private (copy on write), as the safetensors reader maps: an F32 tensor is a view of the
+        # map, and a consumer that writes into it changes its own copy, never the file
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     cur = _Cursor(path, buf)
     if buf[:4] != MAGIC:
         raise WeightopsError(f"{path}: not a little-endian GGUF file (magic {buf[:4]!r})")

@@ -73,7 +73,8 @@ def run(
     Each step is a weightops command with the same options as on the command line; `@name`
     refers to an input or an earlier step's output. A gguf step may take a list of types
     (`type = ["q4_k_m", "q8_0"]`, output "name-{type}.gguf"); gguf steps that read the same
-    input with the same options are fused: one read writes every file. Verify steps against
+    input with the same options are fused: one read writes every file, and bnb steps on that
+    input join it (unless the gguf step merges --lora or reads --tp-config). Verify steps against
     the same reference run it once. --dry-run shows the units. A verify step that fails stops the
     job with exit code 3 and the report says why. See examples/release.toml.
 

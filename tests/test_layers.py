@@ -20,6 +20,7 @@ RANKS = {
     "stream": 0,
     "arch": 0,
     "devices": 0,
+    "heap": 0,
     "io": 1,
     "ops": 2,
     "quant": 2,

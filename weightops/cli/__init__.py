@@ -12,6 +12,7 @@ import click
 
 from .. import console, progress
 from ..errors import WeightopsError, describe, os_error_message, shown
+from ..heap import one_malloc_arena
 
 # The module that defines each command, imported only when that command is used (or help
 # lists them all): `weightops inspect` then never pays for importing torch and llama.cpp's
@@ -117,6 +118,7 @@ def run() -> None:
     """The `weightops` entry point: `main` plus SIGTERM handling (exit 143, as a TERM-killed
     shell command reports), with other libraries' warnings shown once each (console.py)."""
     console.install()
+    one_malloc_arena()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         main(prog_name="weightops")

@@ -26,6 +26,7 @@ from .. import commands, console, progress
 from ..commands.bnb import export_arguments as bnb_arguments
 from ..commands.gguf import export_arguments as gguf_arguments
 from ..errors import WeightopsError, shown
+from ..heap import one_malloc_arena
 from ..pipelines.fused import export_fused
 from ..pipelines.gguf import export_gguf_matrix
 
@@ -69,6 +70,7 @@ def _terminated(signum, frame) -> None:
 
 def main(argv: list[str]) -> int:
     console.install()
+    one_malloc_arena()
     progress.set_quiet(True)
     signal.signal(signal.SIGTERM, _terminated)
     try:

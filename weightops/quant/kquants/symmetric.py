@@ -174,12 +174,13 @@ def decode_q6_k(rows: torch.Tensor) -> torch.Tensor:
 def _q3_step(
     x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, li: torch.Tensor, sumlx: torch.Tensor, suml2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One element of make_q3_quants' coordinate descent: (accept, new level, new sumlx, new
-    suml2) for moving element x (weight w = x*x, wx = w*x) from level li to its best level given
-    the sums of the sub-block. Plain ops, not scratch buffers: the subsets it works on shrink
-    to a few percent of the chunk, so each op is short and more of them (the `out=` form needs
-    about twice as many) costs two worker threads more in dispatch, under the GIL, than it
-    saves in page faults."""
+    """make_q3_quants' test of one descent move, elementwise: (accept, new level, new sumlx, new
+    suml2) for moving each element x (weight w = x*x, wx = w*x) from level li to its best level
+    given its sub-block's sums (broadcast: `_make_q3` passes all 16 positions of the sub-blocks
+    still descending). Plain ops, not scratch buffers: after the first test those sub-blocks
+    are a fifth of the chunk, then a few percent, so each op is short and more of them (the
+    `out=` form needs about twice as many) costs two worker threads more in dispatch, under
+    the GIL, than it saves in page faults."""
     slx = sumlx - wx * li
     sl2 = suml2 - (w * li) * li
     new = nearest_exact(x * sl2 / slx).clamp_(-4, 3)
